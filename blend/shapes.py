@@ -1,0 +1,69 @@
+"""Named model shapes, so tests and benchmarks build random-weight models of real architectures.
+
+Timing does not depend on weight values, so a random-weight model of a real shape measures what
+the real model would; correctness tests use the `tiny-*` shapes, one per supported architecture.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
+
+_CONFIGS: dict[str, type[PretrainedConfig]] = {
+    "llama": LlamaConfig,
+    "mistral": MistralConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+
+_TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             intermediate_size=128, vocab_size=512, max_position_embeddings=4096)
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def config(self) -> PretrainedConfig:
+        return _CONFIGS[self.arch](**self.kwargs)
+
+
+SHAPES: dict[str, Shape] = {
+    "tiny": Shape("llama", dict(_TINY, rope_theta=10000.0)),
+    "tiny-llama": Shape("llama", dict(_TINY, rope_theta=10000.0)),
+    "tiny-mistral": Shape("mistral", dict(_TINY, rope_theta=1e6, sliding_window=None, head_dim=16)),
+    "tiny-qwen2": Shape("qwen2", dict(_TINY, rope_theta=1e6)),
+    "tiny-qwen3": Shape("qwen3", dict(_TINY, rope_theta=1e6, head_dim=32)),
+    "mistral-7b": Shape("mistral", dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=32768, rope_theta=1e6, sliding_window=None,
+        max_position_embeddings=32768, head_dim=128)),
+    "llama-3.1-8b": Shape("llama", dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=5e5,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})),
+    "qwen2.5-7b": Shape("qwen2", dict(
+        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        intermediate_size=18944, vocab_size=152064, rope_theta=1e6, max_position_embeddings=32768)),
+}
+
+TINY_ARCHS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen3")
+
+
+def random_model(shape: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 seed: int = 0, std: float | None = None) -> torch.nn.Module:
+    """A causal LM of a named shape with seeded random weights, built directly on `device`."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    config = SHAPES[shape].config()
+    if std is not None:
+        config.initializer_range = std
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model._ragblend_identity = f"random:{shape}:seed={seed}"
+    return model.eval()

@@ -1,0 +1,180 @@
+"""The blend engine's properties on tiny random-weight Llama, Mistral, Qwen2 and Qwen3 models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from blend.decode import Sampling, decode
+from blend.prefill import BlendConfig, _keep_after_check, compute_kv
+from blend.prompt import Layout
+from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
+from blend.select import deviation, select_tokens
+from blend.shapes import TINY_ARCHS, random_model
+
+ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+
+
+def make_layout(n_chunks: int = 4, seed: int = 1, vocab: int = 512) -> Layout:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    lengths = [7, 12, 9, 15, 5, 11][:n_chunks]
+    return Layout(prefix=ids(6), chunks=[ids(n) for n in lengths], suffix=ids(8))
+
+
+def run(engine, layout, mode, ratio=1.0, **cfg):
+    kvs = engine.load_chunks(layout, mode, engine.memory_source(layout))
+    return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio, **cfg))
+
+
+def greedy(engine, result, n=20):
+    return list(decode(engine.model, result, n, Sampling()))
+
+
+@ARCHS
+def test_blend_at_ratio_one_equals_full_prefill(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = run(engine, layout, "full")
+    blend = run(engine, layout, "blend", ratio=1.0)
+    assert (blend.logits - full.logits).abs().max().item() < 1e-4
+    assert blend.recomputed_tokens == layout.n_chunk_tokens
+    assert greedy(engine, blend) == greedy(engine, full)
+
+
+@ARCHS
+def test_single_chunk_full_prefix_reuse_agree(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout(n_chunks=1)
+    full = run(engine, layout, "full").logits
+    for mode in ("prefix", "reuse"):
+        assert (run(engine, layout, mode).logits - full).abs().max().item() < 1e-4, mode
+
+
+@ARCHS
+def test_reuse_differs_from_full_with_several_chunks(tiny_engines, arch):
+    """The cross-chunk attention that reuse drops is real; otherwise the tests above prove nothing."""
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = run(engine, layout, "full").logits
+    assert (run(engine, layout, "reuse").logits - full).abs().max().item() > 1e-3
+
+
+@ARCHS
+def test_rerotated_cached_layer0_keys_equal_recomputed_keys(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    prefix_kv = engine.prefix_kv(layout.prefix)
+    chunk = layout.chunks[2]
+    cached = engine.compute_chunk(layout.prefix, chunk)  # at its canonical start, after the prefix
+    # The same tokens computed at their place in the prompt, after chunks 0 and 1.
+    before = layout.prefix + layout.chunks[0] + layout.chunks[1]
+    empty = prefix_kv[:, :, :, :0]
+    at_place = compute_kv(engine.parts, empty, before + chunk)[:, :, :, len(before):]
+    delta = layout.chunk_starts[2] - cached.start
+    assert delta > 0
+    moved = rerotate_keys(cached.kv[0, 0], delta, engine.parts.inv_freq)
+    assert (moved - at_place[0, 0]).abs().max().item() < 1e-5
+    assert (cached.kv[0, 0] - at_place[0, 0]).abs().max().item() > 1e-3  # positions do matter
+    assert torch.equal(cached.kv[0, 1], at_place[0, 1]) or (cached.kv[0, 1] - at_place[0, 1]).abs().max() < 1e-6
+
+
+def test_selection_keeps_exactly_top_deviations_plus_suffix():
+    torch.manual_seed(0)
+    heads, dim, lo, hi, n = 2, 4, 5, 25, 30
+    active = torch.arange(lo, n)
+    k = torch.randn(1, heads, active.numel(), dim)
+    v = torch.randn(1, heads, active.numel(), dim)
+    cached = torch.randn(2, heads, n, dim)
+    cfg = BlendConfig(ratio=0.3)
+    keep = _keep_after_check(active, k, v, cached, cfg, (lo, hi))
+    dev = ((v[0] - cached[1][:, lo:n]) ** 2).sum(dim=(0, 2))[: hi - lo]
+    expected_chunk = set(torch.topk(dev, math.ceil(0.3 * (hi - lo))).indices.tolist())
+    kept = set(keep.tolist())
+    suffix = set(range(hi - lo, n - lo))
+    assert suffix <= kept
+    assert kept - suffix == expected_chunk
+
+
+def test_select_tokens_counts_and_order():
+    dev = torch.tensor([0.1, 5.0, 0.3, 4.0, 0.2, 3.0])
+    assert select_tokens(dev, 0.5).tolist() == [1, 3, 5]
+    assert select_tokens(dev, 0.0).numel() == 0
+    assert select_tokens(dev, 1.0).tolist() == list(range(6))
+    assert deviation(torch.ones(1, 2, 3, 4), torch.zeros(1, 2, 3, 4)).tolist() == [8.0, 8.0, 8.0]
+    with pytest.raises(ValueError):
+        select_tokens(dev, 1.5)
+
+
+@ARCHS
+def test_blend_recomputes_selected_and_keeps_the_rest_cached(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
+    result = engine.prefill(layout, "blend", kvs, BlendConfig(ratio=0.3, check_layer=1))
+    assert result.recomputed_tokens == math.ceil(0.3 * layout.n_chunk_tokens)
+    last = engine.parts.n_layers - 1
+    # Unselected chunk tokens keep their cached values in the layers after the check layer.
+    same = 0
+    for start, ckv in zip(layout.chunk_starts, kvs):
+        fused = result.kv[last, 1, :, start:start + ckv.n_tokens]
+        same += int((fused == ckv.kv[last, 1]).all(dim=(0, 2)).sum())
+    assert same == layout.n_chunk_tokens - result.recomputed_tokens
+
+
+@ARCHS
+def test_blend_quality_improves_with_ratio(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = torch.log_softmax(run(engine, layout, "full").logits, -1)
+
+    def kl(mode, ratio=1.0):
+        logp = torch.log_softmax(run(engine, layout, mode, ratio).logits, -1)
+        return float((full.exp() * (full - logp)).sum())
+
+    assert kl("blend", 1.0) < 1e-6
+    assert kl("blend", 0.5) < kl("reuse")
+
+
+@ARCHS
+def test_greedy_from_blend_cache_equals_transformers_generate(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    ours = greedy(engine, run(engine, layout, "blend", ratio=1.0), 20)
+    ids = torch.tensor([layout.ids()])
+    ref = engine.model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False,
+                                eos_token_id=None, pad_token_id=0)
+    assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def test_key_deviation_and_check_layer_options_run(tiny_engines):
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout()
+    for cfg in (dict(deviation="key"), dict(deviation="both"), dict(check_layer=0), dict(check_layer=3)):
+        res = run(engine, layout, "blend", ratio=0.2, **cfg)
+        assert res.recomputed_tokens == math.ceil(0.2 * layout.n_chunk_tokens)
+    with pytest.raises(ValueError, match="check_layer"):
+        run(engine, layout, "blend", ratio=0.2, check_layer=4)
+    with pytest.raises(ValueError, match="mode"):
+        run(engine, layout, "fast")
+
+
+def test_sampling_is_seeded(tiny_engines):
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout()
+    res = run(engine, layout, "blend", ratio=1.0)
+    s = Sampling(temperature=1.0, top_p=0.9, seed=7)
+    assert list(decode(engine.model, res, 10, s)) == list(decode(engine.model, res, 10, s))
+
+
+def test_unblendable_models_are_refused():
+    sliding = random_model("tiny-mistral")
+    sliding.config.sliding_window = 16
+    with pytest.raises(UnsupportedModel, match="sliding"):
+        check_blendable(sliding, n_tokens=64)
+    check_blendable(sliding, n_tokens=16)  # a prompt inside the window attends fully: fine
+    dynamic = random_model("tiny-llama")
+    dynamic.config.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}
+    with pytest.raises(UnsupportedModel, match="dynamic"):
+        check_blendable(dynamic)
