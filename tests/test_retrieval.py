@@ -26,10 +26,13 @@ def corpus_dir(tmp_path: Path) -> Path:
     (tmp_path / "sub" / "deeper" / "c.txt").write_text("deep text")
     lines = [{"id": "q1", "text": "first", "lang": "en"}, {"text": "no id here"}]
     (tmp_path / "sub" / "d.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.txt").write_text("hidden directory")
+    (tmp_path / "sub" / ".draft.md").write_text("hidden file")
     return tmp_path
 
 
-def test_load_path_reads_txt_md_jsonl_recursively_with_relative_ids(corpus_dir: Path):
+def test_load_path_reads_txt_md_jsonl_recursively_with_relative_ids_skipping_hidden(corpus_dir: Path):
     docs = {d.id: d for d in load_path(corpus_dir)}
     assert set(docs) == {"a.txt", "sub/b.md", "sub/deeper/c.txt", "q1", "sub/d.jsonl#2"}
     assert docs["sub/b.md"].text == "# Bee\n\nbody"
@@ -144,6 +147,11 @@ def test_default_embedder_path_missing_says_how_to_install(monkeypatch):
 
 @pytest.fixture(scope="module")
 def minilm() -> Embedder:
+    """The real bundled model, loaded once for the tests that need it."""
+    try:
+        default_embedder_path()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
     return Embedder(batch_size=16)
 
 

@@ -153,6 +153,17 @@ def test_truncated_or_extended_value_raises_corrupt_entry(store, cut):
         s.get("k")
 
 
+def test_unreadable_meta_raises_corrupt_entry(store):
+    store.put("k", random_bits(torch.float32), FP, {"doc_id": "d"})
+    store.close()
+    env = lmdb.open(str(store.path), max_dbs=4, subdir=True)
+    with env.begin(write=True) as txn:
+        txn.put(b"k", b'{"doc_id": "d', db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with reopen(store) as s, pytest.raises(CorruptEntry, match="meta"):
+        s.get_meta("k")
+
+
 def test_wrong_fingerprint_raises_fingerprint_mismatch(store):
     store.put("k", random_bits(torch.bfloat16), FP, {})
     with pytest.raises(FingerprintMismatch, match="other-model"):

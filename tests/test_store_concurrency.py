@@ -77,11 +77,12 @@ def start_writer(path: Path, n: int, *, shape: tuple[int, ...], delay: float = 0
                  kill_at: int = -1) -> subprocess.Popen:
     sources = [inspect.getsource(f) for f in (entry_tensor, entry_meta)]
     code = "\n".join([WRITER_IMPORTS, *sources, WRITER])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1")
+    pythonpath = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=pythonpath, OMP_NUM_THREADS="1")
     args = [sys.executable, "-c", code, str(path), str(n), str(delay), str(kill_at),
             ",".join(map(str, shape))]
-    return subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(args, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def check_entry(store: KVStore, key: str, shape: tuple[int, ...]) -> None:
@@ -114,7 +115,6 @@ def test_reader_process_never_sees_a_torn_entry_while_another_writes(tmp_path):
             check_entry(reader, key, shape)
         # The writer grew the map under us; the reader followed instead of failing.
         assert reader.stats()["map_size"] > TINY_MAP
-    print(f"partial={partial_snapshots} checked={checked}")
     assert partial_snapshots > 0, "the reader never overlapped the writer; the test proved nothing"
     assert checked > n
 
@@ -149,7 +149,6 @@ def test_writer_killed_mid_run_leaves_only_whole_entries_and_a_rerun_completes(t
     _, err = writer.communicate()
     assert writer.returncode == -signal.SIGKILL, err
     present = assert_prefix_complete_and_resume(path, n, shape)
-    print("present", present)
     assert 10 <= present < n, "the writer was not killed mid-run"
 
 

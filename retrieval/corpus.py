@@ -1,0 +1,197 @@
+"""A searchable corpus in a data directory: registry (truth) + vector index (cache) + embedder.
+
+Write order is registry transaction first, then the index, then the index file, which records
+the registry generation it reflects. A crash anywhere leaves a registry that is complete and an
+index file that is either current or visibly stale (other generation, missing, or failing its
+checksum); opening rebuilds a stale index from the embeddings the registry keeps. Because of
+that, saving the index may be deferred (`bulk()`) without risking consistency.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .chunking import Chunk
+from .embed import Embedder
+from .index import VectorIndex
+from .loaders import Document
+from .registry import Registry
+
+log = logging.getLogger(__name__)
+
+REGISTRY_FILE = "registry.sqlite"
+INDEX_FILE = "index.bin"  # one file: header (generation, kind, dim, embedder) + FAISS index
+
+
+@dataclass
+class Hit:
+    """One retrieved chunk, with what the KV store and the prompt builder need."""
+
+    chunk_id: int
+    doc_id: str
+    score: float
+    text: str
+    kv_key: str
+    n_tokens: int
+
+
+def content_hash(text: str, params: str) -> str:
+    """Identity of a document's indexed form: its text and how it was chunked (size, tokenizer)."""
+    return hashlib.sha256(f"{params}\x00{text}".encode()).hexdigest()
+
+
+class Corpus:
+    """Upsert, delete and search documents; queries see the corpus before or after a change."""
+
+    def __init__(self, data_dir: str | Path, embedder: Embedder, index_kind: str = "flat"):
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.embedder, self.index_kind = embedder, index_kind
+        self.registry = Registry(self.data_dir / REGISTRY_FILE)
+        self._index_path = self.data_dir / INDEX_FILE
+        self._lock = threading.RLock()
+        self._bulk_depth = 0  # > 0 while inside bulk(): index saves are deferred
+        recorded = self.registry.get_meta("embedder")
+        if recorded is not None and recorded != embedder.name and self.registry.count_chunks():
+            raise ValueError(f"{self.data_dir} was embedded with {recorded!r}, not {embedder.name!r}; "
+                             "open it with that embedder or re-index into a new directory")
+        self._index, self._generation = self._open_index()
+
+    def __len__(self) -> int:
+        return self.registry.count_chunks()
+
+    def close(self) -> None:
+        self.registry.close()
+
+    def document_unchanged(self, doc: Document, params: str) -> bool:
+        """True when `doc` is stored with the same text and chunking params: nothing to recompute."""
+        stored = self.registry.get_document(doc.id)
+        return stored is not None and stored["content_hash"] == content_hash(doc.text, params)
+
+    def upsert(self, doc: Document, chunks: list[Chunk], kv_keys: list[str], embeddings: np.ndarray,
+               params: str) -> list[str]:
+        """Store or replace `doc`; returns kv keys its old chunks used that no chunk uses any more."""
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if len(chunks) == 0:
+            embeddings = embeddings.reshape(0, embeddings.shape[-1] if embeddings.ndim == 2 else 0)
+        with self._lock:
+            if self._index is not None and len(chunks) and embeddings.shape[1] != self._index.dim:
+                raise ValueError(f"embeddings of dim {embeddings.shape[1]}, index has {self._index.dim}")
+            old_keys = {c["kv_key"] for c in self.registry.chunks_of(doc.id)}
+            old, new = self.registry.replace_document(doc, content_hash(doc.text, params), chunks,
+                                                      kv_keys, embeddings)
+            if len(chunks) and self.registry.get_meta("embedder") is None:
+                self.registry.set_meta("embedder", self.embedder.name)
+            self._apply(old, new, embeddings)
+            return sorted(old_keys - self.registry.kv_keys_referenced(old_keys))
+
+    def delete(self, doc_id: str) -> list[str] | None:
+        """Remove a document's rows and vectors; returns its kv keys no chunk uses any more."""
+        with self._lock:
+            keys = {c["kv_key"] for c in self.registry.chunks_of(doc_id)}
+            removed = self.registry.delete_document(doc_id)
+            if removed is None:
+                return None
+            self._apply(removed, [], np.zeros((0, 0), dtype=np.float32))
+            return sorted(keys - self.registry.kv_keys_referenced(keys))
+
+    def search(self, query: str, k: int = 5) -> list[Hit]:
+        """The k chunks most similar to `query`, best first."""
+        vec = self.embedder.encode([query])  # outside the lock: slow and touches no shared state
+        return self.search_vector(vec[0], k)
+
+    def search_vector(self, vec: np.ndarray, k: int = 5) -> list[Hit]:
+        with self._lock:
+            if self.registry.generation != self._generation:  # another process changed the corpus
+                self._index, self._generation = self._open_index()
+            if self._index is None or k <= 0:
+                return []
+            scores, ids = self._index.search(np.asarray(vec, dtype=np.float32).reshape(1, -1), k)
+            score_of = {int(i): float(s) for i, s in zip(ids[0], scores[0]) if i >= 0}
+            rows = self.registry.get_chunks(score_of)
+        return [Hit(chunk_id=r["chunk_id"], doc_id=r["doc_id"], score=score_of[r["chunk_id"]],
+                    text=r["text"], kv_key=r["kv_key"], n_tokens=r["n_tokens"]) for r in rows]
+
+    @contextmanager
+    def bulk(self) -> Iterator["Corpus"]:
+        """Defer saving the index file to the end of a batch of upserts (one write, not one per doc).
+
+        The lock is not held across the batch, so queries keep being served between upserts.
+        """
+        with self._lock:
+            self._bulk_depth += 1
+        try:
+            yield self
+        finally:
+            with self._lock:
+                self._bulk_depth -= 1
+                if self._bulk_depth == 0:
+                    self.save()
+
+    def save(self) -> None:
+        """Write the index file, tagged with the registry generation it reflects."""
+        with self._lock:
+            if self._index is None:
+                self._index_path.unlink(missing_ok=True)
+                return
+            self._index.meta = {"generation": self._generation, "kind": self._index.kind,
+                                "dim": self._index.dim, "embedder": self.embedder.name}
+            self._index.save(self._index_path)
+
+    def _apply(self, old: list[int], new: list[int], embeddings: np.ndarray) -> None:
+        """Mirror a committed registry change into the index, then persist it."""
+        generation = self.registry.committed_generation
+        if generation != self._generation + 1:
+            # Another process wrote in between, so this index misses its change: start over.
+            self._index, self._generation = self._rebuild()
+            if self._bulk_depth == 0:
+                self.save()
+            return
+        try:
+            if self._index is None and new:
+                self._index = VectorIndex(embeddings.shape[1], self.index_kind)
+            if self._index is not None:
+                self._index.remove(np.array(old, dtype=np.int64))
+                self._index.add(np.array(new, dtype=np.int64), embeddings)
+        except Exception:
+            # The registry already holds the change; an index that failed halfway is rebuilt.
+            self._index, self._generation = self._rebuild()
+            raise
+        self._generation = generation
+        if self._bulk_depth == 0:
+            self.save()
+
+    def _open_index(self) -> tuple[VectorIndex | None, int]:
+        """Load the saved index if it matches the registry, else rebuild it (and save)."""
+        try:
+            index = VectorIndex.load(self._index_path)
+            meta = index.meta
+            if (meta.get("generation") == self.registry.generation and meta.get("kind") == self.index_kind
+                    and meta.get("embedder") == self.embedder.name):
+                return index, meta["generation"]
+            log.warning("index %s is stale (generation %s, registry %s); rebuilding",
+                        self._index_path, meta.get("generation"), self.registry.generation)
+        except FileNotFoundError:
+            if self.registry.count_chunks():
+                log.warning("index %s is missing; rebuilding from the registry", self._index_path)
+        except Exception as e:  # corrupt or unreadable: the registry has everything to rebuild
+            log.warning("index %s is unreadable (%s); rebuilding from the registry", self._index_path, e)
+        index, generation = self._rebuild()
+        self._index, self._generation = index, generation
+        self.save()
+        return index, generation
+
+    def _rebuild(self) -> tuple[VectorIndex | None, int]:
+        generation, ids, vecs = self.registry.embeddings_snapshot()
+        if len(ids) == 0:
+            return None, generation
+        index = VectorIndex(vecs.shape[1], self.index_kind)
+        index.add(ids, vecs)
+        return index, generation

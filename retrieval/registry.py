@@ -1,0 +1,201 @@
+"""The chunk registry: SQLite rows that are the source of truth for what is indexed.
+
+Everything the vector index holds can be rebuilt from here (each chunk row keeps its
+embedding), so the index is only a cache. Every change bumps `generation` in the same
+transaction, which is how a saved index file tells whether it still matches.
+WAL mode lets other processes read while one writes.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .chunking import Chunk
+from .loaders import Document
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('generation', '0');
+CREATE TABLE IF NOT EXISTS documents (
+    doc_id TEXT PRIMARY KEY, source TEXT, content_hash TEXT NOT NULL,
+    n_chunks INTEGER NOT NULL, metadata TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL);
+-- AUTOINCREMENT: a chunk id is never reused, so a stale id can never name a different chunk.
+CREATE TABLE IF NOT EXISTS chunks (
+    chunk_id INTEGER PRIMARY KEY AUTOINCREMENT,
+    doc_id TEXT NOT NULL REFERENCES documents(doc_id), idx INTEGER NOT NULL, text TEXT NOT NULL,
+    start INTEGER NOT NULL, "end" INTEGER NOT NULL, n_tokens INTEGER NOT NULL,
+    kv_key TEXT NOT NULL, embedding BLOB NOT NULL, UNIQUE (doc_id, idx));
+CREATE INDEX IF NOT EXISTS chunks_kv_key ON chunks (kv_key);
+"""
+_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key'
+_BATCH = 500  # stays far below SQLite's bound-parameter limit
+
+
+class Registry:
+    """Documents and chunks in one SQLite file; safe to share between threads."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Autocommit mode: transactions are opened explicitly, so their extent is visible here.
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        self.committed_generation: int | None = None  # set by this object's last write
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL under WAL: a power cut may drop the last commits but never corrupts the file;
+            # the index's recorded generation then no longer matches and it is rebuilt.
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @property
+    def generation(self) -> int:
+        return int(self._one("SELECT value FROM meta WHERE key = 'generation'")[0])
+
+    def get_meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        if key == "generation":
+            raise ValueError("generation is managed by the registry")
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def get_document(self, doc_id: str) -> dict | None:
+        row = self._one("SELECT * FROM documents WHERE doc_id = ?", (doc_id,))
+        return _doc_dict(row) if row else None
+
+    def list_documents(self) -> list[dict]:
+        return [_doc_dict(r) for r in self._all("SELECT * FROM documents ORDER BY doc_id")]
+
+    def chunks_of(self, doc_id: str) -> list[dict]:
+        rows = self._all(f"SELECT {_CHUNK_COLS} FROM chunks WHERE doc_id = ? ORDER BY idx", (doc_id,))
+        return [dict(r) for r in rows]
+
+    def get_chunks(self, chunk_ids: Iterable[int]) -> list[dict]:
+        """Chunk rows in the order asked; ids that do not exist are left out."""
+        ids = [int(i) for i in chunk_ids]
+        found: dict[int, dict] = {}
+        for b in range(0, len(ids), _BATCH):
+            part = ids[b:b + _BATCH]
+            q = f"SELECT {_CHUNK_COLS} FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
+            found.update((r["chunk_id"], dict(r)) for r in self._all(q, part))
+        return [found[i] for i in ids if i in found]
+
+    def count_chunks(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM chunks")[0])
+
+    def kv_keys_in_use(self) -> set[str]:
+        return {r[0] for r in self._all("SELECT DISTINCT kv_key FROM chunks")}
+
+    def kv_keys_referenced(self, keys: Iterable[str]) -> set[str]:
+        """The subset of `keys` that some chunk still uses."""
+        keys = list(set(keys))
+        out: set[str] = set()
+        for b in range(0, len(keys), _BATCH):
+            part = keys[b:b + _BATCH]
+            q = f"SELECT DISTINCT kv_key FROM chunks WHERE kv_key IN ({','.join('?' * len(part))})"
+            out.update(r[0] for r in self._all(q, part))
+        return out
+
+    def replace_document(self, doc: Document, content_hash: str, chunks: list[Chunk],
+                         kv_keys: list[str], embeddings: np.ndarray) -> tuple[list[int], list[int]]:
+        """Swap a document's rows for new ones in one transaction; returns (old ids, new ids)."""
+        emb = np.ascontiguousarray(embeddings, dtype=np.float32)
+        if not (len(chunks) == len(kv_keys) == len(emb)):
+            raise ValueError(f"{len(chunks)} chunks, {len(kv_keys)} kv keys, {len(emb)} embeddings")
+        if any(c.doc_id != doc.id for c in chunks):
+            raise ValueError(f"chunks of another document passed for {doc.id!r}")
+        with self._lock, self._txn() as db:
+            old = [r[0] for r in db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ? ORDER BY idx", (doc.id,))]
+            db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc.id,))
+            db.execute(
+                "INSERT OR REPLACE INTO documents (doc_id, source, content_hash, n_chunks, metadata, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (doc.id, doc.source, content_hash, len(chunks),
+                 json.dumps(doc.metadata, sort_keys=True, default=str), time.time()))
+            new = []
+            for c, key, vec in zip(chunks, kv_keys, emb):
+                cur = db.execute(
+                    f'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes()))
+                new.append(int(cur.lastrowid))
+            self.committed_generation = _bump(db)
+        return old, new
+
+    def delete_document(self, doc_id: str) -> list[int] | None:
+        """Remove a document and its chunks; returns the removed chunk ids, or None if unknown."""
+        with self._lock, self._txn() as db:
+            if db.execute("SELECT 1 FROM documents WHERE doc_id = ?", (doc_id,)).fetchone() is None:
+                return None
+            ids = [r[0] for r in db.execute("SELECT chunk_id FROM chunks WHERE doc_id = ? ORDER BY idx", (doc_id,))]
+            db.execute("DELETE FROM chunks WHERE doc_id = ?", (doc_id,))
+            db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
+            self.committed_generation = _bump(db)
+        return ids
+
+    def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
+        """(ids int64 [n], vectors float32 [n, dim]) of every chunk, for rebuilding the index."""
+        _, ids, vecs = self.embeddings_snapshot()
+        return ids, vecs
+
+    def embeddings_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
+        """`all_embeddings` plus the generation they belong to, read in one transaction."""
+        with self._lock, self._txn("BEGIN") as db:
+            gen = int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+            rows = db.execute("SELECT chunk_id, embedding FROM chunks ORDER BY chunk_id").fetchall()
+        ids = np.array([r[0] for r in rows], dtype=np.int64)
+        if not rows:
+            return gen, ids, np.zeros((0, 0), dtype=np.float32)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        return gen, ids, vecs
+
+    def _txn(self, begin: str = "BEGIN IMMEDIATE"):
+        return _Transaction(self._db, begin)
+
+    def _one(self, q: str, args: Iterable = ()) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(q, tuple(args)).fetchone()
+
+    def _all(self, q: str, args: Iterable = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(q, tuple(args)).fetchall()
+
+
+class _Transaction:
+    """BEGIN on enter; COMMIT on success, ROLLBACK on any exception."""
+
+    def __init__(self, db: sqlite3.Connection, begin: str):
+        self.db, self.begin = db, begin
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute(self.begin)
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _bump(db: sqlite3.Connection) -> int:
+    db.execute("UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'generation'")
+    return int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
+
+
+def _doc_dict(row: sqlite3.Row) -> dict:
+    d = dict(row)
+    d["metadata"] = json.loads(d["metadata"])
+    return d

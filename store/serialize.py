@@ -1,0 +1,151 @@
+"""One chunk's KV as raw bytes: a small checked header, then the tensor layer-major.
+
+Layout (little-endian):
+
+    magic "RBKV" | version u16 | dtype u8 | reserved u8 | L, H, T, D u32 | fp_len u16
+    | fingerprint utf-8 | crc32 of each layer's bytes, L x u32 | zero pad | header crc32 u32
+    | layer 0 bytes | layer 1 bytes | ... | layer L-1 bytes
+
+The header is padded to 64 bytes so the payload starts aligned (LMDB stores large values
+page-aligned), which keeps a later zero-copy / pinned read possible. Each layer is one
+contiguous span with its own crc, so a reader can verify and copy only the layers it needs,
+and a loader can stream layer i+1 while layer i computes. Never pickle: the bytes are data,
+not code, and are readable from any language.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+MAGIC = b"RBKV"
+FORMAT_VERSION = 1
+_ALIGN = 64
+_FIXED = struct.Struct("<4sHBBIIIIH")
+_U32 = struct.Struct("<I")
+
+_DTYPE_TO_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
+_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
+
+
+class CorruptEntry(Exception):
+    """The stored bytes are not a valid entry (magic, version, length or checksum)."""
+
+
+class FingerprintMismatch(Exception):
+    """The entry is valid but was computed for another model; using it would be wrong."""
+
+
+class KVHeader(NamedTuple):
+    dtype: torch.dtype
+    shape: tuple[int, int, int, int, int]  # (L, 2, H, T, D)
+    fingerprint: str
+    layer_crcs: tuple[int, ...]
+    payload_offset: int
+    layer_nbytes: int
+
+
+def _byte_view(buf: bytes | memoryview) -> memoryview:
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def _header_len(fp_len: int, n_layers: int) -> int:
+    raw = _FIXED.size + fp_len + 4 * n_layers + 4
+    return -(-raw // _ALIGN) * _ALIGN
+
+
+def encode_kv(kv: torch.Tensor, fingerprint: str) -> bytes:
+    """Serialize `kv` of shape [L, 2, H_kv, T, D] (bf16, fp16 or fp32) bit-exactly."""
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise ValueError(f"kv must have shape [L, 2, H, T, D], got {tuple(kv.shape)}")
+    if kv.dtype not in _DTYPE_TO_CODE:
+        raise TypeError(f"unsupported kv dtype {kv.dtype}; use bfloat16, float16 or float32")
+    fp = fingerprint.encode("utf-8")
+    if len(fp) > 0xFFFF:
+        raise ValueError("fingerprint longer than 65535 utf-8 bytes")
+    n_layers, _, n_heads, n_tokens, head_dim = kv.shape
+    # Viewing as bytes (not converting) is what makes bf16 round-trip bit-exact.
+    payload = kv.detach().to("cpu").contiguous().view(torch.uint8).numpy().reshape(n_layers, -1)
+    head_len = _header_len(len(fp), n_layers)
+    out = bytearray(head_len + payload.nbytes)
+    _FIXED.pack_into(out, 0, MAGIC, FORMAT_VERSION, _DTYPE_TO_CODE[kv.dtype], 0,
+                     n_layers, n_heads, n_tokens, head_dim, len(fp))
+    pos = _FIXED.size
+    out[pos:pos + len(fp)] = fp
+    pos += len(fp)
+    for i in range(n_layers):
+        _U32.pack_into(out, pos + 4 * i, zlib.crc32(payload[i]))
+    _U32.pack_into(out, head_len - 4, zlib.crc32(memoryview(out)[:head_len - 4]))
+    if payload.nbytes:
+        np.frombuffer(out, dtype=np.uint8, offset=head_len)[:] = payload.reshape(-1)
+    return bytes(out)
+
+
+def read_header(buf: bytes | memoryview) -> KVHeader:
+    """Parse and verify the header and the total length, without touching the payload."""
+    mv = _byte_view(buf)
+    if len(mv) < _FIXED.size:
+        raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than the fixed header")
+    magic, version, code, _, n_layers, n_heads, n_tokens, head_dim, fp_len = \
+        _FIXED.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise CorruptEntry(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if version != FORMAT_VERSION:
+        raise CorruptEntry(f"unsupported format version {version} (reads {FORMAT_VERSION})")
+    head_len = _header_len(fp_len, n_layers)
+    if len(mv) < head_len:
+        raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than its {head_len}-byte header")
+    (head_crc,) = _U32.unpack_from(mv, head_len - 4)
+    if zlib.crc32(mv[:head_len - 4]) != head_crc:
+        raise CorruptEntry("header checksum mismatch")
+    if code not in _CODE_TO_DTYPE:
+        raise CorruptEntry(f"unknown dtype code {code}")
+    dtype = _CODE_TO_DTYPE[code]
+    layer_nbytes = 2 * n_heads * n_tokens * head_dim * dtype.itemsize
+    expected = head_len + n_layers * layer_nbytes
+    if len(mv) != expected:
+        raise CorruptEntry(f"entry is {len(mv)} bytes, its header says {expected} "
+                           "(truncated or extended)")
+    fp_start = _FIXED.size
+    crc_start = fp_start + fp_len
+    try:
+        fingerprint = bytes(mv[fp_start:crc_start]).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorruptEntry(f"fingerprint is not utf-8: {e}") from None
+    crcs = struct.unpack_from(f"<{n_layers}I", mv, crc_start)
+    return KVHeader(dtype, (n_layers, 2, n_heads, n_tokens, head_dim), fingerprint, crcs,
+                    head_len, layer_nbytes)
+
+
+def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
+              layers: range | list[int] | None = None) -> torch.Tensor:
+    """Rebuild [len(layers), 2, H, T, D] from `buf`, verifying only the layers read.
+
+    The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
+    """
+    mv = _byte_view(buf)
+    head = read_header(mv)
+    if expect_fingerprint is not None and head.fingerprint != expect_fingerprint:
+        raise FingerprintMismatch(
+            f"entry was computed for fingerprint {head.fingerprint!r}, "
+            f"expected {expect_fingerprint!r}")
+    n_layers = head.shape[0]
+    wanted = list(range(n_layers)) if layers is None else [int(i) for i in layers]
+    for i in wanted:
+        if not 0 <= i < n_layers:
+            raise IndexError(f"layer {i} out of range for an entry of {n_layers} layers")
+    out = torch.empty((len(wanted), *head.shape[1:]), dtype=head.dtype)
+    # Copy through numpy: torch.frombuffer warns on LMDB's read-only buffers.
+    dst = out.view(torch.uint8).numpy().reshape(len(wanted), head.layer_nbytes)
+    for j, i in enumerate(wanted):
+        start = head.payload_offset + i * head.layer_nbytes
+        span = mv[start:start + head.layer_nbytes]
+        if zlib.crc32(span) != head.layer_crcs[i]:
+            raise CorruptEntry(f"checksum mismatch in layer {i}")
+        dst[j] = np.frombuffer(span, dtype=np.uint8)
+    return out
