@@ -103,6 +103,60 @@ def ask(
                    f"{ans.total_tokens} prompt tokens", err=True)
 
 
+def _floats(text: str, name: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"{name} must be comma-separated numbers, got {text!r}")
+    if any(not 0.0 <= v <= 1.0 for v in values):
+        fail(f"{name} must lie in [0, 1]")
+    return values
+
+
+@app.command()
+def bench(
+    shape: Annotated[str, typer.Option(help="tiny, mistral-7b, llama-3.1-8b, qwen2.5-7b")] = "tiny",
+    random_weights: Annotated[bool, typer.Option("--random-weights/--no-random-weights", help="random weights of the shape (the only option)")] = True,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="default: bfloat16 on cuda, float32 on cpu")] = None,
+    chunks: Annotated[int, typer.Option(min=1, max=256)] = 6,
+    chunk_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    question_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    ratios: Annotated[str, typer.Option(help="blend ratios, comma-separated")] = "0.05,0.15,0.3",
+    tiers: Annotated[str, typer.Option(help="where chunk KVs are read from: gpu (device memory), cpu, lmdb")] = "gpu,cpu,lmdb",
+    sweep: Annotated[str, typer.Option(help="context lengths for the full vs blend sweep ('' to skip)")] = "1024,2048,4096,8192,16384",
+    runs: Annotated[int, typer.Option(min=1)] = 10,
+    warmup: Annotated[int, typer.Option(min=0)] = 3,
+    check_layer: Annotated[int, typer.Option(min=0)] = 1,
+    out: Annotated[Path, typer.Option(help="directory for bench.json, bench.md, sweep.png")] = Path("out/bench"),
+) -> None:
+    """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
+    from blend.bench import run_bench, write
+    from blend.shapes import SHAPES
+
+    if not random_weights:
+        fail("bench runs on random weights only (timing does not depend on weight values)")
+    if shape not in SHAPES:
+        fail(f"--shape must be one of {', '.join(SHAPES)}")
+    tier_list = tuple(t.strip() for t in tiers.split(",") if t.strip())
+    if not tier_list or any(t not in ("gpu", "cpu", "lmdb") for t in tier_list):
+        fail("--tiers takes gpu, cpu, lmdb")
+    if device == "cpu" and "gpu" in tier_list:
+        tier_list = tuple(t for t in tier_list if t != "gpu") or ("cpu",)
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            fail("--device cuda asked for, but CUDA is not available")
+    try:
+        sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
+    except ValueError:
+        fail("--sweep takes comma-separated token counts")
+    result = run_bench(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+                       chunks, chunk_tokens, question_tokens, _floats(ratios, "--ratios"), tier_list,
+                       warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True))
+    typer.echo(write(result, out))
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()

@@ -10,6 +10,7 @@ import torch
 
 from blend.decode import Sampling, decode
 from blend.forward import model_parts
+from blend.graphs import LayerGraphs
 from blend.kv import ChunkKV
 from blend.loader import LoadedModel
 from blend.prefill import MODES, BlendConfig, PrefillResult, compute_kv, prefill_cached, prefill_full
@@ -66,7 +67,8 @@ class Generation:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, system: str = DEFAULT_SYSTEM):
+    def __init__(self, loaded: LoadedModel, system: str = DEFAULT_SYSTEM, *,
+                 cuda_graphs: bool | None = None, graph_tokens: int = 16384):
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.fingerprint = loaded.fingerprint
@@ -75,6 +77,9 @@ class Engine:
         self.prompts = PromptBuilder(self.tokenizer, system) if self.tokenizer is not None else None
         self._prefix_kv: dict[tuple[int, ...], torch.Tensor] = {}
         self.stop_ids = self._stop_ids()
+        if cuda_graphs is None:
+            cuda_graphs = self.parts.device.type == "cuda"
+        self.graphs = LayerGraphs(self.parts, min(graph_tokens, self.max_context)) if cuda_graphs else None
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +144,8 @@ class Engine:
         if mode == "full":
             return prefill_full(self.model, layout)
         check_blendable(self.model, layout.n_tokens)
-        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend)
+        graphs = self.graphs if self.graphs is not None and layout.n_tokens <= self.graphs.max_keys else None
+        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend, graphs)
 
     def generate(self, layout: Layout, *, mode: str = "blend", blend: BlendConfig | None = None,
                  max_tokens: int = 64, sampling: Sampling = Sampling(),

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
 from blend.kv import ChunkKV
 from blend.prompt import Layout
@@ -48,19 +49,25 @@ class PrefillResult:
 
 def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, active: torch.Tensor,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               graphs: LayerGraphs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Push the tokens at positions `active` through every layer, writing their K/V into the fused
     cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V elsewhere) and attending over it.
 
     With `blend`, at the check layer the chunk tokens (positions in `chunk_span`) are ranked by the
     deviation of their fresh K/V from the cached one and only the top ratio, plus every token after
-    the chunks, flow on. Returns the last active token's hidden state and the final active set.
+    the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
+    flow replay CUDA graphs instead. Returns the last active token's hidden state and the final
+    active set.
     """
     n = kv.shape[3]
     h = parts.embed(ids[active])[None]
     cos, sin = rope_for(parts, active)
     mask = causal_mask(active, n)
+    graph_from = blend.check_layer + 1 if blend is not None else 0
     for i, layer in enumerate(parts.layers):
+        if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
+            h = graphs.run(i, h, active, n)
+            break
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None
         if blend is not None and i == blend.check_layer:
@@ -92,11 +99,12 @@ def _keep_after_check(active: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 
 
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
-               chunk_kvs: list[ChunkKV]) -> torch.Tensor:
+               chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None) -> torch.Tensor:
     """The fused cache before any compute: exact prefix KV, the given chunks' KV (the first ones of
     the layout, possibly none) re-rotated to their places; the rest is written by compute."""
     n_layers, _, heads, _, dim = prefix_kv.shape
-    kv = torch.empty(n_layers, 2, heads, layout.n_tokens, dim, dtype=parts.dtype, device=parts.device)
+    kv = out if out is not None else torch.empty(n_layers, 2, heads, layout.n_tokens, dim,
+                                                 dtype=parts.dtype, device=parts.device)
     kv[:, :, :, : layout.n_prefix] = prefix_kv
     for start, ckv in zip(layout.chunk_starts, chunk_kvs):
         ckv = ckv.to(parts.device, non_blocking=True)
@@ -119,7 +127,8 @@ def prefill_full(model: torch.nn.Module, layout: Layout) -> PrefillResult:
 
 @torch.inference_mode()
 def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
-                   chunk_kvs: list[ChunkKV], mode: str, blend: BlendConfig | None = None) -> PrefillResult:
+                   chunk_kvs: list[ChunkKV], mode: str, blend: BlendConfig | None = None,
+                   graphs: LayerGraphs | None = None) -> PrefillResult:
     """`prefix`, `reuse` or `blend` over cached chunk KVs (one per chunk; `prefix` reads the first)."""
     needed = min(1, len(layout.chunks)) if mode == "prefix" else len(layout.chunks)
     if len(chunk_kvs) < needed:
@@ -128,23 +137,24 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         if ckv.n_tokens != len(ids):
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
+    out = graphs.buffer(N) if graphs is not None else None
     if mode == "prefix":
         # Only a chunk cached at exactly its position is a true prefix hit: the first one.
         first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
-        kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [])
+        kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
         start, cfg = P + first, None
     elif mode == "reuse":
-        kv, start, cfg = fill_cache(parts, layout, prefix_kv, chunk_kvs), S, None
+        kv, start, cfg = fill_cache(parts, layout, prefix_kv, chunk_kvs, out), S, None
     elif mode == "blend":
         cfg = blend or BlendConfig()
         if cfg.check_layer >= parts.n_layers:
             raise ValueError(f"check_layer {cfg.check_layer} ≥ number of layers {parts.n_layers}")
-        kv, start = fill_cache(parts, layout, prefix_kv, chunk_kvs), P
+        kv, start = fill_cache(parts, layout, prefix_kv, chunk_kvs, out), P
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = torch.tensor(layout.ids(), device=parts.device)
     active = torch.arange(start, N, device=parts.device)
-    h, final = run_layers(parts, ids, kv, active, cfg, (P, S))
+    h, final = run_layers(parts, ids, kv, active, cfg, (P, S), graphs)
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits_of(parts, h), kv, N, recomputed)
 

@@ -1,0 +1,197 @@
+"""`ragblend bench`: TTFT of every prefill mode × ratio × KV tier on random weights of a real
+shape, medians of repeated runs measured in one process, plus a context-length sweep.
+
+TTFT here = fetch the chunk KVs from the tier + prefill + the first token on the host.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from blend.engine import Engine
+from blend.kv import ChunkKV
+from blend.loader import LoadedModel, fingerprint
+from blend.prefill import BlendConfig
+from blend.prompt import Layout
+from blend.shapes import random_model
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
+            "runs": runs}
+
+
+def random_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int,
+                  prefix_tokens: int = 32, seed: int = 0) -> Layout:
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(10, vocab, (n,), generator=g).tolist()  # noqa: E731
+    return Layout(ids(prefix_tokens), [ids(chunk_tokens) for _ in range(n_chunks)], ids(question_tokens))
+
+
+class Tiers:
+    """The same chunk KVs held in GPU memory, pinned CPU memory and an LMDB store."""
+
+    def __init__(self, engine: Engine, layout: Layout, tiers: list[str], workdir: Path):
+        self.engine, self.tiers = engine, tiers
+        self.keys = [engine.chunk_key(layout.prefix, ids) for ids in layout.chunks]
+        computed = {k: engine.compute_chunk(layout.prefix, ids) for k, ids in zip(self.keys, layout.chunks)}
+        self.start = len(layout.prefix)
+        self.mem: dict[str, dict[str, ChunkKV]] = {}
+        if "gpu" in tiers:
+            self.mem["gpu"] = computed
+        if "cpu" in tiers:
+            pin = engine.device.type == "cuda"
+            self.mem["cpu"] = {k: ChunkKV(v.kv.cpu().pin_memory() if pin else v.kv.cpu(), v.start)
+                               for k, v in computed.items()}
+        self.store = None
+        if "lmdb" in tiers:
+            from store import KVStore
+            self.store = KVStore(workdir / "kv.lmdb", map_size=1 << 32)
+            for k, v in computed.items():
+                self.store.put(k, v.kv.cpu(), engine.fingerprint, {"n_tokens": v.n_tokens, "start": v.start})
+
+    def source(self, tier: str):
+        if tier in self.mem:
+            table = self.mem[tier]
+            return lambda key, ids: table[key]
+        fp = self.engine.fingerprint
+        return lambda key, ids: ChunkKV(self.store.get(key, fingerprint=fp), self.start)
+
+
+def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None) -> int:
+    kvs = engine.load_chunks(layout, mode, source)
+    result = engine.prefill(layout, mode, kvs, blend)
+    return int(result.logits.argmax())  # .item() waits for the device: the first token is on the host
+
+
+def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunks: int = 6,
+              chunk_tokens: int = 512, question_tokens: int = 64, ratios: tuple[float, ...] = (0.05, 0.15, 0.3),
+              tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb"), warmup: int = 3, runs: int = 10,
+              sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384), check_layer: int = 1,
+              log: Callable[[str], None] = print) -> dict:
+    from blend.loader import parse_dtype
+    model = random_model(shape, dtype=parse_dtype(dtype), device=device, seed=0)
+    engine = Engine(LoadedModel(model, None, f"random:{shape}", fingerprint(model)))
+    dev = engine.device
+    vocab = model.config.vocab_size
+    layout = random_layout(vocab, n_chunks, chunk_tokens, question_tokens)
+    out: dict = {"shape": shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                 "dtype": dtype, "n_chunks": n_chunks, "chunk_tokens": chunk_tokens,
+                 "question_tokens": question_tokens, "prompt_tokens": layout.n_tokens,
+                 "check_layer": check_layer, "warmup": warmup, "runs": runs, "rows": [], "sweep": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        store_tiers = Tiers(engine, layout, list(tiers), Path(tmp))
+        ids = torch.tensor([layout.ids()], device=dev)
+
+        def hf_forward():
+            with torch.inference_mode():
+                return int(model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
+
+        base = timed(hf_forward, dev, warmup, runs)
+        out["transformers_forward"] = base
+        log(f"transformers forward: {base['median_ms']:.2f} ms")
+        gpu_src = store_tiers.source(tiers[0])
+        full = timed(lambda: ttft(engine, layout, "full", gpu_src), dev, warmup, runs)
+        rows = [{"mode": "full", "ratio": None, "tier": None, **full}]
+        for tier in tiers:
+            src = store_tiers.source(tier)
+            plans = [("prefix", None), ("reuse", None)] + [("blend", r) for r in ratios]
+            for mode, ratio in plans:
+                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
+                stats = timed(lambda: ttft(engine, layout, mode, src, cfg), dev, warmup, runs)
+                rows.append({"mode": mode, "ratio": ratio, "tier": tier, **stats})
+        if engine.graphs is not None:  # the same path without CUDA graphs, to show what they buy
+            graphs, engine.graphs = engine.graphs, None
+            src = store_tiers.source(tiers[0])
+            for mode, ratio in [("reuse", None), ("blend", 0.15)]:
+                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
+                stats = timed(lambda: ttft(engine, layout, mode, src, cfg), dev, warmup, runs)
+                rows.append({"mode": mode, "ratio": ratio, "tier": tiers[0], "eager": True, **stats})
+            engine.graphs = graphs
+        for row in rows:
+            row["speedup_vs_full"] = full["median_ms"] / row["median_ms"]
+            log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{' eager' if row.get('eager') else ''}: "
+                f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  speedup {row['speedup_vs_full']:.2f}x")
+        out["rows"] = rows
+        if store_tiers.store is not None:
+            store_tiers.store.close()
+    for n in sweep:
+        n_ch = max(1, (n - question_tokens - 32) // chunk_tokens)
+        lay = random_layout(vocab, n_ch, chunk_tokens, question_tokens, seed=n)
+        if lay.n_tokens > engine.max_context:
+            continue
+        src = engine.memory_source(lay)
+        f = timed(lambda: ttft(engine, lay, "full", src), dev, 1, max(3, runs // 2))
+        b = timed(lambda: ttft(engine, lay, "blend", src, BlendConfig(0.15, check_layer)), dev, 1, max(3, runs // 2))
+        out["sweep"].append({"tokens": lay.n_tokens, "full_ms": f["median_ms"], "blend_ms": b["median_ms"],
+                             "speedup": f["median_ms"] / b["median_ms"]})
+        log(f"sweep {lay.n_tokens:6d} tokens: full {f['median_ms']:8.2f} ms  blend r=0.15 {b['median_ms']:8.2f} ms  "
+            f"speedup {f['median_ms'] / b['median_ms']:.2f}x")
+        del src
+    return out
+
+
+def table(result: dict) -> str:
+    lines = [f"shape {result['shape']} on {result['device']} ({result['dtype']}), {result['prompt_tokens']} prompt tokens "
+             f"({result['n_chunks']} × {result['chunk_tokens']} + question {result['question_tokens']}); "
+             f"transformers forward {result['transformers_forward']['median_ms']:.2f} ms", "",
+             "| mode | ratio | KV tier | median TTFT ms | p90 ms | speedup vs full |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        tier = (r["tier"] or "-") + (" (eager)" if r.get("eager") else "")
+        lines.append(f"| {r['mode']} | {'-' if r['ratio'] is None else r['ratio']} | {tier} | "
+                     f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_full']:.2f}× |")
+    if result["sweep"]:
+        lines += ["", "| prompt tokens | full ms | blend r=0.15 ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {s['tokens']} | {s['full_ms']:.2f} | {s['blend_ms']:.2f} | {s['speedup']:.2f}× |" for s in result["sweep"]]
+    return "\n".join(lines)
+
+
+def plot_sweep(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    sw = result["sweep"]
+    if not sw:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    x = [s["tokens"] for s in sw]
+    ax.plot(x, [s["full_ms"] for s in sw], "o-", label="full prefill")
+    ax.plot(x, [s["blend_ms"] for s in sw], "s-", label="blend r=0.15 (KV on GPU)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("TTFT (ms, median)")
+    ax.set_title(f"{result['shape']} on {result['device']}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write(result: dict, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2))
+    text = table(result)
+    (out_dir / "bench.md").write_text(text + "\n")
+    plot_sweep(result, out_dir / "sweep.png")
+    return text

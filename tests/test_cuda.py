@@ -1,0 +1,56 @@
+"""The engine's exactness on a CUDA device, and the CUDA-graph fast path against the plain path.
+Skipped where there is no GPU (CI); run on the device machine."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from blend.decode import Sampling, decode
+from blend.engine import Engine
+from blend.loader import LoadedModel, fingerprint
+from blend.prefill import BlendConfig
+from blend.shapes import TINY_ARCHS, random_model
+from tests.test_blend import make_layout
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
+
+
+def engine_for(arch: str, dtype: torch.dtype, graphs: bool) -> Engine:
+    model = random_model(arch, dtype=dtype, device="cuda", seed=0, std=0.1)
+    return Engine(LoadedModel(model, None, arch, fingerprint(model)), cuda_graphs=graphs, graph_tokens=1024)
+
+
+def prefill(engine, layout, mode, ratio=1.0):
+    kvs = engine.load_chunks(layout, mode, engine.memory_source(layout))
+    return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio))
+
+
+@ARCHS
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 0.1)])
+def test_blend_at_ratio_one_equals_full_on_cuda(arch, dtype, tol):
+    engine = engine_for(arch, dtype, graphs=True)
+    layout = make_layout()
+    full, blend = prefill(engine, layout, "full"), prefill(engine, layout, "blend", 1.0)
+    scale = full.logits.abs().max().item()
+    assert (blend.logits - full.logits).abs().max().item() < tol * max(1.0, scale)
+    if dtype == torch.float32:
+        g = Sampling()
+        assert list(decode(engine.model, blend, 20, g)) == list(decode(engine.model, full, 20, g))
+
+
+@ARCHS
+@pytest.mark.parametrize("mode,ratio", [("reuse", None), ("blend", 0.15), ("blend", 0.5), ("prefix", None)])
+def test_graph_path_matches_plain_path(arch, mode, ratio):
+    fast = engine_for(arch, torch.bfloat16, graphs=True)
+    plain = engine_for(arch, torch.bfloat16, graphs=False)
+    layout = make_layout()
+    a = prefill(fast, layout, mode, ratio or 0.0)
+    b = prefill(plain, layout, mode, ratio or 0.0)
+    assert a.recomputed_tokens == b.recomputed_tokens
+    assert (a.logits - b.logits).abs().max().item() < 0.05 * max(1.0, b.logits.abs().max().item())
+    g = Sampling()
+    assert list(decode(fast.model, a, 20, g)) == list(decode(plain.model, b, 20, g))
+    # a second request through the same graphs (new shapes, reused buffers) still agrees
+    layout2 = make_layout(n_chunks=3, seed=5)
+    assert int(prefill(fast, layout2, mode, ratio or 0.0).logits.argmax()) == int(prefill(plain, layout2, mode, ratio or 0.0).logits.argmax())
