@@ -21,6 +21,7 @@ Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of ch
 ModelOpt = Annotated[str, typer.Option("--model", help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(help="index + KV store directory (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")]
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -42,6 +43,131 @@ def _engine(model: str, device: str, dtype: str):
         fail(f"cannot load model {model!r}: {e}")
 
 
+def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must_exist: bool = False,
+             **kwargs):
+    from api.service import RagService, default_data_dir
+
+    path = data_dir or default_data_dir()
+    if must_exist and not (path / "corpus").exists():
+        fail(f"no index in {path}: run `ragblend index PATH --data-dir {path}` first")
+    engine = _engine(model, device, dtype)
+    try:
+        return RagService(path, engine=engine, **kwargs)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+
+
+@app.command()
+def index(
+    paths: Annotated[list[Path], typer.Argument(help="files or directories (.txt, .md, .jsonl)")],
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    chunk_tokens: Annotated[int, typer.Option(min=16, max=4096, help="chunk size in LLM tokens")] = 384,
+    index_kind: Annotated[str, typer.Option(help="flat (exact) or hnsw (approximate, large corpora)")] = "flat",
+    as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
+) -> None:
+    """Chunk, embed and index documents, and precompute every chunk's KV into the store."""
+    from tqdm import tqdm
+
+    from retrieval import load_path
+
+    for p in paths:
+        if not p.exists():
+            fail(f"no such file or directory: {p}")
+    if index_kind not in ("flat", "hnsw"):
+        fail("--index-kind must be flat or hnsw")
+    service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, index_kind=index_kind)
+    docs = [d for p in paths for d in load_path(p)]
+    bar = tqdm(total=len(docs), unit="doc", disable=None, file=sys.stderr)
+    tokens = [0]
+
+    def progress(chunks: int, n_tokens: int) -> None:
+        tokens[0] += n_tokens
+        bar.set_postfix(tokens=tokens[0], tok_s=f"{tokens[0] / max(bar.format_dict['elapsed'], 1e-9):.0f}")
+
+    from api.service import IndexReport
+    report = IndexReport()
+    import time
+    t0 = time.perf_counter()
+    try:
+        with service.corpus.bulk():
+            for doc in docs:
+                service.index_document(doc, report, progress)
+                bar.update(1)
+    finally:
+        bar.close()
+        report.seconds = time.perf_counter() - t0
+        service.close()
+    summary = report.as_dict()
+    if as_json:
+        typer.echo(json.dumps(summary))
+    else:
+        typer.echo(f"{summary['documents']} documents ({summary['unchanged']} unchanged), {summary['chunks']} chunks, "
+                   f"{summary['kv_computed']} KVs computed in {summary['seconds']:.1f} s "
+                   f"({summary['tokens_per_s'] or 0:.0f} tokens/s) → {service.data_dir}")
+
+
+store_app = typer.Typer(help="the chunk-KV store", no_args_is_help=True)
+docs_app = typer.Typer(help="indexed documents", no_args_is_help=True)
+app.add_typer(store_app, name="store")
+app.add_typer(docs_app, name="docs")
+
+
+def _open_readonly(data_dir: Optional[Path]):
+    from api.service import default_data_dir
+    from retrieval.registry import Registry
+    from store import KVStore
+
+    path = data_dir or default_data_dir()
+    if not (path / "kv").exists():
+        fail(f"no index in {path}")
+    return path, KVStore(path / "kv", readonly=True), Registry(path / "corpus" / "registry.sqlite")
+
+
+@store_app.command("stats")
+def store_stats(data_dir: DataDirOpt = None) -> None:
+    """Entries and bytes in the KV store, and what the registry references."""
+    path, kv, registry = _open_readonly(data_dir)
+    stats = kv.stats()
+    in_use = registry.kv_keys_in_use()
+    stored = set(kv.keys())
+    stats.update(documents=len(registry.list_documents()), chunks=registry.count_chunks(),
+                 referenced_keys=len(in_use), unreferenced_entries=len(stored - in_use),
+                 missing_entries=len(in_use - stored), path=str(stats["path"]))
+    typer.echo(json.dumps(stats, indent=2))
+
+
+@docs_app.command("list")
+def docs_list(data_dir: DataDirOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
+    """List indexed documents."""
+    _, _, registry = _open_readonly(data_dir)
+    docs = registry.list_documents()
+    if as_json:
+        typer.echo(json.dumps(docs, default=str))
+        return
+    for d in docs:
+        typer.echo(f"{d['doc_id']}\t{d['n_chunks']} chunks")
+
+
+@docs_app.command("delete")
+def docs_delete(doc_id: Annotated[str, typer.Argument(help="the document id (for files: path relative to the indexed root)")],
+                data_dir: DataDirOpt = None) -> None:
+    """Remove a document: its vectors, registry rows and KV entries."""
+    from api.service import default_data_dir, remove_document
+    from retrieval import Corpus, Embedder
+    from store import KVStore
+
+    path = data_dir or default_data_dir()
+    if not (path / "corpus").exists():
+        fail(f"no index in {path}")
+    removed = remove_document(Corpus(path / "corpus", Embedder()), KVStore(path / "kv"), doc_id)
+    if removed is None:
+        fail(f"no document {doc_id!r}", code=1)
+    typer.echo(f"deleted {doc_id} ({removed} KV entries removed)")
+
+
 @app.command()
 def ask(
     question_arg: Annotated[Optional[str], typer.Argument(metavar="QUESTION", help="the question")] = None,
@@ -54,6 +180,8 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Optional[int] = None,
+    top_k: Annotated[int, typer.Option(min=1, max=64, help="chunks to retrieve")] = 6,
+    data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
@@ -70,18 +198,27 @@ def ask(
         fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if top_p <= 0:
         fail("--top-p must be in (0, 1]")
-    if chunks is None:
-        fail("--chunks FILE is needed (retrieval from an index comes with `ragblend index`)")
-    from api.chunkfile import read_chunks
-    try:
-        texts = read_chunks(chunks)
-    except ValueError as e:
-        fail(str(e))
-    engine = _engine(model, device, dtype)
+    blend = BlendConfig(ratio=ratio, check_layer=check_layer)
+    sampling = Sampling(temperature, top_p, seed)
+    hits = None
+    if chunks is not None:
+        from api.chunkfile import read_chunks
+        try:
+            texts = read_chunks(chunks)
+        except ValueError as e:
+            fail(str(e))
+        engine = _engine(model, device, dtype)
+    else:
+        service = _service(data_dir, model, device, dtype, must_exist=True)
+        engine = service.engine
+        if len(service.corpus) == 0:
+            fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
+        hits = service.retrieve(q, top_k).hits
+        texts = [h.text for h in hits]
     try:
         layout = engine.layout(q, texts)
-        gen = engine.generate(layout, mode=mode, blend=BlendConfig(ratio=ratio, check_layer=check_layer),
-                              max_tokens=max_tokens, sampling=Sampling(temperature, top_p, seed))
+        gen = engine.generate(layout, mode=mode, blend=blend, max_tokens=max_tokens, sampling=sampling,
+                              source=None if hits is None else service.kv_source)
         if as_json:
             ans = gen.run()
         else:
@@ -96,6 +233,9 @@ def ask(
             "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "ttft_ms": round(ans.ttft_ms, 3),
             "recomputed_tokens": ans.recomputed_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
+            **({} if hits is None else {"chunks": [
+                {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 5), "text": h.text}
+                for h in hits]}),
         }, ensure_ascii=False))
     else:
         typer.echo(f"[{ans.mode}{'' if ans.ratio is None else f' r={ans.ratio}'}] ttft {ans.ttft_ms:.1f} ms, "
@@ -129,6 +269,7 @@ def bench(
     warmup: Annotated[int, typer.Option(min=0)] = 3,
     check_layer: Annotated[int, typer.Option(min=0)] = 1,
     out: Annotated[Path, typer.Option(help="directory for bench.json, bench.md, sweep.png")] = Path("out/bench"),
+    profile: Annotated[bool, typer.Option(help="also profile reuse and blend r=0.15 per tier (CUDA)")] = False,
 ) -> None:
     """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
     from blend.bench import run_bench, write
@@ -153,8 +294,14 @@ def bench(
         fail("--sweep takes comma-separated token counts")
     result = run_bench(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                        chunks, chunk_tokens, question_tokens, _floats(ratios, "--ratios"), tier_list,
-                       warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True))
+                       warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True),
+                       profile_dir=out / "profile" if profile else None)
     typer.echo(write(result, out))
+
+
+from api.cli_eval import register as register_eval  # noqa: E402
+
+register_eval(app)
 
 
 def main() -> None:

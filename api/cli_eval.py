@@ -1,0 +1,203 @@
+"""`ragblend eval` and `ragblend eval-ablation`: TTFT against quality over a dataset, every mode ×
+ratio; and the check-layer × deviation ablation of `blend`. `register(app)` adds both commands."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+DatasetOpt = Annotated[Optional[str], typer.Option(
+    help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
+         "--data-dir), or synthetic[:n=60,chunks=6,chunk_words=90,seed=0]")]
+OutOpt = Annotated[Optional[Path], typer.Option(help="output directory (results, progress.jsonl for resuming)")]
+DataDirOpt = Annotated[Optional[Path], typer.Option(
+    help="holds LongBench files by name, and the index for examples without chunks")]
+ModesOpt = Annotated[str, typer.Option(
+    help="comma-separated: full, prefix, reuse, blend (full always runs: it is the reference)")]
+RatiosOpt = Annotated[str, typer.Option(help="blend recompute ratios, comma-separated, each in [0, 1]")]
+ModelOpt = Annotated[str, typer.Option(help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')]
+DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="only the first N examples")]
+MaxTokensOpt = Annotated[int, typer.Option(help="answer length cap (greedy decoding)")]
+SeedOpt = Annotated[int, typer.Option(help="torch seed of the run (the synthetic data's seed is synthetic:seed=S)")]
+TopKOpt = Annotated[int, typer.Option(help="chunks retrieved for examples without chunks")]
+ChunkWordsOpt = Annotated[int, typer.Option(help="samsum/multi_news: most words per chunk cut from the context")]
+FreshOpt = Annotated[bool, typer.Option("--fresh", help="discard the progress of an earlier run in --out")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        values = [float(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        fail(f"{what} must be comma-separated numbers, got {text!r}")
+    if not values:
+        fail(f"{what} is empty")
+    if bad := [v for v in values if not 0.0 <= v <= 1.0]:
+        fail(f"{what} must lie in [0, 1], got {bad[0]:g}")
+    return values
+
+
+def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        fail(f"{flag} is empty")
+    if bad := [n for n in names if n not in allowed]:
+        fail(f"{flag}: unknown {bad[0]!r}; choose from {', '.join(allowed)}")
+    return names
+
+
+def _positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            fail(f"--{name.replace('_', '-')} must be ≥ 1, got {value}")
+
+
+def _dataset(spec: str | None, data_dir: Path | None, chunk_words: int, limit: int | None):
+    from eval.datasets import load_dataset
+
+    if not spec:
+        fail("--dataset is needed")
+    try:
+        dataset = load_dataset(spec, data_dir, chunk_words=chunk_words)
+    except (ValueError, OSError) as e:
+        fail(str(e))
+    examples = dataset.examples[:limit] if limit else dataset.examples
+    needs = next((ex.id for ex in examples if ex.chunks is None), None)
+    return dataset, (_retriever(data_dir, needs) if needs else None)
+
+
+def _retriever(data_dir: Path | None, example_id: str):
+    """Examples without chunks retrieve from the index under --data-dir."""
+    if data_dir is None:
+        fail(f"example {example_id} has no chunks, so it retrieves: that needs --data-dir with an index")
+    if not data_dir.is_dir():
+        fail(f"--data-dir {data_dir} is not a directory (examples without chunks need an index there)")
+    fail(f"example {example_id} has no chunks, and retrieval from the index in {data_dir} is not "
+         "available to eval yet; give the examples chunks")
+
+
+def _engine(model: str, device: str, dtype: str):
+    from blend.engine import Engine
+    from blend.loader import load_model
+
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            fail("--device cuda asked for, but CUDA is not available")
+    try:
+        return Engine(load_model(model, device=device, dtype=dtype))
+    except (ValueError, FileNotFoundError, OSError) as e:
+        fail(f"cannot load model {model!r}: {e}")
+
+
+def _out(out: Path | None) -> Path:
+    if out is None:
+        fail("--out DIR is needed")
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a directory")
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(eval_command)
+    app.command("eval-ablation")(ablation_command)
+
+
+def eval_command(
+    dataset: DatasetOpt = None,
+    out: OutOpt = None,
+    modes: ModesOpt = "full,prefix,reuse,blend",
+    ratios: RatiosOpt = "0.05,0.15,0.3,0.5,1.0",
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = 32,
+    seed: SeedOpt = 0,
+    check_layer: Annotated[int, typer.Option(help="blend: the layer where tokens are selected")] = 1,
+    deviation: Annotated[str, typer.Option(help="blend: value, key or both")] = "value",
+    top_k: TopKOpt = 5,
+    chunk_words: ChunkWordsOpt = 200,
+    fresh: FreshOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
+    from blend.prefill import DEVIATIONS, MODES
+    from eval import report, runner
+
+    mode_list = _names(modes, MODES, "--modes")
+    ratio_list = _floats(ratios, "--ratios")
+    _names(deviation, DEVIATIONS, "--deviation")
+    _positive(limit=limit, max_tokens=max_tokens, top_k=top_k, chunk_words=chunk_words)
+    if check_layer < 0:
+        fail(f"--check-layer must be ≥ 0, got {check_layer}")
+    out = _out(out)
+    data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
+    engine = _engine(model, device, dtype)
+    try:
+        variants = runner.mode_variants(mode_list, ratio_list, check_layer, deviation)
+        config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
+        records = runner.run(engine, data, config, out, limit=limit, retriever=retriever, fresh=fresh,
+                             progress=progress)
+    except ValueError as e:
+        fail(str(e))
+    summary = report.summarize(records)
+    report.write_results(out, config, records, summary)
+    typer.echo(report.markdown(config, summary))
+    typer.echo(f"wrote {out}/results.json, results.md, plot.png", err=True)
+
+
+def ablation_command(
+    dataset: DatasetOpt = None,
+    out: OutOpt = None,
+    ratio: Annotated[float, typer.Option(help="blend recompute ratio")] = 0.15,
+    check_layers: Annotated[str, typer.Option(help="comma-separated check layers")] = "0,1,2,4",
+    deviations: Annotated[str, typer.Option(help="comma-separated: value, key, both")] = "value,key",
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = 32,
+    seed: SeedOpt = 0,
+    chunk_words: ChunkWordsOpt = 200,
+    fresh: FreshOpt = False,
+    progress: ProgressOpt = True,
+) -> None:
+    """blend at one ratio for every check layer × deviation, against full → ablation.json, ablation.md."""
+    from blend.prefill import DEVIATIONS
+    from eval.ablation import run_ablation
+
+    _floats(str(ratio), "--ratio")
+    try:
+        layers = [int(s) for s in check_layers.split(",") if s.strip()]
+    except ValueError:
+        fail(f"--check-layers must be comma-separated integers, got {check_layers!r}")
+    if not layers or min(layers) < 0:
+        fail("--check-layers needs at least one layer, each ≥ 0")
+    devs = _names(deviations, DEVIATIONS, "--deviations")
+    _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
+    out = _out(out)
+    data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
+    engine = _engine(model, device, dtype)
+    try:
+        run_ablation(engine, data, out, ratio=ratio, check_layers=layers, deviations=devs,
+                     max_tokens=max_tokens, seed=seed, limit=limit, retriever=retriever, fresh=fresh,
+                     progress=progress)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo((out / "ablation.md").read_text(encoding="utf-8"))
+    typer.echo(f"wrote {out}/ablation.json, ablation.md", err=True)

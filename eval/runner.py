@@ -1,0 +1,159 @@
+"""The eval loop: per example, `full` first (the reference), then every other mode × ratio over the
+same chunks, the same layout and the same precomputed chunk KVs; each finished example is
+appended to `progress.jsonl` so a restarted run picks up where it stopped."""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm import tqdm
+
+from blend.decode import Sampling
+from blend.engine import Answer, Engine, KVSource
+from blend.prefill import MODES, BlendConfig
+from blend.prompt import Layout
+
+from eval import metrics
+from eval.datasets import Dataset, Example
+from eval.layouts import fit_to_context
+from eval.progress import Progress
+
+PROGRESS_FILE = "progress.jsonl"
+
+
+class Retriever(Protocol):
+    """Chunks for a question from an index, best first."""
+
+    def __call__(self, question: str, k: int) -> list[str]: ...
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One prefill setting to score: a mode, and for `blend` its ratio, check layer and deviation."""
+    mode: str
+    ratio: float | None = None
+    check_layer: int | None = None
+    deviation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "blend":
+            if None in (self.ratio, self.check_layer, self.deviation):
+                raise ValueError("blend needs a ratio, a check layer and a deviation")
+            self.blend_config()  # validates their values
+        elif (self.ratio, self.check_layer, self.deviation) != (None, None, None):
+            raise ValueError(f"{self.mode} takes no ratio, check layer or deviation")
+
+    def blend_config(self) -> BlendConfig | None:
+        if self.mode != "blend":
+            return None
+        return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, deviation=self.deviation)
+
+    @property
+    def key(self) -> tuple:
+        return self.mode, self.ratio, self.check_layer, self.deviation
+
+
+FULL = Variant("full")
+
+
+def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: int = 1,
+                  deviation: str = "value") -> list[Variant]:
+    """`full` first, whether asked for or not (every other mode is scored against it); then the
+    modes in the order given, `blend` once per ratio."""
+    out = [FULL]
+    for mode in modes:
+        if mode == "blend":
+            out += [Variant("blend", float(r), check_layer, deviation) for r in ratios]
+        elif mode != "full":
+            out.append(Variant(mode))
+    if len(set(out)) != len(out):
+        raise ValueError("a mode or ratio is listed twice")
+    return out
+
+
+def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *, max_tokens: int,
+               seed: int, top_k: int) -> dict:
+    """Everything that changes the numbers; its hash guards resumption. `--limit` is left out, so a
+    run can be resumed with a larger one."""
+    if not variants or variants[0] != FULL:
+        raise ValueError("the first variant must be full: it is the reference")
+    n_layers = engine.parts.n_layers
+    if any(v.check_layer is not None and v.check_layer >= n_layers for v in variants):
+        raise ValueError(f"a check layer must be below the model's {n_layers} layers")
+    return {"dataset": dataset.name, "dataset_digest": dataset.digest(), "metric": dataset.metric,
+            "model": engine.name, "fingerprint": engine.fingerprint, "device": str(engine.device),
+            "dtype": str(engine.parts.dtype).removeprefix("torch."),
+            "variants": [asdict(v) for v in variants], "max_tokens": max_tokens, "seed": seed,
+            "top_k": top_k, "decoding": "greedy"}
+
+
+def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, limit: int | None = None,
+        retriever: Retriever | None = None, fresh: bool = False, progress: bool = True,
+        warmup: bool = True) -> list[dict]:
+    """Score every selected example, skipping those `out_dir/progress.jsonl` already holds; returns
+    the records of the selected examples in dataset order."""
+    examples = dataset.examples[:limit] if limit is not None else dataset.examples
+    missing = next((ex.id for ex in examples if ex.chunks is None), None)
+    if missing is not None and retriever is None:
+        raise ValueError(f"example {missing} has no chunks, so it retrieves: that needs --data-dir with an index")
+    variants = [Variant(**v) for v in config["variants"]]
+    saved = Progress(Path(out_dir) / PROGRESS_FILE, config, fresh=fresh)
+    todo = [ex for ex in examples if ex.id not in saved.done]
+    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="eval", unit="ex",
+               disable=not progress, dynamic_ncols=True)
+    for i, ex in enumerate(todo):
+        bar.set_postfix_str(ex.id, refresh=False)
+        chunks = list(ex.chunks if ex.chunks is not None else retriever(ex.question, config["top_k"]))
+        if not chunks:
+            raise ValueError(f"example {ex.id}: the index returned no chunks")
+        layout, dropped = fit_to_context(engine, ex, chunks)
+        source = engine.memory_source(layout)  # chunk KVs: computed once, shared by every variant
+        if warmup and i == 0:
+            _warm_up(engine, layout, source, variants)
+        saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped))
+        bar.update()
+    bar.close()
+    return [saved.done[ex.id] for ex in examples]
+
+
+def _warm_up(engine: Engine, layout: Layout, source: KVSource, variants: Sequence[Variant]) -> None:
+    """One untimed pass per mode, so the first example's TTFTs do not carry one-off costs
+    (allocator growth, lazy kernel selection)."""
+    seen = set()
+    for v in variants:
+        if v.mode not in seen:
+            seen.add(v.mode)
+            engine.generate(layout, mode=v.mode, blend=v.blend_config(), max_tokens=1, source=source).run()
+
+
+def score_example(engine: Engine, example: Example, chunks: Sequence[str], layout: Layout, source: KVSource,
+                  variants: Sequence[Variant], config: dict, dropped: int = 0) -> dict:
+    """Every variant on one layout, scored; `full` (the first) is the reference."""
+    torch.manual_seed(config["seed"])  # per example, so a resumed run draws what an unbroken one would
+    answers: list[Answer] = []
+    for v in variants:
+        gen = engine.generate(layout, mode=v.mode, blend=v.blend_config(), max_tokens=config["max_tokens"],
+                              sampling=Sampling(), source=source)
+        answers.append(gen.run())
+    full = answers[0]
+    rows = [{
+        "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "deviation": v.deviation,
+        "answer": a.text, "n_output_tokens": len(a.token_ids), "ttft_ms": a.ttft_ms,
+        "f1": metrics.best_over(metrics.token_f1, a.text, example.answers),
+        "rougeL": metrics.best_over(metrics.rouge_l, a.text, example.answers),
+        "kl_vs_full": metrics.kl_first_token(full.first_logits, a.first_logits),
+        "agree_with_full": metrics.agreement(full.token_ids, a.token_ids),
+        # on token ids: defined without a tokenizer, and not blurred by answer normalization
+        "rougeL_vs_full": metrics.lcs_f1(full.token_ids, a.token_ids),
+        "recompute_fraction": metrics.recompute_fraction(a.recomputed_tokens, a.chunk_tokens),
+    } for v, a in zip(variants, answers)]
+    digest = hashlib.blake2b("\x00".join(chunks).encode(), digest_size=8).hexdigest()
+    return {"id": example.id, "question": example.question, "answers": example.answers,
+            "n_chunks": len(layout.chunks), "dropped_chunks": dropped, "chunks_digest": digest,
+            "n_tokens": layout.n_tokens, "n_chunk_tokens": layout.n_chunk_tokens, "results": rows}
