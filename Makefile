@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: setup
-	$(RB) ask --chunks samples/chunks.txt --question "$(QUESTION)" --mode blend --ratio 0.15
+	$(RB) index samples/corpus --data-dir $(DATA) --chunk-tokens 128
+	$(RB) ask "$(QUESTION)" --data-dir $(DATA) --top-k 4 --mode blend --ratio 0.15
 
 test: setup
 	$(VENV)/bin/pytest -q

@@ -64,19 +64,20 @@ class Tiers:
             pin = engine.device.type == "cuda"
             self.mem["cpu"] = {k: ChunkKV(v.kv.cpu().pin_memory() if pin else v.kv.cpu(), v.start)
                                for k, v in computed.items()}
-        self.store = None
+        self.store = self.reader = None
         if "lmdb" in tiers:
-            from store import KVStore
+            from store import KVStore, StagedReader
             self.store = KVStore(workdir / "kv.lmdb", map_size=1 << 32)
             for k, v in computed.items():
                 self.store.put(k, v.kv.cpu(), engine.fingerprint, {"n_tokens": v.n_tokens, "start": v.start})
+            self.reader = StagedReader(self.store)
 
     def source(self, tier: str):
         if tier in self.mem:
             table = self.mem[tier]
             return lambda key, ids: table[key]
         fp = self.engine.fingerprint
-        return lambda key, ids: ChunkKV(self.store.get(key, fingerprint=fp), self.start)
+        return lambda key, ids: ChunkKV(self.reader.read(key, fp), self.start)
 
 
 def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None) -> int:
@@ -89,7 +90,7 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
               chunk_tokens: int = 512, question_tokens: int = 64, ratios: tuple[float, ...] = (0.05, 0.15, 0.3),
               tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb"), warmup: int = 3, runs: int = 10,
               sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384), check_layer: int = 1,
-              log: Callable[[str], None] = print) -> dict:
+              log: Callable[[str], None] = print, profile_dir: Path | None = None) -> dict:
     from blend.loader import parse_dtype
     model = random_model(shape, dtype=parse_dtype(dtype), device=device, seed=0)
     engine = Engine(LoadedModel(model, None, f"random:{shape}", fingerprint(model)))
@@ -134,7 +135,10 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
             log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{' eager' if row.get('eager') else ''}: "
                 f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  speedup {row['speedup_vs_full']:.2f}x")
         out["rows"] = rows
+        if profile_dir is not None and dev.type == "cuda":
+            out["profile"] = profile(engine, layout, store_tiers, tiers, check_layer, profile_dir, log)
         if store_tiers.store is not None:
+            store_tiers.reader.close()
             store_tiers.store.close()
     for n in sweep:
         n_ch = max(1, (n - question_tokens - 32) // chunk_tokens)
@@ -150,6 +154,31 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
             f"speedup {f['median_ms'] / b['median_ms']:.2f}x")
         del src
     return out
+
+
+def profile(engine: Engine, layout: Layout, tiers: Tiers, tier_names: tuple[str, ...], check_layer: int,
+            out_dir: Path, log: Callable[[str], None]) -> dict:
+    """Where a request's time goes: stage wall times (synchronized) and the top CUDA kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stages: dict = {}
+    for tier in tier_names:
+        for mode, ratio in (("reuse", None), ("blend", 0.15)):
+            cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
+            src = tiers.source(tier)
+            ttft(engine, layout, mode, src, cfg)
+            with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                ttft(engine, layout, mode, src, cfg)
+            name = f"{mode}{'' if ratio is None else f'-{ratio}'}-{tier}"
+            ranges = {e.key: round(e.cpu_time_total / 1e3, 3) for e in prof.key_averages()
+                      if e.key.startswith("rb.")}
+            stages[name] = ranges
+            (out_dir / f"{name}.txt").write_text(
+                prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+            log(f"profile {name}: " + ", ".join(f"{k}={v} ms" for k, v in ranges.items()))
+    return stages
 
 
 def table(result: dict) -> str:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
 from blend.decode import Sampling, decode
 from blend.forward import model_parts
@@ -132,7 +133,8 @@ class Engine:
     def load_chunks(self, layout: Layout, mode: str, source: KVSource) -> list[ChunkKV]:
         """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise."""
         wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
-        return [source(self.chunk_key(layout.prefix, ids), ids) for ids in layout.chunks[:wanted]]
+        with record_function("rb.load_kv"):
+            return [source(self.chunk_key(layout.prefix, ids), ids) for ids in layout.chunks[:wanted]]
 
     # -- prefill and generation ----------------------------------------------------------------
     def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV],

@@ -13,7 +13,8 @@ import torch
 
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_qkv, rope_for
 
-TOKEN_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 768, 1024, 1536, 2048)
+# Padding wastes compute in proportion: buckets every 64 tokens (captured lazily, on first use).
+TOKEN_BUCKETS = (16, 32) + tuple(range(64, 2048 + 1, 64))
 KEY_BUCKET = 512
 
 

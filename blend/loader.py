@@ -93,8 +93,11 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | t
     torch_dtype = parse_dtype(dtype)
     tokenizer = None
     if spec.startswith("random:"):
-        from blend.shapes import random_model
-        model = random_model(spec.split(":", 1)[1], dtype=torch_dtype, device=device, seed=seed)
+        from blend.shapes import SHAPES, random_model
+        shape = spec.split(":", 1)[1]
+        model = random_model(shape, dtype=torch_dtype, device=device, seed=seed)
+        if SHAPES[shape].tokenizer == DEFAULT_MODEL:
+            tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     else:
         path = Path(spec).expanduser()
         if spec == DEFAULT_MODEL:

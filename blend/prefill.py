@@ -12,12 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.profiler import record_function
 
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
 from blend.kv import ChunkKV
 from blend.prompt import Layout
-from blend.rope import rerotate_keys
+from blend.rope import delta_cos_sin, rotate_keys_
 from blend.select import deviation, select_tokens
 
 MODES = ("full", "prefix", "reuse", "blend")
@@ -66,12 +67,14 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, active: t
     graph_from = blend.check_layer + 1 if blend is not None else 0
     for i, layer in enumerate(parts.layers):
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
-            h = graphs.run(i, h, active, n)
+            with record_function("rb.graph_layers"):
+                h = graphs.run(i, h, active, n)
             break
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None
         if blend is not None and i == blend.check_layer:
-            keep = _keep_after_check(active, k, v, kv[i], blend, chunk_span)
+            with record_function("rb.select"):
+                keep = _keep_after_check(active, k, v, kv[i], blend, chunk_span)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
@@ -101,16 +104,25 @@ def _keep_after_check(active: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ca
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None) -> torch.Tensor:
     """The fused cache before any compute: exact prefix KV, the given chunks' KV (the first ones of
-    the layout, possibly none) re-rotated to their places; the rest is written by compute."""
+    the layout, possibly none) re-rotated to their places; the rest is written by compute.
+
+    Chunk KV is copied straight into place (asynchronously from pinned memory), then all moved
+    keys are re-rotated in one pass with per-token angles."""
     n_layers, _, heads, _, dim = prefix_kv.shape
     kv = out if out is not None else torch.empty(n_layers, 2, heads, layout.n_tokens, dim,
                                                  dtype=parts.dtype, device=parts.device)
-    kv[:, :, :, : layout.n_prefix] = prefix_kv
+    P = layout.n_prefix
+    kv[:, :, :, :P] = prefix_kv
+    deltas, end = [], P
     for start, ckv in zip(layout.chunk_starts, chunk_kvs):
-        ckv = ckv.to(parts.device, non_blocking=True)
         end = start + ckv.n_tokens
-        kv[:, 0, :, start:end] = rerotate_keys(ckv.kv[:, 0], start - ckv.start, parts.inv_freq)
-        kv[:, 1, :, start:end] = ckv.kv[:, 1]
+        kv[:, :, :, start:end].copy_(ckv.kv, non_blocking=True)
+        deltas.append(torch.full((ckv.n_tokens,), start - ckv.start, dtype=torch.long))
+    if deltas:
+        shift = torch.cat(deltas)
+        if shift.any():
+            cos, sin = delta_cos_sin(parts.inv_freq, shift.to(parts.device))
+            rotate_keys_(kv[:, 0, :, P:end], cos, sin)
     return kv
 
 
@@ -138,6 +150,19 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
     out = graphs.buffer(N) if graphs is not None else None
+    with record_function("rb.fill_cache"):
+        kv, start, cfg = _fused_cache(parts, layout, prefix_kv, chunk_kvs, mode, blend, out)
+    ids = torch.tensor(layout.ids(), device=parts.device)
+    active = torch.arange(start, N, device=parts.device)
+    h, final = run_layers(parts, ids, kv, active, cfg, (P, S), graphs)
+    recomputed = int(((final >= P) & (final < S)).sum())
+    return PrefillResult(logits_of(parts, h), kv, N, recomputed)
+
+
+def _fused_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
+                 mode: str, blend: BlendConfig | None, out: torch.Tensor | None):
+    """Per mode: the filled cache, the first position computed from layer 0, the blend config."""
+    P, S = layout.n_prefix, layout.suffix_start
     if mode == "prefix":
         # Only a chunk cached at exactly its position is a true prefix hit: the first one.
         first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
@@ -152,11 +177,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         kv, start = fill_cache(parts, layout, prefix_kv, chunk_kvs, out), P
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    ids = torch.tensor(layout.ids(), device=parts.device)
-    active = torch.arange(start, N, device=parts.device)
-    h, final = run_layers(parts, ids, kv, active, cfg, (P, S), graphs)
-    recomputed = int(((final >= P) & (final < S)).sum())
-    return PrefillResult(logits_of(parts, h), kv, N, recomputed)
+    return kv, start, cfg
 
 
 @torch.inference_mode()

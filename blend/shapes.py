@@ -26,6 +26,7 @@ _TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key
 class Shape:
     arch: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None  # "default": the bundled SmolLM2 tokenizer (vocab must match)
 
     def config(self) -> PretrainedConfig:
         return _CONFIGS[self.arch](**self.kwargs)
@@ -37,6 +38,9 @@ SHAPES: dict[str, Shape] = {
     "tiny-mistral": Shape("mistral", dict(_TINY, rope_theta=1e6, sliding_window=None, head_dim=16)),
     "tiny-qwen2": Shape("qwen2", dict(_TINY, rope_theta=1e6)),
     "tiny-qwen3": Shape("qwen3", dict(_TINY, rope_theta=1e6, head_dim=32)),
+    # A tiny model that speaks the bundled tokenizer: the whole service in seconds, for tests.
+    "tiny-smol": Shape("llama", dict(_TINY, vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True),
+                       tokenizer="default"),
     "mistral-7b": Shape("mistral", dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=32768, rope_theta=1e6, sliding_window=None,

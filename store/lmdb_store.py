@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,7 @@ from typing import Any, TypeVar
 import lmdb
 import torch
 
-from store.serialize import CorruptEntry, decode_kv, encode_kv
+from store.serialize import CorruptEntry, KVHeader, decode_kv, encode_kv, read_header
 
 T = TypeVar("T")
 _MAX_READERS = 512  # one slot per concurrent read txn across all processes (server threads + tools)
@@ -161,13 +162,13 @@ class KVStore:
 
         return self._txn(write, write=True)
 
-    def get(self, key: str, *, fingerprint: str | None = None,
-            layers: range | list[int] | None = None) -> torch.Tensor | None:
-        """KV [len(layers), 2, H, T, D], or None when absent.
+    def get(self, key: str, *, fingerprint: str | None = None, layers: range | list[int] | None = None,
+            out: torch.Tensor | None = None, pool: Executor | None = None) -> torch.Tensor | None:
+        """KV [len(layers), 2, H, T, D], or None when absent; `out`/`pool` as in decode_kv.
 
         Raises CorruptEntry / FingerprintMismatch; the caller recomputes and overwrites.
         """
-        entry = self._read(key, fingerprint, layers, with_meta=False)
+        entry = self._read(key, fingerprint, layers, with_meta=False, out=out, pool=pool)
         return None if entry is None else entry[0]
 
     def get_entry(self, key: str, *, fingerprint: str | None = None,
@@ -176,7 +177,8 @@ class KVStore:
         return self._read(key, fingerprint, layers, with_meta=True)
 
     def _read(self, key: str, fingerprint: str | None, layers: range | list[int] | None,
-              with_meta: bool) -> tuple[torch.Tensor, dict | None] | None:
+              with_meta: bool, out: torch.Tensor | None = None,
+              pool: Executor | None = None) -> tuple[torch.Tensor, dict | None] | None:
         k = _key(key)
 
         def read(txn: lmdb.Transaction) -> tuple[torch.Tensor, dict | None] | None:
@@ -190,7 +192,22 @@ class KVStore:
                     raise CorruptEntry(f"entry {key}: kv present without meta")
                 meta = _load_meta(raw, key)
             try:  # decode copies out while the txn keeps the buffer alive
-                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers), meta
+                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers, out=out, pool=pool), meta
+            except CorruptEntry as e:
+                raise CorruptEntry(f"entry {key}: {e}") from None
+
+        return self._txn(read, write=False)
+
+    def header(self, key: str) -> KVHeader | None:
+        """The verified header of an entry (dtype, shape, fingerprint), without its payload."""
+        k = _key(key)
+
+        def read(txn: lmdb.Transaction) -> KVHeader | None:
+            buf = txn.get(k, db=self._kv)
+            if buf is None:
+                return None
+            try:
+                return read_header(buf)
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from concurrent.futures import Executor
 from typing import NamedTuple
 
 import numpy as np
@@ -123,10 +124,14 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
 
 
 def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
-              layers: range | list[int] | None = None) -> torch.Tensor:
+              layers: range | list[int] | None = None, out: torch.Tensor | None = None,
+              pool: Executor | None = None) -> torch.Tensor:
     """Rebuild [len(layers), 2, H, T, D] from `buf`, verifying only the layers read.
 
     The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
+    `out` (e.g. a pinned staging tensor of the right shape and dtype) is filled instead of a new
+    tensor; `pool` verifies and copies the layers in parallel (crc32 and the copy release the GIL),
+    which is what makes a cold read of a 7B model's chunk KV fast enough to serve from.
     """
     mv = _byte_view(buf)
     head = read_header(mv)
@@ -139,13 +144,25 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
     for i in wanted:
         if not 0 <= i < n_layers:
             raise IndexError(f"layer {i} out of range for an entry of {n_layers} layers")
-    out = torch.empty((len(wanted), *head.shape[1:]), dtype=head.dtype)
+    shape = (len(wanted), *head.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=head.dtype)
+    elif tuple(out.shape) != shape or out.dtype != head.dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU {head.dtype} tensor of shape {shape}")
     # Copy through numpy: torch.frombuffer warns on LMDB's read-only buffers.
     dst = out.view(torch.uint8).numpy().reshape(len(wanted), head.layer_nbytes)
-    for j, i in enumerate(wanted):
+
+    def layer(j: int, i: int) -> None:
         start = head.payload_offset + i * head.layer_nbytes
         span = mv[start:start + head.layer_nbytes]
         if zlib.crc32(span) != head.layer_crcs[i]:
             raise CorruptEntry(f"checksum mismatch in layer {i}")
         dst[j] = np.frombuffer(span, dtype=np.uint8)
+
+    if pool is None:
+        for j, i in enumerate(wanted):
+            layer(j, i)
+    else:
+        for job in [pool.submit(layer, j, i) for j, i in enumerate(wanted)]:
+            job.result()  # re-raises CorruptEntry of any layer
     return out
