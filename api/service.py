@@ -187,4 +187,4 @@ class RagService:
         """The caller iterates the Generation while holding `model_lock` (one request at a time)."""
         layout = self.engine.layout(question, [h.text for h in hits])
         return self.engine.generate(layout, mode=mode, blend=blend, max_tokens=max_tokens,
-                                    sampling=sampling, source=self.kv_source)
+                                    sampling=sampling, source=self.kv_source, keys=[h.kv_key for h in hits])

@@ -80,8 +80,9 @@ class Tiers:
         return lambda key, ids: ChunkKV(self.reader.read(key, fp), self.start)
 
 
-def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None) -> int:
-    kvs = engine.load_chunks(layout, mode, source)
+def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None,
+         keys: list[str] | None = None) -> int:
+    kvs = engine.load_chunks(layout, mode, source, keys)
     result = engine.prefill(layout, mode, kvs, blend)
     return int(result.logits.argmax())  # .item() waits for the device: the first token is on the host
 
@@ -90,10 +91,18 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
               chunk_tokens: int = 512, question_tokens: int = 64, ratios: tuple[float, ...] = (0.05, 0.15, 0.3),
               tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb"), warmup: int = 3, runs: int = 10,
               sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384), check_layer: int = 1,
-              log: Callable[[str], None] = print, profile_dir: Path | None = None) -> dict:
-    from blend.loader import parse_dtype
-    model = random_model(shape, dtype=parse_dtype(dtype), device=device, seed=0)
-    engine = Engine(LoadedModel(model, None, f"random:{shape}", fingerprint(model)))
+              log: Callable[[str], None] = print, profile_dir: Path | None = None,
+              model_spec: str | None = None) -> dict:
+    """Random weights of `shape`, or the real model `model_spec` (timing does not depend on the
+    weights; the prompt is random token ids either way)."""
+    from blend.loader import load_model, parse_dtype
+    if model_spec is not None:
+        loaded = load_model(model_spec, device=device, dtype=dtype)
+        model, shape = loaded.model, model_spec
+        engine = Engine(loaded)
+    else:
+        model = random_model(shape, dtype=parse_dtype(dtype), device=device, seed=0)
+        engine = Engine(LoadedModel(model, None, f"random:{shape}", fingerprint(model)))
     dev = engine.device
     vocab = model.config.vocab_size
     layout = random_layout(vocab, n_chunks, chunk_tokens, question_tokens)
@@ -120,7 +129,8 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
             plans = [("prefix", None), ("reuse", None)] + [("blend", r) for r in ratios]
             for mode, ratio in plans:
                 cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-                stats = timed(lambda: ttft(engine, layout, mode, src, cfg), dev, warmup, runs)
+                # keys as retrieval hands them over (the hash is computed at indexing time)
+                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
                 rows.append({"mode": mode, "ratio": ratio, "tier": tier, **stats})
         if engine.graphs is not None:  # the same path without CUDA graphs, to show what they buy
             graphs, engine.graphs = engine.graphs, None

@@ -81,6 +81,7 @@ class Engine:
         if cuda_graphs is None:
             cuda_graphs = self.parts.device.type == "cuda"
         self.graphs = LayerGraphs(self.parts, min(graph_tokens, self.max_context)) if cuda_graphs else None
+        self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
 
     @property
     def device(self) -> torch.device:
@@ -130,11 +131,14 @@ class Engine:
         kvs = {self.chunk_key(layout.prefix, ids): self.compute_chunk(layout.prefix, ids) for ids in layout.chunks}
         return lambda key, ids: kvs[key]
 
-    def load_chunks(self, layout: Layout, mode: str, source: KVSource) -> list[ChunkKV]:
-        """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise."""
+    def load_chunks(self, layout: Layout, mode: str, source: KVSource,
+                    keys: Sequence[str] | None = None) -> list[ChunkKV]:
+        """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise. `keys`:
+        the chunks' store keys when the caller has them (retrieval does), saving the hashing."""
         wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
         with record_function("rb.load_kv"):
-            return [source(self.chunk_key(layout.prefix, ids), ids) for ids in layout.chunks[:wanted]]
+            return [source(keys[i] if keys is not None else self.chunk_key(layout.prefix, ids), ids)
+                    for i, ids in enumerate(layout.chunks[:wanted])]
 
     # -- prefill and generation ----------------------------------------------------------------
     def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV],
@@ -147,20 +151,21 @@ class Engine:
             return prefill_full(self.model, layout)
         check_blendable(self.model, layout.n_tokens)
         graphs = self.graphs if self.graphs is not None and layout.n_tokens <= self.graphs.max_keys else None
-        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend, graphs)
+        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend,
+                              graphs, self.side)
 
     def generate(self, layout: Layout, *, mode: str = "blend", blend: BlendConfig | None = None,
                  max_tokens: int = 64, sampling: Sampling = Sampling(),
-                 source: KVSource | None = None) -> Generation:
+                 source: KVSource | None = None, keys: Sequence[str] | None = None) -> Generation:
         return Generation(self._generate(layout, mode, blend or BlendConfig(), max_tokens, sampling,
-                                         source or self.memory_source(layout)))
+                                         source or self.memory_source(layout), keys))
 
     def _generate(self, layout: Layout, mode: str, blend: BlendConfig, max_tokens: int,
-                  sampling: Sampling, source: KVSource) -> Iterator[str]:
+                  sampling: Sampling, source: KVSource, keys: Sequence[str] | None) -> Iterator[str]:
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
         _sync(self.device)
         t0 = time.perf_counter()
-        chunk_kvs = self.load_chunks(layout, mode, source)
+        chunk_kvs = self.load_chunks(layout, mode, source, keys)
         _sync(self.device)
         t_loaded = time.perf_counter()
         result = self.prefill(layout, mode, chunk_kvs, blend)

@@ -2,16 +2,21 @@
 them with the cache) and before attention (queries of a token subset over the fused cache).
 
 It runs on transformers' own modules and weights (Llama, Mistral, Qwen2's biases, Qwen3's q/k
-norms), so one engine serves them all; tests check it against the model's own forward.
+norms), so one engine serves them all; tests check it against the model's own forward. The
+elementwise steps (RMSNorm, residual add, RoPE, SiLU·up) are written out so that on CUDA each is
+one compiled kernel instead of several eager ones: in the few-token layers they cost as much as
+the matmuls otherwise.
 """
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from blend.rope import apply_rope, rope_cos_sin
+from blend.rope import rope_cos_sin, rotate_half
 
 
 @dataclass
@@ -42,19 +47,69 @@ def rope_for(parts: ModelParts, positions: torch.Tensor) -> tuple[torch.Tensor, 
     return rope_cos_sin(parts.inv_freq, positions, parts.dtype)
 
 
+# -- elementwise steps, in transformers' exact order of operations -------------------------------
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
+
+
+def _add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    h = h + delta
+    return h, _rms_norm(h, weight, eps)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + rotate_half(x) * sin
+
+
+def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+_EAGER = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "silu_mul": _silu_mul}
+_COMPILED: dict[str, Callable] = {}
+
+
+def op(name: str, x: torch.Tensor) -> Callable:
+    """The compiled kernel on CUDA (RAGBLEND_COMPILE=0 turns it off), the eager one elsewhere."""
+    if x.device.type != "cuda" or os.environ.get("RAGBLEND_COMPILE", "1") == "0":
+        return _EAGER[name]
+    if name not in _COMPILED:
+        try:
+            _COMPILED[name] = torch.compile(_EAGER[name], dynamic=True)
+        except Exception:  # no compiler toolchain: eager is correct, only slower
+            _COMPILED[name] = _EAGER[name]
+    return _COMPILED[name]
+
+
+def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(module, "variance_epsilon"):
+        return op("rms_norm", x)(x, module.weight, module.variance_epsilon)
+    return module(x)
+
+
+def _mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if hasattr(mlp, "gate_proj") and getattr(mlp, "act_fn", None).__class__.__name__ in ("SiLU", "SiLUActivation"):
+        return mlp.down_proj(op("silu_mul", x)(mlp.gate_proj(x), mlp.up_proj(x)))
+    return mlp(x)
+
+
 def project_qkv(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [1, T, hidden] → q [1, Hq, T, D], k and v [1, Hkv, T, D], keys rotated to their positions."""
     attn = layer.self_attn
-    x = layer.input_layernorm(h)
+    x = _norm(layer.input_layernorm, h)
     shape = (*x.shape[:-1], -1, head_dim)
     q = attn.q_proj(x).view(shape)
     k = attn.k_proj(x).view(shape)
     v = attn.v_proj(x).view(shape)
     if hasattr(attn, "q_norm"):  # Qwen3 normalizes each head before RoPE
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = _norm(attn.q_norm, q), _norm(attn.k_norm, k)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+    rope = op("rope", q)
+    return rope(q, cos, sin), rope(k, cos, sin), v
 
 
 def attend_and_mlp(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
@@ -63,8 +118,14 @@ def attend_and_mlp(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, key
     attn = layer.self_attn
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
                                          scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
-    h = h + attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
-    return h + layer.mlp(layer.post_attention_layernorm(h))
+    delta = attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
+    post = layer.post_attention_layernorm
+    if hasattr(post, "variance_epsilon"):
+        h, x = op("add_rms_norm", h)(h, delta, post.weight, post.variance_epsilon)
+    else:
+        h = h + delta
+        x = post(h)
+    return h + _mlp(layer.mlp, x)
 
 
 def causal_mask(query_pos: torch.Tensor, n_keys: int) -> torch.Tensor:

@@ -13,9 +13,10 @@ import torch
 
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_qkv, rope_for
 
-# Padding wastes compute in proportion: buckets every 64 tokens (captured lazily, on first use).
-TOKEN_BUCKETS = (16, 32) + tuple(range(64, 2048 + 1, 64))
-KEY_BUCKET = 512
+# Padding wastes compute in proportion: buckets every 16 tokens up to 1024, every 64 above
+# (captured lazily, on first use; a workload of similar prompts uses a handful).
+TOKEN_BUCKETS = tuple(range(16, 1024 + 1, 16)) + tuple(range(1088, 2048 + 1, 64))
+KEY_BUCKET = 128
 
 
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:

@@ -48,24 +48,30 @@ class PrefillResult:
     recomputed_tokens: int    # chunk tokens whose KV is freshly computed in the last layer
 
 
-def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, active: torch.Tensor,
+def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
-               graphs: LayerGraphs | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Push the tokens at positions `active` through every layer, writing their K/V into the fused
-    cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V elsewhere) and attending over it.
+               graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
+    fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
+    token will not be recomputed) and attending over it.
 
     With `blend`, at the check layer the chunk tokens (positions in `chunk_span`) are ranked by the
     deviation of their fresh K/V from the cached one and only the top ratio, plus every token after
     the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
-    flow replay CUDA graphs instead. Returns the last active token's hidden state and the final
-    active set.
+    flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
+    as filled (by a side stream, overlapping the first layers). Nothing here waits for the GPU. Returns the last active
+    token's hidden state and the final active positions.
     """
     n = kv.shape[3]
-    h = parts.embed(ids[active])[None]
+    active = torch.arange(start, n, device=parts.device)
+    h = parts.embed(ids[start:])[None]
     cos, sin = rope_for(parts, active)
     mask = causal_mask(active, n)
     graph_from = blend.check_layer + 1 if blend is not None else 0
     for i, layer in enumerate(parts.layers):
+        if ready is not None and i == graph_from:
+            torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
                 h = graphs.run(i, h, active, n)
@@ -74,7 +80,8 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, active: t
         keep = None
         if blend is not None and i == blend.check_layer:
             with record_function("rb.select"):
-                keep = _keep_after_check(active, k, v, kv[i], blend, chunk_span)
+                lo, hi = chunk_span
+                keep = keep_after_check(k, v, kv[i], blend, lo - start, hi - start, start)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
@@ -84,45 +91,52 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, active: t
     return h[:, -1], active
 
 
-def _keep_after_check(active: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cached: torch.Tensor,
-                      cfg: BlendConfig, chunk_span: tuple[int, int]) -> torch.Tensor:
-    """Indices into `active` that survive the check layer: top-deviation chunk tokens + the suffix."""
-    lo, hi = chunk_span
-    in_chunks = (active >= lo) & (active < hi)
-    idx = in_chunks.nonzero().squeeze(1)
-    pos = active[idx]
-    dev = torch.zeros(idx.numel(), device=active.device)
+def keep_after_check(k: torch.Tensor, v: torch.Tensor, cached: torch.Tensor, cfg: BlendConfig,
+                     lo: int, hi: int, start: int) -> torch.Tensor:
+    """Indices into the active tokens (positions start, start+1, …) that survive the check layer:
+    the chunk tokens (indices lo…hi-1) of largest deviation, then every token after the chunks.
+    Tokens before the chunks (none, in blend) are dropped."""
+    n_active = k.shape[2]
+    dev = torch.zeros(hi - lo, device=k.device)
     if cfg.deviation in ("value", "both"):
-        dev += deviation(v[:, :, idx], cached[1][None, :, pos])
+        dev += deviation(v[:, :, lo:hi], cached[1][None, :, start + lo:start + hi])
     if cfg.deviation in ("key", "both"):
-        dev += deviation(k[:, :, idx], cached[0][None, :, pos])
-    chosen = idx[select_tokens(dev, cfg.ratio)]
-    rest = (~in_chunks).nonzero().squeeze(1)
-    return torch.cat([chosen, rest]).sort().values
+        dev += deviation(k[:, :, lo:hi], cached[0][None, :, start + lo:start + hi])
+    chosen = select_tokens(dev, cfg.ratio) + lo
+    return torch.cat([chosen, torch.arange(hi, n_active, device=k.device)])
+
+
+def to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """A small host list on the device without stalling the host: a copy from pageable memory
+    waits for the stream to drain, one from pinned memory is queued like a kernel."""
+    t = torch.tensor(values, dtype=torch.long)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
-               chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None) -> torch.Tensor:
+               chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None,
+               layers: slice = slice(None), rotate: bool = True) -> torch.Tensor:
     """The fused cache before any compute: exact prefix KV, the given chunks' KV (the first ones of
     the layout, possibly none) re-rotated to their places; the rest is written by compute.
 
     Chunk KV is copied straight into place (asynchronously from pinned memory), then all moved
-    keys are re-rotated in one pass with per-token angles."""
+    keys are re-rotated in one pass with per-token angles. `layers` fills only those layers;
+    `rotate=False` leaves chunk keys unrotated (for layers where only cached values are read)."""
     n_layers, _, heads, _, dim = prefix_kv.shape
     kv = out if out is not None else torch.empty(n_layers, 2, heads, layout.n_tokens, dim,
                                                  dtype=parts.dtype, device=parts.device)
     P = layout.n_prefix
-    kv[:, :, :, :P] = prefix_kv
-    deltas, end = [], P
+    kv[layers, :, :, :P] = prefix_kv[layers]
+    shift, end = [], P
     for start, ckv in zip(layout.chunk_starts, chunk_kvs):
         end = start + ckv.n_tokens
-        kv[:, :, :, start:end].copy_(ckv.kv, non_blocking=True)
-        deltas.append(torch.full((ckv.n_tokens,), start - ckv.start, dtype=torch.long))
-    if deltas:
-        shift = torch.cat(deltas)
-        if shift.any():
-            cos, sin = delta_cos_sin(parts.inv_freq, shift.to(parts.device))
-            rotate_keys_(kv[:, 0, :, P:end], cos, sin)
+        kv[layers, :, :, start:end].copy_(ckv.kv[layers], non_blocking=True)
+        shift += [start - ckv.start] * ckv.n_tokens
+    if rotate and any(shift):
+        cos, sin = delta_cos_sin(parts.inv_freq, to_device(shift, parts.device))
+        rotate_keys_(kv[layers, 0, :, P:end], cos, sin)
     return kv
 
 
@@ -140,8 +154,12 @@ def prefill_full(model: torch.nn.Module, layout: Layout) -> PrefillResult:
 @torch.inference_mode()
 def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                    chunk_kvs: list[ChunkKV], mode: str, blend: BlendConfig | None = None,
-                   graphs: LayerGraphs | None = None) -> PrefillResult:
-    """`prefix`, `reuse` or `blend` over cached chunk KVs (one per chunk; `prefix` reads the first)."""
+                   graphs: LayerGraphs | None = None, side: torch.cuda.Stream | None = None) -> PrefillResult:
+    """`prefix`, `reuse` or `blend` over cached chunk KVs (one per chunk; `prefix` reads the first).
+
+    With a CUDA `side` stream, blend copies (and re-rotates) the cached KV of the layers after the
+    check layer there, while the first layers compute: those layers recompute every token and
+    need nothing cached but the check layer's values."""
     needed = min(1, len(layout.chunks)) if mode == "prefix" else len(layout.chunks)
     if len(chunk_kvs) < needed:
         raise ValueError(f"{len(chunk_kvs)} chunk KVs for {needed} chunks")
@@ -150,34 +168,53 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
     out = graphs.buffer(N) if graphs is not None else None
-    with record_function("rb.fill_cache"):
-        kv, start, cfg = _fused_cache(parts, layout, prefix_kv, chunk_kvs, mode, blend, out)
-    ids = torch.tensor(layout.ids(), device=parts.device)
-    active = torch.arange(start, N, device=parts.device)
-    h, final = run_layers(parts, ids, kv, active, cfg, (P, S), graphs)
-    recomputed = int(((final >= P) & (final < S)).sum())
-    return PrefillResult(logits_of(parts, h), kv, N, recomputed)
-
-
-def _fused_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
-                 mode: str, blend: BlendConfig | None, out: torch.Tensor | None):
-    """Per mode: the filled cache, the first position computed from layer 0, the blend config."""
-    P, S = layout.n_prefix, layout.suffix_start
+    ready, cfg = None, None
     if mode == "prefix":
         # Only a chunk cached at exactly its position is a true prefix hit: the first one.
         first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
-        kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
-        start, cfg = P + first, None
+        with record_function("rb.fill_cache"):
+            kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
+        start = P + first
     elif mode == "reuse":
-        kv, start, cfg = fill_cache(parts, layout, prefix_kv, chunk_kvs, out), S, None
+        with record_function("rb.fill_cache"):
+            kv = fill_cache(parts, layout, prefix_kv, chunk_kvs, out)
+        start = S
     elif mode == "blend":
         cfg = blend or BlendConfig()
-        if cfg.check_layer >= parts.n_layers:
-            raise ValueError(f"check_layer {cfg.check_layer} ≥ number of layers {parts.n_layers}")
-        kv, start = fill_cache(parts, layout, prefix_kv, chunk_kvs, out), P
+        with record_function("rb.fill_cache"):
+            kv = _blend_cache(parts, layout, prefix_kv, chunk_kvs, cfg, out)
+        later = slice(cfg.check_layer + 1, None)
+        if side is None:
+            fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
+        else:  # overlaps the first layers' compute
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
+                fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
+                ready = torch.cuda.Event()
+                ready.record(side)
+        start = P
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    return kv, start, cfg
+    ids = to_device(layout.ids(), parts.device)
+    h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready)
+    logits = logits_of(parts, h)
+    recomputed = int(((final >= P) & (final < S)).sum())
+    return PrefillResult(logits, kv, N, recomputed)
+
+
+def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
+                 cfg: BlendConfig, out: torch.Tensor | None) -> torch.Tensor:
+    """Blend's cache for the layers up to the check layer. They recompute every chunk token, so of
+    the cache they read only the prefix, and at the check layer the chunk values (and keys) to
+    compare against."""
+    c = cfg.check_layer
+    if c >= parts.n_layers:
+        raise ValueError(f"check_layer {c} ≥ number of layers {parts.n_layers}")
+    kv = out if out is not None else torch.empty(parts.n_layers, 2, parts.n_kv_heads, layout.n_tokens,
+                                                 parts.head_dim, dtype=parts.dtype, device=parts.device)
+    kv[:c, :, :, :layout.n_prefix] = prefix_kv[:c]
+    fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.deviation != "value")
+    return kv
 
 
 @torch.inference_mode()
@@ -187,5 +224,5 @@ def compute_kv(parts: ModelParts, prefix_kv: torch.Tensor, ids: list[int]) -> to
     layout = Layout(prefix=[0] * P, chunks=[], suffix=list(ids))
     kv = fill_cache(parts, layout, prefix_kv, [])
     all_ids = torch.tensor(layout.ids(), device=parts.device)
-    run_layers(parts, all_ids, kv, torch.arange(P, P + len(ids), device=parts.device))
+    run_layers(parts, all_ids, kv, P)
     return kv[:, :, :, P:].contiguous()

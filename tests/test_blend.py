@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from blend.decode import Sampling, decode
-from blend.prefill import BlendConfig, _keep_after_check, compute_kv
+from blend.prefill import BlendConfig, compute_kv, keep_after_check
 from blend.prompt import Layout
 from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
 from blend.select import deviation, select_tokens
@@ -82,19 +82,18 @@ def test_rerotated_cached_layer0_keys_equal_recomputed_keys(tiny_engines, arch):
 
 def test_selection_keeps_exactly_top_deviations_plus_suffix():
     torch.manual_seed(0)
-    heads, dim, lo, hi, n = 2, 4, 5, 25, 30
-    active = torch.arange(lo, n)
-    k = torch.randn(1, heads, active.numel(), dim)
-    v = torch.randn(1, heads, active.numel(), dim)
+    heads, dim, lo, hi, n = 2, 4, 5, 25, 30  # positions: prefix 0-4, chunks 5-24, suffix 25-29
+    k = torch.randn(1, heads, n - lo, dim)
+    v = torch.randn(1, heads, n - lo, dim)
     cached = torch.randn(2, heads, n, dim)
-    cfg = BlendConfig(ratio=0.3)
-    keep = _keep_after_check(active, k, v, cached, cfg, (lo, hi))
+    keep = keep_after_check(k, v, cached, BlendConfig(ratio=0.3), 0, hi - lo, lo)
     dev = ((v[0] - cached[1][:, lo:n]) ** 2).sum(dim=(0, 2))[: hi - lo]
     expected_chunk = set(torch.topk(dev, math.ceil(0.3 * (hi - lo))).indices.tolist())
-    kept = set(keep.tolist())
+    kept = keep.tolist()
     suffix = set(range(hi - lo, n - lo))
-    assert suffix <= kept
-    assert kept - suffix == expected_chunk
+    assert kept == sorted(kept) and len(kept) == len(set(kept))
+    assert suffix <= set(kept)
+    assert set(kept) - suffix == expected_chunk
 
 
 def test_select_tokens_counts_and_order():
