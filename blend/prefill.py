@@ -67,7 +67,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     active = torch.arange(start, n, device=parts.device)
     h = parts.embed(ids[start:])[None]
     cos, sin = rope_for(parts, active)
-    mask = causal_mask(active, n)
+    mask = None if start == 0 else causal_mask(active, n)  # None: plain causal, the flash kernel
     graph_from = blend.check_layer + 1 if blend is not None else 0
     for i, layer in enumerate(parts.layers):
         if ready is not None and i == graph_from:
@@ -87,7 +87,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
         if keep is not None:
             h, active = h[:, keep], active[keep]
-            cos, sin, mask = cos[keep], sin[keep], mask[keep]
+            cos, sin, mask = cos[keep], sin[keep], causal_mask(active, n)
     return h[:, -1], active
 
 
@@ -183,6 +183,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         cfg = blend or BlendConfig()
         with record_function("rb.fill_cache"):
             kv = _blend_cache(parts, layout, prefix_kv, chunk_kvs, cfg, out)
+        # Layers up to the check layer run from position 0: recomputing the short prefix there
+        # costs ~1% and turns their attention into plain causal attention (the flash kernel).
         later = slice(cfg.check_layer + 1, None)
         if side is None:
             fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
@@ -192,7 +194,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                 fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
                 ready = torch.cuda.Event()
                 ready.record(side)
-        start = P
+        start = 0
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = to_device(layout.ids(), parts.device)
@@ -204,15 +206,13 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
 
 def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
                  cfg: BlendConfig, out: torch.Tensor | None) -> torch.Tensor:
-    """Blend's cache for the layers up to the check layer. They recompute every chunk token, so of
-    the cache they read only the prefix, and at the check layer the chunk values (and keys) to
-    compare against."""
+    """Blend's cache for the layers up to the check layer. They recompute every token, so of the
+    cache they read only the check layer's chunk values (and keys) to compare against."""
     c = cfg.check_layer
     if c >= parts.n_layers:
         raise ValueError(f"check_layer {c} ≥ number of layers {parts.n_layers}")
     kv = out if out is not None else torch.empty(parts.n_layers, 2, parts.n_kv_heads, layout.n_tokens,
                                                  parts.head_dim, dtype=parts.dtype, device=parts.device)
-    kv[:c, :, :, :layout.n_prefix] = prefix_kv[:c]
     fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.deviation != "value")
     return kv
 
