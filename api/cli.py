@@ -256,7 +256,8 @@ def _floats(text: str, name: str) -> tuple[float, ...]:
 @app.command()
 def bench(
     shape: Annotated[str, typer.Option(help="tiny, mistral-7b, llama-3.1-8b, qwen2.5-7b")] = "tiny",
-    random_weights: Annotated[bool, typer.Option("--random-weights/--no-random-weights", help="random weights of the shape (the only option)")] = True,
+    random_weights: Annotated[bool, typer.Option("--random-weights/--no-random-weights", help="random weights of --shape; --no-random-weights times --model instead")] = True,
+    model: Annotated[Optional[str], typer.Option("--model", help="with --no-random-weights: the model to time")] = None,
     device: DeviceOpt = "cpu",
     dtype: Annotated[Optional[str], typer.Option(help="default: bfloat16 on cuda, float32 on cpu")] = None,
     chunks: Annotated[int, typer.Option(min=1, max=256)] = 6,
@@ -275,9 +276,9 @@ def bench(
     from blend.bench import run_bench, write
     from blend.shapes import SHAPES
 
-    if not random_weights:
-        fail("bench runs on random weights only (timing does not depend on weight values)")
-    if shape not in SHAPES:
+    if not random_weights and model is None:
+        fail("--no-random-weights needs --model")
+    if random_weights and shape not in SHAPES:
         fail(f"--shape must be one of {', '.join(SHAPES)}")
     tier_list = tuple(t.strip() for t in tiers.split(",") if t.strip())
     if not tier_list or any(t not in ("gpu", "cpu", "lmdb") for t in tier_list):
@@ -295,13 +296,50 @@ def bench(
     result = run_bench(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                        chunks, chunk_tokens, question_tokens, _floats(ratios, "--ratios"), tier_list,
                        warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True),
-                       profile_dir=out / "profile" if profile else None)
+                       profile_dir=out / "profile" if profile else None,
+                       model_spec=None if random_weights else model)
     typer.echo(write(result, out))
 
 
 from api.cli_eval import register as register_eval  # noqa: E402
 
 register_eval(app)
+
+
+@app.command()
+def serve(
+    host: Annotated[Optional[str], typer.Option(help="bind address (default: 127.0.0.1, loopback only)")] = None,
+    port: Annotated[Optional[int], typer.Option(help="(default: 8000)")] = None,
+    data_dir: DataDirOpt = None,
+    model: Annotated[Optional[str], typer.Option("--model", help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')] = None,
+    device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cpu)")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: float32)")] = None,
+    api_key: Annotated[Optional[str], typer.Option(help="require `Authorization: Bearer KEY` on all routes but "
+                                                        "/health and the docs (RAGBLEND_API_KEY keeps it out of `ps`)")] = None,
+    max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: 384)")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
+    max_body_bytes: Annotated[Optional[int], typer.Option(help="request body limit (default: 1 MiB)")] = None,
+    max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
+    log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
+) -> None:
+    """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>."""
+    from pydantic import ValidationError
+
+    from api.app import make_embedder
+    from api.app import serve as run
+    from api.settings import Settings
+
+    try:
+        settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
+                                     dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
+                                     max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                                     max_upload_bytes=max_upload_bytes, log_level=log_level)
+    except ValidationError as e:
+        fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
+    service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
+                       chunk_tokens=settings.chunk_tokens, embedder=make_embedder(settings))
+    run(settings, service)
 
 
 def main() -> None:

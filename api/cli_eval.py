@@ -82,10 +82,15 @@ def _retriever(data_dir: Path | None, example_id: str):
     """Examples without chunks retrieve from the index under --data-dir."""
     if data_dir is None:
         fail(f"example {example_id} has no chunks, so it retrieves: that needs --data-dir with an index")
-    if not data_dir.is_dir():
-        fail(f"--data-dir {data_dir} is not a directory (examples without chunks need an index there)")
-    fail(f"example {example_id} has no chunks, and retrieval from the index in {data_dir} is not "
-         "available to eval yet; give the examples chunks")
+    if not (data_dir / "corpus").is_dir():
+        fail(f"no index in --data-dir {data_dir} (examples without chunks retrieve from it): "
+             f"run `ragblend index PATH --data-dir {data_dir}` first")
+    from retrieval import Corpus, Embedder
+
+    corpus = Corpus(data_dir / "corpus", Embedder())
+    if len(corpus) == 0:
+        fail(f"the index in {data_dir} is empty")
+    return lambda question, k: [hit.text for hit in corpus.search(question, k)]
 
 
 def _engine(model: str, device: str, dtype: str):

@@ -85,7 +85,9 @@ class RagService:
         self.store = KVStore(self.data_dir / "kv")
         self.corpus = Corpus(self.data_dir / "corpus", embedder or Embedder(), index_kind=index_kind)
         self.hot = HotTier(hot_bytes, device=self.engine.device)
-        self.model_lock = threading.Lock()
+        # Reentrant: a query holds it while generating, and its KV source takes it again to
+        # recompute a chunk whose KV is missing, corrupt or of another model.
+        self.model_lock = threading.RLock()
         self.write_lock = threading.Lock()
         self.kv_recomputed = 0  # entries found corrupt, stale or missing at query time
 

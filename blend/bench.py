@@ -182,13 +182,38 @@ def profile(engine: Engine, layout: Layout, tiers: Tiers, tier_names: tuple[str,
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 ttft(engine, layout, mode, src, cfg)
             name = f"{mode}{'' if ratio is None else f'-{ratio}'}-{tier}"
-            ranges = {e.key: round(e.cpu_time_total / 1e3, 3) for e in prof.key_averages()
+            ranges = {e.key: round(e.device_time_total / 1e3, 3) for e in prof.key_averages()
                       if e.key.startswith("rb.")}
+            ranges.update(gpu_busy(prof))
             stages[name] = ranges
             (out_dir / f"{name}.txt").write_text(
                 prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
             log(f"profile {name}: " + ", ".join(f"{k}={v} ms" for k, v in ranges.items()))
     return stages
+
+
+def gpu_busy(prof) -> dict:
+    """Span from the first CPU op to the last kernel's end, and how much of it the GPU was busy:
+    the difference is time the GPU waited for the host."""
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                     if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start)
+    cpu_start = min(e.time_range.start for e in prof.events() if e.device_type.name == "CPU")
+    if not kernels:
+        return {}
+    busy, cur_s, cur_e, gaps = 0.0, kernels[0][0], kernels[0][1], []
+    for s_, e_ in kernels[1:]:
+        if s_ > cur_e:
+            busy += cur_e - cur_s
+            gaps.append(s_ - cur_e)
+            cur_s, cur_e = s_, e_
+        else:
+            cur_e = max(cur_e, e_)
+    busy += cur_e - cur_s
+    span = cur_e - cpu_start
+    gaps.sort(reverse=True)
+    return {"span_ms": round(span / 1e3, 3), "gpu_busy_ms": round(busy / 1e3, 3),
+            "before_first_kernel_ms": round((kernels[0][0] - cpu_start) / 1e3, 3),
+            "largest_gaps_ms": [round(g / 1e3, 3) for g in gaps[:5]]}
 
 
 def table(result: dict) -> str:

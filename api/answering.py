@@ -1,0 +1,91 @@
+"""The request side of a query, shared by /v1/query and /v1/chat/completions: check what is cheap
+to check, queue the job, wait for its events, and cancel it when the client goes away."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+from fastapi import Request
+
+from api.errors import ApiError
+from api.service import RagService
+from api.settings import Settings
+from api.worker import EMPTY_INDEX, Failed, Finished, ModelWorker, QueryJob, QueryParams, QueueFull, Started
+from blend.engine import Answer
+
+DISCONNECT_POLL_S = 0.5
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
+
+
+def question_token_limit(service: RagService, settings: Settings) -> int:
+    # A quarter of the context by default: the rest holds the prefix, the chunks and the answer.
+    return settings.max_question_tokens or max(16, service.engine.max_context // 4)
+
+
+async def start(request: Request, service: RagService, worker: ModelWorker, settings: Settings,
+                params: QueryParams) -> tuple[QueryJob, Started]:
+    """Queue a query and wait until its prompt is prefilled: every error up to then is an HTTP
+    status, even for a stream, since no byte of the response has been sent."""
+    if params.max_tokens > settings.max_tokens:
+        raise ApiError(422, f"max_tokens: at most {settings.max_tokens} on this server, got {params.max_tokens}")
+    limit = question_token_limit(service, settings)
+    n = len(service.engine.prompts.encode(params.question))
+    if n > limit:
+        raise ApiError(422, f"question: {n} tokens long, at most {limit} allowed "
+                            f"(the model's context of {service.engine.max_context} must hold the chunks too)")
+    if len(service.corpus) == 0:
+        raise ApiError(409, EMPTY_INDEX)
+    job = QueryJob(params, asyncio.get_running_loop())
+    try:
+        worker.submit(job)
+    except QueueFull as e:
+        raise ApiError(503, f"the model's queue is full ({worker.max_queue} waiting); retry in {e.retry_after} s",
+                       headers={"Retry-After": str(e.retry_after)}) from None
+    event = await next_event(job, request)
+    if isinstance(event, Failed):
+        raise event.error
+    assert isinstance(event, Started), event
+    return job, event
+
+
+async def next_event(job: QueryJob, request: Request) -> object:
+    """The job's next event; cancels the job (and raises) if the client disconnects meanwhile."""
+    try:
+        while True:
+            try:
+                return await job.next_event(DISCONNECT_POLL_S)
+            except (TimeoutError, asyncio.TimeoutError):
+                if await request.is_disconnected():
+                    job.cancel()
+                    raise ApiError(CLIENT_CLOSED, "the client closed the connection") from None
+    except BaseException:  # cancelled (server shutdown, stream torn down) or the above
+        job.cancel()
+        raise
+
+
+async def pieces(job: QueryJob, request: Request) -> AsyncIterator[str | Answer]:
+    """Text pieces as the worker decodes them, then the final Answer. Leaving early (a closed
+    stream) cancels the job; the worker notices before its next token."""
+    try:
+        while True:
+            event = await next_event(job, request)
+            if isinstance(event, str):
+                yield event
+            elif isinstance(event, Finished):
+                yield event.answer
+                return
+            elif isinstance(event, Failed):
+                raise event.error
+    finally:
+        job.cancel()  # no-op once finished; stops the worker if the consumer went away
+
+
+async def answer(job: QueryJob, request: Request) -> Answer:
+    async for item in pieces(job, request):
+        if isinstance(item, Answer):
+            return item
+    raise ApiError(500, "the generation ended without an answer")
+
+
+def finish_reason(answer: Answer, max_tokens: int) -> str:
+    return "length" if len(answer.token_ids) >= max_tokens else "stop"

@@ -1,0 +1,107 @@
+"""The FastAPI app: `create_app(settings, service)` wires settings, the service, the model worker,
+the indexer and the metrics together; `serve(settings, service)` runs it on uvicorn."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import Depends, FastAPI
+from fastapi.concurrency import run_in_threadpool
+from fastapi.security import HTTPBearer
+
+from api.errors import install_handlers
+from api.indexer import Indexer
+from api.metrics import Metrics, RequestMetrics
+from api.middleware import BearerAuth, BodyLimit
+from api.routes import documents, openai, query, system
+from api.service import RagService
+from api.settings import Settings
+from api.worker import ModelWorker
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Retrieval-augmented answers that reuse each chunk's precomputed KV cache
+(CacheBlend). One worker owns the model; queries wait in a bounded queue in front of it and are
+refused with 503 + `Retry-After` when it is full. With an API key configured every route except
+`/health` and these docs needs `Authorization: Bearer <key>`."""
+
+
+def make_service(settings: Settings) -> RagService:
+    """The service the settings describe (`ragblend serve` builds it itself, to fail early)."""
+    from blend.engine import Engine
+    from blend.loader import load_model
+
+    engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype))
+    return RagService(settings.data_dir, engine=engine, embedder=make_embedder(settings),
+                      chunk_tokens=settings.chunk_tokens)
+
+
+def make_embedder(settings: Settings):
+    if settings.embedder == "hash":
+        from retrieval.testing import HashEmbedder
+        return HashEmbedder()
+    return None  # the service's default: sentence-transformers all-MiniLM-L6-v2
+
+
+def create_app(settings: Settings, service: RagService | None = None) -> FastAPI:
+    """An app for `settings`. Without `service` the app builds its own at startup and closes it
+    at shutdown; a service passed in stays the caller's to close."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        svc = service or await run_in_threadpool(make_service, settings)
+        worker = ModelWorker(svc, settings.max_queue, metrics)
+        indexer = Indexer(svc, settings.max_index_jobs, metrics)
+        app.state.service, app.state.worker, app.state.indexer = svc, worker, indexer
+        metrics.watch(lambda: _snapshot(svc, worker, indexer))
+        worker.start()
+        indexer.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+            indexer.stop()
+            if service is None:
+                svc.close()
+
+    app = FastAPI(title="ragblend", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings, app.state.metrics = settings, metrics
+    install_handlers(app)
+    # Declares the scheme in the OpenAPI document (the docs' "Authorize" button); BearerAuth enforces it.
+    secured = [Depends(HTTPBearer(auto_error=False))] if settings.api_key else []
+    app.include_router(system.router)
+    app.include_router(system.metrics_router, dependencies=secured)
+    app.include_router(query.router, dependencies=secured)
+    app.include_router(documents.router, dependencies=secured)
+    app.include_router(openai.router, dependencies=secured)
+    # The last added runs first: metrics (counts every answer), then auth, then body limits.
+    app.add_middleware(BodyLimit, default=settings.max_body_bytes,
+                       per_path={"/v1/documents": settings.max_upload_bytes})
+    if settings.api_key:
+        app.add_middleware(BearerAuth, api_key=settings.api_key_value())
+    app.add_middleware(RequestMetrics, metrics=metrics, paths=lambda: app.openapi()["paths"])
+    return app
+
+
+def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
+    hot = svc.hot.stats()
+    return {"hot_hits": hot["hits"], "hot_misses": hot["misses"], "hot_bytes": hot["bytes"],
+            "kv_recomputed": svc.kv_recomputed, "queue_depth": worker.depth, "busy": int(worker.busy),
+            "index_pending": indexer.pending, "index_chunks": len(svc.corpus)}
+
+
+def serve(settings: Settings, service: RagService | None = None) -> None:
+    import uvicorn
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        log.warning("serving on %s without an API key: anyone who can reach it can query and change the index",
+                    settings.host)
+    app = create_app(settings, service)
+    try:
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                    timeout_graceful_shutdown=5)
+    finally:
+        if service is not None:
+            service.close()

@@ -1,0 +1,113 @@
+"""Indexing jobs on a background thread of their own, so that a POST returns at once (202) and
+queries keep being answered: the service's write_lock serializes writers, and the model is
+taken only chunk by chunk while KV is computed, so a query waits at most one chunk's prefill.
+
+Each document commits atomically (a query sees all of its chunks or none); a job of several
+documents (a JSONL upload) commits them one by one. Job records live in memory: a restart
+forgets them, not the documents they indexed.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from api.metrics import Metrics
+from api.service import IndexReport, RagService
+from api.worker import QueueFull
+from retrieval import Document
+
+log = logging.getLogger(__name__)
+KEEP_FINISHED = 1000  # finished job records kept for polling; older ones are forgotten
+
+
+@dataclass
+class IndexJob:
+    job_id: str
+    doc_ids: list[str]
+    documents: list[Document] = field(repr=False)
+    status: str = "queued"
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    report: dict | None = None
+    error: str | None = None
+
+    def as_dict(self) -> dict:
+        return {"job_id": self.job_id, "status": self.status, "doc_ids": self.doc_ids,
+                "created_at": self.created_at, "started_at": self.started_at,
+                "finished_at": self.finished_at, "report": self.report, "error": self.error}
+
+
+class Indexer:
+    def __init__(self, service: RagService, max_pending: int, metrics: Metrics):
+        self.service, self.metrics = service, metrics
+        self._pending: queue.Queue[IndexJob] = queue.Queue(maxsize=max_pending)
+        self._jobs: OrderedDict[str, IndexJob] = OrderedDict()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ragblend-indexer", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the document in flight (its commit is atomic either way), drop the rest."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def submit(self, docs: list[Document]) -> IndexJob:
+        job = IndexJob(uuid.uuid4().hex, [d.id for d in docs], docs)
+        if self._stop.is_set():
+            raise QueueFull(5)
+        with self._lock:
+            try:
+                self._pending.put_nowait(job)
+            except queue.Full:
+                self.metrics.rejected.labels("index").inc()
+                raise QueueFull(30) from None
+            self._jobs[job.job_id] = job
+            self._forget_old()
+        return job
+
+    def get(self, job_id: str) -> IndexJob | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    @property
+    def pending(self) -> int:
+        with self._lock:
+            return sum(j.status in ("queued", "running") for j in self._jobs.values())
+
+    def _forget_old(self) -> None:
+        finished = [k for k, j in self._jobs.items() if j.status in ("succeeded", "failed")]
+        for k in finished[:max(0, len(finished) - KEEP_FINISHED)]:
+            del self._jobs[k]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job = self._pending.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            job.status, job.started_at = "running", time.time()
+            report = IndexReport()
+            t0 = time.perf_counter()
+            try:
+                for doc in job.documents:
+                    if self._stop.is_set():
+                        raise RuntimeError("the server shut down before this document was indexed")
+                    self.service.index_document(doc, report)
+                job.status = "succeeded"
+            except Exception as e:
+                log.exception("indexing job %s failed", job.job_id)
+                job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+            finally:
+                report.seconds = time.perf_counter() - t0
+                job.report, job.finished_at = report.as_dict(), time.time()
+                job.documents = []  # the texts are in the index now; do not keep them twice
+                self.metrics.index_jobs.labels(job.status).inc()

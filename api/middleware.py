@@ -1,0 +1,70 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, which would buffer streams and hide client
+disconnects): bearer-token auth and request body limits, both decided before routing."""
+from __future__ import annotations
+
+import secrets
+
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.errors import error_response
+
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+class BearerAuth:
+    """Checked before any body is read, so an unauthenticated client cannot make the server
+    buffer an upload. /health and the OpenAPI docs stay open (they show no content)."""
+
+    def __init__(self, app: ASGIApp, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
+                response = error_response(scope["path"], 401, "missing or wrong API key: send the header "
+                                          "`Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyTooLarge(HTTPException):
+    """An HTTPException, so that FastAPI's body parsing passes it on (as a 413) instead of
+    turning it into "There was an error parsing the body"."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"request body too large: at most {limit} bytes here")
+
+
+class BodyLimit:
+    """413 for a declared Content-Length over the limit, before reading anything; and for a
+    body (chunked, or lying about its length) that turns out larger while it streams in."""
+
+    def __init__(self, app: ASGIApp, default: int, per_path: dict[str, int] | None = None):
+        self.app, self.default, self.per_path = app, default, per_path or {}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.per_path.get(scope["path"], self.default)
+        declared = Headers(scope=scope).get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            too_large = BodyTooLarge(limit)
+            await error_response(scope["path"], 413, too_large.detail)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
+        await self.app(scope, limited, send)

@@ -1,0 +1,1 @@
+"""One router per resource: query, documents (+ jobs), OpenAI-compatible chat, system."""

@@ -1,0 +1,73 @@
+"""POST /v1/query: retrieve, blend the chunks' cached KVs, answer; blocking or as server-sent events."""
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.sse import EventSourceResponse
+
+from api.answering import answer, finish_reason, pieces, start
+from api.deps import ServiceDep, SettingsDep, WorkerDep
+from api.errors import ApiError
+from api.schemas import DEFAULT_MAX_TOKENS, ChunkOut, ErrorOut, QueryRequest, QueryResponse, Timings
+from api.worker import QueryParams, Started
+from blend.decode import Sampling
+from blend.engine import Answer
+
+router = APIRouter(prefix="/v1", tags=["query"])
+
+QUERY_ERRORS = {
+    400: {"model": ErrorOut, "description": "the prompt does not fit the model's context"},
+    409: {"model": ErrorOut, "description": "the index is empty"},
+    413: {"model": ErrorOut, "description": "request body too large"},
+    422: {"model": ErrorOut, "description": "a field is invalid (the message names it)"},
+    503: {"model": ErrorOut, "description": "the model's queue is full; see Retry-After"},
+}
+STREAM_DOC = ("With `stream: true` the answer comes as server-sent events: `event: token` with "
+              "`{\"text\": piece}` as pieces are decoded, then one `event: done` whose data is the "
+              "whole response below (answer, chunks, timings); a failure after the first byte is an "
+              "`event: error` with `{\"detail\", \"status\"}`.")
+
+
+def sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryResponse:
+    return QueryResponse(
+        answer=ans.text,
+        chunks=[ChunkOut(doc_id=h.doc_id, chunk_id=h.chunk_id, score=round(h.score, 6), text=h.text)
+                for h in started.hits],
+        timings=Timings(queue_ms=round(started.queue_ms, 3), retrieve_ms=round(started.retrieve_ms, 3),
+                        kv_load_ms=round(ans.kv_load_ms, 3), prefill_ms=round(ans.prefill_ms, 3),
+                        ttft_ms=round(ans.ttft_ms, 3), per_token_ms=round(ans.per_token_ms, 3)),
+        mode=ans.mode, ratio=ans.ratio, recomputed_tokens=ans.recomputed_tokens, total_tokens=ans.total_tokens,
+        completion_tokens=len(ans.token_ids), finish_reason=finish_reason(ans, max_tokens))
+
+
+@router.post("/query", response_model=QueryResponse, summary="Answer a question from the index",
+             description="Retrieves `top_k` chunks, prefills with their cached KVs in `mode` "
+                         "(`blend` recomputes `ratio` of the chunk tokens) and decodes. " + STREAM_DOC,
+             responses={**QUERY_ERRORS, 200: {"content": {"text/event-stream": {}},
+                                              "description": "JSON, or an event stream with `stream: true`"}})
+async def query(body: QueryRequest, request: Request, service: ServiceDep, worker: WorkerDep,
+                settings: SettingsDep):
+    max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
+    params = QueryParams(body.question, body.top_k, body.mode, body.ratio, max_tokens,
+                         Sampling(body.temperature, body.top_p, body.seed))
+    job, started = await start(request, service, worker, settings, params)
+    if not body.stream:
+        return query_response(started, await answer(job, request), max_tokens)
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            async for item in pieces(job, request):
+                if isinstance(item, Answer):
+                    yield sse("done", query_response(started, item, max_tokens).model_dump())
+                else:
+                    yield sse("token", {"text": item})
+        except ApiError as e:
+            yield sse("error", {"detail": e.message, "status": e.status})
+
+    return EventSourceResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,246 @@
+"""Request and response bodies of the REST API. The `Field` constraints are the input validation:
+a request that breaks one is answered 422 with a message naming the field, before any work."""
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+
+from api.settings import MAX_TOKENS_HARD
+
+MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
+MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
+MAX_TOP_K = 32
+DEFAULT_MAX_TOKENS = 128
+
+Mode = Literal["full", "prefix", "reuse", "blend"]
+Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _printable(value: str) -> str:
+    if _CONTROL.search(value):
+        raise ValueError("must not contain control characters (newlines, tabs, NUL)")
+    return value
+
+
+# Opaque: stored and compared, never joined to a path on the server. Control characters are
+# refused so that ids print and log cleanly.
+DocId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+
+TopK = Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K, description="chunks to retrieve")]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
+                               description="blend: share of chunk tokens recomputed")]
+MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
+                                 description="answer length cap (the server's --max-tokens caps it further)")]
+Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+
+
+# -- query ------------------------------------------------------------------------------------
+class QueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"question": "Who designed the Halvard Bridge?", "top_k": 4, "mode": "blend", "ratio": 0.15,
+         "max_tokens": 64, "temperature": 0.0, "stream": False}]})
+
+    question: Question = Field(description="non-empty; its token count is limited (see /health)")
+    top_k: TopK = 4
+    mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
+    ratio: Ratio = 0.15
+    max_tokens: MaxTokens | None = Field(None, description=f"default: {DEFAULT_MAX_TOKENS}, or the server's cap if lower")
+    temperature: Temperature = 0.0
+    top_p: TopP = 1.0
+    seed: Seed | None = None
+    stream: bool = Field(False, description="server-sent events: `token` events, then one `done` event")
+
+
+class ChunkOut(BaseModel):
+    doc_id: str
+    chunk_id: int
+    score: float
+    text: str
+
+
+class Timings(BaseModel):
+    queue_ms: float = Field(description="waiting for the model")
+    retrieve_ms: float
+    kv_load_ms: float = Field(description="chunk KVs from the hot tier or LMDB")
+    prefill_ms: float
+    ttft_ms: float = Field(description="KV load + prefill: time to the first token once the model is free")
+    per_token_ms: float
+
+
+class QueryResponse(BaseModel):
+    answer: str
+    chunks: list[ChunkOut]
+    timings: Timings
+    mode: Mode
+    ratio: float | None
+    recomputed_tokens: int
+    total_tokens: int = Field(description="prompt tokens")
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+
+
+# -- documents and jobs -----------------------------------------------------------------------
+class DocumentIn(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"id": "notes-1", "text": "The Halvard Bridge was designed by Mira Solberg.", "metadata": {"lang": "en"}}]})
+
+    id: DocId | None = Field(None, description="opaque id; a uuid is generated when absent. "
+                                                "An existing id is replaced")
+    text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("text")
+    @classmethod
+    def _not_blank(cls, text: str) -> str:
+        if not text.strip():
+            raise ValueError("text must not be blank")
+        return text
+
+
+JobStatus = Literal["queued", "running", "succeeded", "failed"]
+
+
+class JobOut(BaseModel):
+    job_id: str
+    status: JobStatus
+    doc_ids: list[str]
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    report: dict[str, Any] | None = Field(None, description="chunks, tokens, KVs computed, seconds")
+    error: str | None = None
+
+
+class DocumentOut(BaseModel):
+    doc_id: str
+    source: str | None
+    n_chunks: int
+    metadata: dict[str, Any]
+    updated_at: float
+
+
+class ChunkInfo(BaseModel):
+    chunk_id: int
+    index: int
+    start: int = Field(description="character offset in the document")
+    end: int
+    n_tokens: int
+
+
+class DocumentDetail(DocumentOut):
+    chunks: list[ChunkInfo]
+
+
+class DocumentList(BaseModel):
+    documents: list[DocumentOut]
+    total: int
+    offset: int
+    limit: int
+
+
+class Deleted(BaseModel):
+    doc_id: str
+    deleted: bool = True
+
+
+# -- system -----------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok", "degraded"]
+    model: str
+    model_loaded: bool
+    device: str
+    max_context: int
+    max_question_tokens: int
+    index_chunks: int = Field(description="chunks in the index (the index size)")
+    queue_depth: int
+    max_queue: int
+    index_jobs_pending: int
+
+
+class ErrorOut(BaseModel):
+    detail: str
+
+
+# -- OpenAI-compatible --------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """OpenAI's fields that change nothing here (user, presence_penalty, ...) are accepted and
+    ignored; `mode`, `ratio` and `top_k` are ragblend's own (the client's `extra_body`)."""
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+        {"model": "default", "messages": [{"role": "user", "content": "Who designed the Halvard Bridge?"}],
+         "max_tokens": 64, "mode": "blend", "ratio": 0.15, "top_k": 4}]})
+
+    model: str | None = Field(None, description="accepted for compatibility; the server has one model")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256,
+                                        description="the last user message is the question")
+    max_tokens: MaxTokens | None = None
+    max_completion_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    n: int = Field(1, strict=True, ge=1, le=1, description="one choice only")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    mode: Mode = "blend"
+    ratio: Ratio = 0.15
+    top_k: TopK = 4
+
+
+class ChatChoiceMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatChoiceMessage
+    finish_reason: Literal["stop", "length"]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    ragblend: dict[str, Any] = Field(description="retrieved chunks, timings, recomputed tokens")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "ragblend"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

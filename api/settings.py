@@ -1,0 +1,54 @@
+"""The server's one settings object: defaults, overridden by RAGBLEND_* environment variables,
+overridden by `ragblend serve` flags; validated once, then passed down (never read as a global)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+MAX_TOKENS_HARD = 8192  # no request may ask for more, whatever the settings say
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="bind address; loopback unless asked otherwise")
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path | None = Field(None, description="index + KV store (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")
+    model: str = "default"
+    device: str = "cpu"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    chunk_tokens: int = Field(384, ge=16, le=4096, description="chunk size for documents added through the API")
+    api_key: SecretStr | None = Field(None, description="when set, every route but /health and the docs needs "
+                                                          "`Authorization: Bearer <key>`")
+    max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
+    max_index_jobs: int = Field(64, ge=1, le=10_000, description="indexing jobs waiting; more are refused (503)")
+    max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_HARD, description="cap on a request's max_tokens")
+    max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")
+    max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413), except document uploads")
+    max_upload_bytes: int = Field(8 << 20, ge=1024, description="POST /v1/documents body limit (413)")
+    # Test knob: "hash" swaps the sentence-transformers embedder for retrieval.testing.HashEmbedder
+    # so API tests need no embedding model. Never meant for serving real users.
+    embedder: Literal["default", "hash"] = "default"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Defaults < RAGBLEND_<FIELD> variables < `overrides` (None means "not given").
+
+        The data directory keeps its existing variable, RAGBLEND_DATA, read by the service."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            if name == "data_dir":
+                continue
+            raw = env.get(f"RAGBLEND_{name.upper()}")
+            if raw not in (None, ""):
+                values[name] = raw
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def api_key_value(self) -> str | None:
+        return self.api_key.get_secret_value() if self.api_key else None

@@ -1,0 +1,255 @@
+"""Load test of `ragblend serve`: N concurrent clients POST /v1/query for a fixed time; prints one
+table (requests sent, answered, refused, 5xx, errors, latency percentiles, throughput, server RSS)
+and writes it as JSON.
+
+Either against a running server (`--url`, and `--pid` for its memory), or one it starts itself
+(`--serve`, flags after `--` go to `ragblend serve`):
+
+    ragblend index samples/corpus --data-dir .data/load --chunk-tokens 128
+    python eval/loadtest.py --serve --clients 32 --duration 60 --max-tokens 8 --out out/loadtest.json \
+        -- --model default --data-dir .data/load --chunk-tokens 128 --log-level warning
+
+Refused requests (503/429 with Retry-After) are retried after the time the server asks for, as
+a polite client would; a 5xx without Retry-After is a server error and should never happen.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+QUESTIONS = [
+    "Who designed the Halvard Bridge?",
+    "Where was Mira Solberg born?",
+    "How long is the Lenna River?",
+    "When did the Halvard Bridge open to traffic?",
+    "How many people live in Ostmark?",
+    "What is Kettavik known for?",
+    "When is the salmon fishing season on the Lenna?",
+    "What does the Halvard Bridge carry?",
+]
+
+
+@dataclass
+class Tally:
+    sent: int = 0
+    ok: int = 0
+    refused: int = 0
+    server_errors: int = 0
+    client_errors: int = 0       # 4xx other than 429: a bug in this script or the server
+    transport_errors: int = 0    # connection refused/reset, timeouts
+    latencies_s: list[float] = field(default_factory=list)
+    ttft_ms: list[float] = field(default_factory=list)
+    queue_ms: list[float] = field(default_factory=list)
+    samples: list[str] = field(default_factory=list)  # first few unexpected answers, for the report
+
+
+def rss_kib(pid: int | None) -> dict[str, int] | None:
+    """VmRSS (now) and VmHWM (peak) of a process, in KiB, from /proc/PID/status."""
+    if pid is None:
+        return None
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+async def client_loop(client: httpx.AsyncClient, idx: int, stop_at: float, args, tally: Tally) -> None:
+    n = idx
+    while time.monotonic() < stop_at:
+        question = QUESTIONS[n % len(QUESTIONS)]
+        n += args.clients
+        tally.sent += 1
+        t0 = time.perf_counter()
+        try:
+            r = await client.post("/v1/query", json={"question": question, "top_k": args.top_k, "mode": args.mode,
+                                                     "ratio": args.ratio, "max_tokens": args.max_tokens})
+        except httpx.HTTPError as e:
+            tally.transport_errors += 1
+            if len(tally.samples) < 5:
+                tally.samples.append(f"{type(e).__name__}: {e}")
+            await asyncio.sleep(0.5)
+            continue
+        elapsed = time.perf_counter() - t0
+        if r.status_code == 200:
+            tally.ok += 1
+            tally.latencies_s.append(elapsed)
+            timings = r.json()["timings"]
+            tally.ttft_ms.append(timings["ttft_ms"])
+            tally.queue_ms.append(timings["queue_ms"])
+        elif r.status_code in (429, 503) and "retry-after" in r.headers:
+            tally.refused += 1
+            await asyncio.sleep(min(float(r.headers["retry-after"]), max(0.0, stop_at - time.monotonic())))
+        else:
+            if r.status_code >= 500:
+                tally.server_errors += 1
+            else:
+                tally.client_errors += 1
+            if len(tally.samples) < 5:
+                tally.samples.append(f"{r.status_code}: {r.text[:300]}")
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if q < 100 else max(values)
+
+
+async def run(args, pid: int | None) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
+    async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
+        health = (await client.get("/health")).json()
+        if health["index_chunks"] == 0:
+            raise SystemExit("the server's index is empty: index samples/corpus first (see --help)")
+        # Warm up: the embedder loads on the first query, and the first chunk KVs enter the hot tier.
+        for q in QUESTIONS:
+            r = await client.post("/v1/query", json={"question": q, "top_k": args.top_k, "mode": args.mode,
+                                                     "max_tokens": args.max_tokens})
+            r.raise_for_status()
+        rss_before = rss_kib(pid)
+        tally = Tally()
+        t0 = time.monotonic()
+        stop_at = t0 + args.duration
+        await asyncio.gather(*(client_loop(client, i, stop_at, args, tally) for i in range(args.clients)))
+        wall = time.monotonic() - t0
+        rss_after = rss_kib(pid)
+        metrics = (await client.get("/metrics")).text
+    lat = sorted(tally.latencies_s)
+    return {
+        "config": {"url": args.url, "clients": args.clients, "duration_s": args.duration, "max_tokens": args.max_tokens,
+                   "top_k": args.top_k, "mode": args.mode, "ratio": args.ratio, "model": health["model"],
+                   "index_chunks": health["index_chunks"], "max_queue": health["max_queue"]},
+        "wall_s": round(wall, 2),
+        "sent": tally.sent, "answered_200": tally.ok, "refused_429_503": tally.refused,
+        "server_errors_5xx": tally.server_errors, "client_errors_4xx": tally.client_errors,
+        "transport_errors": tally.transport_errors,
+        "latency_s": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "max": lat[-1] if lat else None},
+        "server_ttft_ms": {"p50": pct(sorted(tally.ttft_ms), 50), "p99": pct(sorted(tally.ttft_ms), 99)},
+        "server_queue_ms": {"p50": pct(sorted(tally.queue_ms), 50), "p99": pct(sorted(tally.queue_ms), 99)},
+        "answered_per_s": round(tally.ok / wall, 3), "sent_per_s": round(tally.sent / wall, 3),
+        "server_rss_kib": {"before": rss_before, "after": rss_after},
+        "server_hot_tier": {k: _metric(metrics, f"ragblend_hot_tier_{k}_total") for k in ("hits", "misses")},
+        "unexpected": tally.samples,
+    }
+
+
+def _metric(text: str, name: str) -> float | None:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return None
+
+
+def report(res: dict) -> str:
+    def ms(x):
+        return "-" if x is None else f"{x * 1e3:.0f} ms"
+
+    def mib(d, k):
+        return "-" if not d else f"{d[k] / 1024:.0f} MiB"
+
+    c, rss = res["config"], res["server_rss_kib"]
+    rows = [
+        ("server", f"{c['url']}  model={c['model']}  index={c['index_chunks']} chunks  max_queue={c['max_queue']}"),
+        ("load", f"{c['clients']} clients x {res['wall_s']} s, /v1/query mode={c['mode']} top_k={c['top_k']} "
+                 f"max_tokens={c['max_tokens']}"),
+        ("requests sent", res["sent"]),
+        ("answered 200", res["answered_200"]),
+        ("refused 429/503", res["refused_429_503"]),
+        ("5xx (must be 0)", res["server_errors_5xx"]),
+        ("other errors", f"{res['client_errors_4xx']} 4xx, {res['transport_errors']} transport"),
+        ("latency p50 / p90 / p99", " / ".join(ms(res["latency_s"][k]) for k in ("p50", "p90", "p99"))),
+        ("server TTFT p50 / p99", " / ".join("-" if v is None else f"{v:.0f} ms"
+                                             for v in res["server_ttft_ms"].values())),
+        ("server queue wait p50 / p99", " / ".join("-" if v is None else f"{v:.0f} ms"
+                                                   for v in res["server_queue_ms"].values())),
+        ("answered/s (sent/s)", f"{res['answered_per_s']:.2f} ({res['sent_per_s']:.2f})"),
+        ("server RSS before -> after", f"{mib(rss['before'], 'VmRSS')} -> {mib(rss['after'], 'VmRSS')} "
+                                        f"(peak {mib(rss['after'], 'VmHWM')})"),
+        ("hot tier hits / misses", f"{res['server_hot_tier']['hits']:.0f} / {res['server_hot_tier']['misses']:.0f}"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"unexpected: {s}" for s in res["unexpected"]]
+    return "\n".join(lines)
+
+
+def start_server(serve_args: list[str], log: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "api.cli", "serve", "--port", str(port), *serve_args]
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            cwd=Path(__file__).resolve().parents[1])
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"server not healthy after 300 s; see {log}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    own = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (ignored with --serve)")
+    p.add_argument("--pid", type=int, help="the running server's pid, for its memory")
+    p.add_argument("--serve", action="store_true", help="start `ragblend serve` (args after --) and stop it after")
+    p.add_argument("--api-key", default=os.environ.get("RAGBLEND_API_KEY"))
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
+    p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--mode", default="blend")
+    p.add_argument("--ratio", type=float, default=0.15)
+    p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
+    p.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = p.parse_args(own)
+    proc = None
+    if args.serve:
+        log = (args.out.parent if args.out else Path(".")) / "loadtest-server.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc, args.url = start_server(serve_args, log)
+        args.pid = proc.pid
+    try:
+        res = asyncio.run(run(args, args.pid))
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    print(report(res))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=2))
+        print(f"→ {args.out}")
+
+
+if __name__ == "__main__":
+    main()
