@@ -114,10 +114,17 @@ def project_qkv(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin:
 
 def attend_and_mlp(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Queries attend over `keys`/`values` (mask None: plain causal, queries = keys), then the MLP."""
+    """Queries attend over `keys`/`values`, then the MLP. `mask` None: the queries are the last
+    ones of the keys' positions (plain causal when they are all of them)."""
     attn = layer.self_attn
+    n_q, n_k = q.shape[2], keys.shape[2]
+    if mask is None and n_q < n_k:
+        # A tail of queries: padding them to the front with zero queries lets the plain causal
+        # kernel run (bottom-right aligned), which beats any explicit mask while the tail is long.
+        q = torch.cat([q.new_zeros(*q.shape[:2], n_k - n_q, q.shape[3]), q], dim=2)
     out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
                                          scale=attn.scaling, enable_gqa=q.shape[1] != keys.shape[1])
+    out = out[:, :, out.shape[2] - n_q:]
     delta = attn.o_proj(out.transpose(1, 2).reshape(*h.shape[:-1], -1))
     post = layer.post_attention_layernorm
     if hasattr(post, "variance_epsilon"):

@@ -67,7 +67,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     active = torch.arange(start, n, device=parts.device)
     h = parts.embed(ids[start:])[None]
     cos, sin = rope_for(parts, active)
-    mask = None if start == 0 else causal_mask(active, n)  # None: plain causal, the flash kernel
+    # None: plain causal attention (the flash kernel), the queries being a tail of the keys; an
+    # explicit mask once the tail is short enough that padding it would cost more.
+    mask = None if 2 * (n - start) >= n else causal_mask(active, n)
     graph_from = blend.check_layer + 1 if blend is not None else 0
     for i, layer in enumerate(parts.layers):
         if ready is not None and i == graph_from:
