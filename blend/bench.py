@@ -77,7 +77,8 @@ class Tiers:
             table = self.mem[tier]
             return lambda key, ids: table[key]
         fp = self.engine.fingerprint
-        return lambda key, ids: ChunkKV(self.reader.read(key, fp), self.start)
+        slot = {k: i for i, k in enumerate(self.keys)}  # a chunk's place in the request
+        return lambda key, ids: ChunkKV(self.reader.read(key, fp, slot[key]), self.start)
 
 
 def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None,

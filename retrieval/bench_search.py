@@ -27,6 +27,16 @@ def unit_vectors(n: int, dim: int, rng: np.random.Generator) -> np.ndarray:
     return v / np.linalg.norm(v, axis=1, keepdims=True)
 
 
+def clustered_vectors(n: int, n_queries: int, dim: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Closer to text embeddings than uniform noise: topics (clusters) of similar vectors, and
+    queries that lie near some stored vector, as a question lies near its passage."""
+    centroids = unit_vectors(max(1, n // 100), dim, rng)
+    data = centroids[rng.integers(0, len(centroids), n)] + rng.standard_normal((n, dim), dtype=np.float32) * (0.8 / dim ** 0.5)
+    data /= np.linalg.norm(data, axis=1, keepdims=True)
+    queries = data[rng.integers(0, n, n_queries)] + rng.standard_normal((n_queries, dim), dtype=np.float32) * (0.5 / dim ** 0.5)
+    return data, queries / np.linalg.norm(queries, axis=1, keepdims=True)
+
+
 def time_queries(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.ndarray, list[float]]:
     """Search one query at a time; returns the ids and the per-query latencies in ms."""
     ids, latencies = [], []
@@ -38,10 +48,14 @@ def time_queries(index: VectorIndex, queries: np.ndarray, k: int) -> tuple[np.nd
     return np.stack(ids), latencies
 
 
-def bench(n: int, dim: int, n_queries: int, k: int, ef_values: list[int], seed: int) -> list[dict]:
+def bench(n: int, dim: int, n_queries: int, k: int, ef_values: list[int], seed: int,
+          data_kind: str = "uniform") -> list[dict]:
     """Flat once, then one HNSW graph searched at each efSearch in `ef_values`."""
     rng = np.random.default_rng(seed)
-    data, queries = unit_vectors(n, dim, rng), unit_vectors(n_queries, dim, rng)
+    if data_kind == "clustered":
+        data, queries = clustered_vectors(n, n_queries, dim, rng)
+    else:
+        data, queries = unit_vectors(n, dim, rng), unit_vectors(n_queries, dim, rng)
     rows, truth = [], None
     for kind in ("flat", "hnsw"):
         index = VectorIndex(dim, kind)
@@ -57,7 +71,7 @@ def bench(n: int, dim: int, n_queries: int, k: int, ef_values: list[int], seed: 
                 truth = ids
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ids, truth)]))
             rows.append({"kind": kind, "n": n, "dim": dim, "k": k, "ef_search": ef,
-                         "build_s": round(build_s, 3), "median_ms": round(float(np.median(lat)), 4),
+                         "data": data_kind, "build_s": round(build_s, 3), "median_ms": round(float(np.median(lat)), 4),
                          "p95_ms": round(float(np.percentile(lat, 95)), 4), "recall": round(recall, 4)})
     return rows
 
@@ -70,12 +84,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--ef-search", default="64", help="comma-separated HNSW efSearch values")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
+                    help="uniform random unit vectors (HNSW's worst case) or clustered, query-near-a-document")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
 
     rows = []
     for n in (int(x) for x in args.n.split(",") if x):
-        rows += bench(n, args.dim, args.queries, args.k, [int(x) for x in args.ef_search.split(",")], args.seed)
+        rows += bench(n, args.dim, args.queries, args.k, [int(x) for x in args.ef_search.split(",")], args.seed,
+                      args.data)
 
     header = (f"{'kind':<5} {'n':>8} {'dim':>4} {'ef':>5} {'build s':>8} {'median ms':>10} {'p95 ms':>8} "
               f"{f'recall@{args.k}':>10}")

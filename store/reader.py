@@ -26,24 +26,26 @@ class StagedReader:
         self._next = 0
         self._lock = threading.Lock()
 
-    def _staging(self, nbytes: int) -> torch.Tensor:
+    def _staging(self, nbytes: int, slot: int | None) -> torch.Tensor:
         with self._lock:
-            slot = self._next
-            self._next = (self._next + 1) % len(self._buffers)
+            if slot is None:
+                slot = self._next
+                self._next = (self._next + 1) % len(self._buffers)
             buf = self._buffers[slot]
             if buf is None or buf.numel() < nbytes:
                 buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
                 self._buffers[slot] = buf
         return buf
 
-    def read(self, key: str, fingerprint: str | None = None) -> torch.Tensor | None:
+    def read(self, key: str, fingerprint: str | None = None, slot: int | None = None) -> torch.Tensor | None:
         """KV [L, 2, H, T, D] in a staging buffer, or None when absent; raises CorruptEntry /
-        FingerprintMismatch like KVStore.get."""
+        FingerprintMismatch like KVStore.get. `slot`: the buffer to use (a chunk's index in its
+        request keeps the pinned buffers few and warm); by default they rotate."""
         head = self.store.header(key)
         if head is None:
             return None
         n = head.shape[0] * head.layer_nbytes
-        out = self._staging(n)[:n].view(head.dtype).view(head.shape)
+        out = self._staging(n, slot)[:n].view(head.dtype).view(head.shape)
         return self.store.get(key, fingerprint=fingerprint, out=out, pool=self.pool)
 
     def close(self) -> None:
