@@ -133,6 +133,6 @@ def _annotate(ax, points: list[tuple[float, float, str]]) -> None:
     placed: list[tuple[float, float]] = []
     for x, y, text in points:
         px, py = ax.transData.transform((x, y))
-        clash = sum(abs(px - qx) < 40 and abs(py - qy) < 12 for qx, qy in placed)
+        clash = sum(abs(px - qx) < 90 and abs(py - qy) < 12 for qx, qy in placed)
         placed.append((px, py))
         ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5 - 11 * clash), fontsize=8)
