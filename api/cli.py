@@ -3,44 +3,20 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from api.cli_common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_engine, unit_floats
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
 
 Mode = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
-ModelOpt = Annotated[str, typer.Option("--model", help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 DataDirOpt = Annotated[Optional[Path], typer.Option(help="index + KV store directory (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")]
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _engine(model: str, device: str, dtype: str):
-    from blend.engine import Engine
-    from blend.loader import load_model
-
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            fail("--device cuda asked for, but CUDA is not available")
-    try:
-        return Engine(load_model(model, device=device, dtype=dtype))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        fail(f"cannot load model {model!r}: {e}")
 
 
 def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must_exist: bool = False,
@@ -50,7 +26,7 @@ def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must
     path = data_dir or default_data_dir()
     if must_exist and not (path / "corpus").exists():
         fail(f"no index in {path}: run `ragblend index PATH --data-dir {path}` first")
-    engine = _engine(model, device, dtype)
+    engine = load_engine(model, device, dtype)
     try:
         return RagService(path, engine=engine, **kwargs)
     except (ValueError, OSError) as e:
@@ -207,7 +183,7 @@ def ask(
             texts = read_chunks(chunks)
         except ValueError as e:
             fail(str(e))
-        engine = _engine(model, device, dtype)
+        engine = load_engine(model, device, dtype)
     else:
         service = _service(data_dir, model, device, dtype, must_exist=True)
         engine = service.engine
@@ -241,16 +217,6 @@ def ask(
         typer.echo(f"[{ans.mode}{'' if ans.ratio is None else f' r={ans.ratio}'}] ttft {ans.ttft_ms:.1f} ms, "
                    f"{ans.recomputed_tokens}/{ans.chunk_tokens} chunk tokens recomputed, "
                    f"{ans.total_tokens} prompt tokens", err=True)
-
-
-def _floats(text: str, name: str) -> tuple[float, ...]:
-    try:
-        values = tuple(float(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        fail(f"{name} must be comma-separated numbers, got {text!r}")
-    if any(not 0.0 <= v <= 1.0 for v in values):
-        fail(f"{name} must lie in [0, 1]")
-    return values
 
 
 @app.command()
@@ -294,7 +260,7 @@ def bench(
     except ValueError:
         fail("--sweep takes comma-separated token counts")
     result = run_bench(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
-                       chunks, chunk_tokens, question_tokens, _floats(ratios, "--ratios"), tier_list,
+                       chunks, chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list,
                        warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True),
                        profile_dir=out / "profile" if profile else None,
                        model_spec=None if random_weights else model)

@@ -2,14 +2,12 @@
 ratio; and the check-layer × deviation ablation of `blend`. `register(app)` adds both commands."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from api.cli_common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_engine, unit_floats
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
@@ -20,9 +18,6 @@ DataDirOpt = Annotated[Optional[Path], typer.Option(
 ModesOpt = Annotated[str, typer.Option(
     help="comma-separated: full, prefix, reuse, blend (full always runs: it is the reference)")]
 RatiosOpt = Annotated[str, typer.Option(help="blend recompute ratios, comma-separated, each in [0, 1]")]
-ModelOpt = Annotated[str, typer.Option(help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')]
-DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 LimitOpt = Annotated[Optional[int], typer.Option(help="only the first N examples")]
 MaxTokensOpt = Annotated[int, typer.Option(help="answer length cap (greedy decoding)")]
 SeedOpt = Annotated[int, typer.Option(help="torch seed of the run (the synthetic data's seed is synthetic:seed=S)")]
@@ -30,23 +25,6 @@ TopKOpt = Annotated[int, typer.Option(help="chunks retrieved for examples withou
 ChunkWordsOpt = Annotated[int, typer.Option(help="samsum/multi_news: most words per chunk cut from the context")]
 FreshOpt = Annotated[bool, typer.Option("--fresh", help="discard the progress of an earlier run in --out")]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="show a progress bar")]
-
-
-def fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _floats(text: str, what: str) -> list[float]:
-    try:
-        values = [float(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        fail(f"{what} must be comma-separated numbers, got {text!r}")
-    if not values:
-        fail(f"{what} is empty")
-    if bad := [v for v in values if not 0.0 <= v <= 1.0]:
-        fail(f"{what} must lie in [0, 1], got {bad[0]:g}")
-    return values
 
 
 def _names(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -93,20 +71,6 @@ def _retriever(data_dir: Path | None, example_id: str):
     return lambda question, k: [hit.text for hit in corpus.search(question, k)]
 
 
-def _engine(model: str, device: str, dtype: str):
-    from blend.engine import Engine
-    from blend.loader import load_model
-
-    if device.startswith("cuda"):
-        import torch
-        if not torch.cuda.is_available():
-            fail("--device cuda asked for, but CUDA is not available")
-    try:
-        return Engine(load_model(model, device=device, dtype=dtype))
-    except (ValueError, FileNotFoundError, OSError) as e:
-        fail(f"cannot load model {model!r}: {e}")
-
-
 def _out(out: Path | None) -> Path:
     if out is None:
         fail("--out DIR is needed")
@@ -144,14 +108,14 @@ def eval_command(
     from eval import report, runner
 
     mode_list = _names(modes, MODES, "--modes")
-    ratio_list = _floats(ratios, "--ratios")
+    ratio_list = unit_floats(ratios, "--ratios")
     _names(deviation, DEVIATIONS, "--deviation")
     _positive(limit=limit, max_tokens=max_tokens, top_k=top_k, chunk_words=chunk_words)
     if check_layer < 0:
         fail(f"--check-layer must be ≥ 0, got {check_layer}")
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
-    engine = _engine(model, device, dtype)
+    engine = load_engine(model, device, dtype)
     try:
         variants = runner.mode_variants(mode_list, ratio_list, check_layer, deviation)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
@@ -186,7 +150,7 @@ def ablation_command(
     from blend.prefill import DEVIATIONS
     from eval.ablation import run_ablation
 
-    _floats(str(ratio), "--ratio")
+    unit_floats(str(ratio), "--ratio")
     try:
         layers = [int(s) for s in check_layers.split(",") if s.strip()]
     except ValueError:
@@ -197,7 +161,7 @@ def ablation_command(
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
-    engine = _engine(model, device, dtype)
+    engine = load_engine(model, device, dtype)
     try:
         run_ablation(engine, data, out, ratio=ratio, check_layers=layers, deviations=devs,
                      max_tokens=max_tokens, seed=seed, limit=limit, retriever=retriever, fresh=fresh,

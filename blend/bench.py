@@ -138,7 +138,7 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
             src = store_tiers.source(tiers[0])
             for mode, ratio in [("reuse", None), ("blend", 0.15)]:
                 cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-                stats = timed(lambda: ttft(engine, layout, mode, src, cfg), dev, warmup, runs)
+                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
                 rows.append({"mode": mode, "ratio": ratio, "tier": tiers[0], "eager": True, **stats})
             engine.graphs = graphs
         for row in rows:
@@ -163,7 +163,6 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
                              "speedup": f["median_ms"] / b["median_ms"]})
         log(f"sweep {lay.n_tokens:6d} tokens: full {f['median_ms']:8.2f} ms  blend r=0.15 {b['median_ms']:8.2f} ms  "
             f"speedup {f['median_ms'] / b['median_ms']:.2f}x")
-        del src
     return out
 
 

@@ -187,7 +187,10 @@ class Engine:
         if t_first is None:  # stopped before any token: the first token was still produced
             t_first = t_end
         if self.tokenizer is not None:
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            final = self.tokenizer.decode(tokens, skip_special_tokens=True)
+            if final.startswith(text) and len(final) > len(text):
+                yield final[len(text):]  # a piece held back (an unfinished character) at the end
+            text = final
         return Answer(
             text=text, token_ids=tokens, mode=mode, ratio=blend.ratio if mode == "blend" else None,
             ttft_ms=(t_first - t0) * 1e3, kv_load_ms=(t_loaded - t0) * 1e3,

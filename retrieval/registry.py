@@ -130,7 +130,7 @@ class Registry:
             new = []
             for c, key, vec in zip(chunks, kv_keys, emb):
                 cur = db.execute(
-                    f'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)'
+                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)'
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes()))
                 new.append(int(cur.lastrowid))

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from store.lmdb_store import KVStore
-from store.serialize import read_header
 
 
 class StagedReader:
