@@ -151,7 +151,8 @@ def ask(
     chunks: Annotated[Optional[Path], typer.Option(help="JSONL ({\"text\"} a line) or blank-line separated chunks; skips retrieval")] = None,
     mode: Mode = "blend",
     ratio: Ratio = 0.15,
-    check_layer: Annotated[int, typer.Option(min=0)] = 1,
+    check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = 1,
+    deviation: Annotated[str, typer.Option(help="blend: rank tokens by value, key or both deviation")] = "value",
     max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -174,7 +175,10 @@ def ask(
         fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if top_p <= 0:
         fail("--top-p must be in (0, 1]")
-    blend = BlendConfig(ratio=ratio, check_layer=check_layer)
+    try:
+        blend = BlendConfig(ratio=ratio, check_layer=check_layer, deviation=deviation)
+    except ValueError as e:
+        fail(str(e))
     sampling = Sampling(temperature, top_p, seed)
     hits = None
     if chunks is not None:
