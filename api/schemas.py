@@ -34,6 +34,9 @@ Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
                                description="blend: share of chunk tokens recomputed")]
 MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
                                  description="answer length cap (the server's --max-tokens caps it further)")]
+CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
+                                  description="blend: the layer where tokens are selected (< the model's layers)")]
+Deviation = Annotated[Literal["value", "key", "both"], Field(description="blend: rank tokens by value, key or both deviation")]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
@@ -49,6 +52,8 @@ class QueryRequest(BaseModel):
     top_k: TopK = 4
     mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
     ratio: Ratio = 0.15
+    check_layer: CheckLayer = 1
+    deviation: Deviation = "value"
     max_tokens: MaxTokens | None = Field(None, description=f"default: {DEFAULT_MAX_TOKENS}, or the server's cap if lower")
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -204,6 +209,8 @@ class ChatRequest(BaseModel):
     stream_options: StreamOptions | None = None
     mode: Mode = "blend"
     ratio: Ratio = 0.15
+    check_layer: CheckLayer = 1
+    deviation: Deviation = "value"
     top_k: TopK = 4
 
 

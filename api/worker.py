@@ -37,6 +37,8 @@ class QueryParams:
     ratio: float
     max_tokens: int
     sampling: Sampling
+    check_layer: int = 1
+    deviation: str = "value"
 
 
 @dataclass
@@ -175,7 +177,10 @@ class ModelWorker:
             raise ApiError(400, f"the prompt ({layout.n_tokens} tokens with the {len(retrieved.hits)} retrieved "
                                 f"chunks) plus max_tokens={p.max_tokens} exceeds the model's context of "
                                 f"{svc.engine.max_context}: lower top_k, max_tokens or the question's length")
-        blend = BlendConfig(ratio=p.ratio)
+        n_layers = svc.engine.parts.n_layers
+        if p.check_layer >= n_layers:
+            raise ApiError(422, f"check_layer: must be below the model's {n_layers} layers, got {p.check_layer}")
+        blend = BlendConfig(ratio=p.ratio, check_layer=p.check_layer, deviation=p.deviation)
         with svc.model_lock:
             gen = svc.answer(p.question, retrieved.hits, mode=p.mode, blend=blend, max_tokens=p.max_tokens,
                              sampling=p.sampling)

@@ -16,6 +16,15 @@ from retrieval import load_path
 from store import StagedReader
 
 
+def _timed_pass(keys: list[str], read) -> list[float]:
+    times = []
+    for k in keys:
+        t = time.perf_counter()
+        read(k)
+        times.append((time.perf_counter() - t) * 1e3)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("paths", nargs="+", type=Path)
@@ -42,28 +51,23 @@ def main() -> None:
     theory = 2 * p.n_layers * p.n_kv_heads * p.head_dim * elem
     per_token = stats["kv_bytes"] / sum(tokens.values())
     fp = svc.engine.fingerprint
+    # Each read path twice over all chunks: the first pass may fault pages in from disk, the
+    # second reads from the page cache (what a serving process sees for a hot corpus).
     reader = StagedReader(svc.store, pin=False)
-    staged = []
-    for k in keys:
-        t = time.perf_counter()
-        reader.read(k, fp)
-        staged.append((time.perf_counter() - t) * 1e3)
+    get_first = _timed_pass(keys, lambda k: svc.store.get(k, fingerprint=fp))
+    get_warm = _timed_pass(keys, lambda k: svc.store.get(k, fingerprint=fp))
+    staged = _timed_pass(keys, lambda k: reader.read(k, fp))
     reader.close()
-    cold, hot = [], []
     for k in keys:
-        t = time.perf_counter()
-        kv = svc.store.get(k, fingerprint=fp)
-        cold.append((time.perf_counter() - t) * 1e3)
-        svc.hot.put(k, kv)
-        t = time.perf_counter()
-        svc.hot.get(k)
-        hot.append((time.perf_counter() - t) * 1e3)
+        svc.hot.put(k, svc.store.get(k, fingerprint=fp))
+    hot = _timed_pass(keys, svc.hot.get)
     result = {
         "model": args.model, "chunk_tokens": args.chunk_tokens, "indexing": idx,
         "bytes_per_token": round(per_token, 1), "theoretical_bytes_per_token": theory,
         "overhead": round(per_token / theory - 1, 5),
         "mean_chunk_tokens": round(statistics.mean(tokens.values()), 1),
-        "lmdb_load_ms_median": round(statistics.median(cold), 3),
+        "lmdb_first_read_ms_median": round(statistics.median(get_first), 3),
+        "lmdb_load_ms_median": round(statistics.median(get_warm), 3),
         "lmdb_staged_parallel_load_ms_median": round(statistics.median(staged), 3),
         "hot_load_ms_median": round(statistics.median(hot), 5),
         "chunk_kv_bytes_mean": int(stats["kv_bytes"] / len(keys)),
@@ -74,7 +78,7 @@ def main() -> None:
     print(f"stored {per_token:.1f} bytes/token vs 2·L·H·D·sizeof = 2·{p.n_layers}·{p.n_kv_heads}·{p.head_dim}·{elem}"
           f" = {theory} (+{100 * result['overhead']:.3f}% header)")
     print(f"load one chunk KV ({result['mean_chunk_tokens']} tokens avg): LMDB {result['lmdb_load_ms_median']:.3f} ms"
-          f" median ({result['lmdb_staged_parallel_load_ms_median']:.3f} ms with the parallel staged reader),"
+          f" median from the page cache (first pass {result['lmdb_first_read_ms_median']:.3f} ms) ({result['lmdb_staged_parallel_load_ms_median']:.3f} ms with the parallel staged reader),"
           f" hot tier {result['hot_load_ms_median']:.4f} ms median")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))

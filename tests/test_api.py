@@ -136,6 +136,14 @@ def test_health_reports_the_model_and_the_index_size(server):
     assert h["index_chunks"] >= 3 and h["queue_depth"] == 0 and h["max_queue"] == 32
 
 
+def test_query_takes_the_blend_check_layer_and_deviation(server):
+    r = server.http.post("/v1/query", json={"question": "Which bridge0 crosses the river0?", "top_k": 3,
+                                            "mode": "blend", "ratio": 0.5, "check_layer": 0,
+                                            "deviation": "key", "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    assert r.json()["recomputed_tokens"] > 0
+
+
 @pytest.mark.parametrize("mode", ["full", "prefix", "reuse", "blend"])
 def test_query_answers_with_chunks_and_timings(server, mode):
     r = server.http.post("/v1/query", json={"question": "Which bridge0 crosses the river0?", "top_k": 3,
@@ -406,6 +414,8 @@ BAD_REQUESTS = [
     ("top_k a string", "POST", "/v1/query", _q(top_k="3"), 422, "top_k"),
     ("ratio above 1", "POST", "/v1/query", _q(ratio=1.5), 422, "ratio"),
     ("negative ratio", "POST", "/v1/query", _q(ratio=-0.1), 422, "ratio"),
+    ("unknown deviation", "POST", "/v1/query", _q(deviation="values"), 422, "deviation"),
+    ("check layer past the model", "POST", "/v1/query", _q(check_layer=4), 422, "check_layer"),
     ("unknown mode", "POST", "/v1/query", _q(mode="turbo"), 422, "mode"),
     ("max_tokens zero", "POST", "/v1/query", _q(max_tokens=0), 422, "max_tokens"),
     ("max_tokens over the cap", "POST", "/v1/query", _q(max_tokens=65), 422, "at most 64"),

@@ -65,7 +65,8 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                            settings: SettingsDep):
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = QueryParams(question_of(body.messages), body.top_k, body.mode, body.ratio, max_tokens,
-                         Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
+                         Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed), body.check_layer,
+                         body.deviation)
     job, started = await start(request, service, worker, settings, params)
     cid, model = f"chatcmpl-{uuid.uuid4().hex}", service.engine.name
     if not body.stream:

@@ -55,7 +55,7 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
                 settings: SettingsDep):
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = QueryParams(body.question, body.top_k, body.mode, body.ratio, max_tokens,
-                         Sampling(body.temperature, body.top_p, body.seed))
+                         Sampling(body.temperature, body.top_p, body.seed), body.check_layer, body.deviation)
     job, started = await start(request, service, worker, settings, params)
     if not body.stream:
         return query_response(started, await answer(job, request), max_tokens)
