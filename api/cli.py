@@ -115,6 +115,26 @@ def store_stats(data_dir: DataDirOpt = None) -> None:
     typer.echo(json.dumps(stats, indent=2))
 
 
+@store_app.command("gc")
+def store_gc(data_dir: DataDirOpt = None,
+             as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False) -> None:
+    """Delete KV entries no indexed chunk references (left by a crash between the KV write and the
+    registry commit). Safe beside a running indexer: a chunk whose KV went missing is recomputed
+    when queried."""
+    from api.service import default_data_dir, drop_kv
+    from retrieval.registry import Registry
+    from store import KVStore
+
+    path = data_dir or default_data_dir()
+    if not (path / "kv").exists():
+        fail(f"no index in {path}")
+    store = KVStore(path / "kv")
+    unreferenced = sorted(set(store.keys()) - Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use())
+    removed = drop_kv(store, unreferenced)
+    summary = {"removed": removed, "remaining": len(store)}
+    typer.echo(json.dumps(summary) if as_json else f"removed {removed} unreferenced KV entries, {len(store)} remain")
+
+
 @docs_app.command("list")
 def docs_list(data_dir: DataDirOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False) -> None:
     """List indexed documents."""

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from api.service import RagService
 from blend.engine import Engine
@@ -142,6 +143,14 @@ def test_index_killed_mid_run_resumes_complete_and_consistent(tmp_path):
     assert s["missing_entries"] == 0  # every chunk's KV is present
     again = subprocess.run(_index_cmd(root, data), env=env, capture_output=True, text=True, timeout=300)
     assert json.loads(again.stdout.strip().splitlines()[-1])["kv_computed"] == 0
+    # KV the killed run wrote for a document it never committed is what `store gc` removes
+    gc = subprocess.run([sys.executable, "-m", "api.cli", "store", "gc", "--data-dir", str(data), "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout)["removed"] == s["unreferenced_entries"]
+    after = json.loads(subprocess.run([sys.executable, "-m", "api.cli", "store", "stats", "--data-dir", str(data)],
+                                      capture_output=True, text=True, timeout=120).stdout)
+    assert after["unreferenced_entries"] == 0 and after["missing_entries"] == 0
 
 
 def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
@@ -162,3 +171,19 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
         assert svc.kv_recomputed == 0
     finally:
         svc.close()
+
+
+def test_store_gc_removes_only_unreferenced_kv(service):
+    service.index_documents(corpus_docs(2))
+    referenced = set(service.store.keys())
+    orphan = service.engine.chunk_key(service.engine.prompts.prefix_ids, [1, 2, 3])
+    service.store.put(orphan, torch.zeros(4, 2, 2, 3, 16), service.engine.fingerprint, {"doc_id": "gone"})
+    data = service.data_dir
+    service.close()
+    gc = subprocess.run([sys.executable, "-m", "api.cli", "store", "gc", "--data-dir", str(data), "--json"],
+                        capture_output=True, text=True, timeout=120)
+    assert gc.returncode == 0, gc.stderr
+    assert json.loads(gc.stdout) == {"removed": 1, "remaining": len(referenced)}
+    from store import KVStore
+    with KVStore(data / "kv", readonly=True) as store:
+        assert set(store.keys()) == referenced
