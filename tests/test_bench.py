@@ -1,0 +1,33 @@
+"""`ragblend bench` on the tiny shape: CI runs the benchmark code the GPU numbers come from."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_tiny_on_cpu_writes_every_mode_ratio_and_tier(tmp_path):
+    cmd = [sys.executable, "-m", "api.cli", "bench", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
+           "--chunk-tokens", "32", "--question-tokens", "8", "--ratios", "0.15,0.5", "--tiers", "cpu,lmdb",
+           "--sweep", "128,256", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["prompt_tokens"] == 32 + 3 * 32 + 8
+    rows = {(r["mode"], r["ratio"], r["tier"]) for r in result["rows"]}
+    expected = {("full", None, None)} | {(m, r, t) for t in ("cpu", "lmdb")
+                                         for m, r in (("prefix", None), ("reuse", None), ("blend", 0.15), ("blend", 0.5))}
+    assert rows == expected
+    for r in result["rows"]:
+        assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["runs"] == 2
+        assert abs(r["speedup_vs_full"] - result["rows"][0]["median_ms"] / r["median_ms"]) < 1e-9
+    assert [s["tokens"] for s in result["sweep"]] == [32 + 2 * 32 + 8, 32 + 6 * 32 + 8]
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "sweep.png").stat().st_size > 0
+    assert "| blend | 0.15 | lmdb |" in done.stdout
+
+
+def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
+    for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"]):
+        done = subprocess.run([sys.executable, "-m", "api.cli", "bench", "--device", "cpu", "--out", str(tmp_path),
+                               *extra], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
