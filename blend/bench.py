@@ -76,9 +76,20 @@ class Tiers:
         if tier in self.mem:
             table = self.mem[tier]
             return lambda key, ids: table[key]
-        fp = self.engine.fingerprint
-        slot = {k: i for i, k in enumerate(self.keys)}  # a chunk's place in the request
-        return lambda key, ids: ChunkKV(self.reader.read(key, fp, slot[key]), self.start)
+        return _LmdbSource(self.reader, self.engine.fingerprint, self.start)
+
+
+class _LmdbSource:
+    """Chunk KVs read from LMDB for each request: all of a request's chunks in one wave."""
+
+    def __init__(self, reader, fingerprint: str, start: int):
+        self.reader, self.fingerprint, self.start = reader, fingerprint, start
+
+    def __call__(self, key: str, ids: list[int]) -> ChunkKV:
+        return ChunkKV(self.reader.read(key, self.fingerprint), self.start)
+
+    def many(self, keys: list[str], ids_list: list[list[int]]) -> list[ChunkKV]:
+        return [ChunkKV(kv, self.start) for kv in self.reader.read_many(keys, self.fingerprint)]
 
 
 def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None,

@@ -19,7 +19,8 @@ from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
 from store.hashing import chunk_hash
 
-# (key, chunk token ids) → the chunk's KV, from whatever tier holds it (or computed).
+# (key, chunk token ids) → the chunk's KV, from whatever tier holds it (or computed). A source
+# may also offer `many(keys, ids_list) -> list[ChunkKV]` to read a request's chunks at once.
 KVSource = Callable[[str, list[int]], ChunkKV]
 
 
@@ -136,9 +137,13 @@ class Engine:
         """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise. `keys`:
         the chunks' store keys when the caller has them (retrieval does), saving the hashing."""
         wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
+        chunks = layout.chunks[:wanted]
         with record_function("rb.load_kv"):
-            return [source(keys[i] if keys is not None else self.chunk_key(layout.prefix, ids), ids)
-                    for i, ids in enumerate(layout.chunks[:wanted])]
+            names = [keys[i] if keys is not None else self.chunk_key(layout.prefix, ids) for i, ids in enumerate(chunks)]
+            many = getattr(source, "many", None)  # a source that reads a whole request in one go
+            if many is not None and names:
+                return many(names, chunks)
+            return [source(name, ids) for name, ids in zip(names, chunks)]
 
     # -- prefill and generation ----------------------------------------------------------------
     def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV],

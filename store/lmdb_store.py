@@ -198,6 +198,34 @@ class KVStore:
 
         return self._txn(read, write=False)
 
+    def get_many(self, keys: list[str], outs: list[torch.Tensor], pool: Executor, *,
+                 fingerprint: str | None = None) -> list[torch.Tensor | None]:
+        """Several entries from one snapshot, every layer of every entry verified and copied on
+        `pool` at once (a request's chunks: one wave of work instead of one per chunk). `outs`:
+        one staging tensor per key, shaped as its entry. None for an absent key."""
+        ks = [_key(k) for k in keys]
+
+        def read(txn: lmdb.Transaction) -> list[torch.Tensor | None]:
+            pending: list = []
+            result: list[torch.Tensor | None] = []
+            for key, k, out in zip(keys, ks, outs):
+                buf = txn.get(k, db=self._kv)
+                if buf is None:
+                    result.append(None)
+                    continue
+                try:
+                    result.append(decode_kv(buf, expect_fingerprint=fingerprint, out=out, pool=pool, pending=pending))
+                except CorruptEntry as e:
+                    raise CorruptEntry(f"entry {key}: {e}") from None
+            try:
+                for job in pending:  # inside the txn: the buffers are alive until every copy is done
+                    job.result()
+            except CorruptEntry as e:
+                raise CorruptEntry(f"one of entries {', '.join(keys)}: {e}") from None
+            return result
+
+        return self._txn(read, write=False)
+
     def header(self, key: str) -> KVHeader | None:
         """The verified header of an entry (dtype, shape, fingerprint), without its payload."""
         k = _key(key)

@@ -47,5 +47,19 @@ class StagedReader:
         out = self._staging(n, slot)[:n].view(head.dtype).view(head.shape)
         return self.store.get(key, fingerprint=fingerprint, out=out, pool=self.pool)
 
+    def read_many(self, keys: list[str], fingerprint: str | None = None) -> list[torch.Tensor | None]:
+        """A request's chunks at once, into slots 0…len(keys)-1: all their layers verified and
+        copied in one wave on the pool."""
+        heads = [self.store.header(k) for k in keys]
+        outs = []
+        for slot, head in enumerate(heads):
+            if head is None:
+                outs.append(torch.empty(0))
+                continue
+            n = head.shape[0] * head.layer_nbytes
+            outs.append(self._staging(n, slot)[:n].view(head.dtype).view(head.shape))
+        got = self.store.get_many(keys, outs, self.pool, fingerprint=fingerprint)
+        return [None if h is None else t for h, t in zip(heads, got)]
+
     def close(self) -> None:
         self.pool.shutdown(wait=False)

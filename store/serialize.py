@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import NamedTuple
 
 import numpy as np
@@ -125,13 +125,15 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
 
 def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
               layers: range | list[int] | None = None, out: torch.Tensor | None = None,
-              pool: Executor | None = None) -> torch.Tensor:
+              pool: Executor | None = None, pending: list[Future] | None = None) -> torch.Tensor:
     """Rebuild [len(layers), 2, H, T, D] from `buf`, verifying only the layers read.
 
     The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
     `out` (e.g. a pinned staging tensor of the right shape and dtype) is filled instead of a new
     tensor; `pool` verifies and copies the layers in parallel (crc32 and the copy release the GIL),
-    which is what makes a cold read of a 7B model's chunk KV fast enough to serve from.
+    which is what makes a cold read of a 7B model's chunk KV fast enough to serve from. With
+    `pending`, the layer jobs are appended to it instead of awaited: the caller waits (while `buf`
+    is still alive), so several entries' layers share the pool at once.
     """
     mv = _byte_view(buf)
     head = read_header(mv)
@@ -163,6 +165,10 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
         for j, i in enumerate(wanted):
             layer(j, i)
     else:
-        for job in [pool.submit(layer, j, i) for j, i in enumerate(wanted)]:
-            job.result()  # re-raises CorruptEntry of any layer
+        jobs = [pool.submit(layer, j, i) for j, i in enumerate(wanted)]
+        if pending is not None:
+            pending.extend(jobs)
+        else:
+            for job in jobs:
+                job.result()  # re-raises CorruptEntry of any layer
     return out

@@ -361,3 +361,26 @@ def test_staged_reader_reads_in_parallel_bit_exact_and_detects_corruption(tmp_pa
         reader.read("k1", "fp")
     reader.close()
     store.close()
+
+
+def test_staged_reader_reads_a_whole_request_at_once(tmp_path):
+    from store import StagedReader
+
+    store = KVStore(tmp_path / "kv")
+    kvs = {f"k{i}": torch.randn(5, 2, 2, 7 + i, 8) for i in range(3)}
+    for k, kv in kvs.items():
+        store.put(k, kv, "fp", {})
+    reader = StagedReader(store, workers=3, slots=8, pin=False)
+    got = reader.read_many(["k2", "absent", "k0"], "fp")
+    assert got[1] is None
+    assert torch.equal(got[0], kvs["k2"]) and torch.equal(got[2], kvs["k0"])
+    raw = bytearray(store._env.begin(db=store._kv).get(b"k1"))
+    raw[-3] ^= 0x10
+    with store._env.begin(write=True, db=store._kv) as txn:
+        txn.put(b"k1", bytes(raw))
+    with pytest.raises(CorruptEntry, match="layer 4"):
+        reader.read_many(["k0", "k1"], "fp")
+    with pytest.raises(FingerprintMismatch):
+        reader.read_many(["k0"], "other")
+    reader.close()
+    store.close()
