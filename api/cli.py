@@ -56,25 +56,18 @@ def index(
         fail("--index-kind must be flat or hnsw")
     service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, index_kind=index_kind)
     docs = [d for p in paths for d in load_path(p)]
-    bar = tqdm(total=len(docs), unit="doc", disable=None, file=sys.stderr)
+    bar = tqdm(docs, unit="doc", disable=None, file=sys.stderr)
     tokens = [0]
 
     def progress(chunks: int, n_tokens: int) -> None:
         tokens[0] += n_tokens
         bar.set_postfix(tokens=tokens[0], tok_s=f"{tokens[0] / max(bar.format_dict['elapsed'], 1e-9):.0f}")
 
-    from api.service import IndexReport
-    report = IndexReport()
-    import time
-    t0 = time.perf_counter()
     try:
         with service.corpus.bulk():
-            for doc in docs:
-                service.index_document(doc, report, progress)
-                bar.update(1)
+            report = service.index_documents(bar, progress)
     finally:
         bar.close()
-        report.seconds = time.perf_counter() - t0
         service.close()
     summary = report.as_dict()
     if as_json:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from blend.engine import Engine
+from blend.engine import Engine, sync
 from blend.kv import ChunkKV
 from blend.loader import LoadedModel, fingerprint
 from blend.prefill import BlendConfig
@@ -22,20 +22,15 @@ from blend.prompt import Layout
 from blend.shapes import random_model
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(runs):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
     times.sort()
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],

@@ -46,7 +46,8 @@ class Answer:
                  "logprob": float(v)} for v, i in zip(top.values, top.indices)]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device, so that a host clock reads the time its work took."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -168,10 +169,10 @@ class Engine:
     def _generate(self, layout: Layout, mode: str, blend: BlendConfig, max_tokens: int,
                   sampling: Sampling, source: KVSource, keys: Sequence[str] | None) -> Iterator[str]:
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
-        _sync(self.device)
+        sync(self.device)
         t0 = time.perf_counter()
         chunk_kvs = self.load_chunks(layout, mode, source, keys)
-        _sync(self.device)
+        sync(self.device)
         t_loaded = time.perf_counter()
         result = self.prefill(layout, mode, chunk_kvs, blend)
         tokens: list[int] = []
@@ -179,7 +180,7 @@ class Engine:
         t_first = None
         for token in decode(self.model, result, max_tokens, sampling, self.stop_ids):
             if t_first is None:
-                _sync(self.device)
+                sync(self.device)
                 t_first = time.perf_counter()
             tokens.append(token)
             if self.tokenizer is not None:
@@ -187,7 +188,7 @@ class Engine:
                 if not new_text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
                     yield new_text[len(text):]
                     text = new_text
-        _sync(self.device)
+        sync(self.device)
         t_end = time.perf_counter()
         if t_first is None:  # stopped before any token: the first token was still produced
             t_first = t_end

@@ -19,6 +19,10 @@ TOKEN_BUCKETS = tuple(range(16, 1024 + 1, 16)) + tuple(range(1088, 2048 + 1, 64)
 KEY_BUCKET = 128
 
 
+def _round_up(n: int, step: int) -> int:
+    return -(-n // step) * step
+
+
 def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
     return next((b for b in buckets if b >= n), None)
 
@@ -26,7 +30,7 @@ def _bucket(n: int, buckets: tuple[int, ...]) -> int | None:
 class LayerGraphs:
     def __init__(self, parts: ModelParts, max_tokens: int):
         self.parts = parts
-        self.max_keys = -(-max_tokens // KEY_BUCKET) * KEY_BUCKET
+        self.max_keys = _round_up(max_tokens, KEY_BUCKET)
         # +1: the trash slot that padded rows write to.
         self.kv = torch.zeros(parts.n_layers, 2, parts.n_kv_heads, self.max_keys + 1, parts.head_dim,
                               dtype=parts.dtype, device=parts.device)
@@ -78,7 +82,7 @@ class LayerGraphs:
         """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv."""
         n = positions.numel()
         a = _bucket(n, TOKEN_BUCKETS)
-        nk = -(-n_tokens // KEY_BUCKET) * KEY_BUCKET
+        nk = _round_up(n_tokens, KEY_BUCKET)
         key = (first, a, nk)
         if key not in self.graphs:
             self.graphs[key] = self._capture(first, a, nk)

@@ -117,6 +117,12 @@ def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     return t
 
 
+def new_cache(parts: ModelParts, n_tokens: int) -> torch.Tensor:
+    """An unfilled fused cache [L, 2, H_kv, N, D] in the model's dtype and device."""
+    return torch.empty(parts.n_layers, 2, parts.n_kv_heads, n_tokens, parts.head_dim,
+                       dtype=parts.dtype, device=parts.device)
+
+
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None,
                layers: slice = slice(None), rotate: bool = True) -> torch.Tensor:
@@ -126,9 +132,7 @@ def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     Chunk KV is copied straight into place (asynchronously from pinned memory), then all moved
     keys are re-rotated in one pass with per-token angles. `layers` fills only those layers;
     `rotate=False` leaves chunk keys unrotated (for layers where only cached values are read)."""
-    n_layers, _, heads, _, dim = prefix_kv.shape
-    kv = out if out is not None else torch.empty(n_layers, 2, heads, layout.n_tokens, dim,
-                                                 dtype=parts.dtype, device=parts.device)
+    kv = out if out is not None else new_cache(parts, layout.n_tokens)
     P = layout.n_prefix
     kv[layers, :, :, :P] = prefix_kv[layers]
     shift, end = [], P
@@ -213,8 +217,7 @@ def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chu
     c = cfg.check_layer
     if c >= parts.n_layers:
         raise ValueError(f"check_layer {c} ≥ number of layers {parts.n_layers}")
-    kv = out if out is not None else torch.empty(parts.n_layers, 2, parts.n_kv_heads, layout.n_tokens,
-                                                 parts.head_dim, dtype=parts.dtype, device=parts.device)
+    kv = out if out is not None else new_cache(parts, layout.n_tokens)
     fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.deviation != "value")
     return kv
 
