@@ -5,7 +5,7 @@ per-layer KV cache that decoding continues from.
 | full   | every token (transformers' own forward)          | nothing                      |
 | prefix | chunks 2…k and the suffix                        | prefix, chunk 1 (exact)      |
 | reuse  | the suffix                                       | prefix, all chunks           |
-| blend  | layers ≤ c: all; after c: top-r chunk + suffix   | prefix, the unselected rest  |
+| blend  | layers < c and K/V of c: all; then top-r + suffix | prefix, the unselected rest  |
 """
 from __future__ import annotations
 
@@ -86,10 +86,12 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
                 keep = keep_after_check(k, v, kv[i], blend, lo - start, hi - start, start)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
-        h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
         if keep is not None:
-            h, active = h[:, keep], active[keep]
+            # The check layer needs every token's K/V (written above), but the rest of the layer
+            # only for the tokens that flow on: the others' outputs would never be read.
+            h, q, active = h[:, keep], q[:, :, keep], active[keep]
             cos, sin, mask = cos[keep], sin[keep], causal_mask(active, n)
+        h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
     return h[:, -1], active
 
 

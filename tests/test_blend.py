@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from blend.decode import Sampling, decode
-from blend.prefill import BlendConfig, compute_kv, keep_after_check
+from blend.forward import attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
+from blend.prefill import BlendConfig, compute_kv, fill_cache, keep_after_check
 from blend.prompt import Layout
 from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
 from blend.select import deviation, select_tokens
@@ -120,6 +121,47 @@ def test_blend_recomputes_selected_and_keeps_the_rest_cached(tiny_engines, arch)
         fused = result.kv[last, 1, :, start:start + ckv.n_tokens]
         same += int((fused == ckv.kv[last, 1]).all(dim=(0, 2)).sum())
     assert same == layout.n_chunk_tokens - result.recomputed_tokens
+
+
+def reference_blend(engine, layout, kvs, cfg: BlendConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """CacheBlend computed the slow, obvious way: every token through every layer, where after the
+    check layer the unselected tokens' K/V are overwritten by their cached (re-rotated) values
+    before attention. The selected tokens see exactly what the engine's subset computation sees."""
+    parts = engine.parts
+    n, P, S = layout.n_tokens, layout.n_prefix, layout.suffix_start
+    cached = fill_cache(parts, layout, engine.prefix_kv(layout.prefix), kvs)
+    pos = torch.arange(n)
+    cos, sin = rope_for(parts, pos)
+    mask = causal_mask(pos, n)
+    h = parts.embed(torch.tensor(layout.ids()))[None]
+    use_cached, final = None, torch.empty_like(cached)
+    for i, layer in enumerate(parts.layers):
+        q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
+        if i == cfg.check_layer:
+            chosen = select_tokens(deviation(v[:, :, P:S], cached[i, 1][None, :, P:S]), cfg.ratio) + P
+            use_cached = torch.ones(n, dtype=torch.bool)
+            use_cached[chosen] = False
+            use_cached[S:] = False
+        elif use_cached is not None:
+            k = torch.where(use_cached[:, None], cached[i, 0][None], k)
+            v = torch.where(use_cached[:, None], cached[i, 1][None], v)
+        final[i, 0], final[i, 1] = k[0], v[0]
+        h = attend_and_mlp(layer, h, q, k, v, mask)
+    return logits_of(parts, h[:, -1]), final
+
+
+@ARCHS
+@pytest.mark.parametrize("ratio,check_layer", [(0.15, 1), (0.4, 0), (0.4, 1)])
+def test_blend_equals_the_obvious_computation(tiny_engines, arch, ratio, check_layer):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
+    cfg = BlendConfig(ratio=ratio, check_layer=check_layer)
+    with torch.inference_mode():
+        logits, kv = reference_blend(engine, layout, kvs, cfg)
+    result = engine.prefill(layout, "blend", kvs, cfg)
+    assert (result.logits - logits).abs().max().item() < 1e-4
+    assert (result.kv - kv).abs().max().item() < 1e-4
 
 
 @ARCHS
