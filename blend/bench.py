@@ -20,6 +20,7 @@ from blend.loader import LoadedModel, fingerprint
 from blend.prefill import BlendConfig
 from blend.prompt import Layout
 from blend.shapes import random_model
+from blend.sources import StoreSource, StreamingStoreSource
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
@@ -67,29 +68,18 @@ class Tiers:
                 self.store.put(k, v.kv.cpu(), engine.fingerprint, {"n_tokens": v.n_tokens, "start": v.start})
             self.reader = StagedReader(self.store)
 
-    def source(self, tier: str):
+    def source(self, tier: str, streamed: bool = True):
+        """`streamed=False`: LMDB reads finish before the prefill starts (what streaming saves)."""
         if tier in self.mem:
             table = self.mem[tier]
             return lambda key, ids: table[key]
-        return _LmdbSource(self.reader, self.engine.fingerprint, self.start)
-
-
-class _LmdbSource:
-    """Chunk KVs read from LMDB for each request: all of a request's chunks in one wave."""
-
-    def __init__(self, reader, fingerprint: str, start: int):
-        self.reader, self.fingerprint, self.start = reader, fingerprint, start
-
-    def __call__(self, key: str, ids: list[int]) -> ChunkKV:
-        return ChunkKV(self.reader.read(key, self.fingerprint), self.start)
-
-    def many(self, keys: list[str], ids_list: list[list[int]]) -> list[ChunkKV]:
-        return [ChunkKV(kv, self.start) for kv in self.reader.read_many(keys, self.fingerprint)]
+        cls = StreamingStoreSource if streamed else StoreSource
+        return cls(self.reader, self.engine.fingerprint, self.start)
 
 
 def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None,
          keys: list[str] | None = None) -> int:
-    kvs = engine.load_chunks(layout, mode, source, keys)
+    kvs = engine.load_chunks(layout, mode, source, keys, blend)
     result = engine.prefill(layout, mode, kvs, blend)
     return int(result.logits.argmax())  # .item() waits for the device: the first token is on the host
 
@@ -139,6 +129,12 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
                 # keys as retrieval hands them over (the hash is computed at indexing time)
                 stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
                 rows.append({"mode": mode, "ratio": ratio, "tier": tier, **stats})
+        if "lmdb" in tiers and engine.graphs is not None:  # what streaming the layers buys
+            src = store_tiers.source("lmdb", streamed=False)
+            for mode, ratio in [("reuse", None), ("blend", 0.15)]:
+                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
+                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
+                rows.append({"mode": mode, "ratio": ratio, "tier": "lmdb", "unstreamed": True, **stats})
         if engine.graphs is not None:  # the same path without CUDA graphs, to show what they buy
             graphs, engine.graphs = engine.graphs, None
             src = store_tiers.source(tiers[0])
@@ -149,7 +145,7 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
             engine.graphs = graphs
         for row in rows:
             row["speedup_vs_full"] = full["median_ms"] / row["median_ms"]
-            log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{' eager' if row.get('eager') else ''}: "
+            log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{_variant(row)}: "
                 f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  speedup {row['speedup_vs_full']:.2f}x")
         out["rows"] = rows
         if profile_dir is not None and dev.type == "cuda":
@@ -191,9 +187,14 @@ def profile(engine: Engine, layout: Layout, tiers: Tiers, tier_names: tuple[str,
             ranges = {e.key: round(e.device_time_total / 1e3, 3) for e in prof.key_averages()
                       if e.key.startswith("rb.")}
             ranges.update(gpu_busy(prof))
+            if getattr(src, "last", None) is not None:  # host blocked on LMDB reads, out of the span
+                ranges["kv_read_wait_ms"] = round(src.last.waited_s * 1e3, 3)
             stages[name] = ranges
             (out_dir / f"{name}.txt").write_text(
                 prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+            (out_dir / f"{name}.host.txt").write_text(
+                prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+            prof.export_chrome_trace(str(out_dir / f"{name}.trace.json"))
             log(f"profile {name}: " + ", ".join(f"{k}={v} ms" for k, v in ranges.items()))
     return stages
 
@@ -222,13 +223,17 @@ def gpu_busy(prof) -> dict:
             "largest_gaps_ms": [round(g / 1e3, 3) for g in gaps[:5]]}
 
 
+def _variant(row: dict) -> str:
+    return " (eager)" if row.get("eager") else " (read whole, then prefill)" if row.get("unstreamed") else ""
+
+
 def table(result: dict) -> str:
     lines = [f"shape {result['shape']} on {result['device']} ({result['dtype']}), {result['prompt_tokens']} prompt tokens "
              f"({result['n_chunks']} × {result['chunk_tokens']} + question {result['question_tokens']}); "
              f"transformers forward {result['transformers_forward']['median_ms']:.2f} ms", "",
              "| mode | ratio | KV tier | median TTFT ms | p90 ms | speedup vs full |", "|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        tier = (r["tier"] or "-") + (" (eager)" if r.get("eager") else "")
+        tier = (r["tier"] or "-") + _variant(r)
         lines.append(f"| {r['mode']} | {'-' if r['ratio'] is None else r['ratio']} | {tier} | "
                      f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_full']:.2f}× |")
     if result["sweep"]:

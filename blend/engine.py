@@ -12,7 +12,7 @@ from torch.profiler import record_function
 from blend.decode import Sampling, decode
 from blend.forward import model_parts
 from blend.graphs import LayerGraphs
-from blend.kv import ChunkKV
+from blend.kv import ArrivingKV, ChunkKV
 from blend.loader import LoadedModel
 from blend.prefill import MODES, BlendConfig, PrefillResult, compute_kv, prefill_cached, prefill_full
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
@@ -20,7 +20,8 @@ from blend.rope import check_blendable
 from store.hashing import chunk_hash
 
 # (key, chunk token ids) → the chunk's KV, from whatever tier holds it (or computed). A source
-# may also offer `many(keys, ids_list) -> list[ChunkKV]` to read a request's chunks at once.
+# may also offer `many(keys, ids_list) -> list[ChunkKV]` to read a request's chunks at once, and
+# `stream(keys, ids_list, layers) -> ArrivingKV` to hand them over layer by layer as they are read.
 KVSource = Callable[[str, list[int]], ChunkKV]
 
 
@@ -134,21 +135,37 @@ class Engine:
         return lambda key, ids: kvs[key]
 
     def load_chunks(self, layout: Layout, mode: str, source: KVSource,
-                    keys: Sequence[str] | None = None) -> list[ChunkKV]:
+                    keys: Sequence[str] | None = None, blend: BlendConfig | None = None) -> list[ChunkKV] | ArrivingKV:
         """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise. `keys`:
-        the chunks' store keys when the caller has them (retrieval does), saving the hashing."""
+        the chunks' store keys when the caller has them (retrieval does), saving the hashing.
+        From a streaming source (on CUDA), reuse and blend get them still arriving, in the order
+        of the layers they read (blend: from the check layer on)."""
         wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
         chunks = layout.chunks[:wanted]
         with record_function("rb.load_kv"):
             names = [keys[i] if keys is not None else self.chunk_key(layout.prefix, ids) for i, ids in enumerate(chunks)]
+            if not names:
+                return []
+            stream = getattr(source, "stream", None)
+            if stream is not None and self.graphs is not None and mode in ("reuse", "blend"):
+                first = (blend or BlendConfig()).check_layer if mode == "blend" else 0
+                return stream(names, chunks, list(range(first, self.parts.n_layers)))
             many = getattr(source, "many", None)  # a source that reads a whole request in one go
-            if many is not None and names:
+            if many is not None:
                 return many(names, chunks)
             return [source(name, ids) for name, ids in zip(names, chunks)]
 
     # -- prefill and generation ----------------------------------------------------------------
-    def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV],
+    def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                 blend: BlendConfig | None = None) -> PrefillResult:
+        try:
+            return self._prefill(layout, mode, chunk_kvs, blend)
+        finally:
+            if isinstance(chunk_kvs, ArrivingKV):
+                chunk_kvs.close()
+
+    def _prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
+                 blend: BlendConfig | None) -> PrefillResult:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if layout.n_tokens > self.max_context:
@@ -171,7 +188,7 @@ class Engine:
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
         sync(self.device)
         t0 = time.perf_counter()
-        chunk_kvs = self.load_chunks(layout, mode, source, keys)
+        chunk_kvs = self.load_chunks(layout, mode, source, keys, blend)
         sync(self.device)
         t_loaded = time.perf_counter()
         result = self.prefill(layout, mode, chunk_kvs, blend)

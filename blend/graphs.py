@@ -2,12 +2,15 @@
 layer in `reuse`): there, transformers-style eager execution is bound by kernel launches, not
 arithmetic (FACTS: a 64-token forward of a 7B model costs ~36 ms in eager).
 
-One graph per (first layer, token bucket, key bucket). Inputs are padded to the bucket: padded
+One graph per (span of layers, token bucket, key bucket): all the layers after the first in
+one, or one per layer where each must wait for its cached KV to arrive. Inputs are padded to the bucket: padded
 rows write their K/V into a trash slot past the keys any query can see, and attend only to
 position 0, so they cannot touch real tokens. The fused KV cache lives in one static buffer that
 every graph reads and writes; requests are served one at a time by the engine's worker.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -35,7 +38,10 @@ class LayerGraphs:
         self.kv = torch.zeros(parts.n_layers, 2, parts.n_kv_heads, self.max_keys + 1, parts.head_dim,
                               dtype=parts.dtype, device=parts.device)
         self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, dict[str, torch.Tensor]]] = {}
+        # Static inputs per (token bucket, key bucket), shared by the graphs of those buckets, so
+        # that a chain of one-layer graphs hands the hidden state on in place.
+        self.io: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}
 
     def buffer(self, n_tokens: int) -> torch.Tensor:
         if n_tokens > self.max_keys:
@@ -45,27 +51,35 @@ class LayerGraphs:
     def covers(self, n_active: int) -> bool:
         return _bucket(n_active, TOKEN_BUCKETS) is not None
 
-    def _capture(self, first: int, a: int, nk: int):
-        p = self.parts
-        hidden = p.embed.weight.shape[1]
-        io = {"h": torch.zeros(1, a, hidden, dtype=p.dtype, device=p.device),
-              "qpos": torch.zeros(a, dtype=torch.long, device=p.device),
-              "wpos": torch.full((a,), self.max_keys, dtype=torch.long, device=p.device)}
+    def _inputs(self, a: int, nk: int) -> dict[str, torch.Tensor]:
+        if (a, nk) not in self.io:
+            p = self.parts
+            hidden = p.embed.weight.shape[1]
+            self.io[a, nk] = {"h": torch.zeros(1, a, hidden, dtype=p.dtype, device=p.device),
+                              "qpos": torch.zeros(a, dtype=torch.long, device=p.device),
+                              "wpos": torch.full((a,), self.max_keys, dtype=torch.long, device=p.device)}
+        return self.io[a, nk]
 
-        def body() -> torch.Tensor:
+    def _capture(self, first: int, last: int, a: int, nk: int) -> torch.cuda.CUDAGraph:
+        p = self.parts
+        io = self._inputs(a, nk)
+
+        def body() -> None:
             cos, sin = rope_for(p, io["qpos"])
             mask = causal_mask(io["qpos"], nk)
             h = io["h"]
-            for i in range(first, p.n_layers):
+            for i in range(first, last):
                 layer = p.layers[i]
                 q, k, v = project_qkv(layer, h, cos, sin, p.head_dim)
                 self.kv[i, 0].index_copy_(1, io["wpos"], k[0])
                 self.kv[i, 1].index_copy_(1, io["wpos"], v[0])
                 h = attend_and_mlp(layer, h, q, self.kv[i, 0, :, :nk][None], self.kv[i, 1, :, :nk][None], mask)
-            return h
+            io["h"].copy_(h)
 
         # Warm up on a side stream (allocator and cuBLAS workspaces), then capture. The warm-up
-        # writes only the trash slot because wpos is all padding.
+        # writes K/V only to the trash slot, and the inputs are restored after it.
+        saved = {name: t.clone() for name, t in io.items()}
+        io["wpos"].fill_(self.max_keys)
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -74,24 +88,34 @@ class LayerGraphs:
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool), torch.inference_mode():
-            io["out"] = body()
-        return graph, io
+            body()
+        for name, t in saved.items():
+            io[name].copy_(t)
+        return graph
 
     @torch.inference_mode()
-    def run(self, first: int, h: torch.Tensor, positions: torch.Tensor, n_tokens: int) -> torch.Tensor:
-        """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv."""
+    def run(self, first: int, h: torch.Tensor, positions: torch.Tensor, n_tokens: int,
+            before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+        """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv.
+        One graph for them all, or with `before_layer` one graph per layer, that hook being
+        called before each (it may make the stream wait for that layer's cache to be filled)."""
         n = positions.numel()
         a = _bucket(n, TOKEN_BUCKETS)
         nk = _round_up(n_tokens, KEY_BUCKET)
-        key = (first, a, nk)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(first, a, nk)
-        graph, io = self.graphs[key]
+        io = self._inputs(a, nk)
         io["h"][:, :n].copy_(h)
         io["h"][:, n:].zero_()
         io["qpos"][:n].copy_(positions)
         io["qpos"][n:].zero_()
         io["wpos"][:n].copy_(positions)
         io["wpos"][n:].fill_(self.max_keys)
-        graph.replay()
-        return io["out"][:, :n]
+        L = self.parts.n_layers
+        spans = [(first, L)] if before_layer is None else [(i, i + 1) for i in range(first, L)]
+        for lo, hi in spans:
+            if before_layer is not None:
+                before_layer(lo)
+            key = (lo, hi, a, nk)
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(lo, hi, a, nk)
+            self.graphs[key].replay()
+        return io["h"][:, :n]

@@ -1,6 +1,7 @@
 """The value a chunk's precomputed KV travels as, between the engine, the hot tier and the store."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,3 +24,23 @@ class ChunkKV:
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "ChunkKV":
         return ChunkKV(self.kv.to(device, non_blocking=non_blocking), self.start)
+
+
+@dataclass
+class ArrivingKV:
+    """A request's chunk KVs whose layers are still landing in (pinned) host memory, in the
+    order `layers`: layer i of every chunk is in place once `wait(i)` returns. The prefill
+    consumes each layer as it arrives instead of waiting for the whole read; `close()` ends the
+    read (it is called once the prefill has queued every copy). `block`, when the chunks are
+    views of one [L, 2, H, ΣT, D] tensor side by side in layout order, lets a layer of the whole
+    request move to the device in one copy."""
+    chunks: list[ChunkKV]
+    layers: list[int]
+    wait: Callable[[int], None]
+    close: Callable[[], None]
+    block: torch.Tensor | None = None
+
+    def wait_all(self) -> list[ChunkKV]:
+        for i in self.layers:
+            self.wait(i)
+        return self.chunks

@@ -9,6 +9,7 @@ per-layer KV cache that decoding continues from.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,7 @@ from torch.profiler import record_function
 
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
-from blend.kv import ChunkKV
+from blend.kv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
 from blend.select import deviation, select_tokens
@@ -51,7 +52,7 @@ class PrefillResult:
 def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+               before_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
@@ -60,8 +61,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     deviation of their fresh K/V from the cached one and only the top ratio, plus every token after
     the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
-    as filled (by a side stream, overlapping the first layers). Nothing here waits for the GPU. Returns the last active
-    token's hidden state and the final active positions.
+    as filled (by a side stream, overlapping the first layers); or `before_layer(i)` is called
+    before each layer i computes (to fill its cache as the KV arrives). Nothing here waits for the
+    GPU. Returns the last active token's hidden state and the final active positions.
     """
     n = kv.shape[3]
     active = torch.arange(start, n, device=parts.device)
@@ -76,8 +78,10 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
-                h = graphs.run(i, h, active, n)
+                h = graphs.run(i, h, active, n, before_layer)
             break
+        if before_layer is not None:
+            before_layer(i)
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None
         if blend is not None and i == blend.check_layer:
@@ -125,27 +129,80 @@ def new_cache(parts: ModelParts, n_tokens: int) -> torch.Tensor:
                        dtype=parts.dtype, device=parts.device)
 
 
+def chunk_rotation(parts: ModelParts, layout: Layout, chunk_kvs: list[ChunkKV]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Per-token cos/sin that move the chunks' cached keys to their places in `layout` (None when
+    every chunk sits where it was cached)."""
+    shift: list[int] = []
+    for start, ckv in zip(layout.chunk_starts, chunk_kvs):
+        shift += [start - ckv.start] * ckv.n_tokens
+    if not any(shift):
+        return None
+    return delta_cos_sin(parts.inv_freq, to_device(shift, parts.device))
+
+
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                chunk_kvs: list[ChunkKV], out: torch.Tensor | None = None,
-               layers: slice = slice(None), rotate: bool = True) -> torch.Tensor:
+               layers: slice = slice(None), rotate: bool = True,
+               rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The fused cache before any compute: exact prefix KV, the given chunks' KV (the first ones of
     the layout, possibly none) re-rotated to their places; the rest is written by compute.
 
     Chunk KV is copied straight into place (asynchronously from pinned memory), then all moved
-    keys are re-rotated in one pass with per-token angles. `layers` fills only those layers;
-    `rotate=False` leaves chunk keys unrotated (for layers where only cached values are read)."""
+    keys are re-rotated in one pass with per-token angles (`rotation`, from chunk_rotation, when
+    the caller fills layer by layer). `layers` fills only those layers; `rotate=False` leaves
+    chunk keys unrotated (for layers where only cached values are read)."""
     kv = out if out is not None else new_cache(parts, layout.n_tokens)
     P = layout.n_prefix
     kv[layers, :, :, :P] = prefix_kv[layers]
-    shift, end = [], P
+    end = P
     for start, ckv in zip(layout.chunk_starts, chunk_kvs):
         end = start + ckv.n_tokens
         kv[layers, :, :, start:end].copy_(ckv.kv[layers], non_blocking=True)
-        shift += [start - ckv.start] * ckv.n_tokens
-    if rotate and any(shift):
-        cos, sin = delta_cos_sin(parts.inv_freq, to_device(shift, parts.device))
-        rotate_keys_(kv[layers, 0, :, P:end], cos, sin)
+    if rotate:
+        rotation = rotation or chunk_rotation(parts, layout, chunk_kvs)
+        if rotation is not None:
+            rotate_keys_(kv[layers, 0, :, P:end], *rotation)
     return kv
+
+
+class LayerFeed:
+    """Fills the fused cache layer by layer from chunk KVs still arriving in host memory: layer
+    i is copied (and its keys re-rotated) on the `side` stream as soon as the host holds it, and
+    the compute stream waits for that layer alone, so reading layer i+1 overlaps computing i."""
+
+    def __init__(self, parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, arriving: ArrivingKV,
+                 kv: torch.Tensor, side: torch.cuda.Stream):
+        self.parts, self.layout, self.prefix_kv, self.kv, self.side = parts, layout, prefix_kv, kv, side
+        self.arriving = arriving
+        self.layers = set(arriving.layers)
+        P, S = layout.n_prefix, layout.suffix_start
+        # One copy per layer needs the chunks side by side, in layout order, filling P…S.
+        block = arriving.block
+        self.block = block if block is not None and block.shape[3] == S - P else None
+        self.rotation = chunk_rotation(parts, layout, arriving.chunks)
+        side.wait_stream(torch.cuda.current_stream())  # the rotation tables exist before use
+        if self.block is not None and self.layers:
+            with torch.cuda.stream(side):  # the exact prefix KV, for every fed layer at once
+                lo = min(self.layers)
+                kv[lo:, :, :, :P] = prefix_kv[lo:]
+
+    def __call__(self, i: int) -> None:
+        if i not in self.layers:
+            return
+        with record_function("rb.wait_kv"):
+            self.arriving.wait(i)
+        with torch.cuda.stream(self.side), record_function("rb.fill_layer"):
+            if self.block is not None:
+                P, S = self.layout.n_prefix, self.layout.suffix_start
+                self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)
+                if self.rotation is not None:
+                    rotate_keys_(self.kv[i, 0, :, P:S], *self.rotation)
+            else:
+                fill_cache(self.parts, self.layout, self.prefix_kv, self.arriving.chunks, self.kv,
+                           slice(i, i + 1), rotation=self.rotation)
+            filled = torch.cuda.Event()
+            filled.record(self.side)
+        torch.cuda.current_stream().wait_event(filled)
 
 
 @torch.inference_mode()
@@ -161,13 +218,19 @@ def prefill_full(model: torch.nn.Module, layout: Layout) -> PrefillResult:
 
 @torch.inference_mode()
 def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
-                   chunk_kvs: list[ChunkKV], mode: str, blend: BlendConfig | None = None,
+                   chunk_kvs: list[ChunkKV] | ArrivingKV, mode: str, blend: BlendConfig | None = None,
                    graphs: LayerGraphs | None = None, side: torch.cuda.Stream | None = None) -> PrefillResult:
     """`prefix`, `reuse` or `blend` over cached chunk KVs (one per chunk; `prefix` reads the first).
 
     With a CUDA `side` stream, blend copies (and re-rotates) the cached KV of the layers after the
     check layer there, while the first layers compute: those layers recompute every token and
-    need nothing cached but the check layer's values."""
+    need nothing cached but the check layer's values. Chunk KVs still arriving (ArrivingKV) are
+    fed in layer by layer as they land, with CUDA graphs and a side stream; otherwise awaited."""
+    arriving = chunk_kvs if isinstance(chunk_kvs, ArrivingKV) else None
+    if arriving is not None:
+        if graphs is None or side is None or mode == "prefix":
+            arriving = None
+        chunk_kvs = chunk_kvs.wait_all() if arriving is None else chunk_kvs.chunks
     needed = min(1, len(layout.chunks)) if mode == "prefix" else len(layout.chunks)
     if len(chunk_kvs) < needed:
         raise ValueError(f"{len(chunk_kvs)} chunk KVs for {needed} chunks")
@@ -176,7 +239,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
     out = graphs.buffer(N) if graphs is not None else None
-    ready, cfg = None, None
+    ready, cfg, feed = None, None, None
     if mode == "prefix":
         # Only a chunk cached at exactly its position is a true prefix hit: the first one.
         first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
@@ -184,29 +247,37 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
         start = P + first
     elif mode == "reuse":
-        with record_function("rb.fill_cache"):
-            kv = fill_cache(parts, layout, prefix_kv, chunk_kvs, out)
+        if arriving is not None:
+            kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
+        else:
+            with record_function("rb.fill_cache"):
+                kv = fill_cache(parts, layout, prefix_kv, chunk_kvs, out)
         start = S
     elif mode == "blend":
         cfg = blend or BlendConfig()
-        with record_function("rb.fill_cache"):
-            kv = _blend_cache(parts, layout, prefix_kv, chunk_kvs, cfg, out)
-        # Layers up to the check layer run from position 0: recomputing the short prefix there
-        # costs ~1% and turns their attention into plain causal attention (the flash kernel).
-        later = slice(cfg.check_layer + 1, None)
-        if side is None:
-            fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
-        else:  # overlaps the first layers' compute
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
+        if cfg.check_layer >= parts.n_layers:
+            raise ValueError(f"check_layer {cfg.check_layer} ≥ number of layers {parts.n_layers}")
+        if arriving is not None:
+            kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
+        else:
+            with record_function("rb.fill_cache"):
+                kv = _blend_cache(parts, layout, prefix_kv, chunk_kvs, cfg, out)
+            # Layers up to the check layer run from position 0: recomputing the short prefix
+            # there costs ~1% and turns their attention into plain causal attention (flash).
+            later = slice(cfg.check_layer + 1, None)
+            if side is None:
                 fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
-                ready = torch.cuda.Event()
-                ready.record(side)
+            else:  # overlaps the first layers' compute
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
+                    fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
+                    ready = torch.cuda.Event()
+                    ready.record(side)
         start = 0
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = to_device(layout.ids(), parts.device)
-    h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready)
+    h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed)
     logits = logits_of(parts, h)
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed)
@@ -217,8 +288,6 @@ def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chu
     """Blend's cache for the layers up to the check layer. They recompute every token, so of the
     cache they read only the check layer's chunk values (and keys) to compare against."""
     c = cfg.check_layer
-    if c >= parts.n_layers:
-        raise ValueError(f"check_layer {c} ≥ number of layers {parts.n_layers}")
     kv = out if out is not None else new_cache(parts, layout.n_tokens)
     fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.deviation != "value")
     return kv

@@ -123,6 +123,29 @@ class KVStore:
                 with self._guard.exclusive():
                     self._env.set_mapsize(0)
 
+    @contextmanager
+    def snapshot(self) -> Iterator[lmdb.Transaction]:
+        """A read transaction held open across calls (see `raw`): its buffers point into the map
+        and stay valid until it ends. Keep it short; it pins the pages it sees."""
+        while True:
+            with self._guard.shared():
+                try:
+                    txn = self._env.begin(write=False, buffers=True)
+                except lmdb.MapResizedError:
+                    txn = None
+                if txn is not None:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            with self._guard.exclusive():  # another process grew the map: adopt its size
+                self._env.set_mapsize(0)
+
+    def raw(self, txn: lmdb.Transaction, key: str) -> memoryview | None:
+        """An entry's bytes, zero-copy, valid while `txn` (from `snapshot`) lives."""
+        return txn.get(_key(key), db=self._kv)
+
     def _grow(self, seen: int, need: int) -> None:
         with self._guard.exclusive():
             current = self._env.info()["map_size"]

@@ -1,15 +1,61 @@
 """Cold reads of chunk KV from LMDB, fast enough to serve from: every layer's checksum and copy
 run on a thread pool, straight into reusable pinned staging buffers (so the host→GPU copy runs at
-full DMA speed and asynchronously, instead of through pageable memory)."""
+full DMA speed and asynchronously, instead of through pageable memory). `stream` hands a request's
+chunks over layer by layer, so that the GPU computes layer i while layer i+1 is still being read."""
 from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
+from contextlib import ExitStack
 
 import torch
 
 from store.lmdb_store import KVStore
+from store.serialize import CorruptEntry, byte_rows, copy_layer, open_entry
+
+
+class LayerStream:
+    """A request's chunk KVs landing in staging buffers layer by layer, from one LMDB snapshot
+    that stays open until `close()`. `wait(i)` returns once layer i of every chunk is verified and
+    in place (and raises CorruptEntry, naming the entry, if one is not)."""
+
+    def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor],
+                 jobs: dict[int, list[tuple[str, Future]]], resources: ExitStack):
+        self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
+        self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
+        self._jobs = jobs
+        self._resources = resources
+        self.waited_s = 0.0  # host time spent blocked in wait(): the reads the compute outran
+
+    def wait(self, layer: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            for key, job in self._jobs.get(layer, ()):
+                try:
+                    job.result()
+                except CorruptEntry as e:
+                    raise CorruptEntry(f"entry {key}: {e}") from None
+        finally:
+            self.waited_s += time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Drop the layers nobody waited for and end the snapshot (after every copy from it)."""
+        jobs = [job for layer in self._jobs.values() for _, job in layer]
+        for job in jobs:
+            job.cancel()
+        wait_all(jobs)
+        self._jobs = {}
+        self._resources.close()
+
+    def __enter__(self) -> "LayerStream":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 class StagedReader:
@@ -18,7 +64,8 @@ class StagedReader:
 
     def __init__(self, store: KVStore, *, workers: int | None = None, slots: int = 64, pin: bool | None = None):
         self.store = store
-        self.pool = ThreadPoolExecutor(max_workers=workers or min(16, os.cpu_count() or 1),
+        # Leave two cores to the thread that drives the GPU: it is on the critical path.
+        self.pool = ThreadPoolExecutor(max_workers=workers or max(1, min(16, (os.cpu_count() or 1) - 2)),
                                        thread_name_prefix="kv-read")
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._buffers: list[torch.Tensor | None] = [None] * slots
@@ -60,6 +107,48 @@ class StagedReader:
             outs.append(self._staging(n, slot)[:n].view(head.dtype).view(head.shape))
         got = self.store.get_many(keys, outs, self.pool, fingerprint=fingerprint)
         return [None if h is None else t for h, t in zip(heads, got)]
+
+    def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None) -> LayerStream:
+        """Start reading `layers` (in that order: the first needed first) of every chunk in `keys`
+        and return at once. The chunks land side by side along the token axis of one staging
+        block, so that a layer of the whole request is one contiguous host→device copy. Raises
+        KeyError for an absent key, CorruptEntry / FingerprintMismatch for a bad header and
+        ValueError for entries of different models, before anything is queued."""
+        resources = ExitStack()
+        jobs: dict[int, list[tuple[str, Future]]] = {}
+        try:
+            txn = resources.enter_context(self.store.snapshot())
+            opened = []
+            for key in keys:
+                buf = self.store.raw(txn, key)
+                if buf is None:
+                    raise KeyError(key)
+                try:
+                    opened.append((key, *open_entry(buf, fingerprint)))
+                except CorruptEntry as e:
+                    raise CorruptEntry(f"entry {key}: {e}") from None
+            if not opened:
+                return LayerStream(None, [], jobs, resources)
+            n_layers, _, heads, _, dim = opened[0][2].shape
+            dtype = opened[0][2].dtype
+            for key, _, head in opened:
+                if (head.shape[0], head.shape[2], head.shape[4], head.dtype) != (n_layers, heads, dim, dtype):
+                    raise ValueError(f"entry {key} has shape {head.shape} {head.dtype}, unlike {keys[0]}")
+            total = sum(head.shape[3] for _, _, head in opened)
+            n = n_layers * 2 * heads * total * dim * dtype.itemsize
+            block = self._staging(n, 0)[:n].view(dtype).view(n_layers, 2, heads, total, dim)
+            rows = block.view(torch.uint8).numpy()  # [L, 2, H, ΣT, D·bytes]
+            spans, at = [], 0
+            for key, mv, head in opened:
+                spans.append((key, mv, head, at, at + head.shape[3]))
+                at += head.shape[3]
+            for i in layers:  # layer-major, so layers arrive in the order they are consumed
+                jobs[i] = [(key, self.pool.submit(copy_layer, mv, head, i, rows[i, :, :, lo:hi]))
+                           for key, mv, head, lo, hi in spans]
+        except BaseException:
+            LayerStream(None, [], jobs, resources).close()  # no copy may outlive the snapshot
+            raise
+        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], jobs, resources)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -123,6 +123,37 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
                     head_len, layer_nbytes)
 
 
+def open_entry(buf: bytes | memoryview, expect_fingerprint: str | None = None) -> tuple[memoryview, KVHeader]:
+    """The entry's bytes and its verified header; raises FingerprintMismatch for another model's."""
+    mv = _byte_view(buf)
+    head = read_header(mv)
+    if expect_fingerprint is not None and head.fingerprint != expect_fingerprint:
+        raise FingerprintMismatch(
+            f"entry was computed for fingerprint {head.fingerprint!r}, "
+            f"expected {expect_fingerprint!r}")
+    return mv, head
+
+
+def byte_rows(out: torch.Tensor, head: KVHeader, n_layers: int | None = None) -> np.ndarray:
+    """`out` as one row of bytes per layer, after checking it can hold the entry's layers."""
+    n = head.shape[0] if n_layers is None else n_layers
+    shape = (n, *head.shape[1:])
+    if tuple(out.shape) != shape or out.dtype != head.dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous CPU {head.dtype} tensor of shape {shape}")
+    # Through numpy: torch.frombuffer warns on LMDB's read-only buffers.
+    return out.view(torch.uint8).numpy().reshape(n, head.layer_nbytes)
+
+
+def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray) -> None:
+    """Verify layer i's checksum and copy its bytes to `dst`, any byte array of the layer's size,
+    strided or not (crc32 and the copy release the GIL, so layers copy in parallel on a pool)."""
+    start = head.payload_offset + i * head.layer_nbytes
+    span = mv[start:start + head.layer_nbytes]
+    if zlib.crc32(span) != head.layer_crcs[i]:
+        raise CorruptEntry(f"checksum mismatch in layer {i}")
+    dst[...] = np.frombuffer(span, dtype=np.uint8).reshape(dst.shape)
+
+
 def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
               layers: range | list[int] | None = None, out: torch.Tensor | None = None,
               pool: Executor | None = None, pending: list[Future] | None = None) -> torch.Tensor:
@@ -130,42 +161,25 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
 
     The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
     `out` (e.g. a pinned staging tensor of the right shape and dtype) is filled instead of a new
-    tensor; `pool` verifies and copies the layers in parallel (crc32 and the copy release the GIL),
-    which is what makes a cold read of a 7B model's chunk KV fast enough to serve from. With
-    `pending`, the layer jobs are appended to it instead of awaited: the caller waits (while `buf`
-    is still alive), so several entries' layers share the pool at once.
+    tensor; `pool` verifies and copies the layers in parallel, which is what makes a cold read of
+    a 7B model's chunk KV fast enough to serve from. With `pending`, the layer jobs are appended
+    to it instead of awaited: the caller waits (while `buf` is still alive), so several entries'
+    layers share the pool at once.
     """
-    mv = _byte_view(buf)
-    head = read_header(mv)
-    if expect_fingerprint is not None and head.fingerprint != expect_fingerprint:
-        raise FingerprintMismatch(
-            f"entry was computed for fingerprint {head.fingerprint!r}, "
-            f"expected {expect_fingerprint!r}")
+    mv, head = open_entry(buf, expect_fingerprint)
     n_layers = head.shape[0]
     wanted = list(range(n_layers)) if layers is None else [int(i) for i in layers]
     for i in wanted:
         if not 0 <= i < n_layers:
             raise IndexError(f"layer {i} out of range for an entry of {n_layers} layers")
-    shape = (len(wanted), *head.shape[1:])
     if out is None:
-        out = torch.empty(shape, dtype=head.dtype)
-    elif tuple(out.shape) != shape or out.dtype != head.dtype or not out.is_contiguous() or out.device.type != "cpu":
-        raise ValueError(f"out must be a contiguous CPU {head.dtype} tensor of shape {shape}")
-    # Copy through numpy: torch.frombuffer warns on LMDB's read-only buffers.
-    dst = out.view(torch.uint8).numpy().reshape(len(wanted), head.layer_nbytes)
-
-    def layer(j: int, i: int) -> None:
-        start = head.payload_offset + i * head.layer_nbytes
-        span = mv[start:start + head.layer_nbytes]
-        if zlib.crc32(span) != head.layer_crcs[i]:
-            raise CorruptEntry(f"checksum mismatch in layer {i}")
-        dst[j] = np.frombuffer(span, dtype=np.uint8)
-
+        out = torch.empty((len(wanted), *head.shape[1:]), dtype=head.dtype)
+    dst = byte_rows(out, head, len(wanted))
     if pool is None:
         for j, i in enumerate(wanted):
-            layer(j, i)
+            copy_layer(mv, head, i, dst[j])
     else:
-        jobs = [pool.submit(layer, j, i) for j, i in enumerate(wanted)]
+        jobs = [pool.submit(copy_layer, mv, head, i, dst[j]) for j, i in enumerate(wanted)]
         if pending is not None:
             pending.extend(jobs)
         else:

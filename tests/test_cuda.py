@@ -54,3 +54,47 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
     # a second request through the same graphs (new shapes, reused buffers) still agrees
     layout2 = make_layout(n_chunks=3, seed=5)
     assert int(prefill(fast, layout2, mode, ratio or 0.0).logits.argmax()) == int(prefill(plain, layout2, mode, ratio or 0.0).logits.argmax())
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+@pytest.mark.parametrize("mode,ratio", [("reuse", None), ("blend", 0.15), ("blend", 1.0)])
+def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, tmp_path):
+    """Layers fed into the prefill as they are read (per-layer graphs, side-stream copies) give
+    the same answer as the same KV held in GPU memory; a corrupt layer fails the request, not
+    the engine."""
+    from blend.kv import ArrivingKV
+    from blend.sources import StreamingStoreSource
+    from store import CorruptEntry, KVStore, StagedReader
+
+    engine = engine_for(arch, torch.bfloat16, graphs=True)
+    layout = make_layout()
+    mem = engine.memory_source(layout)
+    keys = [engine.chunk_key(layout.prefix, ids) for ids in layout.chunks]
+    store = KVStore(tmp_path / "kv")
+    for key, ids in zip(keys, layout.chunks):
+        store.put(key, mem(key, ids).kv.cpu(), engine.fingerprint, {})
+    reader = StagedReader(store, workers=4)
+    src = StreamingStoreSource(reader, engine.fingerprint, len(layout.prefix))
+    cfg = BlendConfig(ratio=ratio or 0.0)
+    g = Sampling()
+
+    def answer(source):
+        kvs = engine.load_chunks(layout, mode, source, keys, cfg)
+        result = engine.prefill(layout, mode, kvs, cfg)
+        return kvs, result.logits.clone(), list(decode(engine.model, result, 20, g))
+
+    kvs, streamed_logits, streamed = answer(src)
+    assert isinstance(kvs, ArrivingKV)
+    _, logits, tokens = answer(mem)
+    assert (streamed_logits - logits).abs().max().item() < 0.02 * max(1.0, logits.abs().max().item())
+    assert streamed == tokens
+
+    raw = bytearray(store._env.begin(db=store._kv).get(keys[2].encode()))
+    raw[-7] ^= 0x08  # the last layer of the third chunk
+    with store._env.begin(write=True, db=store._kv) as txn:
+        txn.put(keys[2].encode(), bytes(raw))
+    with pytest.raises(CorruptEntry, match=f"entry {keys[2]}"):
+        answer(src)
+    assert answer(mem)[2] == tokens
+    reader.close()
+    store.close()

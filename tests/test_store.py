@@ -384,3 +384,60 @@ def test_staged_reader_reads_a_whole_request_at_once(tmp_path):
         reader.read_many(["k0"], "other")
     reader.close()
     store.close()
+
+
+def test_layer_stream_hands_over_layers_in_order_bit_exact(tmp_path):
+    """`stream` returns before reading; each wait(i) leaves layer i of every chunk in place,
+    bit-exact, and layers never asked for are not read."""
+    from store import StagedReader
+
+    store = KVStore(tmp_path / "kv")
+    kvs = {f"k{i}": random_bits(torch.bfloat16, (6, 2, 2, 5 + i, 8), seed=i) for i in range(3)}
+    for k, kv in kvs.items():
+        store.put(k, kv, "fp", {})
+    reader = StagedReader(store, workers=3, slots=8, pin=False)
+    with reader.stream(["k2", "k0"], [], "fp") as s:
+        for t in s.tensors:
+            t.fill_(0)  # the staging slots the next stream reuses: what it does not read stays zero
+    with reader.stream(["k2", "k0"], [2, 3, 4, 5], "fp") as s:
+        for i in [2, 3, 4, 5]:
+            s.wait(i)
+            assert bits_equal(s.tensors[0][i], kvs["k2"][i]) and bits_equal(s.tensors[1][i], kvs["k0"][i])
+        assert not s.tensors[0][:2].view(torch.int16).any()
+        # the chunks sit side by side in one block, so a layer of the request is one copy
+        assert bits_equal(s.block[2:], torch.cat([kvs["k2"][2:], kvs["k0"][2:]], dim=3))
+    # a snapshot: an entry overwritten while the stream is open is read as it was
+    with reader.stream(["k1"], range(6), "fp") as s:
+        store.put("k1", torch.zeros(6, 2, 2, 6, 8, dtype=torch.bfloat16), "fp", {})
+        for i in range(6):
+            s.wait(i)
+        assert bits_equal(s.tensors[0], kvs["k1"])
+    reader.close()
+    store.close()
+
+
+def test_layer_stream_reports_bad_entries(tmp_path):
+    """Absent and foreign entries fail before anything is queued; a corrupt layer fails at the
+    wait for that layer (naming the entry), and the layers before it were usable."""
+    from store import StagedReader
+
+    store = KVStore(tmp_path / "kv")
+    kv = random_bits(torch.float16, (4, 2, 2, 6, 8))
+    store.put("good", kv, "fp", {})
+    store.put("bad", kv, "fp", {})
+    reader = StagedReader(store, workers=2, slots=4, pin=False)
+    with pytest.raises(KeyError):
+        reader.stream(["good", "absent"], range(4), "fp")
+    with pytest.raises(FingerprintMismatch):
+        reader.stream(["good"], range(4), "other")
+    raw = bytearray(store._env.begin(db=store._kv).get(b"bad"))
+    raw[-3] ^= 0x10  # in the last layer
+    with store._env.begin(write=True, db=store._kv) as txn:
+        txn.put(b"bad", bytes(raw))
+    with reader.stream(["good", "bad"], range(4), "fp") as s:
+        for i in range(3):
+            s.wait(i)
+        with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
+            s.wait(3)
+    reader.close()
+    store.close()
