@@ -2,6 +2,7 @@
 timings, in any prefill mode. Functions below it take tensors; this is the one stateful object."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -158,11 +159,16 @@ class Engine:
     # -- prefill and generation ----------------------------------------------------------------
     def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                 blend: BlendConfig | None = None) -> PrefillResult:
-        try:
+        if not isinstance(chunk_kvs, ArrivingKV):
             return self._prefill(layout, mode, chunk_kvs, blend)
-        finally:
-            if isinstance(chunk_kvs, ArrivingKV):
+        try:
+            result = self._prefill(layout, mode, chunk_kvs, blend)
+        except BaseException:
+            with contextlib.suppress(Exception):
                 chunk_kvs.close()
+            raise
+        chunk_kvs.close()  # raises if a layer the queued prefill reads failed its checksum
+        return result
 
     def _prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                  blend: BlendConfig | None) -> PrefillResult:

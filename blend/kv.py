@@ -33,12 +33,16 @@ class ArrivingKV:
     consumes each layer as it arrives instead of waiting for the whole read; `close()` ends the
     read (it is called once the prefill has queued every copy). `block`, when the chunks are
     views of one [L, 2, H, ΣT, D] tensor side by side in layout order, lets a layer of the whole
-    request move to the device in one copy."""
+    request move to the device in one copy. `flags` (pinned int32, one per layer): `seq` is
+    written to flags[i] once layer i is in place, so a CUDA stream can wait for it instead of
+    the host; `close()` then raises if a layer turned out corrupt (the prefill is void)."""
     chunks: list[ChunkKV]
     layers: list[int]
     wait: Callable[[int], None]
     close: Callable[[], None]
     block: torch.Tensor | None = None
+    flags: torch.Tensor | None = None
+    seq: int = 0
 
     def wait_all(self) -> list[ChunkKV]:
         for i in self.layers:

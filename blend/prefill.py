@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch.profiler import record_function
 
+from blend import hostwait
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
 from blend.kv import ArrivingKV, ChunkKV
@@ -180,6 +181,11 @@ class LayerFeed:
         block = arriving.block
         self.block = block if block is not None and block.shape[3] == S - P else None
         self.rotation = chunk_rotation(parts, layout, arriving.chunks)
+        # The side stream waits for each layer's flag itself where it can: then this thread only
+        # queues work, and the whole prefill is queued while the reads are still running.
+        self.flag_base = None
+        if arriving.flags is not None and hostwait.available():
+            self.flag_base = hostwait.device_address(arriving.flags)
         side.wait_stream(torch.cuda.current_stream())  # the rotation tables exist before use
         if self.block is not None and self.layers:
             with torch.cuda.stream(side):  # the exact prefix KV, for every fed layer at once
@@ -189,9 +195,12 @@ class LayerFeed:
     def __call__(self, i: int) -> None:
         if i not in self.layers:
             return
-        with record_function("rb.wait_kv"):
-            self.arriving.wait(i)
+        if self.flag_base is None:
+            with record_function("rb.wait_kv"):
+                self.arriving.wait(i)
         with torch.cuda.stream(self.side), record_function("rb.fill_layer"):
+            if self.flag_base is not None:
+                hostwait.wait_geq(self.side, self.flag_base + 4 * i, self.arriving.seq)
             if self.block is not None:
                 P, S = self.layout.n_prefix, self.layout.suffix_start
                 self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)

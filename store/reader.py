@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
-from contextlib import ExitStack
+from contextlib import ExitStack, suppress
 
 import torch
 
@@ -21,15 +21,39 @@ from store.serialize import CorruptEntry, byte_rows, copy_layer, open_entry
 class LayerStream:
     """A request's chunk KVs landing in staging buffers layer by layer, from one LMDB snapshot
     that stays open until `close()`. `wait(i)` returns once layer i of every chunk is verified and
-    in place (and raises CorruptEntry, naming the entry, if one is not)."""
+    in place (and raises CorruptEntry, naming the entry, if one is not).
+
+    With `flags` (a pinned int32 tensor, one slot per layer), the arrival of layer i is also
+    announced by writing `seq` to `flags[i]` — a GPU stream can wait for that itself, so the host
+    need not. The flag is written even when the layer failed (nothing may wait forever): `close()`
+    then raises the failure, and whatever was computed from that layer must be thrown away."""
 
     def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor],
-                 jobs: dict[int, list[tuple[str, Future]]], resources: ExitStack):
+                 jobs: dict[int, list[tuple[str, Future]]], resources: ExitStack,
+                 flags: torch.Tensor | None = None, seq: int = 0):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
+        self.flags, self.seq = flags, seq
+        self._flag_slots = flags.numpy() if flags is not None else None
         self._jobs = jobs
         self._resources = resources
-        self.waited_s = 0.0  # host time spent blocked in wait(): the reads the compute outran
+        self._lock = threading.Lock()
+        self._failure: CorruptEntry | None = None
+        self._raised = False
+        self.waited_s = 0.0  # host time spent blocked in wait() and close()
+        self._left = {i: len(layer) for i, layer in jobs.items()}
+        for i, layer in jobs.items():
+            for key, job in layer:
+                job.add_done_callback(lambda job, i=i, key=key: self._done(i, key, job))
+
+    def _done(self, layer: int, key: str, job: Future) -> None:
+        error = None if job.cancelled() else job.exception()
+        with self._lock:
+            if error is not None and self._failure is None:
+                self._failure = CorruptEntry(f"entry {key}: {error}") if isinstance(error, CorruptEntry) else error
+            self._left[layer] -= 1
+            if self._left[layer] == 0 and self._flag_slots is not None:
+                self._flag_slots[layer] = self.seq
 
     def wait(self, layer: int) -> None:
         t0 = time.perf_counter()
@@ -38,24 +62,32 @@ class LayerStream:
                 try:
                     job.result()
                 except CorruptEntry as e:
+                    self._raised = True
                     raise CorruptEntry(f"entry {key}: {e}") from None
         finally:
             self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Drop the layers nobody waited for and end the snapshot (after every copy from it)."""
-        jobs = [job for layer in self._jobs.values() for _, job in layer]
-        for job in jobs:
-            job.cancel()
-        wait_all(jobs)
+        """Wait for every queued copy, end the snapshot, and raise the first failed layer if
+        wait() has not raised it already."""
+        t0 = time.perf_counter()
+        wait_all([job for layer in self._jobs.values() for _, job in layer])
+        self.waited_s += time.perf_counter() - t0
         self._jobs = {}
         self._resources.close()
+        if self._failure is not None and not self._raised:
+            self._raised = True
+            raise self._failure
 
     def __enter__(self) -> "LayerStream":
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.close()
+        if exc[0] is None:
+            self.close()
+        else:  # already failing: end the stream without masking that error
+            with suppress(Exception):
+                self.close()
 
 
 class StagedReader:
@@ -71,6 +103,10 @@ class StagedReader:
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._next = 0
         self._lock = threading.Lock()
+        # Arrival flags for streams (see LayerStream); a request number that only grows means
+        # they never need resetting while a GPU might still be reading them.
+        self.flags = torch.zeros(4096, dtype=torch.int32, pin_memory=self.pin)
+        self._seq = 0
 
     def _staging(self, nbytes: int, slot: int | None) -> torch.Tensor:
         with self._lock:
@@ -129,6 +165,7 @@ class StagedReader:
                     raise CorruptEntry(f"entry {key}: {e}") from None
             if not opened:
                 return LayerStream(None, [], jobs, resources)
+            self._seq += 1
             n_layers, _, heads, _, dim = opened[0][2].shape
             dtype = opened[0][2].dtype
             for key, _, head in opened:
@@ -146,9 +183,11 @@ class StagedReader:
                 jobs[i] = [(key, self.pool.submit(copy_layer, mv, head, i, rows[i, :, :, lo:hi]))
                            for key, mv, head, lo, hi in spans]
         except BaseException:
-            LayerStream(None, [], jobs, resources).close()  # no copy may outlive the snapshot
+            with suppress(Exception):  # no copy may outlive the snapshot
+                LayerStream(None, [], jobs, resources).close()
             raise
-        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], jobs, resources)
+        flags = self.flags if n_layers <= self.flags.numel() else None
+        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], jobs, resources, flags, self._seq)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

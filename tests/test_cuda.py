@@ -58,13 +58,20 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("mode,ratio", [("reuse", None), ("blend", 0.15), ("blend", 1.0)])
-def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, tmp_path):
-    """Layers fed into the prefill as they are read (per-layer graphs, side-stream copies) give
-    the same answer as the same KV held in GPU memory; a corrupt layer fails the request, not
-    the engine."""
+@pytest.mark.parametrize("gpu_waits", [True, False])
+def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, gpu_waits, tmp_path, monkeypatch):
+    """Layers fed into the prefill as they are read (per-layer graphs, side-stream copies; the
+    stream waiting on arrival flags, or the host waiting) give the same answer as the same KV
+    held in GPU memory; a corrupt layer fails the request, not the engine."""
+    from blend import hostwait
     from blend.kv import ArrivingKV
     from blend.sources import StreamingStoreSource
     from store import CorruptEntry, KVStore, StagedReader
+
+    if gpu_waits:
+        assert hostwait.available()
+    else:
+        monkeypatch.setattr(hostwait, "available", lambda: False)
 
     engine = engine_for(arch, torch.bfloat16, graphs=True)
     layout = make_layout()

@@ -406,6 +406,8 @@ def test_layer_stream_hands_over_layers_in_order_bit_exact(tmp_path):
         assert not s.tensors[0][:2].view(torch.int16).any()
         # the chunks sit side by side in one block, so a layer of the request is one copy
         assert bits_equal(s.block[2:], torch.cat([kvs["k2"][2:], kvs["k0"][2:]], dim=3))
+        # each layer announced itself with this request's number, for a GPU stream to wait on
+        assert s.flags[2:6].tolist() == [s.seq] * 4 and s.flags[:2].tolist() != [s.seq] * 2
     # a snapshot: an entry overwritten while the stream is open is read as it was
     with reader.stream(["k1"], range(6), "fp") as s:
         store.put("k1", torch.zeros(6, 2, 2, 6, 8, dtype=torch.bfloat16), "fp", {})
@@ -439,5 +441,11 @@ def test_layer_stream_reports_bad_entries(tmp_path):
             s.wait(i)
         with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
             s.wait(3)
+    # nobody waited on the host (a GPU stream waited on the flags): the failure comes at close,
+    # and the failed layer's flag was still raised, so that nothing waits forever
+    s = reader.stream(["good", "bad"], range(4), "fp")
+    with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
+        s.close()
+    assert s.flags[:4].tolist() == [s.seq] * 4
     reader.close()
     store.close()
