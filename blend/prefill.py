@@ -9,7 +9,6 @@ per-layer KV cache that decoding continues from.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,7 @@ class PrefillResult:
 def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
-               before_layer: Callable[[int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               feed: LayerFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
@@ -62,9 +61,8 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     deviation of their fresh K/V from the cached one and only the top ratio, plus every token after
     the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
-    as filled (by a side stream, overlapping the first layers); or `before_layer(i)` is called
-    before each layer i computes (to fill its cache as the KV arrives). Nothing here waits for the
-    GPU. Returns the last active token's hidden state and the final active positions.
+    as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
+    each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU. Returns the last active token's hidden state and the final active positions.
     """
     n = kv.shape[3]
     active = torch.arange(start, n, device=parts.device)
@@ -79,10 +77,10 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
-                h = graphs.run(i, h, active, n, before_layer)
+                h = graphs.run(i, h, active, n, feed, feed.arriving.start if feed is not None else None)
             break
-        if before_layer is not None:
-            before_layer(i)
+        if feed is not None:
+            feed(i)
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None
         if blend is not None and i == blend.check_layer:
@@ -288,6 +286,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     ids = to_device(layout.ids(), parts.device)
     h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed)
     logits = logits_of(parts, h)
+    if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them)
+        arriving.start()
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed)
 

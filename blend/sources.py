@@ -33,5 +33,5 @@ class StreamingStoreSource(StoreSource):
 
     def stream(self, keys: list[str], ids_list: list[list[int]], layers: list[int]) -> ArrivingKV:
         s = self.last = self.reader.stream(keys, layers, self.fingerprint)
-        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, s.close, s.block,
-                          s.flags, s.seq)
+        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, s.close, s.start,
+                          s.block, s.flags, s.seq)

@@ -8,43 +8,60 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import ExitStack, suppress
 
+import numpy as np
 import torch
 
 from store.lmdb_store import KVStore
-from store.serialize import CorruptEntry, byte_rows, copy_layer, open_entry
+from store.serialize import CorruptEntry, KVHeader, copy_layer, open_entry
+
+
+# One copy job: (layer, entry key, entry bytes, its header, destination bytes).
+Job = tuple[int, str, memoryview, KVHeader, np.ndarray]
 
 
 class LayerStream:
     """A request's chunk KVs landing in staging buffers layer by layer, from one LMDB snapshot
-    that stays open until `close()`. `wait(i)` returns once layer i of every chunk is verified and
-    in place (and raises CorruptEntry, naming the entry, if one is not).
+    that stays open until `close()`. The reads begin at `start()` (or the first `wait()`);
+    `wait(i)` returns once layer i of every chunk is verified and in place (and raises
+    CorruptEntry, naming the entry, if one is not).
 
     With `flags` (a pinned int32 tensor, one slot per layer), the arrival of layer i is also
     announced by writing `seq` to `flags[i]` — a GPU stream can wait for that itself, so the host
     need not. The flag is written even when the layer failed (nothing may wait forever): `close()`
     then raises the failure, and whatever was computed from that layer must be thrown away."""
 
-    def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor],
-                 jobs: dict[int, list[tuple[str, Future]]], resources: ExitStack,
-                 flags: torch.Tensor | None = None, seq: int = 0):
+    def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], plan: list[Job],
+                 pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
-        self._jobs = jobs
+        self._plan, self._pool = plan, pool
+        self._jobs: dict[int, list[tuple[str, Future]]] = {}
         self._resources = resources
         self._lock = threading.Lock()
-        self._failure: CorruptEntry | None = None
+        self._failure: BaseException | None = None
         self._raised = False
+        self._started = False
         self.waited_s = 0.0  # host time spent blocked in wait() and close()
-        self._left = {i: len(layer) for i, layer in jobs.items()}
-        for i, layer in jobs.items():
-            for key, job in layer:
-                job.add_done_callback(lambda job, i=i, key=key: self._done(i, key, job))
+        self._left: dict[int, int] = {}
+        for layer, *_ in plan:
+            self._left[layer] = self._left.get(layer, 0) + 1
+
+    def start(self) -> None:
+        """Queue every copy, in plan order. A caller that queues GPU work waiting on the flags
+        starts the reads after queuing it: the reader threads would slow that thread down."""
+        if self._started:
+            return
+        self._started = True
+        for layer, key, mv, head, dst in self._plan:
+            job = self._pool.submit(copy_layer, mv, head, layer, dst)
+            self._jobs.setdefault(layer, []).append((key, job))
+            job.add_done_callback(lambda job, layer=layer, key=key: self._done(layer, key, job))
 
     def _done(self, layer: int, key: str, job: Future) -> None:
         error = None if job.cancelled() else job.exception()
@@ -56,6 +73,7 @@ class LayerStream:
                 self._flag_slots[layer] = self.seq
 
     def wait(self, layer: int) -> None:
+        self.start()
         t0 = time.perf_counter()
         try:
             for key, job in self._jobs.get(layer, ()):
@@ -68,12 +86,13 @@ class LayerStream:
             self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Wait for every queued copy, end the snapshot, and raise the first failed layer if
-        wait() has not raised it already."""
+        """Finish every read (work queued on the flags may be waiting for them), end the
+        snapshot, and raise the first failed layer if wait() has not raised it already."""
+        self.start()
         t0 = time.perf_counter()
         wait_all([job for layer in self._jobs.values() for _, job in layer])
         self.waited_s += time.perf_counter() - t0
-        self._jobs = {}
+        self._jobs, self._plan = {}, []
         self._resources.close()
         if self._failure is not None and not self._raised:
             self._raised = True
@@ -145,13 +164,13 @@ class StagedReader:
         return [None if h is None else t for h, t in zip(heads, got)]
 
     def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None) -> LayerStream:
-        """Start reading `layers` (in that order: the first needed first) of every chunk in `keys`
-        and return at once. The chunks land side by side along the token axis of one staging
-        block, so that a layer of the whole request is one contiguous host→device copy. Raises
+        """Plan reading `layers` (in that order: the first needed first) of every chunk in `keys`
+        and return at once; the reads begin at the stream's start(). The chunks land side by side
+        along the token axis of one staging block, so that a layer of the whole request is one
+        contiguous host→device copy. Raises
         KeyError for an absent key, CorruptEntry / FingerprintMismatch for a bad header and
         ValueError for entries of different models, before anything is queued."""
         resources = ExitStack()
-        jobs: dict[int, list[tuple[str, Future]]] = {}
         try:
             txn = resources.enter_context(self.store.snapshot())
             opened = []
@@ -164,8 +183,8 @@ class StagedReader:
                 except CorruptEntry as e:
                     raise CorruptEntry(f"entry {key}: {e}") from None
             if not opened:
-                return LayerStream(None, [], jobs, resources)
-            self._seq += 1
+                resources.close()
+                return LayerStream(None, [], [], None, ExitStack())
             n_layers, _, heads, _, dim = opened[0][2].shape
             dtype = opened[0][2].dtype
             for key, _, head in opened:
@@ -179,15 +198,15 @@ class StagedReader:
             for key, mv, head in opened:
                 spans.append((key, mv, head, at, at + head.shape[3]))
                 at += head.shape[3]
-            for i in layers:  # layer-major, so layers arrive in the order they are consumed
-                jobs[i] = [(key, self.pool.submit(copy_layer, mv, head, i, rows[i, :, :, lo:hi]))
-                           for key, mv, head, lo, hi in spans]
+            # layer-major, so that layers arrive in the order they are consumed
+            plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
         except BaseException:
-            with suppress(Exception):  # no copy may outlive the snapshot
-                LayerStream(None, [], jobs, resources).close()
+            resources.close()
             raise
+        self._seq += 1
         flags = self.flags if n_layers <= self.flags.numel() else None
-        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], jobs, resources, flags, self._seq)
+        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.pool, resources,
+                           flags, self._seq)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
