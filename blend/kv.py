@@ -40,7 +40,7 @@ class ArrivingKV:
     layers: list[int]
     wait: Callable[[int], None]
     close: Callable[[], None]
-    start: Callable[[], None] = lambda: None  # begin the reads (wait() does, if not yet begun)
+    start: Callable[[int | None], None] = lambda through=None: None  # begin the reads (of layers up to `through`)
     block: torch.Tensor | None = None
     flags: torch.Tensor | None = None
     seq: int = 0

@@ -80,6 +80,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
                 h = graphs.run(i, h, active, n, feed, feed.arriving.start if feed is not None else None)
             break
         if feed is not None:
+            # Eager kernels may synchronize (cuDNN planning a new shape): the reads of this layer
+            # must be under way before anything waits on them. The graphs' reads start later.
+            feed.arriving.start(i)
             feed(i)
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None

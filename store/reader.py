@@ -46,22 +46,37 @@ class LayerStream:
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._raised = False
-        self._started = False
+        self._next = 0  # the first job of the plan not yet queued
+        self._start_lock = threading.Lock()
+        # A last resort against a caller that synchronizes with a device waiting on flags it has
+        # not started reading for: after a while the reads start anyway.
+        self._watchdog = threading.Timer(1.0, self.start) if flags is not None and plan else None
+        if self._watchdog is not None:
+            self._watchdog.daemon = True
+            self._watchdog.start()
         self.waited_s = 0.0  # host time spent blocked in wait() and close()
         self._left: dict[int, int] = {}
+        self._rank: dict[int, int] = {}
         for layer, *_ in plan:
             self._left[layer] = self._left.get(layer, 0) + 1
+            self._rank.setdefault(layer, len(self._rank))
 
-    def start(self) -> None:
-        """Queue every copy, in plan order. A caller that queues GPU work waiting on the flags
-        starts the reads after queuing it: the reader threads would slow that thread down."""
-        if self._started:
+    def start(self, through: int | None = None) -> None:
+        """Queue the copies in plan order: all of them, or those of the layers up to `through`
+        (in that order). A caller that queues GPU work waiting on the flags starts the reads
+        after queuing it, since the reader threads slow that thread down; but before anything
+        that synchronizes with the device, or it would wait forever."""
+        if through is not None and through not in self._rank:
             return
-        self._started = True
-        for layer, key, mv, head, dst in self._plan:
-            job = self._pool.submit(copy_layer, mv, head, layer, dst)
-            self._jobs.setdefault(layer, []).append((key, job))
-            job.add_done_callback(lambda job, layer=layer, key=key: self._done(layer, key, job))
+        with self._start_lock:
+            while self._next < len(self._plan):
+                layer, key, mv, head, dst = self._plan[self._next]
+                if through is not None and self._rank[layer] > self._rank[through]:
+                    return
+                job = self._pool.submit(copy_layer, mv, head, layer, dst)
+                self._jobs.setdefault(layer, []).append((key, job))
+                job.add_done_callback(lambda job, layer=layer, key=key: self._done(layer, key, job))
+                self._next += 1
 
     def _done(self, layer: int, key: str, job: Future) -> None:
         error = None if job.cancelled() else job.exception()
@@ -73,7 +88,7 @@ class LayerStream:
                 self._flag_slots[layer] = self.seq
 
     def wait(self, layer: int) -> None:
-        self.start()
+        self.start(layer)
         t0 = time.perf_counter()
         try:
             for key, job in self._jobs.get(layer, ()):
@@ -89,10 +104,12 @@ class LayerStream:
         """Finish every read (work queued on the flags may be waiting for them), end the
         snapshot, and raise the first failed layer if wait() has not raised it already."""
         self.start()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         t0 = time.perf_counter()
         wait_all([job for layer in self._jobs.values() for _, job in layer])
         self.waited_s += time.perf_counter() - t0
-        self._jobs, self._plan = {}, []
+        self._jobs = {}
         self._resources.close()
         if self._failure is not None and not self._raised:
             self._raised = True

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 import lmdb
@@ -400,6 +401,8 @@ def test_layer_stream_hands_over_layers_in_order_bit_exact(tmp_path):
         for t in s.tensors:
             t.fill_(0)  # the staging slots the next stream reuses: what it does not read stays zero
     with reader.stream(["k2", "k0"], [2, 3, 4, 5], "fp") as s:
+        time.sleep(0.05)  # nothing is read before start() (or a wait): the caller picks the moment
+        assert not (s.flags[2:6] == s.seq).any()
         for i in [2, 3, 4, 5]:
             s.wait(i)
             assert bits_equal(s.tensors[0][i], kvs["k2"][i]) and bits_equal(s.tensors[1][i], kvs["k0"][i])
@@ -447,5 +450,23 @@ def test_layer_stream_reports_bad_entries(tmp_path):
     with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
         s.close()
     assert s.flags[:4].tolist() == [s.seq] * 4
+    reader.close()
+    store.close()
+
+
+def test_layer_stream_starts_by_itself_if_never_started(tmp_path):
+    """A GPU stream waiting on flags whose reads nobody started would wait forever: after a
+    second the reads start anyway."""
+    from store import StagedReader
+
+    store = KVStore(tmp_path / "kv")
+    store.put("k", random_bits(torch.bfloat16, (3, 2, 2, 4, 8)), "fp", {})
+    reader = StagedReader(store, workers=2, slots=2, pin=False)
+    s = reader.stream(["k"], range(3), "fp")
+    deadline = time.monotonic() + 5
+    while not (s.flags[:3] == s.seq).all() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (s.flags[:3] == s.seq).all()
+    s.close()
     reader.close()
     store.close()
