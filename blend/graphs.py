@@ -95,13 +95,11 @@ class LayerGraphs:
 
     @torch.inference_mode()
     def run(self, first: int, h: torch.Tensor, positions: torch.Tensor, n_tokens: int,
-            before_layer: Callable[[int], None] | None = None,
-            before_capture: Callable[[], None] | None = None) -> torch.Tensor:
+            before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
         """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv.
         One graph for them all, or with `before_layer` one graph per layer, that hook being
         called before each (it may make the stream wait for that layer's cache to be filled).
-        Capturing synchronizes the device: `before_capture` is called first when a graph is
-        missing, so that whatever queued work waits on can proceed."""
+        Missing graphs are captured before any hook runs: capturing synchronizes the device."""
         n = positions.numel()
         a = _bucket(n, TOKEN_BUCKETS)
         nk = _round_up(n_tokens, KEY_BUCKET)
@@ -114,11 +112,9 @@ class LayerGraphs:
         io["wpos"][n:].fill_(self.max_keys)
         L = self.parts.n_layers
         spans = [(first, L)] if before_layer is None else [(i, i + 1) for i in range(first, L)]
-        missing = [(lo, hi, a, nk) for lo, hi in spans if (lo, hi, a, nk) not in self.graphs]
-        if missing and before_capture is not None:
-            before_capture()
-        for key in missing:
-            self.graphs[key] = self._capture(*key)
+        for key in [(lo, hi, a, nk) for lo, hi in spans]:
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
         for lo, hi in spans:
             if before_layer is not None:
                 before_layer(lo)

@@ -77,7 +77,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
-                h = graphs.run(i, h, active, n, feed, feed.arriving.start if feed is not None else None)
+                if feed is not None:  # the eager layers are queued: the reads overlap the rest
+                    feed.arriving.start()
+                h = graphs.run(i, h, active, n, feed)
             break
         if feed is not None:
             # Eager kernels may synchronize (cuDNN planning a new shape): the reads of this layer
@@ -119,10 +121,9 @@ def keep_after_check(k: torch.Tensor, v: torch.Tensor, cached: torch.Tensor, cfg
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list on the device without stalling the host: a copy from pageable memory
     waits for the stream to drain, one from pinned memory is queued like a kernel."""
-    t = torch.tensor(values, dtype=torch.long)
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
+    if device.type == "cuda":  # allocated pinned: pin_memory() would first ask CUDA about the pointer
+        return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
+    return torch.tensor(values, dtype=torch.long)
 
 
 def new_cache(parts: ModelParts, n_tokens: int) -> torch.Tensor:
