@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_qkv, rope_for
+from blend.rope import rotate_keys_
 
 # Padding wastes compute in proportion: buckets every 16 tokens up to 1024, every 64 above
 # (captured lazily, on first use; a workload of similar prompts uses a handful).
@@ -41,7 +42,7 @@ class LayerGraphs:
         # Static inputs per (token bucket, key bucket), shared by the graphs of those buckets, so
         # that a chain of one-layer graphs hands the hidden state on in place.
         self.io: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-        self.graphs: dict[tuple[int, int, int, int], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, int, int, int, bool], torch.cuda.CUDAGraph] = {}
 
     def buffer(self, n_tokens: int) -> torch.Tensor:
         if n_tokens > self.max_keys:
@@ -60,9 +61,12 @@ class LayerGraphs:
                               "wpos": torch.full((a,), self.max_keys, dtype=torch.long, device=p.device)}
         return self.io[a, nk]
 
-    def _capture(self, first: int, last: int, a: int, nk: int) -> torch.cuda.CUDAGraph:
+    def _capture(self, first: int, last: int, a: int, nk: int, rotate: bool) -> torch.cuda.CUDAGraph:
         p = self.parts
         io = self._inputs(a, nk)
+        if rotate and "rcos" not in io:
+            io["rcos"] = torch.ones(nk, p.head_dim, dtype=torch.float32, device=p.device)
+            io["rsin"] = torch.zeros(nk, p.head_dim, dtype=torch.float32, device=p.device)
 
         def body() -> None:
             cos, sin = rope_for(p, io["qpos"])
@@ -70,6 +74,8 @@ class LayerGraphs:
             h = io["h"]
             for i in range(first, last):
                 layer = p.layers[i]
+                if rotate:  # move the cached keys to their places (identity elsewhere)
+                    rotate_keys_(self.kv[i, 0, :, :nk], io["rcos"], io["rsin"])
                 q, k, v = project_qkv(layer, h, cos, sin, p.head_dim)
                 self.kv[i, 0].index_copy_(1, io["wpos"], k[0])
                 self.kv[i, 1].index_copy_(1, io["wpos"], v[0])
@@ -77,9 +83,12 @@ class LayerGraphs:
             io["h"].copy_(h)
 
         # Warm up on a side stream (allocator and cuBLAS workspaces), then capture. The warm-up
-        # writes K/V only to the trash slot, and the inputs are restored after it.
+        # writes K/V only to the trash slot (and rotates nothing), and the inputs are restored.
         saved = {name: t.clone() for name, t in io.items()}
         io["wpos"].fill_(self.max_keys)
+        if rotate:
+            io["rcos"].fill_(1.0)
+            io["rsin"].zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
@@ -95,11 +104,13 @@ class LayerGraphs:
 
     @torch.inference_mode()
     def run(self, first: int, h: torch.Tensor, positions: torch.Tensor, n_tokens: int,
-            before_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+            before_layer: Callable[[int], None] | None = None,
+            rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv.
         One graph for them all, or with `before_layer` one graph per layer, that hook being
         called before each (it may make the stream wait for that layer's cache to be filled).
-        Missing graphs are captured before any hook runs: capturing synchronizes the device."""
+        With `rotation` (cos/sin [n_tokens, D]), each graph first rotates its layer's cached keys
+        by it. Missing graphs are captured before any hook runs: capturing synchronizes."""
         n = positions.numel()
         a = _bucket(n, TOKEN_BUCKETS)
         nk = _round_up(n_tokens, KEY_BUCKET)
@@ -112,11 +123,15 @@ class LayerGraphs:
         io["wpos"][n:].fill_(self.max_keys)
         L = self.parts.n_layers
         spans = [(first, L)] if before_layer is None else [(i, i + 1) for i in range(first, L)]
-        for key in [(lo, hi, a, nk) for lo, hi in spans]:
+        rotate = rotation is not None
+        for key in [(lo, hi, a, nk, rotate) for lo, hi in spans]:
             if key not in self.graphs:
                 self.graphs[key] = self._capture(*key)
+        if rotate:
+            io["rcos"][:n_tokens].copy_(rotation[0])
+            io["rsin"][:n_tokens].copy_(rotation[1])
         for lo, hi in spans:
             if before_layer is not None:
                 before_layer(lo)
-            self.graphs[lo, hi, a, nk].replay()
+            self.graphs[lo, hi, a, nk, rotate].replay()
         return io["h"][:, :n]

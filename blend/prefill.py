@@ -77,9 +77,10 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
-                if feed is not None:  # the eager layers are queued: the reads overlap the rest
-                    feed.arriving.start()
-                h = graphs.run(i, h, active, n, feed)
+                if feed is None:
+                    h = graphs.run(i, h, active, n)
+                else:
+                    h = graphs.run(i, h, active, n, feed.fill, feed.graph_rotation())
             break
         if feed is not None:
             # Eager kernels may synchronize (cuDNN planning a new shape): the reads of this layer
@@ -194,7 +195,9 @@ class LayerFeed:
                 lo = min(self.layers)
                 kv[lo:, :, :, :P] = prefix_kv[lo:]
 
-    def __call__(self, i: int) -> None:
+    def __call__(self, i: int, rotate: bool = True) -> None:
+        """Queue layer i's fill; `rotate=False` where the layer's graph re-rotates the keys
+        itself (see graph_rotation): one launch less per layer for the host."""
         if i not in self.layers:
             return
         if self.flag_base is None:
@@ -206,14 +209,28 @@ class LayerFeed:
             if self.block is not None:
                 P, S = self.layout.n_prefix, self.layout.suffix_start
                 self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)
-                if self.rotation is not None:
+                if rotate and self.rotation is not None:
                     rotate_keys_(self.kv[i, 0, :, P:S], *self.rotation)
             else:
                 fill_cache(self.parts, self.layout, self.prefix_kv, self.arriving.chunks, self.kv,
-                           slice(i, i + 1), rotation=self.rotation)
+                           slice(i, i + 1), rotate=rotate, rotation=self.rotation)
             filled = torch.cuda.Event()
             filled.record(self.side)
         torch.cuda.current_stream().wait_event(filled)
+
+    def fill(self, i: int) -> None:
+        self(i, rotate=False)
+
+    def graph_rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-position cos/sin [N, D] for the whole prompt: the chunks' re-rotation, the
+        identity elsewhere (exact: k·1 + rot(k)·0 = k)."""
+        P, S, N = self.layout.n_prefix, self.layout.suffix_start, self.layout.n_tokens
+        D = self.parts.head_dim
+        cos = torch.ones(N, D, dtype=torch.float32, device=self.parts.device)
+        sin = torch.zeros(N, D, dtype=torch.float32, device=self.parts.device)
+        if self.rotation is not None:
+            cos[P:S], sin[P:S] = self.rotation
+        return cos, sin
 
 
 @torch.inference_mode()
@@ -290,8 +307,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     ids = to_device(layout.ids(), parts.device)
     h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed)
     logits = logits_of(parts, h)
-    if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them)
-        arriving.start()
+    if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them):
+        arriving.start()     # now the reads, which would have slowed this thread down before
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed)
 
