@@ -62,7 +62,8 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
     as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
-    each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU. Returns the last active token's hidden state and the final active positions.
+    each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU.
+    Returns the last active token's hidden state and the final active positions.
     """
     n = kv.shape[3]
     active = torch.arange(start, n, device=parts.device)
@@ -189,6 +190,8 @@ class LayerFeed:
         self.flag_base = None
         if arriving.flags is not None and hostwait.available():
             self.flag_base = hostwait.device_address(arriving.flags)
+        else:  # the host waits layer by layer: the reads must run ahead of it
+            arriving.start()
         side.wait_stream(torch.cuda.current_stream())  # the rotation tables exist before use
         if self.block is not None and self.layers:
             with torch.cuda.stream(side):  # the exact prefix KV, for every fed layer at once
