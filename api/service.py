@@ -6,20 +6,21 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from blend.decode import Sampling
-from blend.engine import Engine, Generation
-from blend.kv import ChunkKV
+from blend.engine import Answer, Engine, Generation, KVSource
+from blend.kv import ArrivingKV, ChunkKV
 from blend.loader import load_model
 from blend.prefill import BlendConfig
+from blend.sources import StreamingStoreSource
 from retrieval import Corpus, Document, Embedder, chunk_text
 from retrieval.corpus import Hit
-from store import CorruptEntry, FingerprintMismatch, HotTier, KVStore
+from store import CorruptEntry, FingerprintMismatch, HotTier, KVStore, StagedReader
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_TOKENS = 384
@@ -85,6 +86,8 @@ class RagService:
         self.store = KVStore(self.data_dir / "kv")
         self.corpus = Corpus(self.data_dir / "corpus", embedder or Embedder(), index_kind=index_kind)
         self.hot = HotTier(hot_bytes, device=self.engine.device)
+        # On CUDA, a request's cold chunks stream from LMDB into the prefill layer by layer.
+        self.reader = StagedReader(self.store) if self.engine.device.type == "cuda" else None
         # Reentrant: a query holds it while generating, and its KV source takes it again to
         # recompute a chunk whose KV is missing, corrupt or of another model.
         self.model_lock = threading.RLock()
@@ -92,6 +95,8 @@ class RagService:
         self.kv_recomputed = 0  # entries found corrupt, stale or missing at query time
 
     def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
         self.corpus.close()
         self.store.close()
 
@@ -162,11 +167,9 @@ class RagService:
         start = len(self.engine.prompts.prefix_ids)
         kv = self.hot.get(key)
         if kv is None:
-            p = self.engine.parts
-            expect = (p.n_layers, 2, p.n_kv_heads, len(ids), p.head_dim)
             try:
                 kv = self.store.get(key, fingerprint=self.engine.fingerprint)
-                if kv is not None and (tuple(kv.shape) != expect or kv.dtype != p.dtype):
+                if kv is not None and not self._fits(tuple(kv.shape), kv.dtype, len(ids)):
                     log.warning("chunk %s: stored shape %s/%s does not fit the model; recomputing",
                                 key[:12], tuple(kv.shape), kv.dtype)
                     kv = None
@@ -179,6 +182,32 @@ class RagService:
             kv = self.hot.put(key, kv)
         return ChunkKV(kv, start)
 
+    def _fits(self, shape: tuple[int, ...], dtype: torch.dtype, n_tokens: int) -> bool:
+        p = self.engine.parts
+        return shape == (p.n_layers, 2, p.n_kv_heads, n_tokens, p.head_dim) and dtype == p.dtype
+
+    def kv_stream(self, keys: list[str], ids_list: list[list[int]], layers: list[int]) -> list[ChunkKV] | ArrivingKV:
+        """A request's chunks for the streamed prefill (CUDA): from the hot tier when all are
+        there, else read from LMDB layer by layer as the prefill consumes them. Entries that are
+        missing, of another model or with a bad header are recomputed first; a layer failing its
+        checksum mid-stream fails the prefill, and `answer` retries through kv_source."""
+        start = len(self.engine.prompts.prefix_ids)
+        hot = [self.hot.get(k) for k in keys]
+        if all(t is not None for t in hot):
+            return [ChunkKV(t, start) for t in hot]
+        for key, ids in zip(keys, ids_list):
+            try:
+                head = self.store.header(key)
+                usable = (head is not None and head.fingerprint == self.engine.fingerprint
+                          and self._fits(head.shape, head.dtype, len(ids)))
+            except CorruptEntry as e:
+                log.warning("chunk %s unusable (%s); recomputing", key[:12], e)
+                usable = False
+            if not usable:
+                self.kv_recomputed += 1
+                self._compute_and_put(key, ids, {"recomputed_at_query": True})
+        return StreamingStoreSource(self.reader, self.engine.fingerprint, start).stream(keys, ids_list, layers)
+
     def retrieve(self, question: str, top_k: int) -> Retrieved:
         t0 = time.perf_counter()
         hits = self.corpus.search(question, top_k)
@@ -188,5 +217,37 @@ class RagService:
                max_tokens: int = 64, sampling: Sampling = Sampling()) -> Generation:
         """The caller iterates the Generation while holding `model_lock` (one request at a time)."""
         layout = self.engine.layout(question, [h.text for h in hits])
-        return self.engine.generate(layout, mode=mode, blend=blend, max_tokens=max_tokens,
-                                    sampling=sampling, source=self.kv_source, keys=[h.kv_key for h in hits])
+
+        def run(source: KVSource) -> Generation:
+            return self.engine.generate(layout, mode=mode, blend=blend, max_tokens=max_tokens,
+                                        sampling=sampling, source=source, keys=[h.kv_key for h in hits])
+
+        if self.reader is None:
+            return run(self.kv_source)
+        return Generation(self._streamed(run))
+
+    def _streamed(self, run: Callable[[KVSource], Generation]) -> Generator[str, None, Answer | None]:
+        """The request with its cold chunks streamed; if a streamed layer fails its checksum
+        (found during the prefill, before any text), again through kv_source, which recomputes
+        whatever is corrupt."""
+        gen = run(_StreamedSource(self))
+        try:
+            yield from gen
+        except CorruptEntry as e:
+            log.warning("streamed chunk KV failed its checksum (%s); reading chunk by chunk", e)
+            gen = run(self.kv_source)
+            yield from gen
+        return gen.result
+
+
+class _StreamedSource:
+    """The service's KV source with `stream` (see engine.KVSource), handed to the engine on CUDA."""
+
+    def __init__(self, service: RagService):
+        self._service = service
+
+    def __call__(self, key: str, ids: list[int]) -> ChunkKV:
+        return self._service.kv_source(key, ids)
+
+    def stream(self, keys: list[str], ids_list: list[list[int]], layers: list[int]) -> list[ChunkKV] | ArrivingKV:
+        return self._service.kv_stream(keys, ids_list, layers)

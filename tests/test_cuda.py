@@ -105,3 +105,43 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     assert answer(mem)[2] == tokens
     reader.close()
     store.close()
+
+
+def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path):
+    """The REST service on CUDA: cold chunks stream from LMDB into the prefill and answer like KV
+    computed in memory; a layer that fails its checksum mid-stream is recomputed and the answer
+    is unchanged."""
+    from api.service import RagService
+    from blend.loader import load_model
+    from retrieval.testing import HashEmbedder
+    from tests.test_service import corpus_docs
+
+    engine = Engine(load_model("random:tiny-smol", device="cuda", dtype="bfloat16"), graph_tokens=1024)
+    svc = RagService(tmp_path / "data", engine=engine, embedder=HashEmbedder(), chunk_tokens=64)
+    try:
+        svc.index_documents(corpus_docs(2))
+        question = "which bridge crosses the river"
+        hits = svc.retrieve(question, 4).hits
+        streams = []
+        stream = svc.kv_stream
+        svc.kv_stream = lambda *a: streams.append(1) or stream(*a)
+        svc.hot.clear()
+        streamed = svc.answer(question, hits, mode="blend", max_tokens=12).run()
+        assert streams == [1]
+        layout = engine.layout(question, [h.text for h in hits])
+        in_memory = engine.generate(layout, mode="blend", max_tokens=12).run()
+        assert streamed.token_ids == in_memory.token_ids
+
+        key = hits[1].kv_key.encode()
+        env, db = svc.store._env, svc.store._kv
+        raw = bytearray(env.begin(db=db).get(key))
+        raw[-9] ^= 0x04  # the last layer
+        with env.begin(write=True, db=db) as txn:
+            txn.put(key, bytes(raw))
+        svc.hot.clear()
+        again = svc.answer(question, hits, mode="blend", max_tokens=12).run()
+        assert streams == [1, 1]
+        assert svc.kv_recomputed == 1
+        assert again.token_ids == in_memory.token_ids
+    finally:
+        svc.close()
