@@ -228,13 +228,13 @@ class RagService:
 
     def _streamed(self, run: Callable[[KVSource], Generation]) -> Generator[str, None, Answer | None]:
         """The request with its cold chunks streamed; if a streamed layer fails its checksum
-        (found during the prefill, before any text), again through kv_source, which recomputes
-        whatever is corrupt."""
+        (found during the prefill, before any text) or an entry changed since it was checked,
+        again through kv_source, which recomputes whatever is corrupt or missing."""
         gen = run(_StreamedSource(self))
         try:
             yield from gen
-        except CorruptEntry as e:
-            log.warning("streamed chunk KV failed its checksum (%s); reading chunk by chunk", e)
+        except (CorruptEntry, FingerprintMismatch, KeyError) as e:  # KeyError: deleted meanwhile
+            log.warning("streamed chunk KV unusable (%s); reading chunk by chunk", e)
             gen = run(self.kv_source)
             yield from gen
         return gen.result
