@@ -1,8 +1,9 @@
 """Reading the `--chunks FILE` of `ragblend ask`: JSONL `{"text": ...}` lines or blank-line blocks."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from retrieval.loaders import jsonl_objects
 
 
 def read_chunks(path: str | Path) -> list[str]:
@@ -16,14 +17,8 @@ def read_chunks(path: str | Path) -> list[str]:
     stripped = raw.lstrip()
     if path.suffix == ".jsonl" or stripped.startswith("{"):
         chunks = []
-        for n, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+        for n, obj in jsonl_objects(raw, str(path)):
+            if not isinstance(obj.get("text"), str):
                 raise ValueError(f'{path}:{n}: expected an object with a "text" string')
             chunks.append(obj["text"])
     else:

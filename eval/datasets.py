@@ -17,6 +17,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from retrieval.loaders import jsonl_objects
+
 LONGBENCH = ("2wikimqa", "musique", "samsum", "multi_news")
 
 # The part of LongBench's dataset2prompt template after {context}, which becomes the prompt's suffix.
@@ -116,17 +118,7 @@ def _longbench_kind(name: str) -> str:
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object")
-        rows.append(row)
+    rows = [row for _, row in jsonl_objects(path.read_text(encoding="utf-8"), str(path))]
     if not rows:
         raise ValueError(f"{path} holds no examples")
     return rows

@@ -83,6 +83,24 @@ def _read_text(file: Path) -> str | None:
     return text.removeprefix("\ufeff")
 
 
+def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
+    """Every non-blank line of `text` as (line number, JSON object); a line that is not one is a
+    ValueError naming `where:line` (for files a user hands a command, unlike a corpus scan,
+    which skips such lines)."""
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}:{n}: not JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise ValueError(f"{where}:{n}: expected a JSON object")
+        rows.append((n, obj))
+    return rows
+
+
 def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
     for lineno, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
