@@ -9,7 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_engine, unit_floats
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail, load_engine,
+                            selection_of, unit_floats)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
@@ -165,7 +166,9 @@ def ask(
     mode: Mode = "blend",
     ratio: Ratio = 0.15,
     check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = 1,
-    deviation: Annotated[str, typer.Option(help="blend: rank tokens by value, key or both deviation")] = "value",
+    selection: SelectionOpt = None,
+    deviation: DeviationOpt = None,
+    guard: GuardOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -189,7 +192,8 @@ def ask(
     if top_p <= 0:
         fail("--top-p must be in (0, 1]")
     try:
-        blend = BlendConfig(ratio=ratio, check_layer=check_layer, deviation=deviation)
+        blend = BlendConfig(ratio=ratio, check_layer=check_layer, selection=selection_of(selection, deviation),
+                            guard=guard)
     except ValueError as e:
         fail(str(e))
     sampling = Sampling(temperature, top_p, seed)
@@ -223,17 +227,22 @@ def ask(
         fail(str(e))
     if as_json:
         typer.echo(json.dumps({
-            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "ttft_ms": round(ans.ttft_ms, 3),
-            "recomputed_tokens": ans.recomputed_tokens, "total_tokens": ans.total_tokens,
+            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "requested_ratio": ans.requested_ratio,
+            "selection": ans.selection, "guard_raised": ans.guard_raised, "guard_estimate": ans.guard_estimate,
+            "ttft_ms": round(ans.ttft_ms, 3), "recomputed_tokens": ans.recomputed_tokens,
+            "cached_tokens": ans.cached_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
             **({} if hits is None else {"chunks": [
                 {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 5), "text": h.text}
                 for h in hits]}),
         }, ensure_ascii=False))
     else:
-        typer.echo(f"[{ans.mode}{'' if ans.ratio is None else f' r={ans.ratio}'}] ttft {ans.ttft_ms:.1f} ms, "
+        how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
+        if ans.guard_raised:
+            how += f" (guard raised it from {ans.requested_ratio:g})"
+        typer.echo(f"[{ans.mode}{how}] ttft {ans.ttft_ms:.1f} ms, "
                    f"{ans.recomputed_tokens}/{ans.chunk_tokens} chunk tokens recomputed, "
-                   f"{ans.total_tokens} prompt tokens", err=True)
+                   f"{ans.cached_tokens}/{ans.total_tokens} prompt tokens from cached KV", err=True)
 
 
 @app.command()
@@ -254,6 +263,8 @@ def bench(
     check_layer: Annotated[int, typer.Option(min=0)] = 1,
     out: Annotated[Path, typer.Option(help="directory for bench.json, bench.md, sweep.png")] = Path("out/bench"),
     profile: Annotated[bool, typer.Option(help="also profile reuse and blend r=0.15 per tier (CUDA)")] = False,
+    selections: Annotated[str, typer.Option(help="also time blend r=0.15 with each of these selections "
+                                                 "(comma-separated; '' for none)")] = "",
 ) -> None:
     """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
     from blend.bench import run_bench, write
@@ -272,6 +283,10 @@ def bench(
         import torch
         if not torch.cuda.is_available():
             fail("--device cuda asked for, but CUDA is not available")
+    from blend.select import SELECTIONS
+    sel_list = tuple(x.strip() for x in selections.split(",") if x.strip())
+    if bad := [x for x in sel_list if x not in SELECTIONS]:
+        fail(f"--selections: unknown {bad[0]!r}; choose from {', '.join(SELECTIONS)}")
     try:
         sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
     except ValueError:
@@ -280,7 +295,7 @@ def bench(
                        chunks, chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list,
                        warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True),
                        profile_dir=out / "profile" if profile else None,
-                       model_spec=None if random_weights else model)
+                       model_spec=None if random_weights else model, selections=sel_list)
     typer.echo(write(result, out))
 
 

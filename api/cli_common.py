@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,6 +12,33 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ModelOpt = Annotated[str, typer.Option("--model", help='"default" (bundled SmolLM2), HF dir/hub id, .gguf, random:<shape>')]
 DeviceOpt = Annotated[str, typer.Option(help="cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
+
+
+SelectionOpt = Annotated[Optional[str], typer.Option(
+    help="blend: how to choose the recomputed tokens: value, key, attention, first or hybrid "
+         "(default hybrid: attention × value deviation, the best measured)")]
+DeviationOpt = Annotated[Optional[str], typer.Option(
+    help="blend: old name of --selection (value or key); 'both' is retired")]
+GuardOpt = Annotated[Optional[float], typer.Option(
+    help="blend: raise the ratio (0.15 → 0.3 → 0.5 → all) while the check layer's estimate of the "
+         "distance to full is over this bound; off when absent")]
+
+
+def selection_of(selection: str | None, deviation: str | None) -> str:
+    """--selection, or the retired --deviation mapped onto it; one of the two at most."""
+    from blend.select import DEFAULT_SELECTION, SELECTIONS
+
+    if selection is not None and deviation is not None:
+        fail("give --selection or its old name --deviation, not both")
+    if deviation is not None:
+        if deviation not in ("value", "key"):
+            fail(f"--deviation {deviation!r} is retired: use --selection, one of {', '.join(SELECTIONS)}")
+        return deviation
+    if selection is None:
+        return DEFAULT_SELECTION
+    if selection not in SELECTIONS:
+        fail(f"--selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
+    return selection
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -1,5 +1,5 @@
 """`ragblend eval` and `ragblend eval-ablation`: TTFT against quality over a dataset, every mode ×
-ratio; and the check-layer × deviation ablation of `blend`. `register(app)` adds both commands."""
+ratio; and the selection × ratio ablation of `blend`. `register(app)` adds both commands."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,11 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import DeviceOpt, DtypeOpt, ModelOpt, fail, load_engine, unit_floats
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail,
+                            load_engine, selection_of, unit_floats)
+from blend.select import SELECTIONS
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
-         "--data-dir), or synthetic[:n=60,chunks=6,chunk_words=90,seed=0]")]
+         "--data-dir), synthetic[:n=60,chunks=6,chunk_words=90,seed=0], or "
+         "pyref[:n=40,chunks=6,chunk_words=150,seed=0] (passages of Python's language reference)")]
 OutOpt = Annotated[Optional[Path], typer.Option(help="output directory (results, progress.jsonl for resuming)")]
 DataDirOpt = Annotated[Optional[Path], typer.Option(
     help="holds LongBench files by name, and the index for examples without chunks")]
@@ -82,6 +85,7 @@ def _out(out: Path | None) -> Path:
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("eval-ablation")(ablation_command)
+    app.command("eval-guard")(guard_command)
 
 
 def eval_command(
@@ -97,19 +101,23 @@ def eval_command(
     max_tokens: MaxTokensOpt = 32,
     seed: SeedOpt = 0,
     check_layer: Annotated[int, typer.Option(help="blend: the layer where tokens are selected")] = 1,
-    deviation: Annotated[str, typer.Option(help="blend: value, key or both")] = "value",
+    selection: SelectionOpt = None,
+    deviation: DeviationOpt = None,
+    guard: GuardOpt = None,
     top_k: TopKOpt = 5,
     chunk_words: ChunkWordsOpt = 200,
     fresh: FreshOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
-    from blend.prefill import DEVIATIONS, MODES
+    from blend.prefill import MODES
     from eval import report, runner
 
     mode_list = _names(modes, MODES, "--modes")
     ratio_list = unit_floats(ratios, "--ratios")
-    _names(deviation, DEVIATIONS, "--deviation")
+    selection = selection_of(selection, deviation)
+    if guard is not None and guard < 0:
+        fail(f"--guard must be ≥ 0, got {guard:g}")
     _positive(limit=limit, max_tokens=max_tokens, top_k=top_k, chunk_words=chunk_words)
     if check_layer < 0:
         fail(f"--check-layer must be ≥ 0, got {check_layer}")
@@ -117,7 +125,7 @@ def eval_command(
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:
-        variants = runner.mode_variants(mode_list, ratio_list, check_layer, deviation)
+        variants = runner.mode_variants(mode_list, ratio_list, check_layer, selection, guard)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
         records = runner.run(engine, data, config, out, limit=limit, retriever=retriever, fresh=fresh,
                              progress=progress)
@@ -132,9 +140,10 @@ def eval_command(
 def ablation_command(
     dataset: DatasetOpt = None,
     out: OutOpt = None,
-    ratio: Annotated[float, typer.Option(help="blend recompute ratio")] = 0.15,
-    check_layers: Annotated[str, typer.Option(help="comma-separated check layers")] = "0,1,2,4",
-    deviations: Annotated[str, typer.Option(help="comma-separated: value, key, both")] = "value,key",
+    ratios: RatiosOpt = "0.05,0.15,0.3",
+    selections: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(SELECTIONS)}")] = ",".join(SELECTIONS),
+    check_layers: Annotated[str, typer.Option(help="comma-separated check layers")] = "1",
+    deviations: Annotated[Optional[str], typer.Option(hidden=True, help="retired: use --selections")] = None,
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
@@ -146,27 +155,61 @@ def ablation_command(
     fresh: FreshOpt = False,
     progress: ProgressOpt = True,
 ) -> None:
-    """blend at one ratio for every check layer × deviation, against full → ablation.json, ablation.md."""
-    from blend.prefill import DEVIATIONS
+    """blend for every selection × ratio (× check layer), against full → ablation.json, .md, .png."""
     from eval.ablation import run_ablation
 
-    unit_floats(str(ratio), "--ratio")
+    if deviations is not None:
+        fail("--deviations is retired: use --selections (value and key are two of them)")
+    ratio_list = unit_floats(ratios, "--ratios")
     try:
         layers = [int(s) for s in check_layers.split(",") if s.strip()]
     except ValueError:
         fail(f"--check-layers must be comma-separated integers, got {check_layers!r}")
     if not layers or min(layers) < 0:
         fail("--check-layers needs at least one layer, each ≥ 0")
-    devs = _names(deviations, DEVIATIONS, "--deviations")
+    sels = _names(selections, SELECTIONS, "--selections")
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:
-        run_ablation(engine, data, out, ratio=ratio, check_layers=layers, deviations=devs,
+        run_ablation(engine, data, out, ratios=ratio_list, selections=sels, check_layers=layers,
                      max_tokens=max_tokens, seed=seed, limit=limit, retriever=retriever, fresh=fresh,
                      progress=progress)
     except ValueError as e:
         fail(str(e))
     typer.echo((out / "ablation.md").read_text(encoding="utf-8"))
-    typer.echo(f"wrote {out}/ablation.json, ablation.md", err=True)
+    typer.echo(f"wrote {out}/ablation.json, ablation.md, ablation.png", err=True)
+
+
+def guard_command(
+    dataset: DatasetOpt = None,
+    out: OutOpt = None,
+    ratio: Annotated[float, typer.Option(help="the blend ratio the guard starts from")] = 0.15,
+    selection: SelectionOpt = None,
+    quantile: Annotated[float, typer.Option(help="the bound: this quantile of the calibration half's estimates")] = 0.5,
+    data_dir: DataDirOpt = None,
+    model: ModelOpt = "default",
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "float32",
+    limit: LimitOpt = None,
+    max_tokens: MaxTokensOpt = 16,
+    chunk_words: ChunkWordsOpt = 200,
+    progress: ProgressOpt = True,
+) -> None:
+    """Does the guard's estimate track the KL to full (rank correlation), and what does a bound
+    calibrated on half the examples buy on the other half → guard.json, guard.md."""
+    from eval.guard import run_guard_study
+
+    unit_floats(f"{ratio},{quantile}", "--ratio and --quantile")
+    _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
+    out = _out(out)
+    data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
+    engine = load_engine(model, device, dtype)
+    try:
+        run_guard_study(engine, data, out, ratio=ratio, selection=selection_of(selection, None),
+                        quantile=quantile, max_tokens=max_tokens, limit=limit, retriever=retriever,
+                        progress=progress)
+    except ValueError as e:
+        fail(str(e))
+    typer.echo((out / "guard.md").read_text(encoding="utf-8"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from api.settings import MAX_TOKENS_HARD
 
@@ -36,24 +36,46 @@ MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
                                  description="answer length cap (the server's --max-tokens caps it further)")]
 CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
                                   description="blend: the layer where tokens are selected (< the model's layers)")]
-Deviation = Annotated[Literal["value", "key", "both"], Field(description="blend: rank tokens by value, key or both deviation")]
+Selection = Annotated[Literal["value", "key", "attention", "first", "hybrid"], Field(
+    description="blend: how the recomputed tokens are chosen (hybrid: question attention × value deviation)")]
+Deviation = Annotated[Literal["value", "key"], Field(
+    description="blend: the old name of `selection` (value or key); give one of the two")]
+Guard = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False, description=(
+    "blend: quality guard. The check layer estimates the distance to full; while it is over this "
+    "bound the ratio is raised (0.15 → 0.3 → 0.5), then everything is recomputed (= full)"))]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 
 
 # -- query ------------------------------------------------------------------------------------
-class QueryRequest(BaseModel):
+class BlendFields(BaseModel):
+    """The prefill settings every query route takes (for the OpenAI route, as `extra_body`)."""
+    mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
+    ratio: Ratio = 0.15
+    check_layer: CheckLayer = 1
+    selection: Selection | None = Field(None, description="default: hybrid")
+    deviation: Deviation | None = None
+    guard: Guard | None = None
+
+    @model_validator(mode="after")
+    def _one_name(self):
+        if self.selection is not None and self.deviation is not None:
+            raise ValueError("selection: give selection or its old name deviation, not both")
+        return self
+
+    def chosen_selection(self) -> str:
+        from blend.select import DEFAULT_SELECTION
+        return self.selection or self.deviation or DEFAULT_SELECTION
+
+
+class QueryRequest(BlendFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"question": "Who designed the Halvard Bridge?", "top_k": 4, "mode": "blend", "ratio": 0.15,
          "max_tokens": 64, "temperature": 0.0, "stream": False}]})
 
     question: Question = Field(description="non-empty; its token count is limited (see /health)")
     top_k: TopK = 4
-    mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
-    ratio: Ratio = 0.15
-    check_layer: CheckLayer = 1
-    deviation: Deviation = "value"
     max_tokens: MaxTokens | None = Field(None, description=f"default: {DEFAULT_MAX_TOKENS}, or the server's cap if lower")
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
@@ -77,16 +99,34 @@ class Timings(BaseModel):
     per_token_ms: float
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose KV was reused, not recomputed")
+
+
+class Usage(BaseModel):
+    """OpenAI's usage object; `cached_tokens` counts the prompt tokens served from cached KV."""
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
 class QueryResponse(BaseModel):
     answer: str
     chunks: list[ChunkOut]
     timings: Timings
     mode: Mode
-    ratio: float | None
-    recomputed_tokens: int
+    ratio: float | None = Field(description="blend: the ratio used (above the asked one if the guard raised it)")
+    requested_ratio: float | None = Field(None, description="blend: the ratio asked for")
+    selection: Selection | None = None
+    guard_raised: bool = Field(False, description="blend: the guard recomputed more than asked")
+    guard_estimate: float | None = Field(None, description="blend with a guard: its estimate at the ratio used")
+    recomputed_tokens: int = Field(description="chunk tokens recomputed through every layer")
+    cached_tokens: int = Field(0, description="prompt tokens whose KV was reused")
     total_tokens: int = Field(description="prompt tokens")
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+    usage: Usage
 
 
 # -- documents and jobs -----------------------------------------------------------------------
@@ -189,7 +229,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
+class ChatRequest(BlendFields):
     """OpenAI's fields that change nothing here (user, presence_penalty, ...) are accepted and
     ignored; `mode`, `ratio` and `top_k` are ragblend's own (the client's `extra_body`)."""
     model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
@@ -207,10 +247,6 @@ class ChatRequest(BaseModel):
     n: int = Field(1, strict=True, ge=1, le=1, description="one choice only")
     stream: bool = False
     stream_options: StreamOptions | None = None
-    mode: Mode = "blend"
-    ratio: Ratio = 0.15
-    check_layer: CheckLayer = 1
-    deviation: Deviation = "value"
     top_k: TopK = 4
 
 
@@ -223,12 +259,6 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     finish_reason: Literal["stop", "length"]
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
 
 
 class ChatCompletion(BaseModel):

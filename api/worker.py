@@ -22,6 +22,7 @@ from api.service import RagService
 from blend.decode import Sampling
 from blend.engine import Answer
 from blend.prefill import BlendConfig
+from blend.select import DEFAULT_SELECTION
 from retrieval.corpus import Hit
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,8 @@ class QueryParams:
     max_tokens: int
     sampling: Sampling
     check_layer: int = 1
-    deviation: str = "value"
+    selection: str = DEFAULT_SELECTION
+    guard: float | None = None
 
 
 @dataclass
@@ -180,7 +182,7 @@ class ModelWorker:
         n_layers = svc.engine.parts.n_layers
         if p.check_layer >= n_layers:
             raise ApiError(422, f"check_layer: must be below the model's {n_layers} layers, got {p.check_layer}")
-        blend = BlendConfig(ratio=p.ratio, check_layer=p.check_layer, deviation=p.deviation)
+        blend = BlendConfig(ratio=p.ratio, check_layer=p.check_layer, selection=p.selection, guard=p.guard)
         with svc.model_lock:
             gen = svc.answer(p.question, retrieved.hits, mode=p.mode, blend=blend, max_tokens=p.max_tokens,
                              sampling=p.sampling)
@@ -204,4 +206,8 @@ class ModelWorker:
         assert answer is not None
         self.metrics.ttft.labels(p.mode).observe(answer.ttft_ms / 1e3)
         self.metrics.tokens.inc(len(answer.token_ids))
+        self.metrics.prompt_tokens.labels("reused").inc(answer.cached_tokens)
+        self.metrics.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)
+        if answer.guard_raised:
+            self.metrics.guard_raised.inc()
         job.emit(Finished(answer))

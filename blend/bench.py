@@ -18,6 +18,7 @@ from blend.engine import Engine, sync
 from blend.kv import ChunkKV
 from blend.loader import LoadedModel, fingerprint
 from blend.prefill import BlendConfig
+from blend.select import DEFAULT_SELECTION
 from blend.prompt import Layout
 from blend.shapes import random_model
 from blend.sources import StoreSource, StreamingStoreSource
@@ -36,6 +37,29 @@ def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int
     times.sort()
     return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
             "runs": runs}
+
+
+def timed_together(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                   runs: int) -> dict[str, dict]:
+    """Like `timed` for several functions, run in turns (a, b, c, a, b, c, …), so that a drift
+    of the machine (clocks, temperature, neighbours) falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        ts.sort()
+        out[name] = {"median_ms": statistics.median(ts), "p90_ms": ts[min(len(ts) - 1, int(0.9 * len(ts)))],
+                     "runs": runs}
+    return out
 
 
 def random_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int,
@@ -89,7 +113,7 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
               tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb"), warmup: int = 3, runs: int = 10,
               sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384), check_layer: int = 1,
               log: Callable[[str], None] = print, profile_dir: Path | None = None,
-              model_spec: str | None = None) -> dict:
+              model_spec: str | None = None, selections: tuple[str, ...] = ()) -> dict:
     """Random weights of `shape`, or the real model `model_spec` (timing does not depend on the
     weights; the prompt is random token ids either way)."""
     from blend.loader import load_model, parse_dtype
@@ -106,7 +130,7 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
     out: dict = {"shape": shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                  "dtype": dtype, "n_chunks": n_chunks, "chunk_tokens": chunk_tokens,
                  "question_tokens": question_tokens, "prompt_tokens": layout.n_tokens,
-                 "check_layer": check_layer, "warmup": warmup, "runs": runs, "rows": [], "sweep": []}
+                 "check_layer": check_layer, "selection": DEFAULT_SELECTION, "warmup": warmup, "runs": runs, "rows": [], "sweep": []}
     with tempfile.TemporaryDirectory() as tmp:
         store_tiers = Tiers(engine, layout, list(tiers), Path(tmp))
         ids = torch.tensor([layout.ids()], device=dev)
@@ -129,6 +153,12 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
                 # keys as retrieval hands them over (the hash is computed at indexing time)
                 stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
                 rows.append({"mode": mode, "ratio": ratio, "tier": tier, **stats})
+        if selections:  # what each selector costs: blend r=0.15, KV on the first tier, timed in turns
+            src = store_tiers.source(tiers[0])
+            fns = {sel: (lambda cfg=BlendConfig(ratio=0.15, check_layer=check_layer, selection=sel):
+                         ttft(engine, layout, "blend", src, cfg, store_tiers.keys)) for sel in selections}
+            for sel, stats in timed_together(fns, dev, warmup, 3 * runs).items():
+                rows.append({"mode": "blend", "ratio": 0.15, "tier": tiers[0], "selection": sel, **stats})
         if "lmdb" in tiers and engine.graphs is not None:  # what streaming the layers buys
             src = store_tiers.source("lmdb", streamed=False)
             for mode, ratio in [("reuse", None), ("blend", 0.15)]:
@@ -224,6 +254,8 @@ def gpu_busy(prof) -> dict:
 
 
 def _variant(row: dict) -> str:
+    if row.get("selection"):
+        return f" (selection {row['selection']})"
     return " (eager)" if row.get("eager") else " (read whole, then prefill)" if row.get("unstreamed") else ""
 
 

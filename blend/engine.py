@@ -36,10 +36,18 @@ class Answer:
     kv_load_ms: float
     prefill_ms: float
     per_token_ms: float
-    recomputed_tokens: int
-    total_tokens: int
+    recomputed_tokens: int    # chunk tokens computed fresh through every layer
+    total_tokens: int         # prompt tokens
     chunk_tokens: int
     first_logits: torch.Tensor = field(repr=False)
+    cached_tokens: int = 0    # prompt tokens whose KV was reused (prefix and chunks), not recomputed
+    selection: str | None = None          # blend: how tokens were chosen
+    requested_ratio: float | None = None  # blend: the ratio asked for (`ratio` is the one used)
+    guard_estimate: float | None = None   # blend with a guard: its estimate at the ratio used
+
+    @property
+    def guard_raised(self) -> bool:
+        return self.ratio is not None and self.requested_ratio is not None and self.ratio > self.requested_ratio
 
     def top_logprobs(self, tokenizer, k: int = 20) -> list[dict]:
         logp = torch.log_softmax(self.first_logits, dim=-1)
@@ -220,11 +228,16 @@ class Engine:
             if final.startswith(text) and len(final) > len(text):
                 yield final[len(text):]  # a piece held back (an unfinished character) at the end
             text = final
+        sel = result.selected if mode == "blend" else None
         return Answer(
-            text=text, token_ids=tokens, mode=mode, ratio=blend.ratio if mode == "blend" else None,
+            text=text, token_ids=tokens, mode=mode, ratio=sel.ratio if sel is not None else None,
             ttft_ms=(t_first - t0) * 1e3, kv_load_ms=(t_loaded - t0) * 1e3,
             prefill_ms=(t_first - t_loaded) * 1e3,
             per_token_ms=(t_end - t_first) * 1e3 / max(1, len(tokens) - 1),
             recomputed_tokens=result.recomputed_tokens, total_tokens=layout.n_tokens,
-            chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu())
+            chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu(),
+            cached_tokens=0 if mode == "full" else layout.suffix_start - result.recomputed_tokens,
+            selection=blend.selection if sel is not None else None,
+            requested_ratio=blend.ratio if sel is not None else None,
+            guard_estimate=float(sel.estimate) if sel is not None and sel.estimate is not None else None)
 

@@ -9,7 +9,8 @@ per-layer KV cache that decoding continues from.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
@@ -20,25 +21,37 @@ from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, pr
 from blend.kv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
-from blend.select import deviation, select_tokens
+from blend.select import DEFAULT_SELECTION, SELECTIONS, CheckLayer, guard_ratio, score, select_tokens
 
 MODES = ("full", "prefix", "reuse", "blend")
-DEVIATIONS = ("value", "key", "both")
 
 
 @dataclass(frozen=True)
 class BlendConfig:
+    """`guard`: a bound on the check layer's estimate of the distance to `full` (see
+    select.missed_share); over it, the ratio is raised step by step, up to recomputing all."""
     ratio: float = 0.15
     check_layer: int = 1
-    deviation: str = "value"
+    selection: str = DEFAULT_SELECTION
+    guard: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
             raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
         if self.check_layer < 0:
             raise ValueError("check_layer must be ≥ 0")
-        if self.deviation not in DEVIATIONS:
-            raise ValueError(f"deviation must be one of {DEVIATIONS}, got {self.deviation!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.guard is not None and not (self.guard >= 0.0 and math.isfinite(self.guard)):
+            raise ValueError(f"guard must be a finite number ≥ 0, got {self.guard}")
+
+
+@dataclass
+class Selected:
+    """What the check layer decided: the ratio used (above the asked one where the guard raised
+    it) and the guard's estimate (a 0-dim device tensor; None without a guard)."""
+    ratio: float
+    estimate: torch.Tensor | None = None
 
 
 @dataclass
@@ -47,23 +60,26 @@ class PrefillResult:
     kv: torch.Tensor          # [L, 2, H, N, D], the decode cache
     n_tokens: int
     recomputed_tokens: int    # chunk tokens whose KV is freshly computed in the last layer
+    selected: Selected | None = field(default=None)  # blend only
 
 
 def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
-               feed: LayerFeed | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               feed: LayerFeed | None = None, chunk_lengths: list[int] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
 
-    With `blend`, at the check layer the chunk tokens (positions in `chunk_span`) are ranked by the
-    deviation of their fresh K/V from the cached one and only the top ratio, plus every token after
-    the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
+    With `blend`, at the check layer the chunk tokens (positions in `chunk_span`, chunks of
+    `chunk_lengths`) are scored by the config's selection and only the top ratio, plus every
+    token after the chunks, flow on. With `graphs` (whose buffer `kv` must be), the layers where few tokens
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
     as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
     each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU.
-    Returns the last active token's hidden state and the final active positions.
+    Returns the last active token's hidden state, the final active positions and what blend's
+    check layer selected.
     """
     n = kv.shape[3]
     active = torch.arange(start, n, device=parts.device)
@@ -73,6 +89,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     # explicit mask once the tail is short enough that padding it would cost more.
     mask = None if 2 * (n - start) >= n else causal_mask(active, n)
     graph_from = blend.check_layer + 1 if blend is not None else 0
+    selected = None
     for i, layer in enumerate(parts.layers):
         if ready is not None and i == graph_from:
             torch.cuda.current_stream().wait_event(ready)
@@ -93,7 +110,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
         if blend is not None and i == blend.check_layer:
             with record_function("rb.select"):
                 lo, hi = chunk_span
-                keep = keep_after_check(k, v, kv[i], blend, lo - start, hi - start, start)
+                check = CheckLayer(q, k, v, kv[i], lo - start, hi - start, start,
+                                   list(chunk_lengths or [hi - lo]), layer.self_attn.scaling)
+                keep, selected = keep_after_check(check, blend)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
         if keep is not None:
@@ -102,22 +121,20 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             h, q, active = h[:, keep], q[:, :, keep], active[keep]
             cos, sin, mask = cos[keep], sin[keep], causal_mask(active, n)
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
-    return h[:, -1], active
+    return h[:, -1], active, selected
 
 
-def keep_after_check(k: torch.Tensor, v: torch.Tensor, cached: torch.Tensor, cfg: BlendConfig,
-                     lo: int, hi: int, start: int) -> torch.Tensor:
+def keep_after_check(check: CheckLayer, cfg: BlendConfig) -> tuple[torch.Tensor, Selected]:
     """Indices into the active tokens (positions start, start+1, …) that survive the check layer:
-    the chunk tokens (indices lo…hi-1) of largest deviation, then every token after the chunks.
+    the chunk tokens (indices lo…hi-1) of largest score, then every token after the chunks.
     Tokens before the chunks (none, in blend) are dropped."""
-    n_active = k.shape[2]
-    dev = torch.zeros(hi - lo, device=k.device)
-    if cfg.deviation in ("value", "both"):
-        dev += deviation(v[:, :, lo:hi], cached[1][None, :, start + lo:start + hi])
-    if cfg.deviation in ("key", "both"):
-        dev += deviation(k[:, :, lo:hi], cached[0][None, :, start + lo:start + hi])
-    chosen = select_tokens(dev, cfg.ratio) + lo
-    return torch.cat([chosen, torch.arange(hi, n_active, device=k.device)])
+    ratio, estimate = cfg.ratio, None
+    if cfg.guard is not None:
+        ratio, estimate = guard_ratio(check, cfg.selection, cfg.ratio, cfg.guard)
+    chosen = select_tokens(score(cfg.selection, check), ratio) + check.lo
+    n_active = check.k.shape[2]
+    keep = torch.cat([chosen, torch.arange(check.hi, n_active, device=check.k.device)])
+    return keep, Selected(ratio, estimate)
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -308,12 +325,13 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     else:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     ids = to_device(layout.ids(), parts.device)
-    h, final = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed)
+    h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
+                                    [len(c) for c in layout.chunks])
     logits = logits_of(parts, h)
     if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them):
         arriving.start()     # now the reads, which would have slowed this thread down before
     recomputed = int(((final >= P) & (final < S)).sum())
-    return PrefillResult(logits, kv, N, recomputed)
+    return PrefillResult(logits, kv, N, recomputed, selected)
 
 
 def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
@@ -322,7 +340,7 @@ def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chu
     cache they read only the check layer's chunk values (and keys) to compare against."""
     c = cfg.check_layer
     kv = out if out is not None else new_cache(parts, layout.n_tokens)
-    fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.deviation != "value")
+    fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c, c + 1), rotate=cfg.selection == "key")
     return kv
 
 

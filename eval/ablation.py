@@ -1,5 +1,6 @@
-"""Which check layer and which deviation (value or key) should `blend` default to, and by how much:
-blend at one ratio for every pair, each scored against `full` on the same examples."""
+"""How should `blend` choose the tokens it recomputes? Every selection × ratio (× check layer) in
+one run, each scored against `full` on the same examples and the same chunk KVs; a table and a plot
+of KL and agreement against the ratio, one line per selection."""
 from __future__ import annotations
 
 import json
@@ -7,31 +8,33 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blend.engine import Engine
+from blend.select import DEFAULT_SELECTION, SELECTIONS
 
 from eval.datasets import Dataset
 from eval.report import fmt, summarize
 from eval.runner import FULL, Retriever, Variant, run, run_config
 
-CHECK_LAYERS = (0, 1, 2, 4)
-DEVIATIONS = ("value", "key")
-DEFAULT = (1, "value")  # BlendConfig's defaults, the row every other is compared with
+RATIOS = (0.05, 0.15, 0.3)
+CHECK_LAYERS = (1,)
 
 
-def ablation_variants(ratio: float = 0.15, check_layers: Sequence[int] = CHECK_LAYERS,
-                      deviations: Sequence[str] = DEVIATIONS) -> list[Variant]:
-    return [FULL] + [Variant("blend", ratio, c, d) for c in check_layers for d in deviations]
+def ablation_variants(ratios: Sequence[float] = RATIOS, selections: Sequence[str] = SELECTIONS,
+                      check_layers: Sequence[int] = CHECK_LAYERS) -> list[Variant]:
+    """full (the reference), reuse (the floor every selection must beat), then the grid."""
+    return [FULL, Variant("reuse")] + [Variant("blend", float(r), c, s)
+                                       for c in check_layers for s in selections for r in ratios]
 
 
-def run_ablation(engine: Engine, dataset: Dataset, out_dir: str | Path, *, ratio: float = 0.15,
-                 check_layers: Sequence[int] = CHECK_LAYERS, deviations: Sequence[str] = DEVIATIONS,
+def run_ablation(engine: Engine, dataset: Dataset, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
+                 selections: Sequence[str] = SELECTIONS, check_layers: Sequence[int] = CHECK_LAYERS,
                  max_tokens: int = 32, seed: int = 0, limit: int | None = None,
                  retriever: Retriever | None = None, fresh: bool = False, progress: bool = True) -> list[dict]:
-    """Runs (resumably, like `eval`) and writes `ablation.json` and `ablation.md`; returns the rows.
-    Check layers the model does not have are left out."""
+    """Runs (resumably, like `eval`) and writes `ablation.json`, `ablation.md` and `ablation.png`;
+    returns the summary rows. Check layers the model does not have are left out."""
     layers = [c for c in check_layers if c < engine.parts.n_layers]
     if not layers:
         raise ValueError(f"no check layer below the model's {engine.parts.n_layers} layers")
-    variants = ablation_variants(ratio, layers, deviations)
+    variants = ablation_variants(ratios, selections, layers)
     config = run_config(engine, dataset, variants, max_tokens=max_tokens, seed=seed, top_k=5)
     records = run(engine, dataset, config, out_dir, limit=limit, retriever=retriever, fresh=fresh,
                   progress=progress)
@@ -40,34 +43,68 @@ def run_ablation(engine: Engine, dataset: Dataset, out_dir: str | Path, *, ratio
     doc = {"config": config, "examples": records, "summary": rows}
     (out / "ablation.json").write_text(json.dumps(doc, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     (out / "ablation.md").write_text(markdown(config, rows), encoding="utf-8")
+    plot(out / "ablation.png", config, rows)
     return rows
 
 
 def markdown(config: dict, rows: Sequence[dict]) -> str:
     metric = config["metric"]
     blend = [r for r in rows if r["mode"] == "blend"]
+    reuse = next((r for r in rows if r["mode"] == "reuse"), None)
     n = max((r["n"] for r in rows), default=0)
-    ratio = blend[0]["ratio"] if blend else None
-    lines = [f"# blend ablation: {config['dataset']}, r = {ratio:g}" if blend else "# blend ablation", "",
+    lines = [f"# blend selection ablation: {config['dataset']}", "",
              f"{n} examples · model `{config['model']}` · max {config['max_tokens']} tokens · greedy", "",
-             f"| check layer | deviation | KL vs full | agree w/ full | {metric} | TTFT median ms | speedup |",
-             "|---:|---|---:|---:|---:|---:|---:|"]
+             f"| selection | check layer | ratio | KL vs full | × reuse's KL | × value's KL | agree w/ full | "
+             f"{metric} | TTFT median ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    value = {(r["check_layer"], r["ratio"]): r["kl_vs_full"] for r in blend if r["selection"] == "value"}
     for r in blend:
-        mark = " (default)" if (r["check_layer"], r["deviation"]) == DEFAULT else ""
-        lines.append(f"| {r['check_layer']} | {r['deviation']}{mark} | {fmt(r['kl_vs_full'], '.3e')} | "
-                     f"{fmt(r['agree_with_full'], '.2f')} | {fmt(r[metric], '.3f')} | "
-                     f"{fmt(r['ttft_ms_median'], '.1f')} | {fmt(r['speedup_vs_full'], '.2f×')} |")
-    full = next((r for r in rows if r["mode"] == "full"), None)
-    if full:
-        lines += ["", f"full: {metric} {full[metric]:.3f}, TTFT median {full['ttft_ms_median']:.1f} ms."]
-    default = next((r for r in blend if (r["check_layer"], r["deviation"]) == DEFAULT), None)
-    if blend:
-        best = min(blend, key=lambda r: (r["kl_vs_full"], -r["agree_with_full"]))
-        line = f"Closest to full (lowest KL): check layer {best['check_layer']}, {best['deviation']}"
-        if default and best is not default and best["kl_vs_full"] > 0:
-            line += (f": KL {default['kl_vs_full'] / best['kl_vs_full']:.2f}× lower than the default's, "
-                     f"agreement {best['agree_with_full'] - default['agree_with_full']:+.2f}")
-        elif best is default:
-            line += " (the default)"
-        lines += ["", line + "."]
+        mark = " (default)" if r["selection"] == DEFAULT_SELECTION else ""
+        base = value.get((r["check_layer"], r["ratio"]))
+        lines.append(f"| {r['selection']}{mark} | {r['check_layer']} | {r['ratio']:g} | {fmt(r['kl_vs_full'], '.4f')} | "
+                     f"{fmt(_ratio(r['kl_vs_full'], reuse and reuse['kl_vs_full']), '.2f')} | "
+                     f"{fmt(_ratio(r['kl_vs_full'], base), '.2f')} | {fmt(r['agree_with_full'], '.2f')} | "
+                     f"{fmt(r[metric], '.3f')} | {fmt(r['ttft_ms_median'], '.1f')} |")
+    if reuse:
+        lines += ["", f"reuse: KL {reuse['kl_vs_full']:.4f}, agreement {reuse['agree_with_full']:.2f}."]
+    for ratio in sorted({r["ratio"] for r in blend}):
+        at = [r for r in blend if r["ratio"] == ratio]
+        best = min(at, key=lambda r: (r["kl_vs_full"], -r["agree_with_full"]))
+        lines.append(f"r = {ratio:g}: lowest KL with {best['selection']} (check layer {best['check_layer']}).")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(a: float, b: float | None) -> float | None:
+    return a / b if b else None
+
+
+def plot(path: str | Path, config: dict, rows: Sequence[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blend = [r for r in rows if r["mode"] == "blend"]
+    reuse = next((r for r in rows if r["mode"] == "reuse"), None)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, ylabel in ((axes[0], "kl_vs_full", "KL(full ‖ blend), first token [nats]"),
+                            (axes[1], "agree_with_full", "greedy answer equal to full's")):
+        for sel, c in sorted({(r["selection"], r["check_layer"]) for r in blend}):
+            line = sorted((r for r in blend if (r["selection"], r["check_layer"]) == (sel, c)),
+                          key=lambda r: r["ratio"])
+            name = sel if len({r["check_layer"] for r in blend}) == 1 else f"{sel} c={c}"
+            ax.plot([r["ratio"] for r in line], [r[key] for r in line], "o-",
+                    lw=2.5 if sel == DEFAULT_SELECTION else 1.2, label=name)
+        if reuse:
+            ax.axhline(reuse[key], color="tab:red", ls="--", lw=1, label="reuse")
+        ax.set_xlabel("recompute ratio r")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        if key == "kl_vs_full":
+            ax.set_yscale("log")
+        else:
+            ax.set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=8)
+    n = max((r["n"] for r in rows), default=0)
+    fig.suptitle(f"selection ablation · {config['dataset']} · {n} examples · {config['model']}", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

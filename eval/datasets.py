@@ -7,7 +7,8 @@
   `_id`/`id`, `dataset`), recognized by their `context` field;
 - `2wikimqa`, `musique`, `samsum`, `multi_news`: `<data-dir>/<name>.jsonl` or
   `<data-dir>/longbench/<name>.jsonl`;
-- `synthetic` or `synthetic:n=60,chunks=6,chunk_words=90,seed=0` (see eval/synthetic.py).
+- `synthetic` or `synthetic:n=60,chunks=6,chunk_words=90,seed=0` (see eval/synthetic.py);
+- `pyref` or `pyref:n=40,chunks=6,chunk_words=150,seed=0`: real reference prose (eval/pyref.py).
 """
 from __future__ import annotations
 
@@ -76,11 +77,17 @@ def load_dataset(spec: str, data_dir: str | Path | None = None, *, chunk_words: 
         if unknown := set(opts) - set(OPTIONS):
             raise ValueError(f"unknown synthetic option(s) {', '.join(sorted(unknown))}; known: {', '.join(OPTIONS)}")
         return Dataset(spec, "f1", generate(**opts))
+    if name == "pyref":
+        from eval import pyref
+        opts = parse_options(options)
+        if unknown := set(opts) - set(pyref.OPTIONS):
+            raise ValueError(f"unknown pyref option(s) {', '.join(sorted(unknown))}; known: {', '.join(pyref.OPTIONS)}")
+        return Dataset(spec, "rougeL", pyref.generate(**opts))
     path = Path(spec).expanduser()
     if not path.exists() and spec in LONGBENCH:
         path = _longbench_file(spec, data_dir)
     if not path.is_file():
-        known = ", ".join(("synthetic",) + LONGBENCH)
+        known = ", ".join(("synthetic", "pyref") + LONGBENCH)
         raise ValueError(f"unknown dataset {spec!r}: not a file, and not one of {known}")
     rows = _read_jsonl(path)
     if rows and "context" in rows[0]:

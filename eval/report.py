@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 MEANS = ("f1", "rougeL", "kl_vs_full", "agree_with_full", "rougeL_vs_full", "recompute_fraction")
-_KEY = ("mode", "ratio", "check_layer", "deviation")
+_KEY = ("mode", "ratio", "check_layer", "selection", "guard")
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
@@ -19,7 +19,7 @@ def summarize(records: Sequence[dict]) -> list[dict]:
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         for row in rec["results"]:
-            groups.setdefault(tuple(row[k] for k in _KEY), []).append(row)
+            groups.setdefault(tuple(row.get(k) for k in _KEY), []).append(row)
     out = []
     for key, rows in groups.items():
         ttft = np.array([r["ttft_ms"] for r in rows])
@@ -36,7 +36,9 @@ def label(row: dict, with_blend_config: bool = False) -> str:
     if row["mode"] != "blend":
         return row["mode"]
     text = f"blend r={row['ratio']:g}"
-    return text + f" c={row['check_layer']} {row['deviation']}" if with_blend_config else text
+    if row.get("guard") is not None:
+        text += f" guard={row['guard']:g}"
+    return text + f" c={row['check_layer']} {row['selection']}" if with_blend_config else text
 
 
 def write_results(out_dir: str | Path, config: dict, records: Sequence[dict], summary: Sequence[dict]) -> None:
@@ -65,7 +67,7 @@ def markdown(config: dict, summary: Sequence[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(" | ".join([
-            f"| {r['mode']}", fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
+            f"| {r['mode']}" + ("" if r.get("guard") is None else f" (guard {r['guard']:.3g})"), fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
             fmt(r["ttft_ms_p90"], ".1f"), fmt(r["speedup_vs_full"], ".2f×"), fmt(r["f1"], ".3f"),
             fmt(r["rougeL"], ".3f"), fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
             fmt(r["rougeL_vs_full"], ".3f"), fmt(r["recompute_fraction"], ".3f")]) + " |")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 from blend.decode import Sampling
 from blend.engine import Answer, Engine, KVSource
 from blend.prefill import MODES, BlendConfig
+from blend.select import DEFAULT_SELECTION
 from blend.prompt import Layout
 
 from eval import metrics
@@ -33,43 +34,46 @@ class Retriever(Protocol):
 
 @dataclass(frozen=True)
 class Variant:
-    """One prefill setting to score: a mode, and for `blend` its ratio, check layer and deviation."""
+    """One prefill setting to score: a mode, and for `blend` its ratio, check layer, selection and
+    optional guard bound."""
     mode: str
     ratio: float | None = None
     check_layer: int | None = None
-    deviation: str | None = None
+    selection: str | None = None
+    guard: float | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "blend":
-            if None in (self.ratio, self.check_layer, self.deviation):
-                raise ValueError("blend needs a ratio, a check layer and a deviation")
+            if None in (self.ratio, self.check_layer, self.selection):
+                raise ValueError("blend needs a ratio, a check layer and a selection")
             self.blend_config()  # validates their values
-        elif (self.ratio, self.check_layer, self.deviation) != (None, None, None):
-            raise ValueError(f"{self.mode} takes no ratio, check layer or deviation")
+        elif (self.ratio, self.check_layer, self.selection, self.guard) != (None, None, None, None):
+            raise ValueError(f"{self.mode} takes no ratio, check layer, selection or guard")
 
     def blend_config(self) -> BlendConfig | None:
         if self.mode != "blend":
             return None
-        return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, deviation=self.deviation)
+        return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, selection=self.selection,
+                           guard=self.guard)
 
     @property
     def key(self) -> tuple:
-        return self.mode, self.ratio, self.check_layer, self.deviation
+        return self.mode, self.ratio, self.check_layer, self.selection, self.guard
 
 
 FULL = Variant("full")
 
 
 def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: int = 1,
-                  deviation: str = "value") -> list[Variant]:
+                  selection: str = DEFAULT_SELECTION, guard: float | None = None) -> list[Variant]:
     """`full` first, whether asked for or not (every other mode is scored against it); then the
     modes in the order given, `blend` once per ratio."""
     out = [FULL]
     for mode in modes:
         if mode == "blend":
-            out += [Variant("blend", float(r), check_layer, deviation) for r in ratios]
+            out += [Variant("blend", float(r), check_layer, selection, guard) for r in ratios]
         elif mode != "full":
             out.append(Variant(mode))
     if len(set(out)) != len(out):
@@ -143,7 +147,8 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
         answers.append(gen.run())
     full = answers[0]
     rows = [{
-        "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "deviation": v.deviation,
+        "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "selection": v.selection,
+        "guard": v.guard, "guard_estimate": a.guard_estimate, "ratio_used": a.ratio,
         "answer": a.text, "n_output_tokens": len(a.token_ids), "ttft_ms": a.ttft_ms,
         "f1": metrics.best_over(metrics.token_f1, a.text, example.answers),
         "rougeL": metrics.best_over(metrics.rouge_l, a.text, example.answers),

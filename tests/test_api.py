@@ -141,7 +141,34 @@ def test_query_takes_the_blend_check_layer_and_deviation(server):
                                             "mode": "blend", "ratio": 0.5, "check_layer": 0,
                                             "deviation": "key", "max_tokens": 4})
     assert r.status_code == 200, r.text
-    assert r.json()["recomputed_tokens"] > 0
+    assert r.json()["recomputed_tokens"] > 0 and r.json()["selection"] == "key"
+
+
+@pytest.mark.parametrize("selection", ["value", "key", "attention", "first", "hybrid"])
+def test_query_reports_its_selection_and_the_reused_prompt_tokens(server, selection):
+    r = server.http.post("/v1/query", json={"question": "Which bridge0 crosses the river0?", "top_k": 3,
+                                            "ratio": 0.25, "selection": selection, "max_tokens": 4})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    chunk_tokens = body["total_tokens"] - body["cached_tokens"] - body["recomputed_tokens"]
+    assert body["selection"] == selection and body["ratio"] == 0.25 and not body["guard_raised"]
+    assert body["recomputed_tokens"] > 0 and chunk_tokens > 0  # the question's tokens are computed
+    usage = body["usage"]
+    assert usage["prompt_tokens"] == body["total_tokens"]
+    assert usage["prompt_tokens_details"]["cached_tokens"] == body["cached_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_query_guard_at_zero_recomputes_everything_and_says_so(server):
+    req = {"question": "Which bridge0 crosses the river0?", "top_k": 3, "max_tokens": 4}
+    full = server.http.post("/v1/query", json={**req, "mode": "full"}).json()
+    r = server.http.post("/v1/query", json={**req, "ratio": 0.15, "guard": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["guard_raised"] and body["ratio"] == 1.0 and body["requested_ratio"] == 0.15
+    assert body["answer"] == full["answer"]
+    question = body["total_tokens"] - body["recomputed_tokens"] - body["cached_tokens"]
+    assert full["cached_tokens"] == 0 and question > 0  # past the check layer only the prompt head is reused
 
 
 @pytest.mark.parametrize("mode", ["full", "prefix", "reuse", "blend"])
@@ -317,6 +344,9 @@ def test_openai_client_lists_models_and_chats_streaming_and_not(server):
     assert done.usage.completion_tokens <= 10 and done.usage.prompt_tokens > 0
     extras = done.model_extra["ragblend"]
     assert extras["mode"] == "reuse" and len(extras["chunks"]) == 2 and extras["recomputed_tokens"] == 0
+    # reuse computes only the question: every other prompt token's KV came from the cache
+    cached = done.usage.prompt_tokens_details.cached_tokens
+    assert cached == extras["cached_tokens"] and 0 < cached < done.usage.prompt_tokens
 
     stream = client.chat.completions.create(**ask, stream=True, stream_options={"include_usage": True})
     chunks = list(stream)
@@ -324,6 +354,12 @@ def test_openai_client_lists_models_and_chats_streaming_and_not(server):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
     assert text == done.choices[0].message.content  # greedy: streamed and blocking answers agree
     assert finishes == [done.choices[0].finish_reason] and chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == cached
+
+    blended = client.chat.completions.create(**{**ask, "extra_body": {"top_k": 2, "selection": "attention",
+                                                                      "ratio": 0.5}})
+    assert blended.model_extra["ragblend"]["selection"] == "attention"
+    assert 0 < blended.usage.prompt_tokens_details.cached_tokens < cached
 
     with pytest.raises(openai.UnprocessableEntityError, match="no user message"):
         client.chat.completions.create(model="x", messages=[{"role": "system", "content": "hi"}])
@@ -415,6 +451,10 @@ BAD_REQUESTS = [
     ("ratio above 1", "POST", "/v1/query", _q(ratio=1.5), 422, "ratio"),
     ("negative ratio", "POST", "/v1/query", _q(ratio=-0.1), 422, "ratio"),
     ("unknown deviation", "POST", "/v1/query", _q(deviation="values"), 422, "deviation"),
+    ("retired deviation both", "POST", "/v1/query", _q(deviation="both"), 422, "deviation"),
+    ("unknown selection", "POST", "/v1/query", _q(selection="random"), 422, "selection"),
+    ("selection and deviation", "POST", "/v1/query", _q(selection="key", deviation="value"), 422, "not both"),
+    ("negative guard", "POST", "/v1/query", _q(guard=-1), 422, "guard"),
     ("check layer past the model", "POST", "/v1/query", _q(check_layer=4), 422, "check_layer"),
     ("unknown mode", "POST", "/v1/query", _q(mode="turbo"), 422, "mode"),
     ("max_tokens zero", "POST", "/v1/query", _q(max_tokens=0), 422, "max_tokens"),
@@ -477,7 +517,8 @@ def test_metrics_count_requests_tokens_and_the_hot_tier(server):
     assert 'route="/v1/documents/{doc_id}",status="404"' in text  # templates, not raw paths
     for name in ("ragblend_ttft_seconds_bucket", "ragblend_http_request_duration_seconds_bucket",
                  "ragblend_tokens_generated_total", "ragblend_hot_tier_hits_total", "ragblend_hot_tier_misses_total",
-                 "ragblend_queue_depth"):
+                 "ragblend_queue_depth", 'ragblend_prompt_tokens_total{kv="reused"}',
+                 'ragblend_prompt_tokens_total{kv="computed"}', "ragblend_guard_raised_total"):
         assert name in text, name
 
 

@@ -11,7 +11,7 @@ from blend.forward import attend_and_mlp, causal_mask, logits_of, project_qkv, r
 from blend.prefill import BlendConfig, compute_kv, fill_cache, keep_after_check
 from blend.prompt import Layout
 from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
-from blend.select import deviation, select_tokens
+from blend.select import SELECTIONS, CheckLayer, deviation, score, select_tokens
 from blend.shapes import TINY_ARCHS, random_model
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -84,10 +84,13 @@ def test_rerotated_cached_layer0_keys_equal_recomputed_keys(tiny_engines, arch):
 def test_selection_keeps_exactly_top_deviations_plus_suffix():
     torch.manual_seed(0)
     heads, dim, lo, hi, n = 2, 4, 5, 25, 30  # positions: prefix 0-4, chunks 5-24, suffix 25-29
+    q = torch.randn(1, heads, n - lo, dim)
     k = torch.randn(1, heads, n - lo, dim)
     v = torch.randn(1, heads, n - lo, dim)
     cached = torch.randn(2, heads, n, dim)
-    keep = keep_after_check(k, v, cached, BlendConfig(ratio=0.3), 0, hi - lo, lo)
+    check = CheckLayer(q, k, v, cached, 0, hi - lo, lo, [hi - lo], 0.5)
+    keep, selected = keep_after_check(check, BlendConfig(ratio=0.3, selection="value"))
+    assert selected.ratio == 0.3 and selected.estimate is None
     dev = ((v[0] - cached[1][:, lo:n]) ** 2).sum(dim=(0, 2))[: hi - lo]
     expected_chunk = set(torch.topk(dev, math.ceil(0.3 * (hi - lo))).indices.tolist())
     kept = keep.tolist()
@@ -138,7 +141,9 @@ def reference_blend(engine, layout, kvs, cfg: BlendConfig) -> tuple[torch.Tensor
     for i, layer in enumerate(parts.layers):
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         if i == cfg.check_layer:
-            chosen = select_tokens(deviation(v[:, :, P:S], cached[i, 1][None, :, P:S]), cfg.ratio) + P
+            check = CheckLayer(q, k, v, cached[i], P, S, 0, [len(c) for c in layout.chunks],
+                               layer.self_attn.scaling)
+            chosen = select_tokens(score(cfg.selection, check), cfg.ratio) + P
             use_cached = torch.ones(n, dtype=torch.bool)
             use_cached[chosen] = False
             use_cached[S:] = False
@@ -151,12 +156,14 @@ def reference_blend(engine, layout, kvs, cfg: BlendConfig) -> tuple[torch.Tensor
 
 
 @ARCHS
-@pytest.mark.parametrize("ratio,check_layer", [(0.15, 1), (0.4, 0), (0.4, 1)])
-def test_blend_equals_the_obvious_computation(tiny_engines, arch, ratio, check_layer):
+@pytest.mark.parametrize("ratio,check_layer,selection", [(0.15, 1, "value"), (0.4, 0, "value"), (0.4, 1, "value"),
+                                                         (0.15, 1, "key"), (0.15, 1, "attention"),
+                                                         (0.4, 0, "hybrid"), (0.15, 1, "hybrid"), (0.15, 1, "first")])
+def test_blend_equals_the_obvious_computation(tiny_engines, arch, ratio, check_layer, selection):
     engine = tiny_engines[arch]
     layout = make_layout()
     kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
-    cfg = BlendConfig(ratio=ratio, check_layer=check_layer)
+    cfg = BlendConfig(ratio=ratio, check_layer=check_layer, selection=selection)
     with torch.inference_mode():
         logits, kv = reference_blend(engine, layout, kvs, cfg)
     result = engine.prefill(layout, "blend", kvs, cfg)
@@ -189,12 +196,14 @@ def test_greedy_from_blend_cache_equals_transformers_generate(tiny_engines, arch
     assert ours == ref[0, ids.shape[1]:].tolist()
 
 
-def test_key_deviation_and_check_layer_options_run(tiny_engines):
+def test_check_layer_options_run(tiny_engines):
     engine = tiny_engines["tiny-llama"]
     layout = make_layout()
-    for cfg in (dict(deviation="key"), dict(deviation="both"), dict(check_layer=0), dict(check_layer=3)):
+    for cfg in (dict(check_layer=0), dict(check_layer=3)):
         res = run(engine, layout, "blend", ratio=0.2, **cfg)
         assert res.recomputed_tokens == math.ceil(0.2 * layout.n_chunk_tokens)
+    with pytest.raises(ValueError, match="selection"):
+        BlendConfig(selection="both")
     with pytest.raises(ValueError, match="check_layer"):
         run(engine, layout, "blend", ratio=0.2, check_layer=4)
     with pytest.raises(ValueError, match="mode"):

@@ -9,6 +9,7 @@ from blend.decode import Sampling, decode
 from blend.engine import Engine
 from blend.loader import LoadedModel, fingerprint
 from blend.prefill import BlendConfig
+from blend.select import SELECTIONS
 from blend.shapes import TINY_ARCHS, random_model
 from tests.test_blend import make_layout
 
@@ -21,9 +22,9 @@ def engine_for(arch: str, dtype: torch.dtype, graphs: bool) -> Engine:
     return Engine(LoadedModel(model, None, arch, fingerprint(model)), cuda_graphs=graphs, graph_tokens=1024)
 
 
-def prefill(engine, layout, mode, ratio=1.0):
+def prefill(engine, layout, mode, ratio=1.0, **cfg):
     kvs = engine.load_chunks(layout, mode, engine.memory_source(layout))
-    return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio))
+    return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio, **cfg))
 
 
 @ARCHS
@@ -54,6 +55,21 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
     # a second request through the same graphs (new shapes, reused buffers) still agrees
     layout2 = make_layout(n_chunks=3, seed=5)
     assert int(prefill(fast, layout2, mode, ratio or 0.0).logits.argmax()) == int(prefill(plain, layout2, mode, ratio or 0.0).logits.argmax())
+
+
+@pytest.mark.parametrize("selection", SELECTIONS)
+def test_every_selection_on_the_graph_path_matches_the_plain_path(selection):
+    fast = engine_for("tiny-llama", torch.float32, graphs=True)
+    plain = engine_for("tiny-llama", torch.float32, graphs=False)
+    layout = make_layout()
+    a = prefill(fast, layout, "blend", 0.3, selection=selection)
+    b = prefill(plain, layout, "blend", 0.3, selection=selection)
+    assert a.recomputed_tokens == b.recomputed_tokens
+    assert (a.logits - b.logits).abs().max().item() < 1e-3 * max(1.0, b.logits.abs().max().item())
+    guarded = prefill(fast, layout, "blend", 0.15, selection=selection, guard=0.0)
+    full = prefill(plain, layout, "full")
+    assert guarded.selected.ratio == 1.0
+    assert (guarded.logits - full.logits).abs().max().item() < 1e-3 * max(1.0, full.logits.abs().max().item())
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])

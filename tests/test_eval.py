@@ -254,16 +254,48 @@ def test_a_different_config_refuses_to_resume_unless_fresh(tiny, tiny_run, tmp_p
     assert [r["ratio"] for r in _run(tiny, tmp_path, limit=1, ratios=(0.25,), fresh=True)["summary"]] == [None, None, 0.25]
 
 
-def test_ablation_covers_check_layers_and_deviations(tiny, tmp_path):
+def test_ablation_covers_selections_ratios_and_check_layers(tiny, tmp_path):
+    from blend.select import SELECTIONS
     from eval.ablation import run_ablation
 
-    rows = run_ablation(tiny.engine, tiny.data, tmp_path, check_layers=(0, 1, 2, 4), max_tokens=2,
+    rows = run_ablation(tiny.engine, tiny.data, tmp_path, ratios=(0.05, 0.3), check_layers=(1, 4), max_tokens=2,
                         limit=1, progress=False)
+    assert [r["mode"] for r in rows[:2]] == ["full", "reuse"]
     # random:tiny has 4 layers, so check layer 4 does not exist and is left out
-    assert [(r["check_layer"], r["deviation"]) for r in rows[1:]] == [
-        (c, d) for c in (0, 1, 2) for d in ("value", "key")]
+    assert [(r["check_layer"], r["selection"], r["ratio"]) for r in rows[2:]] == [
+        (1, s, r) for s in SELECTIONS for r in (0.05, 0.3)]
+    assert all(r["recompute_fraction"] > 0 for r in rows[2:])
     table = (tmp_path / "ablation.md").read_text()
-    assert "| 1 | value (default) |" in table and "Closest to full" in table
+    assert "| hybrid (default) | 1 | 0.3 |" in table and "r = 0.05: lowest KL with" in table
+    assert (tmp_path / "ablation.png").stat().st_size > 10_000
+
+
+def test_guard_study_reports_a_rank_correlation_and_a_calibrated_bound(tiny, tmp_path):
+    from eval.guard import rank_correlation, run_guard_study
+
+    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert rank_correlation([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
+    data = load_dataset("synthetic:n=4,chunks=3,chunk_words=30,seed=5")
+    rep = run_guard_study(tiny.engine, data, tmp_path, selection="hybrid", max_tokens=2, progress=False)
+    assert rep["n"] == 4 and rep["calibration"] == 2 and rep["bound"] > 0
+    assert -1.0 <= rep["spearman_estimate_vs_kl"] <= 1.0
+    guarded = next(v for k, v in rep["test"].items() if "guard" in k)
+    assert guarded["recompute_fraction"] >= rep["test"]["blend r=0.15"]["recompute_fraction"]
+    assert "Spearman" in (tmp_path / "guard.md").read_text()
+
+
+def test_pyref_is_real_reference_prose_with_the_target_never_first():
+    a = load_dataset("pyref:n=6,chunks=5,chunk_words=80,seed=1")
+    assert a.digest() == load_dataset("pyref:n=6,chunks=5,chunk_words=80,seed=1").digest()  # seeded
+    assert a.metric == "rougeL" and len(a.examples) == 6
+    for ex in a.examples:
+        assert len(ex.chunks) == 5 and all(len(c.split()) <= 80 + 12 for c in ex.chunks)
+        flat = [" ".join(c.split()) for c in ex.chunks]
+        holder = [i for i, c in enumerate(flat) if ex.answers[0] in c]
+        assert holder and holder[0] >= 1  # the answer's passage is never the (exactly cached) first chunk
+    with pytest.raises(ValueError, match="unknown pyref option"):
+        load_dataset("pyref:words=3")
 
 
 # -- the command line -----------------------------------------------------------------------------
@@ -282,7 +314,9 @@ def cli():
     (["--dataset", "synthetic", "--modes", "full,turbo"], "--modes: unknown 'turbo'"),
     (["--dataset", "synthetic", "--ratios", "0.5,1.5"], "must lie in [0, 1], got 1.5"),
     (["--dataset", "synthetic", "--ratios", "half"], "comma-separated numbers"),
-    (["--dataset", "synthetic", "--deviation", "query"], "--deviation: unknown 'query'"),
+    (["--dataset", "synthetic", "--deviation", "query"], "--deviation 'query' is retired"),
+    (["--dataset", "synthetic", "--selection", "query"], "--selection must be one of"),
+    (["--dataset", "synthetic", "--selection", "key", "--deviation", "key"], "not both"),
     ([], "--dataset is needed"),
 ])
 def test_cli_rejects_bad_input_with_exit_code_2(cli, tmp_path, args, message):

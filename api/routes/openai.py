@@ -13,10 +13,10 @@ from fastapi.sse import EventSourceResponse
 from api.answering import answer, finish_reason, pieces, start
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
-from api.routes.query import QUERY_ERRORS, query_response
+from api.routes.query import QUERY_ERRORS, query_params, query_response, usage
 from api.schemas import (DEFAULT_MAX_TOKENS, ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage,
-                         ChatRequest, ModelCard, ModelList, Usage)
-from api.worker import QueryParams, Started
+                         ChatRequest, ModelCard, ModelList)
+from api.worker import Started
 from blend.decode import Sampling
 from blend.engine import Answer
 
@@ -43,11 +43,6 @@ def question_of(messages: list[ChatMessage]) -> str:
     raise ApiError(422, "messages: no user message; the last user message is the question")
 
 
-def _usage(ans: Answer) -> Usage:
-    return Usage(prompt_tokens=ans.total_tokens, completion_tokens=len(ans.token_ids),
-                 total_tokens=ans.total_tokens + len(ans.token_ids))
-
-
 def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra) -> str:
     body = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
@@ -64,14 +59,13 @@ def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                            settings: SettingsDep):
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
-    params = QueryParams(question_of(body.messages), body.top_k, body.mode, body.ratio, max_tokens,
-                         Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed), body.check_layer,
-                         body.deviation)
+    params = query_params(body, question_of(body.messages), body.top_k, max_tokens,
+                          Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
     job, started = await start(request, service, worker, settings, params)
     cid, model = f"chatcmpl-{uuid.uuid4().hex}", service.engine.name
     if not body.stream:
         ans = await answer(job, request)
-        return ChatCompletion(id=cid, created=int(time.time()), model=model, usage=_usage(ans),
+        return ChatCompletion(id=cid, created=int(time.time()), model=model, usage=usage(ans),
                               choices=[ChatChoice(message=ChatChoiceMessage(content=ans.text),
                                                   finish_reason=finish_reason(ans, max_tokens))],
                               ragblend=_extras(started, ans, max_tokens))
@@ -85,9 +79,9 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                     yield _chunk(cid, model, {}, finish_reason(item, max_tokens),
                                  ragblend=_extras(started, item, max_tokens))
                     if include_usage:
-                        usage = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
-                                 "model": model, "choices": [], "usage": _usage(item).model_dump()}
-                        yield f"data: {json.dumps(usage)}\n\n"
+                        last = {"id": cid, "object": "chat.completion.chunk", "created": int(time.time()),
+                                "model": model, "choices": [], "usage": usage(item).model_dump()}
+                        yield f"data: {json.dumps(last)}\n\n"
                 else:
                     yield _chunk(cid, model, {"content": item})
         except ApiError as e:
@@ -99,8 +93,10 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
 
 def _extras(started: Started, ans: Answer, max_tokens: int) -> dict:
     r = query_response(started, ans, max_tokens)
-    return {"chunks": [c.model_dump() for c in r.chunks], "timings": r.timings.model_dump(), "mode": r.mode,
-            "ratio": r.ratio, "recomputed_tokens": r.recomputed_tokens}
+    keep = ("mode", "ratio", "requested_ratio", "selection", "guard_raised", "guard_estimate",
+            "recomputed_tokens", "cached_tokens")
+    return {"chunks": [c.model_dump() for c in r.chunks], "timings": r.timings.model_dump(),
+            **{k: getattr(r, k) for k in keep}}
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI format)")

@@ -10,7 +10,8 @@ from fastapi.sse import EventSourceResponse
 from api.answering import answer, finish_reason, pieces, start
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
-from api.schemas import DEFAULT_MAX_TOKENS, ChunkOut, ErrorOut, QueryRequest, QueryResponse, Timings
+from api.schemas import (DEFAULT_MAX_TOKENS, BlendFields, ChunkOut, ErrorOut, PromptTokensDetails, QueryRequest,
+                         QueryResponse, Timings, Usage)
 from api.worker import QueryParams, Started
 from blend.decode import Sampling
 from blend.engine import Answer
@@ -42,8 +43,22 @@ def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryRespo
         timings=Timings(queue_ms=round(started.queue_ms, 3), retrieve_ms=round(started.retrieve_ms, 3),
                         kv_load_ms=round(ans.kv_load_ms, 3), prefill_ms=round(ans.prefill_ms, 3),
                         ttft_ms=round(ans.ttft_ms, 3), per_token_ms=round(ans.per_token_ms, 3)),
-        mode=ans.mode, ratio=ans.ratio, recomputed_tokens=ans.recomputed_tokens, total_tokens=ans.total_tokens,
-        completion_tokens=len(ans.token_ids), finish_reason=finish_reason(ans, max_tokens))
+        mode=ans.mode, ratio=ans.ratio, requested_ratio=ans.requested_ratio, selection=ans.selection,
+        guard_raised=ans.guard_raised, guard_estimate=ans.guard_estimate,
+        recomputed_tokens=ans.recomputed_tokens, cached_tokens=ans.cached_tokens, total_tokens=ans.total_tokens,
+        completion_tokens=len(ans.token_ids), finish_reason=finish_reason(ans, max_tokens), usage=usage(ans))
+
+
+def usage(ans: Answer) -> Usage:
+    """OpenAI's usage, with the prompt tokens whose KV was reused as `cached_tokens`."""
+    return Usage(prompt_tokens=ans.total_tokens, completion_tokens=len(ans.token_ids),
+                 total_tokens=ans.total_tokens + len(ans.token_ids),
+                 prompt_tokens_details=PromptTokensDetails(cached_tokens=ans.cached_tokens))
+
+
+def query_params(body: BlendFields, question: str, top_k: int, max_tokens: int, sampling: Sampling) -> QueryParams:
+    return QueryParams(question, top_k, body.mode, body.ratio, max_tokens, sampling, body.check_layer,
+                       body.chosen_selection(), body.guard)
 
 
 @router.post("/query", response_model=QueryResponse, summary="Answer a question from the index",
@@ -54,8 +69,8 @@ def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryRespo
 async def query(body: QueryRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                 settings: SettingsDep):
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
-    params = QueryParams(body.question, body.top_k, body.mode, body.ratio, max_tokens,
-                         Sampling(body.temperature, body.top_p, body.seed), body.check_layer, body.deviation)
+    params = query_params(body, body.question, body.top_k, max_tokens,
+                          Sampling(body.temperature, body.top_p, body.seed))
     job, started = await start(request, service, worker, settings, params)
     if not body.stream:
         return query_response(started, await answer(job, request), max_tokens)
