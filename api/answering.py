@@ -26,8 +26,8 @@ async def start(request: Request, service: RagService, worker: ModelWorker, sett
                 params: QueryParams) -> tuple[QueryJob, Started]:
     """Queue a query and wait until its prompt is prefilled: every error up to then is an HTTP
     status, even for a stream, since no byte of the response has been sent."""
-    if params.max_tokens > settings.max_tokens:
-        raise ApiError(422, f"max_tokens: at most {settings.max_tokens} on this server, got {params.max_tokens}")
+    if params.spec.max_tokens > settings.max_tokens:
+        raise ApiError(422, f"max_tokens: at most {settings.max_tokens} on this server, got {params.spec.max_tokens}")
     limit = question_token_limit(service, settings)
     n = len(service.engine.prompts.encode(params.question))
     if n > limit:

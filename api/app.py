@@ -33,15 +33,7 @@ def make_service(settings: Settings) -> RagService:
     from blend.loader import load_model
 
     engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype))
-    return RagService(settings.data_dir, engine=engine, embedder=make_embedder(settings),
-                      chunk_tokens=settings.chunk_tokens)
-
-
-def make_embedder(settings: Settings):
-    if settings.embedder == "hash":
-        from retrieval.testing import HashEmbedder
-        return HashEmbedder()
-    return None  # the service's default: sentence-transformers all-MiniLM-L6-v2
+    return RagService(settings.data_dir, engine=engine, chunk_tokens=settings.chunk_tokens)
 
 
 def create_app(settings: Settings, service: RagService | None = None) -> FastAPI:
@@ -86,9 +78,10 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
 
 
 def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
-    hot = svc.hot.stats()
-    return {"hot_hits": hot["hits"], "hot_misses": hot["misses"], "hot_bytes": hot["bytes"],
-            "kv_recomputed": svc.kv_recomputed, "queue_depth": worker.depth, "busy": int(worker.busy),
+    kv = svc.kv.stats()
+    return {"hot_hits": kv["gpu_hits"] + kv["cpu_hits"], "hot_misses": kv["store_reads"] + kv["recomputed"],
+            "hot_bytes": kv["gpu_bytes"] + kv["cpu_bytes"], "kv_recomputed": kv["recomputed"],
+            "queue_depth": worker.depth, "busy": int(worker.busy),
             "index_pending": indexer.pending, "index_chunks": len(svc.corpus)}
 
 

@@ -11,11 +11,12 @@ import typer
 
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail, load_engine,
                             selection_of, unit_floats)
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
 
-Mode = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
+ModeOpt = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
 DataDirOpt = Annotated[Optional[Path], typer.Option(help="index + KV store directory (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")]
 
@@ -115,7 +116,7 @@ def store_gc(data_dir: DataDirOpt = None,
     """Delete KV entries no indexed chunk references (left by a crash between the KV write and the
     registry commit). Safe beside a running indexer: a chunk whose KV went missing is recomputed
     when queried."""
-    from api.service import default_data_dir, drop_kv
+    from api.service import default_data_dir
     from retrieval.registry import Registry
     from store import KVStore
 
@@ -124,7 +125,7 @@ def store_gc(data_dir: DataDirOpt = None,
         fail(f"no index in {path}")
     store = KVStore(path / "kv")
     unreferenced = sorted(set(store.keys()) - Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use())
-    removed = drop_kv(store, unreferenced)
+    removed = store.delete_many(unreferenced) if unreferenced else 0
     summary = {"removed": removed, "remaining": len(store)}
     typer.echo(json.dumps(summary) if as_json else f"removed {removed} unreferenced KV entries, {len(store)} remain")
 
@@ -152,7 +153,7 @@ def docs_delete(doc_id: Annotated[str, typer.Argument(help="the document id (for
     path = data_dir or default_data_dir()
     if not (path / "corpus").exists():
         fail(f"no index in {path}")
-    removed = remove_document(Corpus(path / "corpus", Embedder()), KVStore(path / "kv"), doc_id)
+    removed = remove_document(Corpus(path / "corpus", Embedder()), doc_id, KVStore(path / "kv").delete_many)
     if removed is None:
         fail(f"no document {doc_id!r}", code=1)
     typer.echo(f"deleted {doc_id} ({removed} KV entries removed)")
@@ -163,13 +164,13 @@ def ask(
     question_arg: Annotated[Optional[str], typer.Argument(metavar="QUESTION", help="the question")] = None,
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="the question")] = None,
     chunks: Annotated[Optional[Path], typer.Option(help="JSONL ({\"text\"} a line) or blank-line separated chunks; skips retrieval")] = None,
-    mode: Mode = "blend",
-    ratio: Ratio = 0.15,
-    check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = 1,
+    mode: ModeOpt = Mode.BLEND.value,
+    ratio: Ratio = DEFAULT_RATIO,
+    check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = DEFAULT_CHECK_LAYER,
     selection: SelectionOpt = None,
     deviation: DeviationOpt = None,
     guard: GuardOpt = None,
-    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = 64,
+    max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = DEFAULT_MAX_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Optional[int] = None,
@@ -181,22 +182,16 @@ def ask(
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Answer a question from the given chunks (--chunks) or from an indexed corpus."""
-    from blend.decode import Sampling
-    from blend.prefill import MODES, BlendConfig
+    from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling
 
     q = question or question_arg
     if not q or not q.strip():
         fail("a question is needed (QUESTION or --question)")
-    if mode not in MODES:
-        fail(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if top_p <= 0:
-        fail("--top-p must be in (0, 1]")
     try:
-        blend = BlendConfig(ratio=ratio, check_layer=check_layer, selection=selection_of(selection, deviation),
-                            guard=guard)
-    except ValueError as e:
-        fail(str(e))
-    sampling = Sampling(temperature, top_p, seed)
+        spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
+                         Sampling(temperature, top_p, seed), max_tokens)
+    except BadQuery as e:
+        fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
     hits = None
     if chunks is not None:
         from api.chunkfile import read_chunks
@@ -213,9 +208,7 @@ def ask(
         hits = service.retrieve(q, top_k).hits
         texts = [h.text for h in hits]
     try:
-        layout = engine.layout(q, texts)
-        gen = engine.generate(layout, mode=mode, blend=blend, max_tokens=max_tokens, sampling=sampling,
-                              source=None if hits is None else service.kv_source)
+        gen = engine.generate(engine.layout(q, texts), spec) if hits is None else service.answer(q, hits, spec)
         if as_json:
             ans = gen.run()
         else:
@@ -223,7 +216,7 @@ def ask(
                 typer.echo(piece, nl=False)
             typer.echo()
             ans = gen.result
-    except ValueError as e:
+    except BadQuery as e:
         fail(str(e))
     if as_json:
         typer.echo(json.dumps({
@@ -260,14 +253,14 @@ def bench(
     sweep: Annotated[str, typer.Option(help="context lengths for the full vs blend sweep ('' to skip)")] = "1024,2048,4096,8192,16384",
     runs: Annotated[int, typer.Option(min=1)] = 10,
     warmup: Annotated[int, typer.Option(min=0)] = 3,
-    check_layer: Annotated[int, typer.Option(min=0)] = 1,
+    check_layer: Annotated[int, typer.Option(min=0)] = DEFAULT_CHECK_LAYER,
     out: Annotated[Path, typer.Option(help="directory for bench.json, bench.md, sweep.png")] = Path("out/bench"),
     profile: Annotated[bool, typer.Option(help="also profile reuse and blend r=0.15 per tier (CUDA)")] = False,
     selections: Annotated[str, typer.Option(help="also time blend r=0.15 with each of these selections "
                                                  "(comma-separated; '' for none)")] = "",
 ) -> None:
     """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
-    from blend.bench import run_bench, write
+    from blend.bench import BenchConfig, run_bench, write
     from blend.shapes import SHAPES
 
     if not random_weights and model is None:
@@ -283,7 +276,7 @@ def bench(
         import torch
         if not torch.cuda.is_available():
             fail("--device cuda asked for, but CUDA is not available")
-    from blend.select import SELECTIONS
+    from blend.spec import SELECTIONS
     sel_list = tuple(x.strip() for x in selections.split(",") if x.strip())
     if bad := [x for x in sel_list if x not in SELECTIONS]:
         fail(f"--selections: unknown {bad[0]!r}; choose from {', '.join(SELECTIONS)}")
@@ -291,11 +284,11 @@ def bench(
         sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
     except ValueError:
         fail("--sweep takes comma-separated token counts")
-    result = run_bench(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
-                       chunks, chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list,
-                       warmup, runs, sweep_list, check_layer, log=lambda m: typer.echo(m, err=True),
-                       profile_dir=out / "profile" if profile else None,
-                       model_spec=None if random_weights else model, selections=sel_list)
+    cfg = BenchConfig(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), chunks,
+                      chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list, warmup,
+                      runs, sweep_list, check_layer, sel_list, out / "profile" if profile else None,
+                      None if random_weights else model)
+    result = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
 
 
@@ -306,6 +299,7 @@ register_eval(app)
 
 @app.command()
 def serve(
+    ctx: typer.Context,
     host: Annotated[Optional[str], typer.Option(help="bind address (default: 127.0.0.1, loopback only)")] = None,
     port: Annotated[Optional[int], typer.Option(help="(default: 8000)")] = None,
     data_dir: DataDirOpt = None,
@@ -324,7 +318,6 @@ def serve(
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>."""
     from pydantic import ValidationError
 
-    from api.app import make_embedder
     from api.app import serve as run
     from api.settings import Settings
 
@@ -336,7 +329,8 @@ def serve(
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
-                       chunk_tokens=settings.chunk_tokens, embedder=make_embedder(settings))
+                       chunk_tokens=settings.chunk_tokens,
+                       embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
     run(settings, service)
 
 

@@ -26,7 +26,7 @@ GuardOpt = Annotated[Optional[float], typer.Option(
 
 def selection_of(selection: str | None, deviation: str | None) -> str:
     """--selection, or the retired --deviation mapped onto it; one of the two at most."""
-    from blend.select import DEFAULT_SELECTION, SELECTIONS
+    from blend.spec import DEFAULT_SELECTION, SELECTIONS
 
     if selection is not None and deviation is not None:
         fail("give --selection or its old name --deviation, not both")

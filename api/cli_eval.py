@@ -9,7 +9,7 @@ import typer
 
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail,
                             load_engine, selection_of, unit_floats)
-from blend.select import SELECTIONS
+from blend.spec import SELECTIONS
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
@@ -110,7 +110,7 @@ def eval_command(
     progress: ProgressOpt = True,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
-    from blend.prefill import MODES
+    from blend.spec import MODES
     from eval import report, runner
 
     mode_list = _names(modes, MODES, "--modes")

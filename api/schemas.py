@@ -8,13 +8,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
 
 from api.settings import MAX_TOKENS_HARD
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
 MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
 MAX_TOP_K = 32
-DEFAULT_MAX_TOKENS = 128
 
-Mode = Literal["full", "prefix", "reuse", "blend"]
+Mode = Literal[MODES]
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -36,7 +36,7 @@ MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
                                  description="answer length cap (the server's --max-tokens caps it further)")]
 CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
                                   description="blend: the layer where tokens are selected (< the model's layers)")]
-Selection = Annotated[Literal["value", "key", "attention", "first", "hybrid"], Field(
+Selection = Annotated[Literal[SELECTIONS], Field(
     description="blend: how the recomputed tokens are chosen (hybrid: question attention × value deviation)")]
 Deviation = Annotated[Literal["value", "key"], Field(
     description="blend: the old name of `selection` (value or key); give one of the two")]
@@ -52,9 +52,9 @@ Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 class BlendFields(BaseModel):
     """The prefill settings every query route takes (for the OpenAI route, as `extra_body`)."""
     mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
-    ratio: Ratio = 0.15
-    check_layer: CheckLayer = 1
-    selection: Selection | None = Field(None, description="default: hybrid")
+    ratio: Ratio = DEFAULT_RATIO
+    check_layer: CheckLayer = DEFAULT_CHECK_LAYER
+    selection: Selection | None = Field(None, description=f"default: {DEFAULT_SELECTION}")
     deviation: Deviation | None = None
     guard: Guard | None = None
 
@@ -64,9 +64,9 @@ class BlendFields(BaseModel):
             raise ValueError("selection: give selection or its old name deviation, not both")
         return self
 
-    def chosen_selection(self) -> str:
-        from blend.select import DEFAULT_SELECTION
-        return self.selection or self.deviation or DEFAULT_SELECTION
+    def blend_config(self) -> BlendConfig:
+        return BlendConfig(self.ratio, self.check_layer, self.selection or self.deviation or DEFAULT_SELECTION,
+                           self.guard)
 
 
 class QueryRequest(BlendFields):

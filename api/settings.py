@@ -29,9 +29,6 @@ class Settings(BaseModel):
     max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413), except document uploads")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="POST /v1/documents body limit (413)")
-    # Test knob: "hash" swaps the sentence-transformers embedder for retrieval.testing.HashEmbedder
-    # so API tests need no embedding model. Never meant for serving real users.
-    embedder: Literal["default", "hash"] = "default"
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @classmethod

@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from api.errors import ApiError
 from api.metrics import Metrics
 from api.service import RagService
-from blend.decode import Sampling
 from blend.engine import Answer
-from blend.prefill import BlendConfig
-from blend.select import DEFAULT_SELECTION
+from blend.spec import BadQuery, ContextOverflow, QuerySpec
 from retrieval.corpus import Hit
 
 log = logging.getLogger(__name__)
@@ -32,15 +30,10 @@ EMPTY_INDEX = "the index is empty: add documents with POST /v1/documents (or `ra
 
 @dataclass(frozen=True)
 class QueryParams:
+    """A query as the worker serves it: what to retrieve, and the engine's QuerySpec."""
     question: str
     top_k: int
-    mode: str
-    ratio: float
-    max_tokens: int
-    sampling: Sampling
-    check_layer: int = 1
-    selection: str = DEFAULT_SELECTION
-    guard: float | None = None
+    spec: QuerySpec
 
 
 @dataclass
@@ -158,9 +151,11 @@ class ModelWorker:
                 self._serve(job)
             except ApiError as e:
                 job.emit(Failed(e))
-            except ValueError as e:  # the engine's word on an input it cannot take
-                job.emit(Failed(ApiError(400, str(e))))
-            except Exception:
+            except ContextOverflow as e:
+                job.emit(Failed(ApiError(400, f"{e}: lower top_k, max_tokens or the question's length")))
+            except BadQuery as e:  # the engine's word on a setting it cannot take (it names the field)
+                job.emit(Failed(ApiError(422, str(e))))
+            except Exception:  # a bug of ours, never the client's: logged with its traceback
                 log.exception("query failed")
                 job.emit(Failed(ApiError(500, "internal error while answering (logged on the server)")))
             finally:
@@ -174,18 +169,8 @@ class ModelWorker:
         retrieved = svc.retrieve(p.question, p.top_k)
         if not retrieved.hits:
             raise ApiError(409, EMPTY_INDEX)
-        layout = svc.engine.layout(p.question, [h.text for h in retrieved.hits])
-        if layout.n_tokens + p.max_tokens > svc.engine.max_context:
-            raise ApiError(400, f"the prompt ({layout.n_tokens} tokens with the {len(retrieved.hits)} retrieved "
-                                f"chunks) plus max_tokens={p.max_tokens} exceeds the model's context of "
-                                f"{svc.engine.max_context}: lower top_k, max_tokens or the question's length")
-        n_layers = svc.engine.parts.n_layers
-        if p.check_layer >= n_layers:
-            raise ApiError(422, f"check_layer: must be below the model's {n_layers} layers, got {p.check_layer}")
-        blend = BlendConfig(ratio=p.ratio, check_layer=p.check_layer, selection=p.selection, guard=p.guard)
         with svc.model_lock:
-            gen = svc.answer(p.question, retrieved.hits, mode=p.mode, blend=blend, max_tokens=p.max_tokens,
-                             sampling=p.sampling)
+            gen = svc.answer(p.question, retrieved.hits, p.spec)
             pieces = iter(gen)
             # KV load and prefill run on the first step: an error there reaches the client as an
             # HTTP status, since nothing has been sent yet.
@@ -204,7 +189,7 @@ class ModelWorker:
                 piece = next(pieces, None)
         answer = gen.result
         assert answer is not None
-        self.metrics.ttft.labels(p.mode).observe(answer.ttft_ms / 1e3)
+        self.metrics.ttft.labels(p.spec.mode.value).observe(answer.ttft_ms / 1e3)
         self.metrics.tokens.inc(len(answer.token_ids))
         self.metrics.prompt_tokens.labels("reused").inc(answer.cached_tokens)
         self.metrics.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)

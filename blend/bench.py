@@ -9,19 +9,19 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from blend.engine import Engine, sync
-from blend.kv import ChunkKV
+from blend.engine import UNBOUNDED, Engine, sync
 from blend.loader import LoadedModel, fingerprint
-from blend.prefill import BlendConfig
-from blend.select import DEFAULT_SELECTION
 from blend.prompt import Layout
 from blend.shapes import random_model
-from blend.sources import StoreSource, StreamingStoreSource
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_RATIO, DEFAULT_SELECTION, BlendConfig, Mode, QuerySpec
+from store import KVStore
+from store.tiers import ChunkKVCache, ChunkKVSource
 
 
 def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
@@ -70,69 +70,89 @@ def random_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens:
 
 
 class Tiers:
-    """The same chunk KVs held in GPU memory, pinned CPU memory and an LMDB store."""
+    """The same chunk KVs behind each tier, as configurations of the cache the service uses: held
+    in device memory, in pinned CPU memory, or in an LMDB store (streamed layer by layer on CUDA,
+    or read whole before the prefill: `lmdb-whole`)."""
 
-    def __init__(self, engine: Engine, layout: Layout, tiers: list[str], workdir: Path):
-        self.engine, self.tiers = engine, tiers
-        self.keys = [engine.chunk_key(layout.prefix, ids) for ids in layout.chunks]
-        computed = {k: engine.compute_chunk(layout.prefix, ids) for k, ids in zip(self.keys, layout.chunks)}
-        self.start = len(layout.prefix)
-        self.mem: dict[str, dict[str, ChunkKV]] = {}
-        if "gpu" in tiers:
-            self.mem["gpu"] = computed
-        if "cpu" in tiers:
-            pin = engine.device.type == "cuda"
-            self.mem["cpu"] = {k: ChunkKV(v.kv.cpu().pin_memory() if pin else v.kv.cpu(), v.start)
-                               for k, v in computed.items()}
-        self.store = self.reader = None
-        if "lmdb" in tiers:
-            from store import KVStore, StagedReader
-            self.store = KVStore(workdir / "kv.lmdb", map_size=1 << 32)
-            for k, v in computed.items():
-                self.store.put(k, v.kv.cpu(), engine.fingerprint, {"n_tokens": v.n_tokens, "start": v.start})
-            self.reader = StagedReader(self.store)
+    def __init__(self, engine: Engine, layout: Layout, tiers: Sequence[str], workdir: Path):
+        self.store = None
+        self.caches: dict[str, ChunkKVCache] = {}
+        for tier in tiers:
+            if tier == "gpu":
+                cache = engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED)
+            elif tier == "cpu":  # pinned host memory (on a CPU device, plain memory: the device tier)
+                on_cpu = engine.device.type == "cpu"
+                cache = engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED if on_cpu else 0, cpu_bytes=UNBOUNDED)
+            else:
+                if self.store is None:
+                    self.store = KVStore(workdir / "kv.lmdb", map_size=1 << 32)
+                cache = engine.kv_cache(layout.prefix, store=self.store, gpu_bytes=0, cpu_bytes=0,
+                                        stream=tier == "lmdb")
+            for ids in layout.chunks:
+                cache.ensure(ids)
+            self.caches[tier] = cache
 
-    def source(self, tier: str, streamed: bool = True):
-        """`streamed=False`: LMDB reads finish before the prefill starts (what streaming saves)."""
-        if tier in self.mem:
-            table = self.mem[tier]
-            return lambda key, ids: table[key]
-        cls = StreamingStoreSource if streamed else StoreSource
-        return cls(self.reader, self.engine.fingerprint, self.start)
+    def close(self) -> None:
+        for cache in self.caches.values():
+            cache.close()
+        if self.store is not None:
+            self.store.close()
 
 
-def ttft(engine: Engine, layout: Layout, mode: str, source, blend: BlendConfig | None = None,
-         keys: list[str] | None = None) -> int:
-    kvs = engine.load_chunks(layout, mode, source, keys, blend)
-    result = engine.prefill(layout, mode, kvs, blend)
-    return int(result.logits.argmax())  # .item() waits for the device: the first token is on the host
+def ttft(engine: Engine, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> int:
+    """The served path (engine.generate) to its first token, which is then on the host."""
+    return engine.generate(layout, replace(spec, max_tokens=1), kv).run().token_ids[0]
 
 
-def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunks: int = 6,
-              chunk_tokens: int = 512, question_tokens: int = 64, ratios: tuple[float, ...] = (0.05, 0.15, 0.3),
-              tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb"), warmup: int = 3, runs: int = 10,
-              sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384), check_layer: int = 1,
-              log: Callable[[str], None] = print, profile_dir: Path | None = None,
-              model_spec: str | None = None, selections: tuple[str, ...] = ()) -> dict:
-    """Random weights of `shape`, or the real model `model_spec` (timing does not depend on the
-    weights; the prompt is random token ids either way)."""
+@dataclass(frozen=True)
+class BenchConfig:
+    shape: str = "tiny"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    n_chunks: int = 6
+    chunk_tokens: int = 512
+    question_tokens: int = 64
+    ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
+    tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb")
+    warmup: int = 3
+    runs: int = 10
+    sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
+    check_layer: int = DEFAULT_CHECK_LAYER
+    selections: tuple[str, ...] = ()     # also time blend r=0.15 with each of these, in turns
+    profile_dir: Path | None = None
+    model_spec: str | None = None        # a real model instead of random weights of `shape`
+
+    def blend(self, ratio: float = DEFAULT_RATIO, selection: str = DEFAULT_SELECTION) -> QuerySpec:
+        return QuerySpec(Mode.BLEND, BlendConfig(ratio, self.check_layer, selection))
+
+
+TIERS = ("gpu", "cpu", "lmdb")
+
+
+def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
+    """Random weights of `cfg.shape`, or the real model `cfg.model_spec` (timing does not depend on
+    the weights; the prompt is random token ids either way)."""
     from blend.loader import load_model, parse_dtype
-    if model_spec is not None:
-        loaded = load_model(model_spec, device=device, dtype=dtype)
-        model, shape = loaded.model, model_spec
+    if cfg.model_spec is not None:
+        loaded = load_model(cfg.model_spec, device=cfg.device, dtype=cfg.dtype)
+        model, shape = loaded.model, cfg.model_spec
         engine = Engine(loaded)
     else:
-        model = random_model(shape, dtype=parse_dtype(dtype), device=device, seed=0)
-        engine = Engine(LoadedModel(model, None, f"random:{shape}", fingerprint(model)))
-    dev = engine.device
+        model = random_model(cfg.shape, dtype=parse_dtype(cfg.dtype), device=cfg.device, seed=0)
+        engine, shape = Engine(LoadedModel(model, None, f"random:{cfg.shape}", fingerprint(model))), cfg.shape
+    dev, runs, warmup = engine.device, cfg.runs, cfg.warmup
     vocab = model.config.vocab_size
-    layout = random_layout(vocab, n_chunks, chunk_tokens, question_tokens)
+    layout = random_layout(vocab, cfg.n_chunks, cfg.chunk_tokens, cfg.question_tokens)
     out: dict = {"shape": shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-                 "dtype": dtype, "n_chunks": n_chunks, "chunk_tokens": chunk_tokens,
-                 "question_tokens": question_tokens, "prompt_tokens": layout.n_tokens,
-                 "check_layer": check_layer, "selection": DEFAULT_SELECTION, "warmup": warmup, "runs": runs, "rows": [], "sweep": []}
+                 "dtype": cfg.dtype, "n_chunks": cfg.n_chunks, "chunk_tokens": cfg.chunk_tokens,
+                 "question_tokens": cfg.question_tokens, "prompt_tokens": layout.n_tokens,
+                 "check_layer": cfg.check_layer, "selection": DEFAULT_SELECTION, "warmup": warmup, "runs": runs,
+                 "rows": [], "sweep": []}
+    tiers = list(cfg.tiers)
+    streams = "lmdb" in tiers and engine.graphs is not None  # else lmdb is read whole anyway
     with tempfile.TemporaryDirectory() as tmp:
-        store_tiers = Tiers(engine, layout, list(tiers), Path(tmp))
+        store_tiers = Tiers(engine, layout, tiers + (["lmdb-whole"] if streams else []), Path(tmp))
+        caches = store_tiers.caches
         ids = torch.tensor([layout.ids()], device=dev)
 
         def hf_forward():
@@ -142,55 +162,46 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
         base = timed(hf_forward, dev, warmup, runs)
         out["transformers_forward"] = base
         log(f"transformers forward: {base['median_ms']:.2f} ms")
-        gpu_src = store_tiers.source(tiers[0])
-        full = timed(lambda: ttft(engine, layout, "full", gpu_src), dev, warmup, runs)
+        full = timed(lambda: ttft(engine, layout, QuerySpec(Mode.FULL), caches[tiers[0]]), dev, warmup, runs)
         rows = [{"mode": "full", "ratio": None, "tier": None, **full}]
+        plans = [QuerySpec(Mode.PREFIX), QuerySpec(Mode.REUSE)] + [cfg.blend(r) for r in cfg.ratios]
         for tier in tiers:
-            src = store_tiers.source(tier)
-            plans = [("prefix", None), ("reuse", None)] + [("blend", r) for r in ratios]
-            for mode, ratio in plans:
-                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-                # keys as retrieval hands them over (the hash is computed at indexing time)
-                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
-                rows.append({"mode": mode, "ratio": ratio, "tier": tier, **stats})
-        if selections:  # what each selector costs: blend r=0.15, KV on the first tier, timed in turns
-            src = store_tiers.source(tiers[0])
-            fns = {sel: (lambda cfg=BlendConfig(ratio=0.15, check_layer=check_layer, selection=sel):
-                         ttft(engine, layout, "blend", src, cfg, store_tiers.keys)) for sel in selections}
+            for spec in plans:
+                stats = timed(lambda: ttft(engine, layout, spec, caches[tier]), dev, warmup, runs)
+                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier, **stats})
+        if cfg.selections:  # what each selector costs: blend r=0.15, KV on the first tier, timed in turns
+            fns = {sel: (lambda spec=cfg.blend(selection=sel): ttft(engine, layout, spec, caches[tiers[0]]))
+                   for sel in cfg.selections}
             for sel, stats in timed_together(fns, dev, warmup, 3 * runs).items():
-                rows.append({"mode": "blend", "ratio": 0.15, "tier": tiers[0], "selection": sel, **stats})
-        if "lmdb" in tiers and engine.graphs is not None:  # what streaming the layers buys
-            src = store_tiers.source("lmdb", streamed=False)
-            for mode, ratio in [("reuse", None), ("blend", 0.15)]:
-                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
-                rows.append({"mode": mode, "ratio": ratio, "tier": "lmdb", "unstreamed": True, **stats})
+                rows.append({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": tiers[0], "selection": sel, **stats})
+        if streams:  # what streaming the layers buys
+            for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
+                stats = timed(lambda: ttft(engine, layout, spec, caches["lmdb-whole"]), dev, warmup, runs)
+                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": "lmdb",
+                             "unstreamed": True, **stats})
         if engine.graphs is not None:  # the same path without CUDA graphs, to show what they buy
             graphs, engine.graphs = engine.graphs, None
-            src = store_tiers.source(tiers[0])
-            for mode, ratio in [("reuse", None), ("blend", 0.15)]:
-                cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-                stats = timed(lambda: ttft(engine, layout, mode, src, cfg, store_tiers.keys), dev, warmup, runs)
-                rows.append({"mode": mode, "ratio": ratio, "tier": tiers[0], "eager": True, **stats})
+            for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
+                stats = timed(lambda: ttft(engine, layout, spec, caches[tiers[0]]), dev, warmup, runs)
+                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tiers[0],
+                             "eager": True, **stats})
             engine.graphs = graphs
         for row in rows:
             row["speedup_vs_full"] = full["median_ms"] / row["median_ms"]
             log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{_variant(row)}: "
                 f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  speedup {row['speedup_vs_full']:.2f}x")
         out["rows"] = rows
-        if profile_dir is not None and dev.type == "cuda":
-            out["profile"] = profile(engine, layout, store_tiers, tiers, check_layer, profile_dir, log)
-        if store_tiers.store is not None:
-            store_tiers.reader.close()
-            store_tiers.store.close()
-    for n in sweep:
-        n_ch = max(1, (n - question_tokens - 32) // chunk_tokens)
-        lay = random_layout(vocab, n_ch, chunk_tokens, question_tokens, seed=n)
+        if cfg.profile_dir is not None and dev.type == "cuda":
+            out["profile"] = profile(engine, layout, cfg, caches, tiers, cfg.profile_dir, log)
+        store_tiers.close()
+    for n in cfg.sweep:
+        n_ch = max(1, (n - cfg.question_tokens - 32) // cfg.chunk_tokens)
+        lay = random_layout(vocab, n_ch, cfg.chunk_tokens, cfg.question_tokens, seed=n)
         if lay.n_tokens > engine.max_context:
             continue
-        src = engine.memory_source(lay)
-        f = timed(lambda: ttft(engine, lay, "full", src), dev, 1, max(3, runs // 2))
-        b = timed(lambda: ttft(engine, lay, "blend", src, BlendConfig(0.15, check_layer)), dev, 1, max(3, runs // 2))
+        mem = engine.memory_cache(lay)
+        f = timed(lambda: ttft(engine, lay, QuerySpec(Mode.FULL), mem), dev, 1, max(3, runs // 2))
+        b = timed(lambda: ttft(engine, lay, cfg.blend(), mem), dev, 1, max(3, runs // 2))
         out["sweep"].append({"tokens": lay.n_tokens, "full_ms": f["median_ms"], "blend_ms": b["median_ms"],
                              "speedup": f["median_ms"] / b["median_ms"]})
         log(f"sweep {lay.n_tokens:6d} tokens: full {f['median_ms']:8.2f} ms  blend r=0.15 {b['median_ms']:8.2f} ms  "
@@ -198,8 +209,8 @@ def run_bench(shape: str, device: str = "cuda", dtype: str = "bfloat16", n_chunk
     return out
 
 
-def profile(engine: Engine, layout: Layout, tiers: Tiers, tier_names: tuple[str, ...], check_layer: int,
-            out_dir: Path, log: Callable[[str], None]) -> dict:
+def profile(engine: Engine, layout: Layout, cfg: BenchConfig, caches: dict[str, ChunkKVCache],
+            tier_names: Sequence[str], out_dir: Path, log: Callable[[str], None]) -> dict:
     """Where a request's time goes: stage wall times (synchronized) and the top CUDA kernels."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -207,18 +218,18 @@ def profile(engine: Engine, layout: Layout, tiers: Tiers, tier_names: tuple[str,
     out_dir.mkdir(parents=True, exist_ok=True)
     stages: dict = {}
     for tier in tier_names:
-        for mode, ratio in (("reuse", None), ("blend", 0.15)):
-            cfg = BlendConfig(ratio=ratio, check_layer=check_layer) if ratio is not None else None
-            src = tiers.source(tier)
-            ttft(engine, layout, mode, src, cfg)
+        for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
+            src = caches[tier]
+            ttft(engine, layout, spec, src)
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-                ttft(engine, layout, mode, src, cfg)
-            name = f"{mode}{'' if ratio is None else f'-{ratio}'}-{tier}"
+                ttft(engine, layout, spec, src)
+            ratio = spec.describe()["ratio"]
+            name = f"{spec.mode.value}{'' if ratio is None else f'-{ratio}'}-{tier}"
             ranges = {e.key: round(e.device_time_total / 1e3, 3) for e in prof.key_averages()
                       if e.key.startswith("rb.")}
             ranges.update(gpu_busy(prof))
-            if getattr(src, "last", None) is not None:  # host blocked on LMDB reads, out of the span
-                ranges["kv_read_wait_ms"] = round(src.last.waited_s * 1e3, 3)
+            if src.last_stream is not None:  # host blocked on LMDB reads, out of the span
+                ranges["kv_read_wait_ms"] = round(src.last_stream.waited_s * 1e3, 3)
             stages[name] = ranges
             (out_dir / f"{name}.txt").write_text(
                 prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))

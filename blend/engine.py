@@ -4,26 +4,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
 
-from blend.decode import Sampling, decode
+from blend.decode import decode
 from blend.forward import model_parts
 from blend.graphs import LayerGraphs
-from blend.kv import ArrivingKV, ChunkKV
 from blend.loader import LoadedModel
-from blend.prefill import MODES, BlendConfig, PrefillResult, compute_kv, prefill_cached, prefill_full
+from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_full
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
-from store.hashing import chunk_hash
+from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
+from store.chunkkv import ArrivingKV, ChunkKV
+from store.serialize import CorruptEntry
+from store.tiers import ChunkKVCache, ChunkKVSource, KVShape
 
-# (key, chunk token ids) → the chunk's KV, from whatever tier holds it (or computed). A source
-# may also offer `many(keys, ids_list) -> list[ChunkKV]` to read a request's chunks at once, and
-# `stream(keys, ids_list, layers) -> ArrivingKV` to hand them over layer by layer as they are read.
-KVSource = Callable[[str, list[int]], ChunkKV]
+# A memory-only cache with no byte budget worth the name: one request's chunks (ask --chunks, eval).
+UNBOUNDED = 1 << 62
 
 
 @dataclass
@@ -129,44 +129,57 @@ class Engine:
             self._prefix_kv[key] = compute_kv(p, empty, list(prefix_ids))
         return self._prefix_kv[key]
 
-    def chunk_key(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> str:
-        return chunk_hash(self.fingerprint, prefix_ids, chunk_ids)
-
     def compute_chunk(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> ChunkKV:
         """A chunk's KV as if it came right after the prefix (its attention sink)."""
         prefix_kv = self.prefix_kv(prefix_ids)
         return ChunkKV(compute_kv(self.parts, prefix_kv, list(chunk_ids)), start=len(prefix_ids))
 
-    def memory_source(self, layout: Layout) -> KVSource:
-        """Every chunk's KV computed now, held in memory (no store): for `ask --chunks`, tests and
-        eval. Computing up front keeps precompute out of the request's TTFT, as with a store."""
-        kvs = {self.chunk_key(layout.prefix, ids): self.compute_chunk(layout.prefix, ids) for ids in layout.chunks}
-        return lambda key, ids: kvs[key]
+    def kv_shape(self) -> KVShape:
+        p = self.parts
+        return KVShape(self.fingerprint, p.n_layers, p.n_kv_heads, p.head_dim, p.dtype)
 
-    def load_chunks(self, layout: Layout, mode: str, source: KVSource,
-                    keys: Sequence[str] | None = None, blend: BlendConfig | None = None) -> list[ChunkKV] | ArrivingKV:
-        """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise. `keys`:
-        the chunks' store keys when the caller has them (retrieval does), saving the hashing.
-        From a streaming source (on CUDA), reuse and blend get them still arriving, in the order
-        of the layers they read (blend: from the check layer on)."""
-        wanted = {"full": 0, "prefix": min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
+    def kv_cache(self, prefix_ids: Sequence[int] | None = None, **tiers) -> ChunkKVCache:
+        """A ChunkKVCache for this model's chunks behind `prefix_ids` (default: the prompt head of
+        its chat template); `tiers`: ChunkKVCache's store, budgets and streaming switch. Its
+        recompute callback runs the model: call it from the thread that holds the model."""
+        if prefix_ids is None:
+            if self.prompts is None:
+                raise ValueError("this model has no tokenizer: give the prompt head's token ids")
+            prefix_ids = self.prompts.prefix_ids
+        prefix = list(prefix_ids)
+        return ChunkKVCache(self.kv_shape(), prefix, lambda ids: self.compute_chunk(prefix, ids).kv,
+                            device=self.device, **tiers)
+
+    def memory_cache(self, layout: Layout) -> ChunkKVCache:
+        """Every chunk of `layout` computed now and held in memory (no store): for `ask --chunks`,
+        tests and eval. Computing up front keeps precompute out of the request's TTFT, as with a
+        store."""
+        cache = self.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED, stream=False)
+        for ids in layout.chunks:
+            cache.ensure(ids)
+        return cache
+
+    def load_chunks(self, layout: Layout, mode: Mode | str, kv: ChunkKVSource,
+                    blend: BlendConfig | None = None) -> list[ChunkKV] | ArrivingKV:
+        """The chunk KVs a mode reads: none for full, the first for prefix, all otherwise. With
+        CUDA graphs, reuse and blend take them still arriving if the source streams, in the
+        order of the layers they read (blend: from the check layer on)."""
+        mode = Mode.parse(mode)
+        wanted = {Mode.FULL: 0, Mode.PREFIX: min(1, len(layout.chunks))}.get(mode, len(layout.chunks))
         chunks = layout.chunks[:wanted]
+        if not chunks:
+            return []
         with record_function("rb.load_kv"):
-            names = [keys[i] if keys is not None else self.chunk_key(layout.prefix, ids) for i, ids in enumerate(chunks)]
-            if not names:
-                return []
-            stream = getattr(source, "stream", None)
-            if stream is not None and self.graphs is not None and mode in ("reuse", "blend"):
-                first = (blend or BlendConfig()).check_layer if mode == "blend" else 0
-                return stream(names, chunks, list(range(first, self.parts.n_layers)))
-            many = getattr(source, "many", None)  # a source that reads a whole request in one go
-            if many is not None:
-                return many(names, chunks)
-            return [source(name, ids) for name, ids in zip(names, chunks)]
+            layers = None
+            if self.graphs is not None and mode in (Mode.REUSE, Mode.BLEND):
+                first = (blend or BlendConfig()).check_layer if mode is Mode.BLEND else 0
+                layers = list(range(first, self.parts.n_layers))
+            return kv.fetch(chunks, layers)
 
     # -- prefill and generation ----------------------------------------------------------------
-    def prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
+    def prefill(self, layout: Layout, mode: Mode | str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                 blend: BlendConfig | None = None) -> PrefillResult:
+        """Raises CorruptEntry when a streamed layer failed its checksum (the result is void)."""
         if not isinstance(chunk_kvs, ArrivingKV):
             return self._prefill(layout, mode, chunk_kvs, blend)
         try:
@@ -178,38 +191,57 @@ class Engine:
         chunk_kvs.close()  # raises if a layer the queued prefill reads failed its checksum
         return result
 
-    def _prefill(self, layout: Layout, mode: str, chunk_kvs: list[ChunkKV] | ArrivingKV,
+    def check(self, layout: Layout, spec: QuerySpec) -> None:
+        """What the model decides about a query, checked before any work."""
+        spec.check_model(self.parts.n_layers)
+        if layout.n_tokens + spec.max_tokens > self.max_context:
+            raise ContextOverflow("max_tokens", f"the prompt ({layout.n_tokens} tokens) plus max_tokens={spec.max_tokens} "
+                                         f"exceeds the model's context of {self.max_context}")
+        if spec.mode is not Mode.FULL:
+            check_blendable(self.model, layout.n_tokens)
+
+    def _prefill(self, layout: Layout, mode: Mode | str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                  blend: BlendConfig | None) -> PrefillResult:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        mode = Mode.parse(mode)
+        QuerySpec(mode, blend or BlendConfig()).check_model(self.parts.n_layers)
         if layout.n_tokens > self.max_context:
-            raise ValueError(f"prompt of {layout.n_tokens} tokens exceeds the model's context of {self.max_context}")
-        if mode == "full":
+            raise ContextOverflow("question", f"the prompt of {layout.n_tokens} tokens exceeds the model's context "
+                                       f"of {self.max_context}")
+        if mode is Mode.FULL:
             return prefill_full(self.model, layout)
         check_blendable(self.model, layout.n_tokens)
         graphs = self.graphs if self.graphs is not None and layout.n_tokens <= self.graphs.max_keys else None
         return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend,
                               graphs, self.side)
 
-    def generate(self, layout: Layout, *, mode: str = "blend", blend: BlendConfig | None = None,
-                 max_tokens: int = 64, sampling: Sampling = Sampling(),
-                 source: KVSource | None = None, keys: Sequence[str] | None = None) -> Generation:
-        return Generation(self._generate(layout, mode, blend or BlendConfig(), max_tokens, sampling,
-                                         source or self.memory_source(layout), keys))
+    def generate(self, layout: Layout, spec: QuerySpec = QuerySpec(), kv: ChunkKVSource | None = None) -> Generation:
+        """The one query path: the layout's chunk KV from `kv` (a memory cache of the layout's
+        chunks when None), the prefill `spec` asks for, then decoding. Raises BadQuery for what
+        the caller must change."""
+        self.check(layout, spec)
+        return Generation(self._generate(layout, spec, kv or self.memory_cache(layout)))
 
-    def _generate(self, layout: Layout, mode: str, blend: BlendConfig, max_tokens: int,
-                  sampling: Sampling, source: KVSource, keys: Sequence[str] | None) -> Iterator[str]:
+    def _generate(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> Iterator[str]:
+        mode, blend = spec.mode, spec.blend
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
         sync(self.device)
         t0 = time.perf_counter()
-        chunk_kvs = self.load_chunks(layout, mode, source, keys, blend)
+        chunk_kvs = self.load_chunks(layout, mode, kv, blend)
         sync(self.device)
         t_loaded = time.perf_counter()
-        result = self.prefill(layout, mode, chunk_kvs, blend)
+        try:
+            result = self.prefill(layout, mode, chunk_kvs, blend)
+        except CorruptEntry:
+            if not isinstance(chunk_kvs, ArrivingKV):
+                raise
+            # A streamed layer failed its checksum mid-prefill: the prefill is void; the source
+            # serves the chunks again, verified whole (recomputing what is bad).
+            wanted = len(chunk_kvs.chunks)
+            result = self.prefill(layout, mode, kv.refetch(layout.chunks[:wanted]), blend)
         tokens: list[int] = []
         text = ""
         t_first = None
-        for token in decode(self.model, result, max_tokens, sampling, self.stop_ids):
+        for token in decode(self.model, result, spec.max_tokens, spec.sampling, self.stop_ids):
             if t_first is None:
                 sync(self.device)
                 t_first = time.perf_counter()
@@ -228,15 +260,15 @@ class Engine:
             if final.startswith(text) and len(final) > len(text):
                 yield final[len(text):]  # a piece held back (an unfinished character) at the end
             text = final
-        sel = result.selected if mode == "blend" else None
+        sel = result.selected if mode is Mode.BLEND else None
         return Answer(
-            text=text, token_ids=tokens, mode=mode, ratio=sel.ratio if sel is not None else None,
+            text=text, token_ids=tokens, mode=mode.value, ratio=sel.ratio if sel is not None else None,
             ttft_ms=(t_first - t0) * 1e3, kv_load_ms=(t_loaded - t0) * 1e3,
             prefill_ms=(t_first - t_loaded) * 1e3,
             per_token_ms=(t_end - t_first) * 1e3 / max(1, len(tokens) - 1),
             recomputed_tokens=result.recomputed_tokens, total_tokens=layout.n_tokens,
             chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu(),
-            cached_tokens=0 if mode == "full" else layout.suffix_start - result.recomputed_tokens,
+            cached_tokens=0 if mode is Mode.FULL else layout.suffix_start - result.recomputed_tokens,
             selection=blend.selection if sel is not None else None,
             requested_ratio=blend.ratio if sel is not None else None,
             guard_estimate=float(sel.estimate) if sel is not None and sel.estimate is not None else None)

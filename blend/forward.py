@@ -70,11 +70,14 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 _EAGER = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "silu_mul": _silu_mul}
 _COMPILED: dict[str, Callable] = {}
+# Read once, at import: op() runs several times per layer, and the knob is a per-process choice.
+COMPILE = os.environ.get("RAGBLEND_COMPILE", "1") != "0"
 
 
 def op(name: str, x: torch.Tensor) -> Callable:
-    """The compiled kernel on CUDA (RAGBLEND_COMPILE=0 turns it off), the eager one elsewhere."""
-    if x.device.type != "cuda" or os.environ.get("RAGBLEND_COMPILE", "1") == "0":
+    """The compiled kernel on CUDA (RAGBLEND_COMPILE=0 in the environment of the process turns
+    it off), the eager one elsewhere."""
+    if x.device.type != "cuda" or not COMPILE:
         return _EAGER[name]
     if name not in _COMPILED:
         try:

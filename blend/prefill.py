@@ -9,7 +9,6 @@ per-layer KV cache that decoding continues from.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,33 +17,11 @@ from torch.profiler import record_function
 from blend import hostwait
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
-from blend.kv import ArrivingKV, ChunkKV
+from store.chunkkv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
-from blend.select import DEFAULT_SELECTION, SELECTIONS, CheckLayer, guard_ratio, score, select_tokens
-
-MODES = ("full", "prefix", "reuse", "blend")
-
-
-@dataclass(frozen=True)
-class BlendConfig:
-    """`guard`: a bound on the check layer's estimate of the distance to `full` (see
-    select.missed_share); over it, the ratio is raised step by step, up to recomputing all."""
-    ratio: float = 0.15
-    check_layer: int = 1
-    selection: str = DEFAULT_SELECTION
-    guard: float | None = None
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.ratio <= 1.0:
-            raise ValueError(f"ratio must be in [0, 1], got {self.ratio}")
-        if self.check_layer < 0:
-            raise ValueError("check_layer must be ≥ 0")
-        if self.selection not in SELECTIONS:
-            raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.guard is not None and not (self.guard >= 0.0 and math.isfinite(self.guard)):
-            raise ValueError(f"guard must be a finite number ≥ 0, got {self.guard}")
-
+from blend.select import CheckLayer, guard_ratio, score, select_tokens
+from blend.spec import BlendConfig
 
 @dataclass
 class Selected:
@@ -303,8 +280,6 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         start = S
     elif mode == "blend":
         cfg = blend or BlendConfig()
-        if cfg.check_layer >= parts.n_layers:
-            raise ValueError(f"check_layer {cfg.check_layer} ≥ number of layers {parts.n_layers}")
         if arriving is not None:
             kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
         else:
@@ -323,7 +298,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                     ready.record(side)
         start = 0
     else:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ValueError(f"prefill_cached serves prefix, reuse and blend, not {mode!r}")
     ids = to_device(layout.ids(), parts.device)
     h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
                                     [len(c) for c in layout.chunks])

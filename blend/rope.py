@@ -1,4 +1,5 @@
-"""RoPE as two small functions, and the re-rotation of cached keys to new positions.
+"""RoPE's cos/sin, the check that a model's RoPE can be re-rotated exactly, and the re-rotation
+of cached keys to new positions.
 
 Rotations compose, R(a)R(b) = R(a+b), so a key cached at position p moves to p+Δ by one more
 rotation by Δ: exact up to rounding. That holds for rope types whose frequencies do not depend on
@@ -6,7 +7,13 @@ the sequence length and that do not scale cos/sin (default, linear, llama3); oth
 """
 from __future__ import annotations
 
+import functools
+import logging
+from collections.abc import Callable
+
 import torch
+
+log = logging.getLogger(__name__)
 
 BLENDABLE_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -18,10 +25,6 @@ class UnsupportedModel(ValueError):
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    return x * cos + rotate_half(x) * sin
 
 
 def rope_type(config) -> str:
@@ -70,23 +73,30 @@ def _rotate_(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     keys.copy_(k * cos + rotate_half(k) * sin)
 
 
-_rotate_fast = None
+@functools.cache
+def _rotate_compiled() -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]:
+    try:
+        return torch.compile(_rotate_, dynamic=True)
+    except Exception:  # no compiler available: stay eager
+        return _rotate_
+
+
+@functools.cache
+def _log_eager_fallback() -> None:
+    """Once per process; later failures fall back as well, silently."""
+    log.warning("compiled key rotation failed; rotating these keys eagerly", exc_info=True)
 
 
 def rotate_keys_(keys: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """In place: keys [..., T, D] (any strides) rotated by per-token cos/sin [T, D]. On CUDA the
-    eager form makes ~8 passes over the keys; a compiled kernel makes one."""
-    global _rotate_fast
+    eager form makes ~8 passes over the keys; a compiled kernel makes one. A compiled call that
+    fails falls back to the eager form for that call only, so one odd input does not cost every
+    later call the fast path."""
     if keys.device.type == "cuda":
-        if _rotate_fast is None:
-            try:
-                _rotate_fast = torch.compile(_rotate_, dynamic=True)
-            except Exception:  # no compiler available: stay eager
-                _rotate_fast = _rotate_
         try:
-            return _rotate_fast(keys, cos, sin)
+            return _rotate_compiled()(keys, cos, sin)
         except Exception:
-            _rotate_fast = _rotate_
+            _log_eager_fallback()
     _rotate_(keys, cos, sin)
 
 

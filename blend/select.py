@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-SELECTIONS = ("value", "key", "attention", "first", "hybrid")
-DEFAULT_SELECTION = "hybrid"
+from blend.spec import SELECTIONS
+
 # The guard's ladder of ratios; past the last one it recomputes everything (= a full prefill).
 GUARD_STEPS = (0.15, 0.3, 0.5)
 

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from blend.engine import Engine
-from blend.select import DEFAULT_SELECTION, SELECTIONS
+from blend.spec import DEFAULT_SELECTION, SELECTIONS
 
-from eval.datasets import Dataset
+from eval.examples import Dataset
 from eval.report import fmt, summarize
 from eval.runner import FULL, Retriever, Variant, run, run_config
 

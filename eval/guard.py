@@ -15,7 +15,7 @@ import numpy as np
 
 from blend.engine import Engine
 
-from eval.datasets import Dataset
+from eval.examples import Dataset
 from eval.runner import FULL, Retriever, Variant, run, run_config
 
 WATCH = 1e30  # a bound no estimate reaches: the guard reports but never raises the ratio
@@ -75,7 +75,7 @@ def run_guard_study(engine: Engine, dataset: Dataset, out_dir: str | Path, *, ra
                 "recompute_fraction": float(np.mean([r["recompute_fraction"] for r in rows]))}
 
     report = {
-        "dataset": dataset.name, "n": len(records), "calibration": half, "test": len(records) - half,
+        "dataset": dataset.name, "n": len(records), "calibration": half, "test_n": len(records) - half,
         "selection": selection, "ratio": ratio, "quantile": quantile, "bound": bound,
         "spearman_estimate_vs_kl": rank_correlation(est, kl),
         "spearman_on_test_half": rank_correlation(est[test], kl[test]),
@@ -95,7 +95,7 @@ def markdown(rep: dict) -> str:
              f"{rep['spearman_estimate_vs_kl']:.3f} over {rep['n']} examples "
              f"({rep['spearman_on_test_half']:.3f} on the test half).", "",
              f"Bound: the {rep['quantile']:g} quantile of the estimates on the first {rep['calibration']} "
-             f"examples = {rep['bound']:.4g}. On the other {rep['test']} (the guard raised the ratio for "
+             f"examples = {rep['bound']:.4g}. On the other {rep['test_n']} (the guard raised the ratio for "
              f"{rep['raised']}):", "",
              "| variant | mean recompute share | mean KL vs full | agree w/ full |", "|---|---:|---:|---:|"]
     for name, s in rep["test"].items():

@@ -9,7 +9,7 @@ import zlib
 from blend.engine import Engine
 from blend.prompt import DEFAULT_SYSTEM, Layout
 
-from eval.datasets import Example
+from eval.examples import Example
 
 _WORD = re.compile(r"\w+|[^\w\s]")
 _RESERVED = 3  # ids below this are left to special tokens
@@ -34,12 +34,12 @@ def layout_for(engine: Engine, example: Example, chunks: list[str]) -> Layout:
                   prompts.encode(example.prompt.strip() + prompts.tail_text))
 
 
-def fit_to_context(engine: Engine, example: Example, chunks: list[str]) -> tuple[Layout, int]:
-    """The layout with trailing chunks dropped until the prompt fits the model's context (LongBench
-    cuts long prompts too); returns it and how many chunks were dropped."""
+def fit_to_context(engine: Engine, example: Example, chunks: list[str], max_tokens: int = 0) -> tuple[Layout, int]:
+    """The layout with trailing chunks dropped until the prompt and a `max_tokens` answer fit the
+    model's context (LongBench cuts long prompts too); returns it and how many chunks were dropped."""
     layout = layout_for(engine, example, chunks)
     keep = len(layout.chunks)
-    while keep and layout.n_tokens > engine.max_context:
+    while keep and layout.n_tokens + max_tokens > engine.max_context:
         keep -= 1
         layout = Layout(layout.prefix, layout.chunks[:keep], layout.suffix)
     if keep == 0:

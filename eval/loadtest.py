@@ -1,4 +1,4 @@
-"""Load test of `ragblend serve`: N concurrent clients POST /v1/query for a fixed time; prints one
+r"""Load test of `ragblend serve`: N concurrent clients POST /v1/query for a fixed time; prints one
 table (requests sent, answered, refused, 5xx, errors, latency percentiles, throughput, server RSS)
 and writes it as JSON.
 
@@ -14,10 +14,8 @@ a polite client would; a 5xx without Retry-After is a server error and should ne
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import signal
 import socket
 import statistics
@@ -26,8 +24,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Optional
 
 import httpx
+import typer
 
 QUESTIONS = [
     "Who designed the Halvard Bridge?",
@@ -39,6 +39,21 @@ QUESTIONS = [
     "When is the salmon fishing season on the Lenna?",
     "What does the Halvard Bridge carry?",
 ]
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the clients send, and where."""
+
+    url: str
+    api_key: str | None
+    clients: int
+    duration: float
+    max_tokens: int
+    top_k: int
+    mode: str
+    ratio: float
+    timeout: float
 
 
 @dataclass
@@ -67,7 +82,7 @@ def rss_kib(pid: int | None) -> dict[str, int] | None:
     return out
 
 
-async def client_loop(client: httpx.AsyncClient, idx: int, stop_at: float, args, tally: Tally) -> None:
+async def client_loop(client: httpx.AsyncClient, idx: int, stop_at: float, args: Load, tally: Tally) -> None:
     n = idx
     while time.monotonic() < stop_at:
         question = QUESTIONS[n % len(QUESTIONS)]
@@ -110,7 +125,7 @@ def pct(values: list[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if q < 100 else max(values)
 
 
-async def run(args, pid: int | None) -> dict:
+async def run(args: Load, pid: int | None) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.clients + 4, max_keepalive_connections=args.clients + 4)
     async with httpx.AsyncClient(base_url=args.url, headers=headers, timeout=args.timeout, limits=limits) as client:
@@ -211,32 +226,36 @@ def start_server(serve_args: list[str], log: Path) -> tuple[subprocess.Popen, st
     raise SystemExit(f"server not healthy after 300 s; see {log}")
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    serve_args = argv[argv.index("--") + 1:] if "--" in argv else []
-    own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running server (ignored with --serve)")
-    p.add_argument("--pid", type=int, help="the running server's pid, for its memory")
-    p.add_argument("--serve", action="store_true", help="start `ragblend serve` (args after --) and stop it after")
-    p.add_argument("--api-key", default=os.environ.get("RAGBLEND_API_KEY"))
-    p.add_argument("--clients", type=int, default=32)
-    p.add_argument("--duration", type=float, default=60.0, help="seconds of load")
-    p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--mode", default="blend")
-    p.add_argument("--ratio", type=float, default=0.15)
-    p.add_argument("--timeout", type=float, default=300.0, help="per request, seconds")
-    p.add_argument("--out", type=Path, help="write the results as JSON here")
-    args = p.parse_args(own)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+
+
+@app.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+def main(
+    serve_args: Annotated[Optional[list[str]], typer.Argument(
+        metavar="SERVE_ARGS", help="with --serve: flags for `ragblend serve`, after --")] = None,
+    url: Annotated[str, typer.Option(help="a running server (ignored with --serve)")] = "http://127.0.0.1:8000",
+    pid: Annotated[Optional[int], typer.Option(help="the running server's pid, for its memory")] = None,
+    serve: Annotated[bool, typer.Option("--serve", help="start `ragblend serve` (args after --) and stop it after")] = False,
+    api_key: Annotated[Optional[str], typer.Option(envvar="RAGBLEND_API_KEY")] = None,
+    clients: int = 32,
+    duration: Annotated[float, typer.Option(help="seconds of load")] = 60.0,
+    max_tokens: int = 8,
+    top_k: int = 4,
+    mode: str = "blend",
+    ratio: float = 0.15,
+    timeout: Annotated[float, typer.Option(help="per request, seconds")] = 300.0,
+    out: Annotated[Optional[Path], typer.Option(help="write the results as JSON here")] = None,
+) -> None:
     proc = None
-    if args.serve:
-        log = (args.out.parent if args.out else Path(".")) / "loadtest-server.log"
+    if serve:
+        log = (out.parent if out else Path(".")) / "loadtest-server.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc, args.url = start_server(serve_args, log)
-        args.pid = proc.pid
+        proc, url = start_server(serve_args or [], log)
+        pid = proc.pid
+    load = Load(url=url, api_key=api_key, clients=clients, duration=duration, max_tokens=max_tokens, top_k=top_k,
+                mode=mode, ratio=ratio, timeout=timeout)
     try:
-        res = asyncio.run(run(args, args.pid))
+        res = asyncio.run(run(load, pid))
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGINT)
@@ -245,11 +264,11 @@ def main(argv: list[str] | None = None) -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
     print(report(res))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(res, indent=2))
-        print(f"→ {args.out}")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=2))
+        print(f"→ {out}")
 
 
 if __name__ == "__main__":
-    main()
+    app()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import re
 
-from eval.datasets import Example
+from eval.examples import Example
 
 OPTIONS = ("n", "chunks", "chunk_words", "seed")
 

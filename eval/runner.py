@@ -12,14 +12,13 @@ from typing import Protocol
 import torch
 from tqdm import tqdm
 
-from blend.decode import Sampling
-from blend.engine import Answer, Engine, KVSource
-from blend.prefill import MODES, BlendConfig
-from blend.select import DEFAULT_SELECTION
+from blend.engine import Answer, Engine
+from blend.spec import DEFAULT_SELECTION, MODES, BlendConfig, Mode, QuerySpec, Sampling
+from store.tiers import ChunkKVSource
 from blend.prompt import Layout
 
 from eval import metrics
-from eval.datasets import Dataset, Example
+from eval.examples import Dataset, Example
 from eval.layouts import fit_to_context
 from eval.progress import Progress
 
@@ -57,6 +56,10 @@ class Variant:
             return None
         return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, selection=self.selection,
                            guard=self.guard)
+
+    def spec(self, max_tokens: int) -> QuerySpec:
+        """The query the engine runs for this variant: greedy, like every eval answer."""
+        return QuerySpec(Mode(self.mode), self.blend_config() or BlendConfig(), Sampling(), max_tokens)
 
     @property
     def key(self) -> tuple:
@@ -116,8 +119,8 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         chunks = list(ex.chunks if ex.chunks is not None else retriever(ex.question, config["top_k"]))
         if not chunks:
             raise ValueError(f"example {ex.id}: the index returned no chunks")
-        layout, dropped = fit_to_context(engine, ex, chunks)
-        source = engine.memory_source(layout)  # chunk KVs: computed once, shared by every variant
+        layout, dropped = fit_to_context(engine, ex, chunks, config["max_tokens"])
+        source = engine.memory_cache(layout)  # chunk KVs: computed once, shared by every variant
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)
         saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped))
@@ -126,25 +129,23 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
     return [saved.done[ex.id] for ex in examples]
 
 
-def _warm_up(engine: Engine, layout: Layout, source: KVSource, variants: Sequence[Variant]) -> None:
+def _warm_up(engine: Engine, layout: Layout, source: ChunkKVSource, variants: Sequence[Variant]) -> None:
     """One untimed pass per mode, so the first example's TTFTs do not carry one-off costs
     (allocator growth, lazy kernel selection)."""
     seen = set()
     for v in variants:
         if v.mode not in seen:
             seen.add(v.mode)
-            engine.generate(layout, mode=v.mode, blend=v.blend_config(), max_tokens=1, source=source).run()
+            engine.generate(layout, v.spec(1), source).run()
 
 
-def score_example(engine: Engine, example: Example, chunks: Sequence[str], layout: Layout, source: KVSource,
+def score_example(engine: Engine, example: Example, chunks: Sequence[str], layout: Layout, source: ChunkKVSource,
                   variants: Sequence[Variant], config: dict, dropped: int = 0) -> dict:
     """Every variant on one layout, scored; `full` (the first) is the reference."""
     torch.manual_seed(config["seed"])  # per example, so a resumed run draws what an unbroken one would
     answers: list[Answer] = []
     for v in variants:
-        gen = engine.generate(layout, mode=v.mode, blend=v.blend_config(), max_tokens=config["max_tokens"],
-                              sampling=Sampling(), source=source)
-        answers.append(gen.run())
+        answers.append(engine.generate(layout, v.spec(config["max_tokens"]), source).run())
     full = answers[0]
     rows = [{
         "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "selection": v.selection,

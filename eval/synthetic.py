@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from eval.datasets import Example
+from eval.examples import Example
 
 _FIRST = ["Ada", "Bram", "Cora", "Dov", "Elin", "Fenna", "Gus", "Hedda", "Ivo", "Jora", "Kasper", "Lise",
           "Mads", "Nora", "Otto", "Petra", "Quill", "Runa", "Sten", "Tove", "Ulla", "Vidar", "Wren", "Yrsa"]

@@ -10,14 +10,15 @@ embeddings usually reach higher recall at the same efSearch.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import time
 from pathlib import Path
+from typing import Annotated, Literal, Optional
 
 import faiss
 import numpy as np
+import typer
 
 from .index import VectorIndex
 
@@ -76,40 +77,43 @@ def bench(n: int, dim: int, n_queries: int, k: int, ef_values: list[int], seed: 
     return rows
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--n", default="10000,100000", help="comma-separated corpus sizes")
-    ap.add_argument("--dim", type=int, default=384)
-    ap.add_argument("--queries", type=int, default=200)
-    ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--ef-search", default="64", help="comma-separated HNSW efSearch values")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--data", choices=("uniform", "clustered"), default="uniform",
-                    help="uniform random unit vectors (HNSW's worst case) or clustered, query-near-a-document")
-    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
-    args = ap.parse_args(argv)
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
+
+@app.command(help=__doc__.split("\n")[0], context_settings={"help_option_names": ["-h", "--help"]})
+def main(
+    n: Annotated[str, typer.Option(help="comma-separated corpus sizes")] = "10000,100000",
+    dim: int = 384,
+    queries: int = 200,
+    k: int = 10,
+    ef_search: Annotated[str, typer.Option(help="comma-separated HNSW efSearch values")] = "64",
+    seed: int = 0,
+    data: Annotated[Literal["uniform", "clustered"], typer.Option(
+        help="uniform random unit vectors (HNSW's worst case) or clustered, query-near-a-document")] = "uniform",
+    out: Annotated[Optional[Path], typer.Option(help="write the results as JSON here")] = None,
+) -> None:
     rows = []
-    for n in (int(x) for x in args.n.split(",") if x):
-        rows += bench(n, args.dim, args.queries, args.k, [int(x) for x in args.ef_search.split(",")], args.seed,
-                      args.data)
+    for size in (int(x) for x in n.split(",") if x):
+        rows += bench(size, dim, queries, k, [int(x) for x in ef_search.split(",")], seed, data)
 
     header = (f"{'kind':<5} {'n':>8} {'dim':>4} {'ef':>5} {'build s':>8} {'median ms':>10} {'p95 ms':>8} "
-              f"{f'recall@{args.k}':>10}")
+              f"{f'recall@{k}':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:
         ef = "-" if r["ef_search"] is None else r["ef_search"]
         print(f"{r['kind']:<5} {r['n']:>8} {r['dim']:>4} {ef:>5} {r['build_s']:>8.2f} {r['median_ms']:>10.3f} "
               f"{r['p95_ms']:>8.3f} {r['recall']:>10.3f}")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        args = {"n": n, "dim": dim, "queries": queries, "k": k, "ef_search": ef_search, "seed": seed, "data": data,
+                "out": out}
         env = {"faiss": faiss.__version__, "omp_threads": faiss.omp_get_max_threads(),
                "machine": platform.machine(), "python": platform.python_version()}
-        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "env": env,
-                                        "results": rows}, indent=2))
-        print(f"wrote {args.out}")
+        out.write_text(json.dumps({"args": {key: str(v) for key, v in args.items()}, "env": env,
+                                   "results": rows}, indent=2))
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    main()
+    app()

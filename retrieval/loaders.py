@@ -83,9 +83,18 @@ def _read_text(file: Path) -> str | None:
     return text.removeprefix("\ufeff")
 
 
+class JsonlError(ValueError):
+    """A JSONL line that is not a JSON object. `line` and `reason` let a caller word the error
+    for its own audience (an HTTP answer names the line differently from a command's stderr)."""
+
+    def __init__(self, where: str, line: int, reason: str):
+        super().__init__(f"{where}:{line}: {reason}")
+        self.line, self.reason = line, reason
+
+
 def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
     """Every non-blank line of `text` as (line number, JSON object); a line that is not one is a
-    ValueError naming `where:line` (for files a user hands a command, unlike a corpus scan,
+    JsonlError naming `where:line` (for files a user hands a command, unlike a corpus scan,
     which skips such lines)."""
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
@@ -94,9 +103,9 @@ def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}:{n}: not JSON ({e.msg})") from None
+            raise JsonlError(where, n, f"not JSON ({e.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{where}:{n}: expected a JSON object")
+            raise JsonlError(where, n, "expected a JSON object")
         rows.append((n, obj))
     return rows
 

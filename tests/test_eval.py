@@ -169,7 +169,7 @@ def tiny():
     engine = Engine(load_model("random:tiny"))
     calls = []
     generate_ = engine.generate
-    engine.generate = lambda *a, **kw: calls.append((kw["mode"], kw["max_tokens"])) or generate_(*a, **kw)
+    engine.generate = lambda layout, spec, kv=None: calls.append((spec.mode.value, spec.max_tokens)) or generate_(layout, spec, kv)
     return SimpleNamespace(engine=engine, calls=calls,
                            data=load_dataset("synthetic:n=3,chunks=3,chunk_words=30,seed=5"))
 
@@ -255,7 +255,7 @@ def test_a_different_config_refuses_to_resume_unless_fresh(tiny, tiny_run, tmp_p
 
 
 def test_ablation_covers_selections_ratios_and_check_layers(tiny, tmp_path):
-    from blend.select import SELECTIONS
+    from blend.spec import SELECTIONS
     from eval.ablation import run_ablation
 
     rows = run_ablation(tiny.engine, tiny.data, tmp_path, ratios=(0.05, 0.3), check_layers=(1, 4), max_tokens=2,

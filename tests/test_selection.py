@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from blend.forward import attend_and_mlp, causal_mask, project_qkv, rope_for
-from blend.prefill import BlendConfig
+from blend.spec import BlendConfig
 from blend.select import SELECTIONS, CheckLayer, score
 from blend.shapes import TINY_ARCHS, random_model
 
@@ -49,7 +49,7 @@ def test_no_selector_spends_budget_on_the_exact_first_chunk(tiny_engines):
     first = layout.chunks[0]
     for selection in SELECTIONS:
         res = run(engine, layout, "blend", ratio=0.3, selection=selection)
-        kvs = engine.load_chunks(layout, "blend", engine.memory_source(layout))
+        kvs = engine.load_chunks(layout, "blend", engine.memory_cache(layout))
         last = engine.parts.n_layers - 1
         P = layout.n_prefix
         # the first chunk's cached K/V stay in place: nothing of it was recomputed

@@ -17,6 +17,7 @@ import torch
 from api.service import RagService
 from blend.engine import Engine
 from blend.loader import load_model
+from blend.spec import QuerySpec
 from retrieval import Document
 from retrieval.testing import HashEmbedder
 
@@ -86,15 +87,16 @@ def test_corrupt_stored_kv_is_detected_and_recomputed(service):
     for c in service.corpus.registry.chunks_of("doc0.txt"):
         if c["kv_key"] == key:
             ids = service.engine.prompts.chunk_ids(c["text"])
-    good = service.kv_source(key, ids).kv.clone()
-    service.hot.clear()
+    assert service.kv.key(ids) == key  # the cache computes the key the index recorded
+    good = service.kv.fetch([ids])[0].kv.clone()
+    service.kv.gpu.clear()
     env, db = service.store._env, service.store._kv
     raw = bytearray(env.begin(db=db).get(key.encode()))
     raw[len(raw) // 2] ^= 0x01
     with env.begin(write=True, db=db) as txn:
         txn.put(key.encode(), bytes(raw))
-    again = service.kv_source(key, ids).kv
-    assert service.kv_recomputed == 1
+    again = service.kv.fetch([ids])[0].kv
+    assert service.kv.recomputed == 1
     assert (again - good).abs().max().item() < 1e-6
     assert service.store.get(key, fingerprint=service.engine.fingerprint) is not None  # rewritten
 
@@ -163,12 +165,14 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
         svc.index_documents(load_path(sample))
         question = "Who designed the Halvard Bridge?"
         hits = svc.retrieve(question, 4).hits
-        from_store = svc.answer(question, hits, mode="blend", max_tokens=12).run()
+        spec = QuerySpec(max_tokens=12)
+        svc.kv.gpu.clear()  # read back from LMDB, not the tier that indexing left warm
+        from_store = svc.answer(question, hits, spec).run()
         layout = engine.layout(question, [h.text for h in hits])
-        in_memory = engine.generate(layout, mode="blend", max_tokens=12).run()
+        in_memory = engine.generate(layout, spec).run()
         assert from_store.token_ids == in_memory.token_ids
         assert (from_store.first_logits - in_memory.first_logits).abs().max().item() == 0.0
-        assert svc.kv_recomputed == 0
+        assert svc.kv.recomputed == 0 and svc.kv.store_reads == len(hits)
     finally:
         svc.close()
 
@@ -176,7 +180,7 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
 def test_store_gc_removes_only_unreferenced_kv(service):
     service.index_documents(corpus_docs(2))
     referenced = set(service.store.keys())
-    orphan = service.engine.chunk_key(service.engine.prompts.prefix_ids, [1, 2, 3])
+    orphan = service.kv.key([1, 2, 3])
     service.store.put(orphan, torch.zeros(4, 2, 2, 3, 16), service.engine.fingerprint, {"doc_id": "gone"})
     data = service.data_dir
     service.close()

@@ -18,6 +18,7 @@ from api.schemas import (ChunkInfo, Deleted, DocumentDetail, DocumentIn, Documen
                          JobOut)
 from api.worker import QueueFull
 from retrieval import Document
+from retrieval.loaders import JsonlError, jsonl_objects
 from retrieval.registry import Registry
 
 router = APIRouter(prefix="/v1", tags=["documents"])
@@ -188,20 +189,18 @@ def _decode(data: bytes, name: str) -> str:
 
 
 def _jsonl_documents(text: str, name: str) -> list[Document]:
+    """One document a line, read by the repository's one strict JSONL reader; a line that is not
+    a JSON object is the client's bad file (400), a line without a valid `text` a bad field (422)."""
+    try:
+        rows = jsonl_objects(text, name)
+    except JsonlError as e:
+        raise ApiError(400, f"file: line {e.line} of {name!r}: {e.reason}") from None
+    if not rows:
+        raise ApiError(400, f"file: {name!r} holds no documents")
     docs = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ApiError(400, f"file: line {lineno} of {name!r} is not valid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise ApiError(400, f"file: line {lineno} of {name!r} is not a JSON object")
+    for lineno, obj in rows:
         doc_id = obj.pop("id", None)
         d = _validate(("file", f"line {lineno}"), id=None if doc_id in (None, "") else str(doc_id),
                       text=obj.pop("text", None), metadata={**obj, "filename": name})
         docs.append(_document(d, source=f"upload:{name}#{lineno}"))
-    if not docs:
-        raise ApiError(400, f"file: {name!r} holds no documents")
     return docs

@@ -14,10 +14,10 @@ from api.answering import answer, finish_reason, pieces, start
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
 from api.routes.query import QUERY_ERRORS, query_params, query_response, usage
-from api.schemas import (DEFAULT_MAX_TOKENS, ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage,
+from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage,
                          ChatRequest, ModelCard, ModelList)
 from api.worker import Started
-from blend.decode import Sampling
+from blend.spec import DEFAULT_MAX_TOKENS, Sampling
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["openai"])

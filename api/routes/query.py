@@ -10,10 +10,10 @@ from fastapi.sse import EventSourceResponse
 from api.answering import answer, finish_reason, pieces, start
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
-from api.schemas import (DEFAULT_MAX_TOKENS, BlendFields, ChunkOut, ErrorOut, PromptTokensDetails, QueryRequest,
+from api.schemas import (BlendFields, ChunkOut, ErrorOut, PromptTokensDetails, QueryRequest,
                          QueryResponse, Timings, Usage)
 from api.worker import QueryParams, Started
-from blend.decode import Sampling
+from blend.spec import DEFAULT_MAX_TOKENS, QuerySpec, Sampling
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["query"])
@@ -57,8 +57,8 @@ def usage(ans: Answer) -> Usage:
 
 
 def query_params(body: BlendFields, question: str, top_k: int, max_tokens: int, sampling: Sampling) -> QueryParams:
-    return QueryParams(question, top_k, body.mode, body.ratio, max_tokens, sampling, body.check_layer,
-                       body.chosen_selection(), body.guard)
+    """The body's settings as the engine's QuerySpec (their defaults are blend.spec's)."""
+    return QueryParams(question, top_k, QuerySpec(body.mode, body.blend_config(), sampling, max_tokens))
 
 
 @router.post("/query", response_model=QueryResponse, summary="Answer a question from the index",

@@ -1,4 +1,4 @@
-"""The value a chunk's precomputed KV travels as, between the engine, the hot tier and the store."""
+"""The value a chunk's precomputed KV travels as, between the KV cache's tiers and the engine."""
 from __future__ import annotations
 
 from collections.abc import Callable

@@ -1,19 +1,17 @@
-"""Indexing and KV-store figures on CPU: `python -m eval.bench_index PATH --data-dir D`.
+"""Indexing and KV-store figures on CPU: `python -m api.bench_index PATH --data-dir D`.
 
 Prints indexing throughput, stored bytes per token against 2·L·H_kv·D·sizeof(dtype), and the time
 to load one chunk's KV from LMDB (page cache; checksums verified) and from the hot tier.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
+from typing import Annotated, Optional
 
-from api.service import RagService
-from retrieval import load_path
-from store import StagedReader
+import typer
 
 
 def _timed_pass(keys: list[str], read) -> list[float]:
@@ -25,19 +23,26 @@ def _timed_pass(keys: list[str], read) -> list[float]:
     return times
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("paths", nargs="+", type=Path)
-    ap.add_argument("--data-dir", type=Path, required=True)
-    ap.add_argument("--model", default="default")
-    ap.add_argument("--chunk-tokens", type=int, default=256)
-    ap.add_argument("--out", type=Path)
-    args = ap.parse_args()
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="markdown")
+
+
+@app.command(help=__doc__, context_settings={"help_option_names": ["-h", "--help"]})
+def main(
+    paths: Annotated[list[Path], typer.Argument(help="files or directories to index (.txt, .md, .jsonl)")],
+    data_dir: Annotated[Path, typer.Option(help="index + KV store directory")],
+    model: str = "default",
+    chunk_tokens: int = 256,
+    out: Annotated[Optional[Path], typer.Option(help="write the figures as JSON here")] = None,
+) -> None:
+    # Imported here so that --help answers at once, without loading torch and the model stack.
+    from api.service import RagService
     from blend.engine import Engine
     from blend.loader import load_model
+    from retrieval import load_path
+    from store import StagedReader
 
-    svc = RagService(args.data_dir, engine=Engine(load_model(args.model)), chunk_tokens=args.chunk_tokens)
-    docs = [d for p in args.paths for d in load_path(p)]
+    svc = RagService(data_dir, engine=Engine(load_model(model)), chunk_tokens=chunk_tokens)
+    docs = [d for p in paths for d in load_path(p)]
     t0 = time.perf_counter()
     with svc.corpus.bulk():
         report = svc.index_documents(docs)
@@ -59,10 +64,10 @@ def main() -> None:
     staged = _timed_pass(keys, lambda k: reader.read(k, fp))
     reader.close()
     for k in keys:
-        svc.hot.put(k, svc.store.get(k, fingerprint=fp))
-    hot = _timed_pass(keys, svc.hot.get)
+        svc.kv.gpu.put(k, svc.store.get(k, fingerprint=fp))
+    hot = _timed_pass(keys, svc.kv.gpu.get)
     result = {
-        "model": args.model, "chunk_tokens": args.chunk_tokens, "indexing": idx,
+        "model": model, "chunk_tokens": chunk_tokens, "indexing": idx,
         "bytes_per_token": round(per_token, 1), "theoretical_bytes_per_token": theory,
         "overhead": round(per_token / theory - 1, 5),
         "mean_chunk_tokens": round(statistics.mean(tokens.values()), 1),
@@ -80,10 +85,10 @@ def main() -> None:
     print(f"load one chunk KV ({result['mean_chunk_tokens']} tokens avg): LMDB {result['lmdb_load_ms_median']:.3f} ms"
           f" median from the page cache (first pass {result['lmdb_first_read_ms_median']:.3f} ms) ({result['lmdb_staged_parallel_load_ms_median']:.3f} ms with the parallel staged reader),"
           f" hot tier {result['hot_load_ms_median']:.4f} ms median")
-    if args.out:
-        args.out.write_text(json.dumps(result, indent=2))
+    if out:
+        out.write_text(json.dumps(result, indent=2))
     svc.close()
 
 
 if __name__ == "__main__":
-    main()
+    app()

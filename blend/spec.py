@@ -1,0 +1,105 @@
+"""What a query asks of the engine, validated once, with every default written here: the REST
+API, the OpenAI routes, `ragblend ask`, eval and bench all build a QuerySpec and hand it down
+unchanged."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+
+class BadQuery(ValueError):
+    """A query the engine cannot serve as asked (the caller's fault: a 4xx, never a 500).
+    `field` names what to change."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class ContextOverflow(BadQuery):
+    """The prompt (plus the answer's length) does not fit the model's context."""
+
+
+class Mode(str, Enum):
+    FULL = "full"        # every token computed (transformers' own forward): the reference
+    PREFIX = "prefix"    # the exact cached prefix reused (what prefix caching gives)
+    REUSE = "reuse"      # every chunk's cached KV reused, only the question computed
+    BLEND = "blend"      # reuse plus a selected share of chunk tokens recomputed (CacheBlend)
+
+    @classmethod
+    def parse(cls, value: str | Mode) -> Mode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise BadQuery("mode", f"must be one of {', '.join(m.value for m in cls)}, got {value!r}") from None
+
+
+MODES = tuple(m.value for m in Mode)
+# How blend picks the chunk tokens it recomputes (see blend/select.py). The default is the best
+# measured (README, "Token selection").
+SELECTIONS = ("value", "key", "attention", "first", "hybrid")
+DEFAULT_SELECTION = "hybrid"
+DEFAULT_RATIO = 0.15
+DEFAULT_CHECK_LAYER = 1
+DEFAULT_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class BlendConfig:
+    """`guard`: a bound on the check layer's estimate of the distance to `full` (see
+    select.missed_share); over it, the ratio is raised step by step, up to recomputing all."""
+    ratio: float = DEFAULT_RATIO
+    check_layer: int = DEFAULT_CHECK_LAYER
+    selection: str = DEFAULT_SELECTION
+    guard: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ratio <= 1.0:
+            raise BadQuery("ratio", f"must be in [0, 1], got {self.ratio}")
+        if self.check_layer < 0:
+            raise BadQuery("check_layer", f"must be ≥ 0, got {self.check_layer}")
+        if self.selection not in SELECTIONS:
+            raise BadQuery("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.guard is not None and not (self.guard >= 0.0 and math.isfinite(self.guard)):
+            raise BadQuery("guard", f"must be a finite number ≥ 0, got {self.guard}")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0   # 0 → greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise BadQuery("temperature", "must be ≥ 0")
+        if not 0.0 < self.top_p <= 1.0:
+            raise BadQuery("top_p", "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class QuerySpec:
+    mode: Mode = Mode.BLEND
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    sampling: Sampling = field(default_factory=Sampling)
+    max_tokens: int = DEFAULT_MAX_TOKENS
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "mode", Mode.parse(self.mode))
+        if self.max_tokens < 1:
+            raise BadQuery("max_tokens", f"must be ≥ 1, got {self.max_tokens}")
+
+    def check_model(self, n_layers: int) -> None:
+        """What depends on the model: the check layer must be one of its layers."""
+        if self.mode is Mode.BLEND and self.blend.check_layer >= n_layers:
+            raise BadQuery("check_layer", f"must be below the model's {n_layers} layers, got {self.blend.check_layer}")
+
+    def describe(self) -> dict:
+        """The settings that change an answer, flat (for results files and responses)."""
+        blend = self.mode is Mode.BLEND
+        return {"mode": self.mode.value, "ratio": self.blend.ratio if blend else None,
+                "check_layer": self.blend.check_layer if blend else None,
+                "selection": self.blend.selection if blend else None,
+                "guard": self.blend.guard if blend else None}

@@ -1,0 +1,261 @@
+"""ChunkKVCache: the one owner of chunk KV. A request asks it for its chunks' KV by token ids and
+gets them from the fastest tier that holds them:
+
+    device tier (GPU, or plain memory on CPU) → pinned-CPU tier → LMDB → recompute
+
+- LMDB is read in one wave per request (every layer's checksum and copy on a thread pool) or, on
+  CUDA, streamed layer by layer into the prefill (`fetch(..., layers=…)`), so that reading layer
+  i+1 overlaps computing layer i.
+- Nothing unverified is used: an entry that is missing, corrupt, of another model or of the
+  wrong shape is recomputed through the injected `compute` callback and written back.
+- A streamed layer that fails its checksum is only found while the prefill runs; the prefill
+  is then void, and `refetch` serves the request again chunk by chunk, recomputing what is bad.
+- The store key is computed here, from the token ids, by the code that stores the bytes.
+
+This module knows nothing of the model: `compute` and `KVShape` are all it needs of it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from store.chunkkv import ArrivingKV, ChunkKV
+from store.hashing import chunk_hash
+from store.hot import HotTier
+from store.lmdb_store import KVStore
+from store.reader import LayerStream, StagedReader
+from store.serialize import CorruptEntry, FingerprintMismatch
+
+log = logging.getLogger(__name__)
+
+# A chunk's token ids → its KV [L, 2, H_kv, T, D] computed right after the prompt head, on the
+# device. Called with the model already held by the caller (the cache takes no model lock).
+ComputeKV = Callable[[list[int]], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class KVShape:
+    """What a usable entry looks like for the serving model; any other entry is recomputed."""
+    fingerprint: str
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def fits(self, shape: tuple[int, ...], dtype: torch.dtype, n_tokens: int) -> bool:
+        return shape == (self.n_layers, 2, self.n_kv_heads, n_tokens, self.head_dim) and dtype == self.dtype
+
+
+class ChunkKVSource(Protocol):
+    """What the engine reads chunk KV through."""
+
+    def fetch(self, chunks: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
+        """The chunks' KV, in order. With `layers` (the order a prefill reads them in), a source
+        may hand them over still arriving (ArrivingKV); otherwise they are complete."""
+        ...
+
+    def refetch(self, chunks: Sequence[Sequence[int]]) -> list[ChunkKV]:
+        """After a streamed fetch failed mid-way: every chunk verified whole, bad ones recomputed."""
+        ...
+
+
+class ChunkKVCache:
+    """See the module docstring. `store` None: the tiers alone (chunk KV computed on first use and
+    kept in memory: `ask --chunks`, eval, tests). `gpu_bytes`/`cpu_bytes`: the byte budgets of the
+    device and pinned-CPU tiers (the pinned tier exists on CUDA only). `stream`: on CUDA, let a
+    prefill consume LMDB reads layer by layer."""
+
+    def __init__(self, shape: KVShape, prefix_ids: Sequence[int], compute: ComputeKV, *, device: torch.device,
+                 store: KVStore | None = None, gpu_bytes: int = 1 << 30, cpu_bytes: int = 0,
+                 stream: bool = True, read_workers: int | None = None):
+        self.shape, self.prefix_ids, self.compute = shape, list(prefix_ids), compute
+        self.start = len(self.prefix_ids)
+        self.device, self.store = torch.device(device), store
+        cuda = self.device.type == "cuda"
+        self.gpu = HotTier(gpu_bytes, device=self.device)
+        self.cpu = HotTier(cpu_bytes, device="cpu", pin=True) if cuda and cpu_bytes > 0 else None
+        # On CPU the reader's pool verifies a request's entries at once; its staging buffers are
+        # only used where a copy to the device follows (CUDA), since cached tensors must own memory.
+        self.reader = StagedReader(store, workers=read_workers, pin=cuda) if store is not None else None
+        self.stream = stream and cuda and store is not None
+        self._count_lock = threading.Lock()
+        self.recomputed = 0     # entries missing, corrupt, stale or misshapen when a request needed them
+        self.store_reads = 0    # entries a request read from LMDB
+        self.last_stream: LayerStream | None = None  # the last streamed read, for its wait statistics
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+
+    # -- keys and writes -------------------------------------------------------------------------
+    def key(self, ids: Sequence[int]) -> str:
+        return chunk_hash(self.shape.fingerprint, self.prefix_ids, ids)
+
+    def ensure(self, ids: Sequence[int], meta: dict | None = None) -> tuple[str, bool]:
+        """Make sure a chunk's KV exists (indexing, warming): computed and written if absent.
+        Returns its key and whether it was computed. With a store, the tiers are left alone (a
+        corpus is larger than memory); without one, the device tier keeps it."""
+        ids, key = list(ids), self.key(ids)
+        if self.store is None:
+            if key in self.gpu or (self.cpu is not None and key in self.cpu):
+                return key, False
+            self._keep(key, self.compute(ids))
+            return key, True
+        if self.store.contains(key):
+            return key, False
+        self._write(key, ids, self.compute(ids), meta or {})
+        return key, True
+
+    def contains(self, key: str) -> bool:
+        if key in self.gpu or (self.cpu is not None and key in self.cpu):
+            return True
+        return self.store is not None and self.store.contains(key)
+
+    def drop(self, keys: Sequence[str]) -> int:
+        """Forget entries everywhere; returns how many the store held."""
+        for key in keys:
+            self.gpu.pop(key)
+            if self.cpu is not None:
+                self.cpu.pop(key)
+        return self.store.delete_many(keys) if self.store is not None and keys else 0
+
+    def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict) -> None:
+        if self.store is not None:
+            meta = {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
+            self.store.put(key, kv.cpu(), self.shape.fingerprint, meta)
+
+    def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
+        """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier
+        cannot hold stays where it is (pinned: the prefill copies it asynchronously, once)."""
+        kept = self.cpu.put(key, kv) if self.cpu is not None else kv
+        if kv.device != self.device and kv.numel() * kv.element_size() > self.gpu.max_bytes:
+            return kept
+        return self.gpu.put(key, kept)
+
+    def _recompute(self, key: str, ids: list[int], why: str) -> torch.Tensor:
+        log.warning("chunk %s %s; recomputing", key[:12], why)
+        with self._count_lock:
+            self.recomputed += 1
+        kv = self.compute(ids)
+        self._write(key, ids, kv, {"recomputed_at_query": True})
+        return kv
+
+    # -- reads ------------------------------------------------------------------------------------
+    def fetch(self, chunks: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
+        chunks = [list(ids) for ids in chunks]
+        keys = [self.key(ids) for ids in chunks]
+        found: list[torch.Tensor | None] = [self.gpu.get(k) for k in keys]
+        if all(t is not None for t in found):
+            return [ChunkKV(t, self.start) for t in found]
+        if self.stream and layers is not None:
+            arriving = self._stream(keys, chunks, list(layers))
+            if arriving is not None:
+                return arriving
+        if self.cpu is not None:
+            found = [t if t is not None else self._from_cpu(k) for k, t in zip(keys, found)]
+        cold = [i for i, t in enumerate(found) if t is None]
+        if cold:
+            for i, kv in zip(cold, self._read_cold([keys[i] for i in cold], [chunks[i] for i in cold])):
+                found[i] = kv
+        return [ChunkKV(t, self.start) for t in found]
+
+    def refetch(self, chunks: Sequence[Sequence[int]]) -> list[ChunkKV]:
+        out = []
+        for ids in chunks:
+            ids = list(ids)
+            key = self.key(ids)
+            kv = self.gpu.get(key)
+            if kv is None and self.cpu is not None:
+                kv = self._from_cpu(key)
+            if kv is None:
+                kv = self._keep(key, self._read_one(key, ids))
+            out.append(ChunkKV(kv, self.start))
+        return out
+
+    def _from_cpu(self, key: str) -> torch.Tensor | None:
+        kv = self.cpu.get(key)
+        if kv is None or kv.numel() * kv.element_size() > self.gpu.max_bytes:
+            return kv
+        return self.gpu.put(key, kv)
+
+    def _read_one(self, key: str, ids: list[int]) -> torch.Tensor:
+        """One entry from the store, verified whole; recomputed when absent or unusable."""
+        if self.store is None:
+            return self._recompute(key, ids, "is in no tier")
+        try:
+            kv = self.store.get(key, fingerprint=self.shape.fingerprint)
+        except (CorruptEntry, FingerprintMismatch) as e:
+            return self._recompute(key, ids, f"unusable ({e})")
+        if kv is None:
+            return self._recompute(key, ids, "is missing")
+        with self._count_lock:
+            self.store_reads += 1
+        if not self.shape.fits(tuple(kv.shape), kv.dtype, len(ids)):
+            return self._recompute(key, ids, f"stored as {tuple(kv.shape)} {kv.dtype}, unlike the model")
+        return kv
+
+    def _read_cold(self, keys: list[str], chunks: list[list[int]]) -> list[torch.Tensor]:
+        """Entries in no memory tier: one wave of verified reads; whatever is absent or bad is then
+        recomputed (one bad entry sends the wave's chunks through the per-entry path)."""
+        if self.store is None:
+            return [self._keep(k, self._recompute(k, ids, "is in no tier")) for k, ids in zip(keys, chunks)]
+        try:
+            if self.device.type == "cuda":  # into staging buffers; the tiers copy them to the device
+                got = self.reader.read_many(keys, self.shape.fingerprint)
+            else:
+                outs = [self._out(k) for k in keys]
+                got = self.store.get_many(keys, outs, self.reader.pool, fingerprint=self.shape.fingerprint)
+        except (CorruptEntry, FingerprintMismatch) as e:
+            log.warning("a chunk KV read failed (%s); reading chunk by chunk", e)
+            return [self._keep(k, self._read_one(k, ids)) for k, ids in zip(keys, chunks)]
+        out = []
+        for key, ids, kv in zip(keys, chunks, got):
+            if kv is None or not self.shape.fits(tuple(kv.shape), kv.dtype, len(ids)):
+                kv = self._read_one(key, ids)  # absent, or the wrong shape: recomputed there
+            else:
+                with self._count_lock:
+                    self.store_reads += 1
+            out.append(self._keep(key, kv))
+        return out
+
+    def _out(self, key: str) -> torch.Tensor:
+        head = self.store.header(key)
+        return torch.empty(0) if head is None else torch.empty(head.shape, dtype=head.dtype)
+
+    def _stream(self, keys: list[str], chunks: list[list[int]], layers: list[int]) -> ArrivingKV | None:
+        """Every entry's header checked (bad or absent ones recomputed into the store first), then
+        the reads planned; None when an entry changed in between (the caller reads it whole)."""
+        for key, ids in zip(keys, chunks):
+            try:
+                head = self.store.header(key)
+            except CorruptEntry as e:
+                self._recompute(key, ids, f"has a bad header ({e})")
+                continue
+            if head is None:
+                self._recompute(key, ids, "is missing")
+            elif head.fingerprint != self.shape.fingerprint:
+                self._recompute(key, ids, "was computed by another model")
+            elif not self.shape.fits(head.shape, head.dtype, len(ids)):
+                self._recompute(key, ids, f"stored as {head.shape} {head.dtype}, unlike the model")
+        try:
+            s = self.last_stream = self.reader.stream(keys, layers, self.shape.fingerprint)
+        except (KeyError, CorruptEntry, FingerprintMismatch, ValueError) as e:
+            log.warning("chunk KV changed while planning a streamed read (%s); reading it whole", e)
+            return None
+        with self._count_lock:
+            self.store_reads += len(keys)
+        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, s.close, s.start,
+                          s.block, s.flags, s.seq)
+
+    def stats(self) -> dict:
+        gpu = self.gpu.stats()
+        cpu = self.cpu.stats() if self.cpu is not None else {"hits": 0, "entries": 0, "bytes": 0, "max_bytes": 0}
+        return {"gpu_hits": gpu["hits"], "gpu_entries": gpu["entries"], "gpu_bytes": gpu["bytes"],
+                "gpu_max_bytes": gpu["max_bytes"], "cpu_hits": cpu["hits"], "cpu_entries": cpu["entries"],
+                "cpu_bytes": cpu["bytes"], "cpu_max_bytes": cpu["max_bytes"], "store_reads": self.store_reads,
+                "recomputed": self.recomputed}
