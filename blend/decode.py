@@ -41,6 +41,8 @@ def decode(model: torch.nn.Module, prefill: PrefillResult, max_tokens: int,
     if max_tokens <= 0 or token in stop_ids:
         return
     yield token
+    if max_tokens == 1:  # no decode cache to build (nor its cost after the first token)
+        return
     device = prefill.kv.device
     cache = hf_cache(prefill.kv)
     pos = prefill.n_tokens
