@@ -5,18 +5,18 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch.profiler import record_function
 
-from blend.decode import decode
+from blend.batch import DecodeBatch, KVSlots
 from blend.forward import model_parts
 from blend.graphs import LayerGraphs
 from blend.loader import LoadedModel
 from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_full
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
+from blend.sequence import Answer, SeqState, pick
 from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.serialize import CorruptEntry
@@ -24,36 +24,6 @@ from store.tiers import ChunkKVCache, ChunkKVSource, KVShape
 
 # A memory-only cache with no byte budget worth the name: one request's chunks (ask --chunks, eval).
 UNBOUNDED = 1 << 62
-
-
-@dataclass
-class Answer:
-    text: str
-    token_ids: list[int]
-    mode: str
-    ratio: float | None
-    ttft_ms: float
-    kv_load_ms: float
-    prefill_ms: float
-    per_token_ms: float
-    recomputed_tokens: int    # chunk tokens computed fresh through every layer
-    total_tokens: int         # prompt tokens
-    chunk_tokens: int
-    first_logits: torch.Tensor = field(repr=False)
-    cached_tokens: int = 0    # prompt tokens whose KV was reused (prefix and chunks), not recomputed
-    selection: str | None = None          # blend: how tokens were chosen
-    requested_ratio: float | None = None  # blend: the ratio asked for (`ratio` is the one used)
-    guard_estimate: float | None = None   # blend with a guard: its estimate at the ratio used
-
-    @property
-    def guard_raised(self) -> bool:
-        return self.ratio is not None and self.requested_ratio is not None and self.ratio > self.requested_ratio
-
-    def top_logprobs(self, tokenizer, k: int = 20) -> list[dict]:
-        logp = torch.log_softmax(self.first_logits, dim=-1)
-        top = torch.topk(logp, k)
-        return [{"token_id": int(i), "token": tokenizer.decode([int(i)]) if tokenizer else str(int(i)),
-                 "logprob": float(v)} for v, i in zip(top.values, top.indices)]
 
 
 def sync(device: torch.device) -> None:
@@ -94,6 +64,7 @@ class Engine:
             cuda_graphs = self.parts.device.type == "cuda"
         self.graphs = LayerGraphs(self.parts, min(graph_tokens, self.max_context)) if cuda_graphs else None
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._solo: DecodeBatch | None = None  # generate()'s one-slot decode batch
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +192,9 @@ class Engine:
         self.check(layout, spec)
         return Generation(self._generate(layout, spec, kv or self.memory_cache(layout)))
 
-    def _generate(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> Iterator[str]:
+    def start(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> SeqState:
+        """Load the layout's chunk KV from `kv` and prefill it as `spec` asks: the sequence is then
+        ready to decode (`SeqState.first()` picks its first token). The caller has checked it."""
         mode, blend = spec.mode, spec.blend
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
         sync(self.device)
@@ -238,38 +211,45 @@ class Engine:
             # serves the chunks again, verified whole (recomputing what is bad).
             wanted = len(chunk_kvs.chunks)
             result = self.prefill(layout, mode, kv.refetch(layout.chunks[:wanted]), blend)
-        tokens: list[int] = []
-        text = ""
-        t_first = None
-        for token in decode(self.model, result, spec.max_tokens, spec.sampling, self.stop_ids):
-            if t_first is None:
-                sync(self.device)
-                t_first = time.perf_counter()
-            tokens.append(token)
-            if self.tokenizer is not None:
-                new_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                if not new_text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                    yield new_text[len(text):]
-                    text = new_text
-        sync(self.device)
-        t_end = time.perf_counter()
-        if t_first is None:  # stopped before any token: the first token was still produced
-            t_first = t_end
-        if self.tokenizer is not None:
-            final = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if final.startswith(text) and len(final) > len(text):
-                yield final[len(text):]  # a piece held back (an unfinished character) at the end
-            text = final
-        sel = result.selected if mode is Mode.BLEND else None
-        return Answer(
-            text=text, token_ids=tokens, mode=mode.value, ratio=sel.ratio if sel is not None else None,
-            ttft_ms=(t_first - t0) * 1e3, kv_load_ms=(t_loaded - t0) * 1e3,
-            prefill_ms=(t_first - t_loaded) * 1e3,
-            per_token_ms=(t_end - t_first) * 1e3 / max(1, len(tokens) - 1),
-            recomputed_tokens=result.recomputed_tokens, total_tokens=layout.n_tokens,
-            chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu(),
-            cached_tokens=0 if mode is Mode.FULL else layout.suffix_start - result.recomputed_tokens,
-            selection=blend.selection if sel is not None else None,
-            requested_ratio=blend.ratio if sel is not None else None,
-            guard_estimate=float(sel.estimate) if sel is not None and sel.estimate is not None else None)
+        return SeqState(layout, spec, result, self.tokenizer, self.stop_ids, t0, t_loaded)
 
+    def next_tokens(self, logits: torch.Tensor, seqs: dict[int, SeqState]) -> dict[int, int]:
+        """The next token of every sequence (row → sequence) from a decode step's logits: greedy
+        rows in one argmax and one host sync, sampled rows each with its own generator."""
+        greedy = [r for r, s in seqs.items() if s.spec.sampling.temperature == 0.0]
+        out: dict[int, int] = {}
+        if greedy:
+            rows = torch.tensor(greedy, device=logits.device)
+            out = dict(zip(greedy, logits.index_select(0, rows).argmax(-1).tolist()))
+        for r, s in seqs.items():
+            if r not in out:
+                out[r] = pick(logits[r], s.spec.sampling, s.generator)
+        return out
+
+    def _solo_batch(self, n_tokens: int) -> DecodeBatch:
+        """The engine's own one-slot decode batch (for `generate`), grown when a request needs more."""
+        solo = self._solo
+        if solo is None or solo.slots.max_tokens <= n_tokens:
+            size = max(n_tokens + 1, min(self.max_context, 4096))
+            self._solo = solo = DecodeBatch(self.parts, KVSlots(self.parts, 1, size))
+        return solo
+
+    def _generate(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> Iterator[str]:
+        seq = self.start(layout, spec, kv)
+        piece = seq.first()
+        if piece:
+            yield piece
+        if not seq.done:
+            batch = self._solo_batch(layout.n_tokens + spec.max_tokens)
+            slot = batch.slots.take(seq.result.kv)
+            try:
+                while not seq.done:
+                    logits = batch.step({slot: seq.tokens[-1]})
+                    piece = seq.push(self.next_tokens(logits, {slot: seq})[slot])
+                    if piece:
+                        yield piece
+            finally:
+                batch.slots.release(slot)
+        sync(self.device)
+        seq.finish("stop")
+        return seq.answer()

@@ -17,6 +17,7 @@ from torch.profiler import record_function
 from blend import hostwait
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
+from blend.lookahead import KeysAt, lookahead_attention, probe_layers, question_states
 from store.chunkkv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
@@ -44,7 +45,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
                feed: LayerFeed | None = None, chunk_lengths: list[int] | None = None,
-               ) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
+               keys_at: KeysAt | None = None) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
@@ -55,6 +56,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
     as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
     each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU.
+    `keys_at(l)` gives layer l's keys over the prefix and chunks (the lookahead selection's probe).
     Returns the last active token's hidden state, the final active positions and what blend's
     check layer selected.
     """
@@ -87,8 +89,16 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
         if blend is not None and i == blend.check_layer:
             with record_function("rb.select"):
                 lo, hi = chunk_span
+                ahead = None
+                if blend.selection == "lookahead":
+                    if keys_at is None:
+                        raise ValueError("the lookahead selection needs the later layers' cached keys")
+                    t = hi - start  # the question's first active index
+                    hq = question_states(layer, h, q, k, v, t, active - start)
+                    ahead = lookahead_attention(parts, hq, cos[t:], sin[t:],
+                                                probe_layers(parts.n_layers, i), keys_at, lo, hi)
                 check = CheckLayer(q, k, v, kv[i], lo - start, hi - start, start,
-                                   list(chunk_lengths or [hi - lo]), layer.self_attn.scaling)
+                                   list(chunk_lengths or [hi - lo]), layer.self_attn.scaling, ahead)
                 keep, selected = keep_after_check(check, blend)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
@@ -174,6 +184,8 @@ class LayerFeed:
         self.parts, self.layout, self.prefix_kv, self.kv, self.side = parts, layout, prefix_kv, kv, side
         self.arriving = arriving
         self.layers = set(arriving.layers)
+        self.filled: set[int] = set()      # layers already queued (a probe may fill one early)
+        self.unrotated: set[int] = set()   # of those, layers whose chunk keys are not yet rotated
         P, S = layout.n_prefix, layout.suffix_start
         # One copy per layer needs the chunks side by side, in layout order, filling P…S.
         block = arriving.block
@@ -197,6 +209,16 @@ class LayerFeed:
         itself (see graph_rotation): one launch less per layer for the host."""
         if i not in self.layers:
             return
+        if i in self.filled:  # by the probe, unrotated: an eager layer needs its keys in place
+            if rotate and i in self.unrotated and self.rotation is not None:
+                P, S = self.layout.n_prefix, self.layout.suffix_start
+                rotate_keys_(self.kv[i, 0, :, P:S], *self.rotation)
+            if rotate:
+                self.unrotated.discard(i)
+            return
+        self.filled.add(i)
+        if not rotate:
+            self.unrotated.add(i)
         if self.flag_base is None:
             with record_function("rb.wait_kv"):
                 self.arriving.wait(i)
@@ -217,6 +239,18 @@ class LayerFeed:
 
     def fill(self, i: int) -> None:
         self(i, rotate=False)
+
+    def probe_keys(self, i: int) -> torch.Tensor:
+        """Layer i's keys over prefix and chunks, at their places, filled early for the lookahead
+        probe: its cache is filled unrotated (the layer's graph rotates it later), so the probe
+        reads a rotated copy."""
+        self.arriving.start(i)
+        self.fill(i)
+        P, S = self.layout.n_prefix, self.layout.suffix_start
+        keys = self.kv[i, 0, :, :S].clone()
+        if self.rotation is not None:
+            rotate_keys_(keys[:, P:], *self.rotation)
+        return keys
 
     def graph_rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position cos/sin [N, D] for the whole prompt: the chunks' re-rotation, the
@@ -264,7 +298,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
     out = graphs.buffer(N) if graphs is not None else None
-    ready, cfg, feed = None, None, None
+    ready, cfg, feed, keys_at = None, None, None, None
     if mode == "prefix":
         # Only a chunk cached at exactly its position is a true prefix hit: the first one.
         first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
@@ -282,31 +316,55 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         cfg = blend or BlendConfig()
         if arriving is not None:
             kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
+            keys_at = feed.probe_keys
         else:
             with record_function("rb.fill_cache"):
                 kv = _blend_cache(parts, layout, prefix_kv, chunk_kvs, cfg, out)
-            # Layers up to the check layer run from position 0: recomputing the short prefix
-            # there costs ~1% and turns their attention into plain causal attention (flash).
-            later = slice(cfg.check_layer + 1, None)
-            if side is None:
-                fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
-            else:  # overlaps the first layers' compute
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
-                    fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, later)
-                    ready = torch.cuda.Event()
-                    ready.record(side)
+            ready, keys_at = _fill_later_layers(parts, layout, prefix_kv, chunk_kvs, cfg, kv, side)
         start = 0
     else:
         raise ValueError(f"prefill_cached serves prefix, reuse and blend, not {mode!r}")
     ids = to_device(layout.ids(), parts.device)
     h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
-                                    [len(c) for c in layout.chunks])
+                                    [len(c) for c in layout.chunks], keys_at)
     logits = logits_of(parts, h)
     if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them):
         arriving.start()     # now the reads, which would have slowed this thread down before
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed, selected)
+
+
+def _fill_later_layers(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
+                       cfg: BlendConfig, kv: torch.Tensor, side: torch.cuda.Stream | None,
+                       ) -> tuple[torch.cuda.Event | None, KeysAt]:
+    """Blend's cache for the layers after the check layer (they read cached K/V), on the `side`
+    stream where there is one, overlapping the first layers' compute. The lookahead probe's layers
+    go first, with their own event, so the check layer waits for them alone. Returns the event
+    that marks every layer filled (None without a side stream) and the probe's key reader."""
+    c, S = cfg.check_layer, layout.suffix_start
+    probed = probe_layers(parts.n_layers, c) if cfg.selection == "lookahead" else range(c + 1, c + 1)
+    if side is None:
+        fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c + 1, None))
+        return None, lambda i: kv[i, 0, :, :S]
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
+        rotation, rest = None, c + 1
+        if len(probed):
+            rotation, rest = chunk_rotation(parts, layout, chunk_kvs), probed.stop
+            fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c + 1, rest), rotation=rotation)
+        probed_ready = torch.cuda.Event()
+        probed_ready.record(side)
+        fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(rest, None), rotation=rotation)
+        ready = torch.cuda.Event()
+        ready.record(side)
+    waited = []
+
+    def keys_at(i: int) -> torch.Tensor:
+        if not waited:
+            torch.cuda.current_stream().wait_event(probed_ready)
+            waited.append(True)
+        return kv[i, 0, :, :S]
+    return ready, keys_at
 
 
 def _blend_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],

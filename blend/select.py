@@ -7,6 +7,8 @@
 | attention | attention mass the question's queries put on t (InfoFlow-KV, ProphetKV)       |
 | first     | −(offset of t in its chunk): the first tokens of every chunk (EPIC)           |
 | hybrid    | attention × value deviation: how much of t's error the question reads        |
+| lookahead | value deviation × the question's attention on t at the next layers, estimated |
+|           | from their cached keys (blend/lookahead.py)                                   |
 
 The first chunk sits where its KV was computed (right after the prefix), so its cached KV is
 exact and recomputing it changes nothing: no selector spends budget on it while others remain.
@@ -59,6 +61,7 @@ class CheckLayer:
     start: int
     chunk_lengths: list[int]   # the chunks' token counts, in order (they tile lo…hi)
     scale: float               # the attention's softmax scale
+    ahead: torch.Tensor | None = None  # [C] the question's attention at the next layers (lookahead)
 
     def value_deviation(self) -> torch.Tensor:
         s, lo, hi = self.start, self.lo, self.hi
@@ -109,6 +112,10 @@ def score(selection: str, check: CheckLayer) -> torch.Tensor:
         s = -check.offsets().float()
     elif selection == "hybrid":
         s = check.question_attention() * check.value_deviation()
+    elif selection == "lookahead":
+        if check.ahead is None:
+            raise ValueError("lookahead selection needs the probed attention (CheckLayer.ahead)")
+        s = check.ahead * check.value_deviation()
     else:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     exact = check.chunk_lengths[0] if len(check.chunk_lengths) > 1 else 0

@@ -39,7 +39,7 @@ class Mode(str, Enum):
 MODES = tuple(m.value for m in Mode)
 # How blend picks the chunk tokens it recomputes (see blend/select.py). The default is the best
 # measured (README, "Token selection").
-SELECTIONS = ("value", "key", "attention", "first", "hybrid")
+SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead")
 DEFAULT_SELECTION = "hybrid"
 DEFAULT_RATIO = 0.15
 DEFAULT_CHECK_LAYER = 1

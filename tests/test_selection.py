@@ -96,6 +96,49 @@ def test_attention_scores_equal_the_models_own_question_to_chunk_attention(arch)
     assert expected.sum() > 0.1  # the question does look at the chunks
 
 
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
+def test_lookahead_scores_equal_the_question_attention_over_the_next_layers_cached_keys(arch):
+    """question_states equals the model's own hidden states after the check layer, and the
+    lookahead mass equals an explicit softmax of those states' queries at each probed layer over
+    that layer's cached (re-rotated) prefix + chunk keys."""
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint
+    from blend.lookahead import lookahead_attention, probe_layers, question_states
+    from blend.prefill import fill_cache
+
+    model = random_model(arch, seed=0, std=0.1)
+    engine = Engine(LoadedModel(model, None, arch, fingerprint(model)))
+    parts = engine.parts
+    layout = make_layout()
+    P, S, n, c = layout.n_prefix, layout.suffix_start, layout.n_tokens, 1
+    ids = torch.tensor([layout.ids()])
+    with torch.inference_mode():
+        expected_h = model(input_ids=ids, output_hidden_states=True).hidden_states[c + 1][:, S:]
+        pos = torch.arange(n)
+        cos, sin = rope_for(parts, pos)
+        h = parts.embed(ids)
+        for i, layer in enumerate(parts.layers):
+            q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
+            if i == c:
+                break
+            h = attend_and_mlp(layer, h, q, k, v, causal_mask(pos, n))
+        hq = question_states(layer, h, q, k, v, S, pos)
+        assert torch.allclose(hq, expected_h, atol=1e-5)
+        kvs = engine.load_chunks(layout, "reuse", engine.memory_cache(layout))
+        cache = fill_cache(parts, layout, engine.prefix_kv(layout.prefix), kvs)
+        layers = probe_layers(parts.n_layers, c)
+        got = lookahead_attention(parts, hq, cos[S:], sin[S:], layers, lambda i: cache[i, 0, :, :S], P, S)
+        expected = torch.zeros(S - P)
+        for i in layers:
+            lq, _, _ = project_qkv(parts.layers[i], expected_h, cos[S:], sin[S:], parts.head_dim)
+            keys = cache[i, 0, :, :S]
+            keys = keys.repeat_interleave(lq.shape[1] // keys.shape[0], dim=0)
+            probs = (lq[0] @ keys.transpose(1, 2) * parts.layers[i].self_attn.scaling).softmax(-1)
+            expected += probs[:, :, P:S].sum(dim=(0, 1))
+    assert len(layers) > 0
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_guard_with_bound_zero_falls_back_to_full(tiny_engines, arch):
     engine = tiny_engines[arch]
