@@ -8,10 +8,11 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 
 from api.errors import ApiError
-from api.service import RagService
+from api.service import RagService, Retrieved
 from api.settings import Settings
 from api.worker import EMPTY_INDEX, Failed, Finished, ModelWorker, QueryJob, QueryParams, QueueFull, Started
 from blend.engine import Answer
+from blend.prompt import Layout
 
 DISCONNECT_POLL_S = 0.5
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
@@ -35,7 +36,9 @@ async def start(request: Request, service: RagService, worker: ModelWorker, sett
                             f"(the model's context of {service.engine.max_context} must hold the chunks too)")
     if len(service.corpus) == 0:
         raise ApiError(409, EMPTY_INDEX)
-    job = QueryJob(params, asyncio.get_running_loop())
+    # Embedding, search and tokenizing the chunks run off the event loop and off the model thread.
+    retrieved, layout = await asyncio.to_thread(prepare, service, params)
+    job = QueryJob(params, asyncio.get_running_loop(), retrieved, layout)
     try:
         worker.submit(job)
     except QueueFull as e:
@@ -46,6 +49,13 @@ async def start(request: Request, service: RagService, worker: ModelWorker, sett
         raise event.error
     assert isinstance(event, Started), event
     return job, event
+
+
+def prepare(service: RagService, params: QueryParams) -> tuple[Retrieved, Layout]:
+    retrieved = service.retrieve(params.question, params.top_k)
+    if not retrieved.hits:
+        raise ApiError(409, EMPTY_INDEX)
+    return retrieved, service.engine.layout(params.question, [h.text for h in retrieved.hits])
 
 
 async def next_event(job: QueryJob, request: Request) -> object:

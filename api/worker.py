@@ -1,25 +1,28 @@
-"""One thread owns the model. Queries wait in a bounded queue in front of it; a full queue is
+"""The API's side of the scheduler (blend/scheduler.py): one thread owns the model and decodes
+every running query in one batch; queries wait, bounded, in front of it, and a full queue is
 refused at once (503 + Retry-After) rather than letting latency grow without bound.
 
-The worker talks to the request that submitted a job through that job's event channel, an
+The scheduler talks to the request that submitted a job through that job's event channel, an
 asyncio queue fed with `call_soon_threadsafe`: `Started` once the prompt is prefilled, then the
 text pieces, then `Finished` or `Failed`. The request sets `cancelled` when its client goes
-away; the worker checks it before starting and between tokens, and drops the generation.
+away; the scheduler checks it before admitting the job and before every decode step, and frees
+the sequence's KV slot at once.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
-import queue
 import threading
 import time
 from dataclasses import dataclass
 
 from api.errors import ApiError
 from api.metrics import Metrics
-from api.service import RagService
+from api.service import RagService, Retrieved
+from blend.batch import KVSlots
 from blend.engine import Answer
+from blend.prompt import Layout
+from blend.scheduler import Cancelled, Job, Scheduler, SchedulerConfig, SchedulerFull
 from blend.spec import BadQuery, ContextOverflow, QuerySpec
 from retrieval.corpus import Hit
 
@@ -60,10 +63,12 @@ class QueueFull(Exception):
 
 
 class QueryJob:
-    """One query: its parameters, its event channel (worker → request) and its cancel flag."""
+    """One query: its parameters, what was retrieved for it and its prompt, its event channel
+    (scheduler → request) and its cancel flag."""
 
-    def __init__(self, params: QueryParams, loop: asyncio.AbstractEventLoop):
-        self.params = params
+    def __init__(self, params: QueryParams, loop: asyncio.AbstractEventLoop, retrieved: Retrieved,
+                 layout: Layout):
+        self.params, self.retrieved, self.layout = params, retrieved, layout
         self.cancelled = threading.Event()
         self.enqueued_at = time.perf_counter()
         self._loop = loop
@@ -85,114 +90,107 @@ class QueryJob:
 
 
 class ModelWorker:
-    def __init__(self, service: RagService, max_queue: int, metrics: Metrics):
+    def __init__(self, service: RagService, max_queue: int, metrics: Metrics,
+                 config: SchedulerConfig | None = None):
         self.service, self.metrics = service, metrics
         self.max_queue = max_queue
-        self._jobs: queue.Queue[QueryJob] = queue.Queue(maxsize=max_queue)
-        self._stop = threading.Event()
-        self._current: QueryJob | None = None
-        self._job_seconds = 1.0  # moving average of a job's model time, for Retry-After
-        self._thread = threading.Thread(target=self._run, name="ragblend-model", daemon=True)
+        engine = service.engine
+        if config is None:
+            config = SchedulerConfig.for_memory(engine, default_kv_bytes(engine), max_waiting=max_queue)
+        self.scheduler = Scheduler(engine, config, model_lock=service.model_lock, on_step=self._on_step)
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        self.scheduler.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._current is not None:
-            self._current.cancel()
-        while True:
-            try:
-                job = self._jobs.get_nowait()
-            except queue.Empty:
-                break
-            job.emit(Failed(ApiError(503, "the server is shutting down")))
-        self._thread.join(timeout)
+        for job in self.scheduler.stop(timeout):
+            job.on_error(ApiError(503, "the server is shutting down"))
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self.scheduler.alive
 
     @property
     def depth(self) -> int:
-        return self._jobs.qsize()
+        return self.scheduler.waiting
 
     @property
     def busy(self) -> bool:
-        return self._current is not None
+        return self.scheduler.running > 0
 
     def retry_after(self) -> int:
-        """What the jobs ahead will likely take: a moving average of one job's time × the queue."""
-        return max(1, min(60, math.ceil(self._job_seconds * (self.depth + 1))))
+        return self.scheduler.retry_after()
+
+    def snapshot(self) -> dict:
+        s = self.scheduler
+        return {"running": s.running, "waiting": s.waiting, "kv_tokens_used": s.kv_tokens_used,
+                "kv_bytes_used": s.kv_tokens_used * KVSlots.bytes_per_token(s.engine.parts),
+                "kv_bytes_total": s.kv_bytes, "max_batch": s.config.max_batch}
 
     def submit(self, job: QueryJob) -> None:
-        if self._stop.is_set():
-            raise QueueFull(5)
+        """Queue a job whose chunks are retrieved (`job.retrieved`) and laid out (`job.layout`).
+        Raises ApiError for what the request must change, QueueFull when the queue is full."""
+        p = job.params
+        sched_job = Job(job.layout, p.spec, self.service.kv, cancelled=job.cancelled, enqueued_at=job.enqueued_at,
+                        on_start=lambda seq: self._started(job), on_piece=job.emit,
+                        on_done=lambda answer: self._finished(job, answer),
+                        on_error=lambda e: self._failed(job, e))
         try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
+            self.scheduler.submit(sched_job)
+        except ContextOverflow as e:
+            raise ApiError(400, f"{e}: lower top_k, max_tokens or the question's length") from None
+        except BadQuery as e:  # the engine's word on a setting it cannot take (it names the field)
+            raise ApiError(422, str(e)) from None
+        except SchedulerFull as e:
             self.metrics.rejected.labels("query").inc()
-            raise QueueFull(self.retry_after()) from None
+            raise QueueFull(e.retry_after) from None
 
-    # -- the thread ----------------------------------------------------------------------------
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                job = self._jobs.get(timeout=0.25)
-            except queue.Empty:
-                continue
-            if job.cancelled.is_set():  # its client left while it waited
-                self.metrics.cancelled.inc()
-                continue
-            self._current = job
-            t0 = time.perf_counter()
-            try:
-                self._serve(job)
-            except ApiError as e:
-                job.emit(Failed(e))
-            except ContextOverflow as e:
-                job.emit(Failed(ApiError(400, f"{e}: lower top_k, max_tokens or the question's length")))
-            except BadQuery as e:  # the engine's word on a setting it cannot take (it names the field)
-                job.emit(Failed(ApiError(422, str(e))))
-            except Exception:  # a bug of ours, never the client's: logged with its traceback
-                log.exception("query failed")
-                job.emit(Failed(ApiError(500, "internal error while answering (logged on the server)")))
-            finally:
-                self._current = None
-                self._job_seconds = 0.8 * self._job_seconds + 0.2 * (time.perf_counter() - t0)
+    # -- callbacks, on the model thread --------------------------------------------------------
+    def _on_step(self, batch: int, seconds: float) -> None:
+        self.metrics.batch_size.observe(batch)
+        self.metrics.step_time.observe(seconds)
 
-    def _serve(self, job: QueryJob) -> None:
-        p, svc = job.params, self.service
+    def _started(self, job: QueryJob) -> None:
         queue_ms = (time.perf_counter() - job.enqueued_at) * 1e3
         self.metrics.queue_wait.observe(queue_ms / 1e3)
-        retrieved = svc.retrieve(p.question, p.top_k)
-        if not retrieved.hits:
-            raise ApiError(409, EMPTY_INDEX)
-        with svc.model_lock:
-            gen = svc.answer(p.question, retrieved.hits, p.spec)
-            pieces = iter(gen)
-            # KV load and prefill run on the first step: an error there reaches the client as an
-            # HTTP status, since nothing has been sent yet.
-            piece = next(pieces, None)
-            job.emit(Started(retrieved.hits, retrieved.retrieve_ms, queue_ms))
-            sent = 0
-            while piece is not None:
-                if job.cancelled.is_set():
-                    pieces.close()
-                    self.metrics.cancelled.inc()
-                    self.metrics.tokens.inc(sent)
-                    return
-                if piece:
-                    job.emit(piece)
-                sent += 1
-                piece = next(pieces, None)
-        answer = gen.result
-        assert answer is not None
-        self.metrics.ttft.labels(p.spec.mode.value).observe(answer.ttft_ms / 1e3)
-        self.metrics.tokens.inc(len(answer.token_ids))
-        self.metrics.prompt_tokens.labels("reused").inc(answer.cached_tokens)
-        self.metrics.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)
+        job.emit(Started(job.retrieved.hits, job.retrieved.retrieve_ms, queue_ms))
+
+    def _finished(self, job: QueryJob, answer: Answer) -> None:
+        m = self.metrics
+        m.tokens.inc(len(answer.token_ids))
+        if answer.finish_reason == "cancelled":
+            m.cancelled.inc()
+            return
+        m.ttft.labels(answer.mode).observe(answer.ttft_ms / 1e3)
+        if len(answer.token_ids) > 1:
+            m.tpot.observe(answer.per_token_ms / 1e3)
+        m.prompt_tokens.labels("reused").inc(answer.cached_tokens)
+        m.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)
         if answer.guard_raised:
-            self.metrics.guard_raised.inc()
+            m.guard_raised.inc()
         job.emit(Finished(answer))
+
+    def _failed(self, job: QueryJob, error: BaseException) -> None:
+        if isinstance(error, Cancelled):
+            self.metrics.cancelled.inc()
+        elif isinstance(error, ApiError):
+            job.emit(Failed(error))
+        elif isinstance(error, ContextOverflow):
+            job.emit(Failed(ApiError(400, f"{error}: lower top_k, max_tokens or the question's length")))
+        elif isinstance(error, BadQuery):
+            job.emit(Failed(ApiError(422, str(error))))
+        else:  # a bug of ours, never the client's: logged with its traceback
+            log.error("query failed", exc_info=error)
+            job.emit(Failed(ApiError(500, "internal error while answering (logged on the server)")))
+
+
+def default_kv_bytes(engine) -> int:
+    """Decode KV memory when the settings name none: 30% of the GPU's free memory (the prefill's
+    buffers and the hot tier need the rest), 4 GiB on CPU."""
+    import torch
+
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        return int(free * 0.3)
+    return 4 << 30

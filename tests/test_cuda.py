@@ -72,9 +72,11 @@ def test_every_selection_on_the_graph_path_matches_the_plain_path(selection):
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
-@pytest.mark.parametrize("mode,ratio", [("reuse", None), ("blend", 0.15), ("blend", 1.0)])
+@pytest.mark.parametrize("mode,ratio,selection", [("reuse", None, "value"), ("blend", 0.15, "value"),
+                                                  ("blend", 0.15, "lookahead"), ("blend", 1.0, "lookahead")])
 @pytest.mark.parametrize("gpu_waits", [True, False])
-def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, gpu_waits, tmp_path, monkeypatch):
+def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, selection, gpu_waits, tmp_path,
+                                                                  monkeypatch):
     """Layers fed into the prefill as they are read (per-layer graphs, side-stream copies; the
     stream waiting on arrival flags, or the host waiting) give the same answer as the same KV
     held in GPU memory; a corrupt layer fails the request, not the engine."""
@@ -95,7 +97,7 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     cache = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, read_workers=4)
     for ids in layout.chunks:
         cache.ensure(ids)
-    spec = QuerySpec(mode, BlendConfig(ratio=ratio or 0.0), max_tokens=20)
+    spec = QuerySpec(mode, BlendConfig(ratio=ratio or 0.0, selection=selection), max_tokens=20)
     g = Sampling()
 
     def answer(source):
@@ -170,3 +172,37 @@ def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path)
         assert again.token_ids == in_memory.token_ids
     finally:
         svc.close()
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
+def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
+    """The scheduler's batched steps (CUDA graphs per batch bucket) against each request decoded
+    alone by the eager one-slot step, float32."""
+    import threading
+
+    from blend.scheduler import Job, Scheduler, SchedulerConfig
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for(arch, torch.float32, graphs=True)
+    cases = [(make_layout(n, seed), QuerySpec(Mode(m), BlendConfig(ratio=r or 0.0), max_tokens=t))
+             for n, seed, m, r, t in [(4, 1, "blend", 0.15, 12), (2, 2, "full", None, 9), (6, 3, "reuse", None, 14),
+                                      (5, 5, "blend", 0.5, 11), (3, 4, "prefix", None, 6)]]
+    alone = []
+    for layout, spec in cases:
+        kvs = engine.load_chunks(layout, spec.mode, engine.memory_cache(layout), spec.blend)
+        result = engine.prefill(layout, spec.mode, kvs, spec.blend)
+        alone.append(list(decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids, graphs=False)))
+    answers, done, sizes = {}, threading.Semaphore(0), []
+    sched = Scheduler(engine, SchedulerConfig(max_batch=8, slots=8, slot_tokens=512),
+                      on_step=lambda n, dt: sizes.append(n))
+    for i, (layout, spec) in enumerate(cases):
+        sched.submit(Job(layout, spec, engine.memory_cache(layout),
+                         on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
+                         on_error=lambda e: (_ for _ in ()).throw(e)))
+    sched.start()
+    for _ in cases:
+        assert done.acquire(timeout=120)
+    sched.stop()
+    assert max(sizes) == len(cases)
+    for i, tokens in enumerate(alone):
+        assert answers[i].token_ids == tokens, i
