@@ -120,13 +120,24 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         if not chunks:
             raise ValueError(f"example {ex.id}: the index returned no chunks")
         layout, dropped = fit_to_context(engine, ex, chunks, config["max_tokens"])
-        source = engine.memory_cache(layout)  # chunk KVs: computed once, shared by every variant
+        source = _chunk_cache(engine, layout, config.get("kv_format"))  # computed once, shared by every variant
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)
         saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped))
         bar.update()
     bar.close()
     return [saved.done[ex.id] for ex in examples]
+
+
+def _chunk_cache(engine: Engine, layout: Layout, kv_format: str | None) -> ChunkKVSource:
+    """The chunks' KV in memory; with a stored format (config `kv_format`), as a store in that
+    format would hand it back (store/quant.py), to measure what the format costs in quality."""
+    if kv_format is None:
+        return engine.memory_cache(layout)
+    cache = engine.kv_cache(layout.prefix, gpu_bytes=1 << 62, stream=False, kv_format=kv_format)
+    for ids in layout.chunks:
+        cache.ensure(ids)
+    return cache
 
 
 def _warm_up(engine: Engine, layout: Layout, source: ChunkKVSource, variants: Sequence[Variant]) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import ExitStack, suppress
@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from store.lmdb_store import KVStore
-from store.serialize import CorruptEntry, KVHeader, copy_layer, open_entry
+from store.serialize import CorruptEntry, KVHeader, copy_layer, open_entry, to_kv
 
 
 # One copy job: (layer, entry key, entry bytes, its header, destination bytes).
@@ -35,9 +35,13 @@ class LayerStream:
     then raises the failure, and whatever was computed from that layer must be thrown away."""
 
     def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], plan: list[Job],
-                 pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0):
+                 pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0,
+                 decode: Callable[[int], None] | None = None):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
+        # Entries stored in another format than the block's land as raw rows first; `decode(i)`
+        # then turns layer i of every chunk into the block (on its device), once, in wait(i).
+        self._decode, self._decoded = decode, set()
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
         self._plan, self._pool = plan, pool
@@ -97,6 +101,9 @@ class LayerStream:
                 except CorruptEntry as e:
                     self._raised = True
                     raise CorruptEntry(f"entry {key}: {e}") from None
+            if self._decode is not None and layer not in self._decoded and layer in self._rank:
+                self._decode(layer)
+                self._decoded.add(layer)
         finally:
             self.waited_s += time.perf_counter() - t0
 
@@ -155,38 +162,66 @@ class StagedReader:
                 self._buffers[slot] = buf
         return buf
 
-    def read(self, key: str, fingerprint: str | None = None, slot: int | None = None) -> torch.Tensor | None:
+    def _raw_out(self, head: KVHeader, slot: int | None) -> torch.Tensor:
+        n = head.shape[0] * head.layer_nbytes
+        return self._staging(n, slot)[:n].view(head.raw_shape())
+
+    @staticmethod
+    def _as_kv(raw: torch.Tensor, head: KVHeader, dtype: torch.dtype | None) -> torch.Tensor:
+        """A float entry wanted in its own dtype: a view of the staging rows; otherwise decoded
+        (on the CPU) into a tensor of its own."""
+        if not head.fmt.quantized and dtype in (None, head.fmt.storage):
+            return raw.view(head.fmt.storage).view(head.shape)
+        return to_kv(raw, head, dtype)
+
+    def read(self, key: str, fingerprint: str | None = None, slot: int | None = None,
+             dtype: torch.dtype | None = None) -> torch.Tensor | None:
         """KV [L, 2, H, T, D] in a staging buffer, or None when absent; raises CorruptEntry /
         FingerprintMismatch like KVStore.get. `slot`: the buffer to use (a chunk's index in its
-        request keeps the pinned buffers few and warm); by default they rotate."""
+        request keeps the pinned buffers few and warm); by default they rotate. An entry in
+        another format than `dtype` comes back decoded, in memory of its own."""
+        got = self.read_raw(key, fingerprint, slot)
+        return None if got is None else self._as_kv(*got, dtype)
+
+    def read_raw(self, key: str, fingerprint: str | None = None,
+                 slot: int | None = None) -> tuple[torch.Tensor, KVHeader] | None:
+        """An entry's verified rows as stored (uint8 [L, layer_nbytes], in a staging buffer) and its
+        header, or None when absent."""
         head = self.store.header(key)
         if head is None:
             return None
-        n = head.shape[0] * head.layer_nbytes
-        out = self._staging(n, slot)[:n].view(head.dtype).view(head.shape)
-        return self.store.get(key, fingerprint=fingerprint, out=out, pool=self.pool)
+        raw = self.store.get(key, fingerprint=fingerprint, out=self._raw_out(head, slot), pool=self.pool)
+        return None if raw is None else (raw, head)
 
-    def read_many(self, keys: list[str], fingerprint: str | None = None) -> list[torch.Tensor | None]:
+    def read_many(self, keys: list[str], fingerprint: str | None = None,
+                  dtype: torch.dtype | None = None) -> list[torch.Tensor | None]:
         """A request's chunks at once, into slots 0…len(keys)-1: all their layers verified and
         copied in one wave on the pool."""
-        heads = [self.store.header(k) for k in keys]
-        outs = []
-        for slot, head in enumerate(heads):
-            if head is None:
-                outs.append(torch.empty(0))
-                continue
-            n = head.shape[0] * head.layer_nbytes
-            outs.append(self._staging(n, slot)[:n].view(head.dtype).view(head.shape))
-        got = self.store.get_many(keys, outs, self.pool, fingerprint=fingerprint)
-        return [None if h is None else t for h, t in zip(heads, got)]
+        return [None if got is None else self._as_kv(*got, dtype) for got in self.read_many_raw(keys, fingerprint)]
 
-    def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None) -> LayerStream:
+    def read_many_raw(self, keys: list[str], fingerprint: str | None = None) -> list[tuple[torch.Tensor, KVHeader] | None]:
+        """read_many's rows as stored, with their headers (decode with store.serialize.to_kv)."""
+        heads = [self.store.header(k) for k in keys]
+        outs = [torch.empty(0) if head is None else self._raw_out(head, slot) for slot, head in enumerate(heads)]
+        got = self.store.get_many(keys, outs, self.pool, fingerprint=fingerprint)
+        return [None if h is None or t is None else (t, h) for h, t in zip(heads, got)]
+
+    def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerStream:
         """Plan reading `layers` (in that order: the first needed first) of every chunk in `keys`
         and return at once; the reads begin at the stream's start(). The chunks land side by side
         along the token axis of one staging block, so that a layer of the whole request is one
         contiguous host→device copy. Raises
         KeyError for an absent key, CorruptEntry / FingerprintMismatch for a bad header and
-        ValueError for entries of different models, before anything is queued."""
+        ValueError for entries of different models, before anything is queued.
+
+        Entries stored in their float dtype, wanted in it (`dtype` None or the same), land as
+        they are, in host memory, with arrival flags a GPU stream can wait on. Any other
+        (quantized entries, or a float format other than `dtype`) lands as raw rows, layer by
+        layer side by side; `wait(i)` then decodes layer i of every chunk into the block, which is
+        on `device`: on CUDA one host→device copy of the small rows per layer, dequantized there
+        on a stream of the reader's, which `wait(i)` waits for. Such a stream has no flags: the
+        prefill's host waits for each layer (and the reads all start up front)."""
         resources = ExitStack()
         try:
             txn = resources.enter_context(self.store.snapshot())
@@ -203,27 +238,73 @@ class StagedReader:
                 resources.close()
                 return LayerStream(None, [], [], None, ExitStack())
             n_layers, _, heads, _, dim = opened[0][2].shape
-            dtype = opened[0][2].dtype
+            fmt = opened[0][2].fmt
             for key, _, head in opened:
-                if (head.shape[0], head.shape[2], head.shape[4], head.dtype) != (n_layers, heads, dim, dtype):
-                    raise ValueError(f"entry {key} has shape {head.shape} {head.dtype}, unlike {keys[0]}")
+                if (head.shape[0], head.shape[2], head.shape[4]) != (n_layers, heads, dim):
+                    raise ValueError(f"entry {key} has shape {head.shape}, unlike {keys[0]}")
             total = sum(head.shape[3] for _, _, head in opened)
-            n = n_layers * 2 * heads * total * dim * dtype.itemsize
-            block = self._staging(n, 0)[:n].view(dtype).view(n_layers, 2, heads, total, dim)
-            rows = block.view(torch.uint8).numpy()  # [L, 2, H, ΣT, D·bytes]
-            spans, at = [], 0
-            for key, mv, head in opened:
-                spans.append((key, mv, head, at, at + head.shape[3]))
-                at += head.shape[3]
-            # layer-major, so that layers arrive in the order they are consumed
-            plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
+            layers = list(layers)
+            direct = all(h.fmt == fmt for _, _, h in opened) and not fmt.quantized and dtype in (None, fmt.storage)
+            if direct:
+                n = n_layers * 2 * heads * total * dim * fmt.storage.itemsize
+                block = self._staging(n, 0)[:n].view(fmt.storage).view(n_layers, 2, heads, total, dim)
+                rows = block.view(torch.uint8).numpy()  # [L, 2, H, ΣT, D·bytes]
+                spans, at = [], 0
+                for key, mv, head in opened:
+                    spans.append((key, mv, head, at, at + head.shape[3]))
+                    at += head.shape[3]
+                # layer-major, so that layers arrive in the order they are consumed
+                plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
+                decode = None
+            else:
+                block, plan, decode, spans = self._decoding_plan(opened, layers, total, dtype, device)
         except BaseException:
             resources.close()
             raise
+        self.store.touch(keys)
         self._seq += 1
-        flags = self.flags if n_layers <= self.flags.numel() else None
+        flags = self.flags if direct and n_layers <= self.flags.numel() else None
         return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.pool, resources,
-                           flags, self._seq)
+                           flags, self._seq, decode)
+
+    def _decoding_plan(self, opened: list, layers: list[int], total: int, dtype: torch.dtype | None,
+                       device: torch.device | str | None):
+        """Raw rows of every chunk side by side per layer ([L, Σ layer_nbytes] staging), and the
+        decode of one layer of them into a [L, 2, H, ΣT, D] block on `device`."""
+        n_layers, _, heads, _, dim = opened[0][2].shape
+        dtype = dtype or torch.float32
+        device = torch.device(device or "cpu")
+        width = sum(head.layer_nbytes for _, _, head in opened)
+        raw = self._staging(n_layers * width, 0)[:n_layers * width].view(n_layers, width)
+        rows = raw.numpy()
+        spans, at, col = [], 0, 0
+        for key, mv, head in opened:
+            spans.append((key, mv, head, col, at, at + head.shape[3]))
+            at += head.shape[3]
+            col += head.layer_nbytes
+        plan = [(i, key, mv, head, rows[i, c:c + head.layer_nbytes]) for i in layers for key, mv, head, c, _, _ in spans]
+        block = torch.empty((n_layers, 2, heads, total, dim), dtype=dtype, device=device)
+        cuda = device.type == "cuda"
+        side = torch.cuda.Stream(device) if cuda else None
+        if cuda:  # the block's memory may have been freed by work still queued on the compute stream
+            side.wait_stream(torch.cuda.current_stream(device))
+
+        def decode(i: int) -> None:
+            def run() -> None:
+                row = raw[i].to(device, non_blocking=True) if cuda else raw[i]
+                for _, _, head, c, lo, hi in spans:
+                    head.fmt.decode(row[c:c + head.layer_nbytes].view(1, -1), heads, hi - lo, dim, dtype,
+                                    out=block[i:i + 1, :, :, lo:hi])
+            if not cuda:
+                run()
+                return
+            with torch.cuda.stream(side):
+                run()
+                done = torch.cuda.Event()
+                done.record(side)
+            done.synchronize()  # the staging row is free again, and block[i] is whole, before wait(i) returns
+
+        return block, plan, decode, [(key, mv, head, lo, hi) for key, mv, head, _, lo, hi in spans]
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

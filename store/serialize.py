@@ -2,7 +2,7 @@
 
 Layout (little-endian):
 
-    magic "RBKV" | version u16 | dtype u8 | reserved u8 | L, H, T, D u32 | fp_len u16
+    magic "RBKV" | version u16 | format u8 | reserved u8 | L, H, T, D u32 | fp_len u16
     | fingerprint utf-8 | crc32 of each layer's bytes, L x u32 | zero pad | header crc32 u32
     | layer 0 bytes | layer 1 bytes | ... | layer L-1 bytes
 
@@ -11,6 +11,10 @@ page-aligned), which keeps a later zero-copy / pinned read possible. Each layer 
 contiguous span with its own crc, so a reader can verify and copy only the layers it needs,
 and a loader can stream layer i+1 while layer i computes. Never pickle: the bytes are data,
 not code, and are readable from any language.
+
+The format byte names how a layer's bytes encode it (store/quant.py): bf16, fp16 and fp32 are
+the tensor's own bytes (unchanged since the first version); fp8 and int8 rows hold their scales
+beside the quantized values, and the layer's crc covers all of them.
 """
 
 from __future__ import annotations
@@ -18,10 +22,13 @@ from __future__ import annotations
 import struct
 import zlib
 from concurrent.futures import Executor, Future
+from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 import numpy as np
 import torch
+
+from store.quant import BY_CODE, KVFormat, kv_format
 
 MAGIC = b"RBKV"
 FORMAT_VERSION = 1
@@ -29,8 +36,6 @@ _ALIGN = 64
 _FIXED = struct.Struct("<4sHBBIIIIH")
 _U32 = struct.Struct("<I")
 
-_DTYPE_TO_CODE = {torch.bfloat16: 1, torch.float16: 2, torch.float32: 3}
-_CODE_TO_DTYPE = {code: dtype for dtype, code in _DTYPE_TO_CODE.items()}
 
 
 class CorruptEntry(Exception):
@@ -42,12 +47,24 @@ class FingerprintMismatch(Exception):
 
 
 class KVHeader(NamedTuple):
-    dtype: torch.dtype
+    fmt: KVFormat
     shape: tuple[int, int, int, int, int]  # (L, 2, H, T, D)
     fingerprint: str
     layer_crcs: tuple[int, ...]
     payload_offset: int
     layer_nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the entry decodes to by default (its own, for a float format)."""
+        return self.fmt.natural_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.payload_offset + self.shape[0] * self.layer_nbytes
+
+    def raw_shape(self, n_layers: int | None = None) -> tuple[int, int]:
+        return (self.shape[0] if n_layers is None else n_layers, self.layer_nbytes)
 
 
 def _byte_view(buf: bytes | memoryview) -> memoryview:
@@ -60,21 +77,30 @@ def _header_len(fp_len: int, n_layers: int) -> int:
     return -(-raw // _ALIGN) * _ALIGN
 
 
-def encode_kv(kv: torch.Tensor, fingerprint: str) -> bytes:
-    """Serialize `kv` of shape [L, 2, H_kv, T, D] (bf16, fp16 or fp32) bit-exactly."""
+def entry_nbytes(fmt: str | KVFormat, fingerprint: str, n_layers: int, n_kv_heads: int, n_tokens: int,
+                 head_dim: int) -> int:
+    """The exact length of an entry (header and payload): what indexing a chunk will store."""
+    f = kv_format(fmt)
+    return _header_len(len(fingerprint.encode("utf-8")), n_layers) + n_layers * f.layer_nbytes(n_kv_heads, n_tokens, head_dim)
+
+
+def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None) -> bytes:
+    """Serialize `kv` of shape [L, 2, H_kv, T, D] in `fmt` (default: its own dtype, bit-exactly;
+    bf16, fp16 or fp32). Quantization runs on kv's device; only the encoded rows come back."""
     if kv.dim() != 5 or kv.shape[1] != 2:
         raise ValueError(f"kv must have shape [L, 2, H, T, D], got {tuple(kv.shape)}")
-    if kv.dtype not in _DTYPE_TO_CODE:
+    if not kv.dtype.is_floating_point or kv.dtype.itemsize < 2:
         raise TypeError(f"unsupported kv dtype {kv.dtype}; use bfloat16, float16 or float32")
+    f = kv_format(kv.dtype) if fmt is None else kv_format(fmt)
     fp = fingerprint.encode("utf-8")
     if len(fp) > 0xFFFF:
         raise ValueError("fingerprint longer than 65535 utf-8 bytes")
     n_layers, _, n_heads, n_tokens, head_dim = kv.shape
-    # Viewing as bytes (not converting) is what makes bf16 round-trip bit-exact.
-    payload = kv.detach().to("cpu").contiguous().view(torch.uint8).numpy().reshape(n_layers, -1)
+    # Viewing as bytes (not converting) is what makes a float format round-trip bit-exactly.
+    payload = f.encode(kv.detach()).to("cpu").contiguous().numpy().reshape(n_layers, -1)
     head_len = _header_len(len(fp), n_layers)
     out = bytearray(head_len + payload.nbytes)
-    _FIXED.pack_into(out, 0, MAGIC, FORMAT_VERSION, _DTYPE_TO_CODE[kv.dtype], 0,
+    _FIXED.pack_into(out, 0, MAGIC, FORMAT_VERSION, f.code, 0,
                      n_layers, n_heads, n_tokens, head_dim, len(fp))
     pos = _FIXED.size
     out[pos:pos + len(fp)] = fp
@@ -104,10 +130,10 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
     (head_crc,) = _U32.unpack_from(mv, head_len - 4)
     if zlib.crc32(mv[:head_len - 4]) != head_crc:
         raise CorruptEntry("header checksum mismatch")
-    if code not in _CODE_TO_DTYPE:
-        raise CorruptEntry(f"unknown dtype code {code}")
-    dtype = _CODE_TO_DTYPE[code]
-    layer_nbytes = 2 * n_heads * n_tokens * head_dim * dtype.itemsize
+    if code not in BY_CODE:
+        raise CorruptEntry(f"unknown format code {code}")
+    fmt = BY_CODE[code]
+    layer_nbytes = fmt.layer_nbytes(n_heads, n_tokens, head_dim)
     expected = head_len + n_layers * layer_nbytes
     if len(mv) != expected:
         raise CorruptEntry(f"entry is {len(mv)} bytes, its header says {expected} "
@@ -119,7 +145,7 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
     except UnicodeDecodeError as e:
         raise CorruptEntry(f"fingerprint is not utf-8: {e}") from None
     crcs = struct.unpack_from(f"<{n_layers}I", mv, crc_start)
-    return KVHeader(dtype, (n_layers, 2, n_heads, n_tokens, head_dim), fingerprint, crcs,
+    return KVHeader(fmt, (n_layers, 2, n_heads, n_tokens, head_dim), fingerprint, crcs,
                     head_len, layer_nbytes)
 
 
@@ -135,13 +161,32 @@ def open_entry(buf: bytes | memoryview, expect_fingerprint: str | None = None) -
 
 
 def byte_rows(out: torch.Tensor, head: KVHeader, n_layers: int | None = None) -> np.ndarray:
-    """`out` as one row of bytes per layer, after checking it can hold the entry's layers."""
+    """`out` as one row of bytes per layer, after checking it can hold the entry's layers: either
+    raw rows (uint8 [n, layer_nbytes], any format) or, for a float format, a tensor of its dtype
+    shaped [n, 2, H, T, D]."""
     n = head.shape[0] if n_layers is None else n_layers
     shape = (n, *head.shape[1:])
-    if tuple(out.shape) != shape or out.dtype != head.dtype or not out.is_contiguous() or out.device.type != "cpu":
-        raise ValueError(f"out must be a contiguous CPU {head.dtype} tensor of shape {shape}")
+    if not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError("out must be a contiguous CPU tensor")
+    if out.dtype == torch.uint8 and tuple(out.shape) == head.raw_shape(n):
+        return out.numpy()
+    if head.fmt.quantized or tuple(out.shape) != shape or out.dtype != head.fmt.storage:
+        raise ValueError(f"out must be uint8 {head.raw_shape(n)}"
+                         + ("" if head.fmt.quantized else f" or {head.fmt.storage} of shape {shape}"))
     # Through numpy: torch.frombuffer warns on LMDB's read-only buffers.
     return out.view(torch.uint8).numpy().reshape(n, head.layer_nbytes)
+
+
+def to_kv(raw: torch.Tensor, head: KVHeader, dtype: torch.dtype | None = None,
+          device: torch.device | str | None = None) -> torch.Tensor:
+    """Raw rows of an entry (uint8 [n, layer_nbytes], as read) → KV [n, 2, H, T, D] in `dtype`
+    (default: the entry's own) on `device` (default: where the rows are). The quantized bytes
+    move, then decode there: on a GPU the host→device copy carries the small format. A float
+    entry already in `dtype` on its device is a view of the rows, not a copy."""
+    _, _, H, T, D = head.shape
+    if device is not None and raw.device != torch.device(device):
+        raw = raw.to(device, non_blocking=raw.is_pinned())
+    return head.fmt.decode(raw, H, T, D, head.dtype if dtype is None else dtype)
 
 
 def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray) -> None:
@@ -154,17 +199,28 @@ def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray) -> None:
     dst[...] = np.frombuffer(span, dtype=np.uint8).reshape(dst.shape)
 
 
+def finish(jobs: list[Future]) -> None:
+    """Wait for every job, then raise the first failure: a job still copying out of an LMDB
+    buffer must not outlive the transaction that keeps the buffer mapped."""
+    futures_wait(jobs)
+    for job in jobs:
+        job.result()
+
+
 def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
               layers: range | list[int] | None = None, out: torch.Tensor | None = None,
-              pool: Executor | None = None, pending: list[Future] | None = None) -> torch.Tensor:
+              pool: Executor | None = None, pending: list[Future] | None = None,
+              dtype: torch.dtype | None = None) -> torch.Tensor:
     """Rebuild [len(layers), 2, H, T, D] from `buf`, verifying only the layers read.
 
     The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
-    `out` (e.g. a pinned staging tensor of the right shape and dtype) is filled instead of a new
-    tensor; `pool` verifies and copies the layers in parallel, which is what makes a cold read of
-    a 7B model's chunk KV fast enough to serve from. With `pending`, the layer jobs are appended
-    to it instead of awaited: the caller waits (while `buf` is still alive), so several entries'
-    layers share the pool at once.
+    `out` (e.g. a pinned staging tensor: raw uint8 rows, or for a float format a tensor of its
+    dtype and shape) is filled instead of a new tensor, and returned as filled; `pool` verifies
+    and copies the layers in parallel, which is what makes a cold read of a 7B model's chunk KV
+    fast enough to serve from. With `pending`, the layer jobs are appended to it instead of
+    awaited: the caller waits (while `buf` is still alive), so several entries' layers share the
+    pool at once. Without `out`, the KV comes back decoded to `dtype` (default: the entry's own;
+    float32 for a quantized entry).
     """
     mv, head = open_entry(buf, expect_fingerprint)
     n_layers = head.shape[0]
@@ -172,8 +228,12 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
     for i in wanted:
         if not 0 <= i < n_layers:
             raise IndexError(f"layer {i} out of range for an entry of {n_layers} layers")
+    decode = out is None and (head.fmt.quantized or (dtype is not None and dtype != head.fmt.storage))
+    if decode and pending is not None:
+        raise ValueError("decoding a quantized entry needs its layers first: pass raw rows as out")
     if out is None:
-        out = torch.empty((len(wanted), *head.shape[1:]), dtype=head.dtype)
+        out = (torch.empty(head.raw_shape(len(wanted)), dtype=torch.uint8) if decode
+               else torch.empty((len(wanted), *head.shape[1:]), dtype=head.fmt.storage))
     dst = byte_rows(out, head, len(wanted))
     if pool is None:
         for j, i in enumerate(wanted):
@@ -183,6 +243,5 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
         if pending is not None:
             pending.extend(jobs)
         else:
-            for job in jobs:
-                job.result()  # re-raises CorruptEntry of any layer
-    return out
+            finish(jobs)  # re-raises CorruptEntry of any layer, once none is still reading `buf`
+    return to_kv(out, head, dtype) if decode else out

@@ -11,6 +11,11 @@ gets them from the fastest tier that holds them:
 - A streamed layer that fails its checksum is only found while the prefill runs; the prefill
   is then void, and `refetch` serves the request again chunk by chunk, recomputing what is bad.
 - The store key is computed here, from the token ids, by the code that stores the bytes.
+- Entries are written in the store's recorded format (store/quant.py; the model's own dtype if
+  none is recorded), and every tier hands the engine the KV as that format decodes it, in the
+  model's dtype on its device: quantized bytes are copied to the GPU and dequantized there. A
+  chunk computed now (first use, or recomputed) is passed through the same format first, so an
+  answer does not depend on which tier served it.
 
 This module knows nothing of the model: `compute` and `KVShape` are all it needs of it.
 """
@@ -28,8 +33,10 @@ from store.chunkkv import ArrivingKV, ChunkKV
 from store.hashing import chunk_hash
 from store.hot import HotTier
 from store.lmdb_store import KVStore
+from store.quant import KVFormat
+from store.quant import kv_format as parse_format
 from store.reader import LayerStream, StagedReader
-from store.serialize import CorruptEntry, FingerprintMismatch
+from store.serialize import CorruptEntry, FingerprintMismatch, KVHeader, to_kv
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +54,9 @@ class KVShape:
     head_dim: int
     dtype: torch.dtype
 
-    def fits(self, shape: tuple[int, ...], dtype: torch.dtype, n_tokens: int) -> bool:
-        return shape == (self.n_layers, 2, self.n_kv_heads, n_tokens, self.head_dim) and dtype == self.dtype
+    def fits(self, shape: tuple[int, ...], n_tokens: int) -> bool:
+        """An entry of this shape (in any format: it decodes to the model's dtype) serves a chunk."""
+        return tuple(shape) == (self.n_layers, 2, self.n_kv_heads, n_tokens, self.head_dim)
 
 
 class ChunkKVSource(Protocol):
@@ -68,12 +76,16 @@ class ChunkKVCache:
     """See the module docstring. `store` None: the tiers alone (chunk KV computed on first use and
     kept in memory: `ask --chunks`, eval, tests). `gpu_bytes`/`cpu_bytes`: the byte budgets of the
     device and pinned-CPU tiers (the pinned tier exists on CUDA only). `stream`: on CUDA, let a
-    prefill consume LMDB reads layer by layer."""
+    prefill consume LMDB reads layer by layer. `kv_format`: the format chunk KV is written and
+    served in where the store records none (without a store: the precision the tiers hold, e.g.
+    for eval to measure a format); default the model's dtype, lossless."""
 
     def __init__(self, shape: KVShape, prefix_ids: Sequence[int], compute: ComputeKV, *, device: torch.device,
                  store: KVStore | None = None, gpu_bytes: int = 1 << 30, cpu_bytes: int = 0,
-                 stream: bool = True, read_workers: int | None = None):
+                 stream: bool = True, read_workers: int | None = None, kv_format: str | KVFormat | None = None):
         self.shape, self.prefix_ids, self.compute = shape, list(prefix_ids), compute
+        recorded = store.kv_format if store is not None else None
+        self.format: KVFormat = parse_format(recorded or kv_format or shape.dtype)
         self.start = len(self.prefix_ids)
         self.device, self.store = torch.device(device), store
         cuda = self.device.type == "cuda"
@@ -104,7 +116,7 @@ class ChunkKVCache:
         if self.store is None:
             if key in self.gpu or (self.cpu is not None and key in self.cpu):
                 return key, False
-            self._keep(key, self.compute(ids))
+            self._keep(key, self.format.roundtrip(self.compute(ids)))
             return key, True
         if self.store.contains(key):
             return key, False
@@ -125,9 +137,10 @@ class ChunkKVCache:
         return self.store.delete_many(keys) if self.store is not None and keys else 0
 
     def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict) -> None:
+        """Into the store in this cache's format (quantized on kv's device; the rows then move)."""
         if self.store is not None:
             meta = {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
-            self.store.put(key, kv.cpu(), self.shape.fingerprint, meta)
+            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier
@@ -143,7 +156,7 @@ class ChunkKVCache:
             self.recomputed += 1
         kv = self.compute(ids)
         self._write(key, ids, kv, {"recomputed_at_query": True})
-        return kv
+        return self.format.roundtrip(kv)  # what the store now holds, so the answer is the same as from it
 
     # -- reads ------------------------------------------------------------------------------------
     def fetch(self, chunks: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
@@ -183,21 +196,29 @@ class ChunkKVCache:
             return kv
         return self.gpu.put(key, kv)
 
+    def _decode(self, raw: torch.Tensor, head: KVHeader) -> torch.Tensor:
+        """Stored rows → the model's dtype: a float entry already in it stays where it is (a view);
+        any other moves as stored to the device and is decoded there."""
+        if not head.fmt.quantized and head.fmt.storage == self.shape.dtype:
+            return raw.view(head.fmt.storage).view(head.shape)
+        return to_kv(raw, head, self.shape.dtype, self.device)
+
     def _read_one(self, key: str, ids: list[int]) -> torch.Tensor:
         """One entry from the store, verified whole; recomputed when absent or unusable."""
         if self.store is None:
             return self._recompute(key, ids, "is in no tier")
         try:
-            kv = self.store.get(key, fingerprint=self.shape.fingerprint)
+            got = self.store.get_raw(key, fingerprint=self.shape.fingerprint)
         except (CorruptEntry, FingerprintMismatch) as e:
             return self._recompute(key, ids, f"unusable ({e})")
-        if kv is None:
+        if got is None:
             return self._recompute(key, ids, "is missing")
         with self._count_lock:
             self.store_reads += 1
-        if not self.shape.fits(tuple(kv.shape), kv.dtype, len(ids)):
-            return self._recompute(key, ids, f"stored as {tuple(kv.shape)} {kv.dtype}, unlike the model")
-        return kv
+        raw, head = got
+        if not self.shape.fits(head.shape, len(ids)):
+            return self._recompute(key, ids, f"stored as {head.shape}, unlike the model")
+        return self._decode(raw, head)
 
     def _read_cold(self, keys: list[str], chunks: list[list[int]]) -> list[torch.Tensor]:
         """Entries in no memory tier: one wave of verified reads; whatever is absent or bad is then
@@ -206,30 +227,34 @@ class ChunkKVCache:
             return [self._keep(k, self._recompute(k, ids, "is in no tier")) for k, ids in zip(keys, chunks)]
         try:
             if self.device.type == "cuda":  # into staging buffers; the tiers copy them to the device
-                got = self.reader.read_many(keys, self.shape.fingerprint)
+                got = self.reader.read_many_raw(keys, self.shape.fingerprint)
             else:
-                outs = [self._out(k) for k in keys]
-                got = self.store.get_many(keys, outs, self.reader.pool, fingerprint=self.shape.fingerprint)
-        except (CorruptEntry, FingerprintMismatch) as e:
+                heads = [self.store.header(k) for k in keys]
+                outs = [torch.empty(0) if h is None else torch.empty(h.raw_shape(), dtype=torch.uint8) for h in heads]
+                raws = self.store.get_many(keys, outs, self.reader.pool, fingerprint=self.shape.fingerprint)
+                got = [None if h is None or r is None else (r, h) for h, r in zip(heads, raws)]
+        except (CorruptEntry, FingerprintMismatch, ValueError) as e:  # ValueError: replaced since its header was read
             log.warning("a chunk KV read failed (%s); reading chunk by chunk", e)
             return [self._keep(k, self._read_one(k, ids)) for k, ids in zip(keys, chunks)]
         out = []
-        for key, ids, kv in zip(keys, chunks, got):
-            if kv is None or not self.shape.fits(tuple(kv.shape), kv.dtype, len(ids)):
-                kv = self._read_one(key, ids)  # absent, or the wrong shape: recomputed there
+        for key, ids, entry in zip(keys, chunks, got):
+            if entry is None:
+                kv = self._recompute(key, ids, "is missing")
+            elif not self.shape.fits(entry[1].shape, len(ids)):
+                kv = self._recompute(key, ids, f"stored as {entry[1].shape}, unlike the model")
             else:
                 with self._count_lock:
                     self.store_reads += 1
+                kv = self._decode(*entry)
             out.append(self._keep(key, kv))
         return out
 
-    def _out(self, key: str) -> torch.Tensor:
-        head = self.store.header(key)
-        return torch.empty(0) if head is None else torch.empty(head.shape, dtype=head.dtype)
-
     def _stream(self, keys: list[str], chunks: list[list[int]], layers: list[int]) -> ArrivingKV | None:
         """Every entry's header checked (bad or absent ones recomputed into the store first), then
-        the reads planned; None when an entry changed in between (the caller reads it whole)."""
+        the reads planned; None when an entry changed in between (the caller reads it whole).
+        Entries in the model's dtype stream into pinned memory with arrival flags; quantized ones
+        (or another float format) stream as stored and are dequantized on the GPU layer by layer,
+        with the host waiting for each layer (see StagedReader.stream)."""
         for key, ids in zip(keys, chunks):
             try:
                 head = self.store.header(key)
@@ -240,10 +265,11 @@ class ChunkKVCache:
                 self._recompute(key, ids, "is missing")
             elif head.fingerprint != self.shape.fingerprint:
                 self._recompute(key, ids, "was computed by another model")
-            elif not self.shape.fits(head.shape, head.dtype, len(ids)):
-                self._recompute(key, ids, f"stored as {head.shape} {head.dtype}, unlike the model")
+            elif not self.shape.fits(head.shape, len(ids)):
+                self._recompute(key, ids, f"stored as {head.shape}, unlike the model")
         try:
-            s = self.last_stream = self.reader.stream(keys, layers, self.shape.fingerprint)
+            s = self.last_stream = self.reader.stream(keys, layers, self.shape.fingerprint, dtype=self.shape.dtype,
+                                                      device=self.device)
         except (KeyError, CorruptEntry, FingerprintMismatch, ValueError) as e:
             log.warning("chunk KV changed while planning a streamed read (%s); reading it whole", e)
             return None
@@ -258,4 +284,4 @@ class ChunkKVCache:
         return {"gpu_hits": gpu["hits"], "gpu_entries": gpu["entries"], "gpu_bytes": gpu["bytes"],
                 "gpu_max_bytes": gpu["max_bytes"], "cpu_hits": cpu["hits"], "cpu_entries": cpu["entries"],
                 "cpu_bytes": cpu["bytes"], "cpu_max_bytes": cpu["max_bytes"], "store_reads": self.store_reads,
-                "recomputed": self.recomputed}
+                "recomputed": self.recomputed, "kv_format": self.format.name}

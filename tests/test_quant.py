@@ -1,0 +1,265 @@
+"""Quantized chunk KV (store/quant.py), the store's recorded format, its size cap with LRU
+eviction, and the cost `ragblend index` prints before it starts. One property each."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from blend.spec import BlendConfig, QuerySpec
+from store import CorruptEntry, KVStore, StagedReader, decode_kv, encode_kv
+from store.quant import FORMATS, kv_format
+from store.serialize import entry_nbytes, read_header
+from store.tiers import ChunkKVCache, KVShape
+from tests.test_blend import make_layout
+
+ROOT = Path(__file__).resolve().parents[1]
+FP = "fp-quant"
+LOSSY = ("bfloat16", "float16", "fp8", "int8")
+
+
+def realistic_kv(L=4, H=3, T=96, D=64, seed=0) -> torch.Tensor:
+    """Keys with a few large channels (as real keys have), values spread per token."""
+    g = torch.Generator().manual_seed(seed)
+    kv = torch.randn(L, 2, H, T, D, generator=g)
+    kv[:, 0, :, :, :4] *= 30.0
+    kv[:, 0] += torch.randn(L, H, 1, D, generator=g) * 2  # per-channel offsets
+    kv[:, 1] *= torch.rand(L, H, T, 1, generator=g) * 4
+    return kv
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_each_format_round_trips_within_its_stated_error_bound(name):
+    kv = realistic_kv()
+    fmt = FORMATS[name]
+    got = decode_kv(encode_kv(kv, FP, name), expect_fingerprint=FP, dtype=torch.float32)
+    assert got.shape == kv.shape and got.dtype == torch.float32
+    err = (got - kv).abs()
+    slack = 2e-6 * kv.abs().amax()  # float32 rounding of the scale arithmetic
+    assert bool((err <= fmt.error_bound(kv) + slack).all()), f"{name}: max excess {(err - fmt.error_bound(kv)).max()}"
+    if name == "float32":
+        assert torch.equal(got, kv)
+    # what the tiers serve without the bytes leaving the device is the same tensor
+    assert torch.equal(fmt.roundtrip(kv), got)
+
+
+def test_quantized_entries_are_the_promised_fraction_of_float32():
+    L, H, T, D = 30, 3, 128, 64  # SmolLM2's KV shape, a 128-token chunk
+    full = entry_nbytes("float32", FP, L, H, T, D)
+    assert entry_nbytes("int8", FP, L, H, T, D) <= 0.30 * full
+    assert entry_nbytes("fp8", FP, L, H, T, D) <= 0.27 * full
+    assert entry_nbytes("bfloat16", FP, L, H, T, D) <= 0.51 * full
+    kv = realistic_kv(L, H, T, D)
+    for name in FORMATS:
+        assert len(encode_kv(kv, FP, name)) == entry_nbytes(name, FP, L, H, T, D)
+
+
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("where", ["value", "scale"])
+def test_a_corrupted_quantized_value_or_scale_is_detected(name, where, tmp_path):
+    kv = realistic_kv(L=3, T=20)
+    buf = bytearray(encode_kv(kv, FP, name))
+    head = read_header(buf)
+    layer = 1
+    start = head.payload_offset + layer * head.layer_nbytes
+    # scales sit at the start of a layer's row, the quantized values after them
+    buf[start + (1 if where == "scale" else head.layer_nbytes - 200)] ^= 0x04
+    with pytest.raises(CorruptEntry, match=f"layer {layer}"):
+        decode_kv(bytes(buf))
+    assert decode_kv(bytes(buf), layers=[0, 2], dtype=torch.float32).shape[0] == 2  # the others still verify
+    with KVStore(tmp_path / "kv") as store:
+        store.put("k", kv, FP, {}, fmt=name)
+        with store._env.begin(write=True) as txn:
+            txn.put(b"k", bytes(buf), db=store._kv)
+        with pytest.raises(CorruptEntry, match="entry k"):
+            store.get("k", fingerprint=FP)
+
+
+SHAPE = KVShape("fp-tiers", n_layers=3, n_kv_heads=2, head_dim=16, dtype=torch.float32)
+PREFIX = [1, 2, 3]
+
+
+def kv_of(ids: list[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(sum(ids) * 7919 + len(ids))
+    return torch.randn(SHAPE.n_layers, 2, SHAPE.n_kv_heads, len(ids), SHAPE.head_dim, generator=g)
+
+
+class Counting:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, ids):
+        self.calls += 1
+        return kv_of(ids)
+
+
+def test_a_store_written_in_one_format_is_read_in_it_after_a_restart(tmp_path):
+    chunks = [[5, 6, 7, 8], list(range(20, 40)), [9] * 11]
+    with KVStore(tmp_path / "kv") as store:
+        store.configure(kv_format="int8")
+        cache = ChunkKVCache(SHAPE, PREFIX, Counting(), device=torch.device("cpu"), store=store)
+        assert cache.format.name == "int8"
+        for ids in chunks:
+            cache.ensure(ids)
+    with KVStore(tmp_path / "kv") as store:  # a new process: nothing but the data dir
+        assert store.kv_format == "int8"
+        compute = Counting()
+        cache = ChunkKVCache(SHAPE, PREFIX, compute, device=torch.device("cpu"), store=store)
+        assert cache.format.name == "int8"  # the recorded format, though the model is float32
+        got = cache.fetch(chunks)
+        assert compute.calls == 0 and cache.store_reads == 3
+        for c, ids in zip(got, chunks):
+            assert c.kv.dtype == torch.float32
+            assert torch.equal(c.kv, FORMATS["int8"].roundtrip(kv_of(ids)))
+            assert read_header(store._txn(lambda t: bytes(t.get(cache.key(ids).encode(), db=store._kv)),
+                                          write=False)).fmt.name == "int8"
+        with pytest.raises(ValueError, match="holds int8 KV"):
+            store.configure(kv_format="fp8")
+        # a recomputed chunk answers exactly like the stored one did
+        store.delete(cache.key(chunks[1]))
+        cache.gpu.clear()
+        again = cache.fetch(chunks)
+        assert compute.calls == 1 and all(torch.equal(a.kv, b.kv) for a, b in zip(got, again))
+
+
+@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+def test_a_streamed_read_decodes_each_layer_like_a_whole_read(name, tmp_path):
+    with KVStore(tmp_path / "kv") as store:
+        kvs = {f"k{i}": realistic_kv(L=4, H=2, T=5 + 3 * i, D=16, seed=i) for i in range(3)}
+        for k, kv in kvs.items():
+            store.put(k, kv, FP, {}, fmt=name)
+        reader = StagedReader(store, workers=2, slots=4, pin=False)
+        with reader.stream(["k2", "k0"], [3, 1, 2], FP, dtype=torch.float32) as s:
+            assert s.flags is None  # decoded layers are waited for by the host
+            for i in (3, 1, 2):
+                s.wait(i)
+            for t, k in zip(s.tensors, ["k2", "k0"]):
+                whole = store.get(k, fingerprint=FP, dtype=torch.float32)
+                assert torch.equal(t[1:], whole[1:])
+        reader.close()
+
+
+def test_the_cap_evicts_the_least_recently_used_entry_and_counts_it(tmp_path):
+    kv = realistic_kv(L=2, H=2, T=16, D=16)
+    one = entry_nbytes("int8", FP, 2, 2, 16, 16) + 2  # + its meta, "{}"
+    with KVStore(tmp_path / "kv") as store:
+        store.configure(kv_format="int8", max_bytes=3 * one)
+        for k in ("a", "b", "c"):
+            store.put(k, kv, FP, {})
+        assert store.get("a", fingerprint=FP) is not None  # a is now the most recently used
+        assert store.get("zz") is None
+        store.put("d", kv, FP, {})
+        assert sorted(store.keys()) == ["a", "c", "d"]  # b, the least recently used, went
+        store.put("e", kv, FP, {})
+        assert sorted(store.keys()) == ["a", "d", "e"]
+    with KVStore(tmp_path / "kv", readonly=True) as ro:  # settings and counts survive a restart
+        st = ro.stats()
+        assert st["max_bytes"] == 3 * one and st["cap_used_bytes"] == st["bytes"] == 3 * one
+        assert (st["evictions"], st["hits"], st["misses"], st["kv_format"]) == (2, 1, 1, "int8")
+    with KVStore(tmp_path / "kv") as store:
+        assert not store.put("big", realistic_kv(L=2, H=2, T=200, D=16), FP, {})  # larger than the cap
+        assert "big" not in store and len(store) == 3
+        store.configure(max_bytes=one)  # lowering the cap evicts down to it at once
+        assert list(store.keys()) == ["e"] and store.usage()["bytes"] == one
+
+
+def test_eviction_under_a_small_cap_keeps_greedy_answers_equal_to_the_uncapped_store(tmp_path, tiny_engines):
+    engine = tiny_engines["tiny-llama"]
+    layouts = [make_layout(seed=s) for s in (1, 2, 3)]
+    caches = []
+    for name, cap in (("uncapped", None), ("capped", 2)):
+        store = KVStore(tmp_path / name)
+        cache = engine.kv_cache(layouts[0].prefix, store=store, gpu_bytes=0)
+        one = max(entry_nbytes("int8", engine.fingerprint, 2, 2, 20, 16), 1)
+        store.configure(kv_format="int8", max_bytes=None if cap is None else 4 * one)  # ~2 of the 12 chunks
+        cache.format = kv_format("int8")
+        for layout in layouts:
+            for ids in layout.chunks:
+                cache.ensure(ids)
+        caches.append((store, cache))
+    (free_store, free), (capped_store, capped) = caches
+    specs = [QuerySpec("reuse", max_tokens=8), QuerySpec("blend", BlendConfig(ratio=0.15), max_tokens=8)]
+    for _ in range(2):  # twice: the second pass reads back what the first recomputed and wrote
+        for layout in layouts:
+            for spec in specs:
+                a = engine.generate(layout, spec, free).run()
+                b = engine.generate(layout, spec, capped).run()
+                assert a.token_ids == b.token_ids
+                assert torch.equal(a.first_logits, b.first_logits)
+    assert capped.recomputed > 0 and free.recomputed == 0
+    assert capped_store.usage()["evictions"] > 0 and capped_store.usage()["bytes"] <= capped_store.max_bytes
+    for store, cache in caches:
+        cache.close()
+        store.close()
+
+
+def _index(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "api.cli", "index", str(root), "--data-dir", str(data),
+                           "--model", "random:tiny-smol", "--chunk-tokens", "48", "--json", *extra],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled SmolLM2 tokenizer
+def test_index_prints_its_estimate_refuses_past_the_cap_and_evicts_when_told(tmp_path):
+    data = tmp_path / "data"
+    refused = _index(ROOT / "samples" / "corpus", data, "--max-store-gb", "0.0001")
+    assert refused.returncode == 2
+    assert "estimate:" in refused.stderr and "--allow-eviction" in refused.stderr
+    done = _index(ROOT / "samples" / "corpus", data, "--max-store-gb", "0.0001", "--allow-eviction")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    est, store = summary["estimate"], summary["store"]
+    assert est["kv_format"] == store["kv_format"] == "int8"  # the default, recorded
+    assert store["max_bytes"] == 10**5 < est["estimated_bytes"] and store["bytes"] <= 10**5
+    assert store["evictions"] > 0
+    # without a cap the estimate is what the store then holds (within 5%; it is exact)
+    free = _index(ROOT / "samples" / "corpus", tmp_path / "free")
+    s = json.loads(free.stdout.strip().splitlines()[-1])
+    assert abs(s["store"]["grew_bytes"] - s["estimate"]["estimated_bytes"]) <= 0.05 * s["estimate"]["estimated_bytes"]
+    stats = json.loads(subprocess.run([sys.executable, "-m", "api.cli", "store", "stats", "--data-dir", str(data)],
+                                      capture_output=True, text=True, timeout=120, cwd=ROOT).stdout)
+    assert stats["max_bytes"] == 10**5 and stats["evictions"] == store["evictions"] and stats["kv_format"] == "int8"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("mode,ratio", [("reuse", 0.0), ("blend", 0.15)])
+def test_quantized_kv_streamed_to_the_gpu_answers_like_the_same_format_in_gpu_memory(name, mode, ratio, tmp_path):
+    """On CUDA: quantized rows stream from LMDB as stored, are dequantized on the GPU layer by
+    layer (the host waits for each, no arrival flags), and answer as the same format's KV held
+    in GPU memory does; reading them whole (no stream) does too."""
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint
+    from blend.shapes import random_model
+    from store.chunkkv import ArrivingKV
+
+    model = random_model("tiny-llama", dtype=torch.bfloat16, device="cuda", seed=0, std=0.1)
+    engine = Engine(LoadedModel(model, None, "tiny-llama", fingerprint(model)), cuda_graphs=True, graph_tokens=1024)
+    layout = make_layout()
+    mem = engine.kv_cache(layout.prefix, gpu_bytes=1 << 40, stream=False, kv_format=name)
+    for ids in layout.chunks:
+        mem.ensure(ids)
+    store = KVStore(tmp_path / "kv")
+    store.configure(kv_format=name)
+    streamed = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, read_workers=4)
+    whole = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, stream=False)
+    for ids in layout.chunks:
+        streamed.ensure(ids)
+    spec = QuerySpec(mode, BlendConfig(ratio=ratio), max_tokens=16)
+    kvs = engine.load_chunks(layout, mode, streamed, spec.blend)
+    assert isinstance(kvs, ArrivingKV) and kvs.flags is None and kvs.block.device.type == "cuda"
+    kvs.close()
+    engine.generate(layout, spec, mem).run()  # warm-up: the first run on a fresh engine captures its graphs
+    ref = engine.generate(layout, spec, mem).run()
+    for source in (streamed, whole):
+        got = engine.generate(layout, spec, source).run()
+        assert got.token_ids == ref.token_ids
+        assert (got.first_logits - ref.first_logits).abs().max().item() < 0.02 * max(1.0, ref.first_logits.abs().max().item())
+    assert streamed.recomputed == 0 and whole.recomputed == 0
+    for c in (streamed, whole, mem):
+        c.close()
+    store.close()
