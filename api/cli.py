@@ -9,8 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail, load_engine,
-                            selection_of, unit_floats)
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
+                            load_engine, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -28,15 +28,29 @@ def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must
     path = data_dir or default_data_dir()
     if must_exist and not (path / "corpus").exists():
         fail(f"no index in {path}: run `ragblend index PATH --data-dir {path}` first")
+    import shutil
+
+    from api.datadir import bind_model, check_model
+
     engine = load_engine(model, device, dtype)
+    if engine.tokenizer is None:
+        fail(f"model {model!r} has no tokenizer, which indexing and answering need "
+             "(random:<shape> models have none, except the *-smol shapes)")
+    created = not path.exists()
     try:
-        return RagService(path, engine=engine, **kwargs)
-    except (ValueError, OSError) as e:
+        check_model(path, engine.name, engine.fingerprint)
+        service = RagService(path, engine=engine, **kwargs)
+        bind_model(path, engine.name, engine.fingerprint)
+        return service
+    except (ValueError, OSError) as e:  # ModelMismatch is a ValueError
+        if created:  # refused: leave nothing behind
+            shutil.rmtree(path, ignore_errors=True)
         fail(str(e))
 
 
 @app.command()
 def index(
+    ctx: typer.Context,
     paths: Annotated[list[Path], typer.Argument(help="files or directories (.txt, .md, .jsonl)")],
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
@@ -45,36 +59,31 @@ def index(
     chunk_tokens: Annotated[int, typer.Option(min=16, max=4096, help="chunk size in LLM tokens")] = 384,
     index_kind: Annotated[str, typer.Option(help="flat (exact) or hnsw (approximate, large corpora)")] = "flat",
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="stored chunk-KV format: int8, fp8, bfloat16, float16 or float32 "
-                                                         "(recorded in the data dir; default for a new one: int8)")] = None,
-    max_store_gb: Annotated[Optional[float], typer.Option(help="cap on the KV store in GB (recorded; 0 removes it): past it "
-                                                               "the least recently used chunk KV is evicted")] = None,
-    allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
-                                                                          "--max-store-gb, evicting older chunk KV")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
-    """Chunk, embed and index documents, and precompute every chunk's KV into the store."""
+    """Chunk, embed and index documents, and precompute every chunk's KV into the store.
+
+    Document ids are each root's name and the path below it (`projA/README.md`), or a JSONL
+    line's `id`. An id that already names a different document (from another file, or added
+    through the API) is refused and reported, never overwritten; the exit code is then 1."""
     from tqdm import tqdm
 
-    from retrieval import load_path
+    from retrieval.loaders import load_roots
 
     for p in paths:
         if not p.exists():
             fail(f"no such file or directory: {p}")
     if index_kind not in ("flat", "hnsw"):
         fail("--index-kind must be flat or hnsw")
-    service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, index_kind=index_kind)
-    docs = [d for p in paths for d in load_path(p)]
-    from api.index_plan import apply_store_settings, plan_index
-    try:
-        apply_store_settings(service, kv_dtype, max_store_gb)
-        plan = plan_index(service, docs)
-    except ValueError as e:
-        service.close()
-        fail(str(e))
-    typer.echo(plan.describe(), err=True)
-    if (refusal := plan.refusal(allow_eviction)) is not None:
-        service.close()
-        fail(refusal)
+    set_threads(threads)
+    docs = list(load_roots(paths))
+    if not docs:
+        fail(f"no documents in {', '.join(map(str, paths))} (warnings above say what was skipped)")
+    service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, index_kind=index_kind,
+                       embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/cli_for_tests.py
+    docs, collisions = service.corpus.collisions(docs)
+    for c in collisions:
+        typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
     bar = tqdm(docs, unit="doc", disable=None, file=sys.stderr)
     tokens = [0]
 
@@ -87,19 +96,17 @@ def index(
             report = service.index_documents(bar, progress)
     finally:
         bar.close()
-        usage = service.store.usage()  # what the cap counts, after: set beside the estimate
         service.close()
-    summary = {**report.as_dict(), "estimate": plan.as_dict(),
-               "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
-    typer.echo(f"store: {summary['store']['grew_bytes'] / 1e9:.4g} GB written (estimated "
-               f"{plan.estimated_bytes / 1e9:.4g} GB), {usage['bytes'] / 1e9:.4g} GB held, "
-               f"{usage['evictions']} evictions in all", err=True)
+    summary = {**report.as_dict(), "collisions": collisions}
     if as_json:
         typer.echo(json.dumps(summary))
     else:
         typer.echo(f"{summary['documents']} documents ({summary['unchanged']} unchanged), {summary['chunks']} chunks, "
                    f"{summary['kv_computed']} KVs computed in {summary['seconds']:.1f} s "
-                   f"({summary['tokens_per_s'] or 0:.0f} tokens/s) → {service.data_dir}")
+                   f"({summary['tokens_per_s'] or 0:.0f} tokens/s) → {service.data_dir}"
+                   + (f"; {len(collisions)} refused (id taken)" if collisions else ""))
+    if collisions:
+        raise typer.Exit(1)
 
 
 store_app = typer.Typer(help="the chunk-KV store", no_args_is_help=True)
@@ -224,13 +231,18 @@ def ask(
         engine = load_engine(model, device, dtype)
     else:
         service = _service(data_dir, model, device, dtype, must_exist=True)
+    threads: ThreadsOpt = None,
         engine = service.engine
         if len(service.corpus) == 0:
             fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
+    from retrieval.rules import text_problem
         hits = service.retrieve(q, top_k).hits
         texts = [h.text for h in hits]
     try:
         gen = engine.generate(engine.layout(q, texts), spec) if hits is None else service.answer(q, hits, spec)
+    if problem := text_problem(q):  # bytes that are not UTF-8 arrive as lone surrogates
+        fail(f"the question {problem}")
+    set_threads(threads)
         if as_json:
             ans = gen.run()
         else:
@@ -329,7 +341,11 @@ def serve(
     device: Annotated[Optional[str], typer.Option(help="cpu or cuda (default: cpu)")] = None,
     dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16 (default: float32)")] = None,
     api_key: Annotated[Optional[str], typer.Option(help="require `Authorization: Bearer KEY` on all routes but "
-                                                        "/health and the docs (RAGBLEND_API_KEY keeps it out of `ps`)")] = None,
+                                                        "/health and the docs. Visible in `ps`: prefer --api-key-file "
+                                                        "or the environment variable RAGBLEND_API_KEY")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(
+        envvar="RAGBLEND_API_KEY_FILE", help="read the API key from this file (its first line; env "
+                                             "RAGBLEND_API_KEY_FILE), which keeps it out of `ps`")] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
@@ -337,7 +353,10 @@ def serve(
     max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
 ) -> None:
-    """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>."""
+    """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
+
+    The API key: --api-key-file FILE, or RAGBLEND_API_KEY / RAGBLEND_API_KEY_FILE in the
+    environment, keep it out of the process list; --api-key KEY shows in `ps`."""
     from pydantic import ValidationError
 
     from api.app import serve as run
@@ -363,3 +382,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    threads: ThreadsOpt = None,
+    if api_key_file is not None:
+        if api_key is not None:
+            fail("give --api-key or --api-key-file, not both")
+        try:
+            lines = api_key_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--api-key-file {api_key_file}: cannot read it ({e})")
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            fail(f"--api-key-file {api_key_file}: the file is empty; its first line is the key")
+    set_threads(threads)

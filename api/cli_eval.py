@@ -7,8 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, fail,
-                            load_engine, selection_of, unit_floats)
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
+                            load_engine, selection_of, set_threads, unit_floats)
 from blend.spec import SELECTIONS
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
@@ -108,12 +108,12 @@ def eval_command(
     chunk_words: ChunkWordsOpt = 200,
     fresh: FreshOpt = False,
     progress: ProgressOpt = True,
-    kv_dtype: Annotated[Optional[str], typer.Option(help="serve the chunks' KV as a store in this format would "
-                                                         "(int8, fp8, bfloat16, float16, float32); default: unquantized")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
     from blend.spec import MODES
     from eval import report, runner
+    set_threads(threads)
 
     mode_list = _names(modes, MODES, "--modes")
     ratio_list = unit_floats(ratios, "--ratios")
@@ -129,9 +129,6 @@ def eval_command(
     try:
         variants = runner.mode_variants(mode_list, ratio_list, check_layer, selection, guard)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
-        if kv_dtype is not None:
-            from store.quant import kv_format
-            config["kv_format"] = kv_format(kv_dtype).name
         records = runner.run(engine, data, config, out, limit=limit, retriever=retriever, fresh=fresh,
                              progress=progress)
     except ValueError as e:
@@ -164,8 +161,10 @@ def ablation_command(
     from eval.ablation import run_ablation
 
     if deviations is not None:
+    threads: ThreadsOpt = None,
         fail("--deviations is retired: use --selections (value and key are two of them)")
     ratio_list = unit_floats(ratios, "--ratios")
+    set_threads(threads)
     try:
         layers = [int(s) for s in check_layers.split(",") if s.strip()]
     except ValueError:
@@ -206,9 +205,11 @@ def guard_command(
     calibrated on half the examples buy on the other half → guard.json, guard.md."""
     from eval.guard import run_guard_study
 
+    threads: ThreadsOpt = None,
     unit_floats(f"{ratio},{quantile}", "--ratio and --quantile")
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
+    set_threads(threads)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:

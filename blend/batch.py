@@ -138,10 +138,11 @@ class DecodeBatch:
         pin = device.type == "cuda"
         host = torch.tensor([tok, pos], dtype=torch.long, pin_memory=pin)
         if self.graphs:
+            graph = self._graph_for(bb, n_keys)  # capturing overwrites the inputs: first
             io = self._inputs(bb, n_keys)
             io.tokens.copy_(host[0], non_blocking=True)
             io.positions.copy_(host[1], non_blocking=True)
-            self._graph_for(bb, n_keys).replay()
+            graph.replay()
             logits = io.logits
         else:
             dev = host.to(device)
@@ -149,6 +150,17 @@ class DecodeBatch:
         for s in tokens:
             slots.lengths[s] += 1
         return logits[:b]
+
+    def warm(self, n_tokens: int, max_batch: int) -> None:
+        """Capture the graphs of every batch bucket up to `max_batch` for sequences of about
+        `n_tokens` tokens now, rather than in the middle of serving (a capture blocks every row)."""
+        if not self.graphs:
+            return
+        n_keys = min(self.slots.max_tokens, -(-(n_tokens + 1) // KEY_STEP) * KEY_STEP)
+        for bb in BATCH_BUCKETS:
+            if bb > min(max_batch, self.slots.n_slots) and bb != BATCH_BUCKETS[0]:
+                break
+            self._graph_for(min(bb, self.slots.n_slots), n_keys)
 
     def _inputs(self, bb: int, n_keys: int) -> _StepIO:
         if (bb, n_keys) not in self._io:

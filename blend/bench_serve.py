@@ -78,13 +78,20 @@ def workload(cfg: ServeBenchConfig, vocab: int, rate: float) -> tuple[list[Layou
     return layouts, arrivals
 
 
-def run_load(engine: Engine, kv, cfg: ServeBenchConfig, mode: str, max_batch: int, rate: float) -> dict:
+def scheduler_for(engine: Engine, cfg: ServeBenchConfig, max_batch: int) -> Scheduler:
+    """One scheduler per batching setting, kept across rows, its decode graphs captured up front."""
+    n_tokens = random_layout(8 + 10, cfg.n_chunks, cfg.chunk_tokens, cfg.question_tokens).n_tokens + cfg.output_tokens
+    sched = Scheduler(engine, SchedulerConfig(max_batch=max_batch, slots=max_batch, slot_tokens=n_tokens + 1,
+                                              max_waiting=cfg.requests + 1))
+    sched.batch.warm(n_tokens, max_batch)
+    return sched.start()
+
+
+def run_load(sched: Scheduler, kv, cfg: ServeBenchConfig, mode: str, rate: float) -> dict:
+    engine, max_batch = sched.engine, sched.config.max_batch
     vocab = engine.model.config.vocab_size
     layouts, arrivals = workload(cfg, vocab, rate)
     spec = QuerySpec(Mode(mode), BlendConfig(ratio=cfg.ratio), max_tokens=cfg.output_tokens)
-    slot_tokens = layouts[0].n_tokens + cfg.output_tokens + 1
-    sched = Scheduler(engine, SchedulerConfig(max_batch=max_batch, slots=max_batch, slot_tokens=slot_tokens,
-                                              max_waiting=cfg.requests + 1))
     seqs: dict[int, SeqState] = {}
     answers: dict[int, Answer] = {}
     arrived: dict[int, float] = {}
@@ -96,7 +103,6 @@ def run_load(engine: Engine, kv, cfg: ServeBenchConfig, mode: str, max_batch: in
         return Job(layouts[i], spec, kv, on_start=lambda s: seqs.__setitem__(i, s),
                    on_done=lambda a: (answers.__setitem__(i, a), done.release()),
                    on_error=lambda e: (print(f"request {i} failed: {e!r}"), done.release()))
-    sched.start()
     t0 = time.perf_counter()
     for i, at in enumerate(arrivals):
         delay = t0 + at - time.perf_counter()
@@ -107,7 +113,7 @@ def run_load(engine: Engine, kv, cfg: ServeBenchConfig, mode: str, max_batch: in
     for _ in arrivals:
         done.acquire()
     t_end = time.perf_counter()
-    sched.stop()
+    sched.on_step = None
     ttft = [(seqs[i].t_first - arrived[i]) * 1e3 for i in answers]
     tpot = [(seqs[i].t_end - seqs[i].t_first) * 1e3 / max(1, len(a.token_ids) - 1) for i, a in answers.items()]
     tokens = sum(len(a.token_ids) for a in answers.values())
@@ -161,20 +167,29 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     kv = engine.kv_cache(base.prefix, gpu_bytes=UNBOUNDED, stream=False)
     for ids in base.chunks:
         kv.ensure(ids)
-    # one warm-up request per mode (graph capture, compilation) before anything is timed
-    for mode in cfg.modes:
-        warm = ServeBenchConfig(**{**cfg.__dict__, "requests": 2, "output_tokens": 4})
-        for mb in sorted({1, cfg.max_batch}):
-            run_load(engine, kv, warm, mode, mb, 1000.0)
+    scheds = {mb: scheduler_for(engine, cfg, mb) for mb in sorted({1, cfg.max_batch}, reverse=True)}
+    try:
+        # a few requests per mode first (prefill graphs, compilation), before anything is timed
+        warm = ServeBenchConfig(**{**cfg.__dict__, "requests": 4})
+        for mode in cfg.modes:
+            for sched in scheds.values():
+                run_load(sched, kv, warm, mode, 1000.0)
+        _loads(scheds, kv, cfg, result, log)
+    finally:
+        for sched in scheds.values():
+            sched.stop()
+    return result
+
+
+def _loads(scheds: dict[int, Scheduler], kv, cfg: ServeBenchConfig, result: dict, log) -> None:
     for rate in cfg.rates:
         for mode in cfg.modes:
-            for mb in (cfg.max_batch, 1) if cfg.max_batch > 1 else (1,):
-                row = run_load(engine, kv, cfg, mode, mb, rate)
+            for mb, sched in scheds.items():
+                row = run_load(sched, kv, cfg, mode, rate)
                 log(f"rate {rate:>6.2f}/s {mode:>5} max_batch {mb:>3}: {row['req_per_s']:6.2f} req/s "
                     f"{row['tokens_per_s']:8.1f} tok/s  TTFT p50/p99 {row['ttft_p50_ms']:8.1f}/{row['ttft_p99_ms']:8.1f} ms"
                     f"  TPOT p50/p99 {row['tpot_p50_ms']:6.1f}/{row['tpot_p99_ms']:6.1f} ms  batch {row['mean_batch']:.1f}")
                 result["loads"].append(row)
-    return result
 
 
 def table(result: dict) -> str:

@@ -218,9 +218,9 @@ class Engine:
         rows in one argmax and one host sync, sampled rows each with its own generator."""
         greedy = [r for r, s in seqs.items() if s.spec.sampling.temperature == 0.0]
         out: dict[int, int] = {}
-        if greedy:
-            rows = torch.tensor(greedy, device=logits.device)
-            out = dict(zip(greedy, logits.index_select(0, rows).argmax(-1).tolist()))
+        if greedy:  # every row's argmax (free rows' too): one kernel, one copy to the host
+            best = logits.argmax(-1).tolist()
+            out = {r: best[r] for r in greedy}
         for r, s in seqs.items():
             if r not in out:
                 out[r] = pick(logits[r], s.spec.sampling, s.generator)

@@ -40,7 +40,7 @@ MODES = tuple(m.value for m in Mode)
 # How blend picks the chunk tokens it recomputes (see blend/select.py). The default is the best
 # measured (README, "Token selection").
 SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead")
-DEFAULT_SELECTION = "hybrid"
+DEFAULT_SELECTION = "lookahead"
 DEFAULT_RATIO = 0.15
 DEFAULT_CHECK_LAYER = 1
 DEFAULT_MAX_TOKENS = 128

@@ -68,6 +68,8 @@ class Tally:
     ttft_ms: list[float] = field(default_factory=list)
     queue_ms: list[float] = field(default_factory=list)
     samples: list[str] = field(default_factory=list)  # first few unexpected answers, for the report
+    alone: dict[str, str] = field(default_factory=dict)  # question → its answer when sent alone (greedy)
+    differ: int = 0              # answers under load unlike the same request's answer alone
 
 
 def rss_kib(pid: int | None) -> dict[str, int] | None:
@@ -102,7 +104,12 @@ async def client_loop(client: httpx.AsyncClient, idx: int, stop_at: float, args:
         if r.status_code == 200:
             tally.ok += 1
             tally.latencies_s.append(elapsed)
-            timings = r.json()["timings"]
+            body = r.json()
+            if body["answer"] != tally.alone.get(question, body["answer"]):
+                tally.differ += 1
+                if len(tally.samples) < 5:
+                    tally.samples.append(f"differs from alone: {question!r}: {body['answer']!r} vs {tally.alone[question]!r}")
+            timings = body["timings"]
             tally.ttft_ms.append(timings["ttft_ms"])
             tally.queue_ms.append(timings["queue_ms"])
         elif r.status_code in (429, 503) and "retry-after" in r.headers:
@@ -133,12 +140,14 @@ async def run(args: Load, pid: int | None) -> dict:
         if health["index_chunks"] == 0:
             raise SystemExit("the server's index is empty: index samples/corpus first (see --help)")
         # Warm up: the embedder loads on the first query, and the first chunk KVs enter the hot tier.
+        # Each question is sent alone: its greedy answer is what every answer under load must equal.
+        tally = Tally()
         for q in QUESTIONS:
             r = await client.post("/v1/query", json={"question": q, "top_k": args.top_k, "mode": args.mode,
-                                                     "max_tokens": args.max_tokens})
+                                                     "ratio": args.ratio, "max_tokens": args.max_tokens})
             r.raise_for_status()
+            tally.alone[q] = r.json()["answer"]
         rss_before = rss_kib(pid)
-        tally = Tally()
         t0 = time.monotonic()
         stop_at = t0 + args.duration
         await asyncio.gather(*(client_loop(client, i, stop_at, args, tally) for i in range(args.clients)))
@@ -153,7 +162,7 @@ async def run(args: Load, pid: int | None) -> dict:
         "wall_s": round(wall, 2),
         "sent": tally.sent, "answered_200": tally.ok, "refused_429_503": tally.refused,
         "server_errors_5xx": tally.server_errors, "client_errors_4xx": tally.client_errors,
-        "transport_errors": tally.transport_errors,
+        "transport_errors": tally.transport_errors, "answers_unlike_alone": tally.differ,
         "latency_s": {"p50": pct(lat, 50), "p90": pct(lat, 90), "p99": pct(lat, 99), "max": lat[-1] if lat else None},
         "server_ttft_ms": {"p50": pct(sorted(tally.ttft_ms), 50), "p99": pct(sorted(tally.ttft_ms), 99)},
         "server_queue_ms": {"p50": pct(sorted(tally.queue_ms), 50), "p99": pct(sorted(tally.queue_ms), 99)},
@@ -187,6 +196,7 @@ def report(res: dict) -> str:
         ("answered 200", res["answered_200"]),
         ("refused 429/503", res["refused_429_503"]),
         ("5xx (must be 0)", res["server_errors_5xx"]),
+        ("answers unlike the same request alone (must be 0)", res["answers_unlike_alone"]),
         ("other errors", f"{res['client_errors_4xx']} 4xx, {res['transport_errors']} transport"),
         ("latency p50 / p90 / p99", " / ".join(ms(res["latency_s"][k]) for k in ("p50", "p90", "p99"))),
         ("server TTFT p50 / p99", " / ".join("-" if v is None else f"{v:.0f} ms"

