@@ -60,6 +60,12 @@ def index(
     index_kind: Annotated[str, typer.Option(help="flat (exact) or hnsw (approximate, large corpora)")] = "flat",
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
     threads: ThreadsOpt = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="stored chunk-KV format: int8, fp8, bfloat16, float16 or float32 "
+                                                         "(recorded in the data dir; default for a new one: int8)")] = None,
+    max_store_gb: Annotated[Optional[float], typer.Option(help="cap on the KV store in GB (recorded; 0 removes it): past it "
+                                                               "the least recently used chunk KV is evicted")] = None,
+    allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
+                                                                          "--max-store-gb, evicting older chunk KV")] = False,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -84,6 +90,17 @@ def index(
     docs, collisions = service.corpus.collisions(docs)
     for c in collisions:
         typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
+    from api.index_plan import apply_store_settings, plan_index
+    try:
+        apply_store_settings(service, kv_dtype, max_store_gb)
+        plan = plan_index(service, docs)
+    except ValueError as e:
+        service.close()
+        fail(str(e))
+    typer.echo(plan.describe(), err=True)
+    if (refusal := plan.refusal(allow_eviction)) is not None:
+        service.close()
+        fail(refusal)
     bar = tqdm(docs, unit="doc", disable=None, file=sys.stderr)
     tokens = [0]
 
@@ -96,8 +113,13 @@ def index(
             report = service.index_documents(bar, progress)
     finally:
         bar.close()
+        usage = service.store.usage()  # what the cap counts, after: set beside the estimate
         service.close()
-    summary = {**report.as_dict(), "collisions": collisions}
+    summary = {**report.as_dict(), "collisions": collisions, "estimate": plan.as_dict(),
+               "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
+    typer.echo(f"store: {summary['store']['grew_bytes'] / 1e9:.4g} GB written (estimated "
+               f"{plan.estimated_bytes / 1e9:.4g} GB), {usage['bytes'] / 1e9:.4g} GB held, "
+               f"{usage['evictions']} evictions in all", err=True)
     if as_json:
         typer.echo(json.dumps(summary))
     else:

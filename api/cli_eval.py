@@ -109,6 +109,8 @@ def eval_command(
     fresh: FreshOpt = False,
     progress: ProgressOpt = True,
     threads: ThreadsOpt = None,
+    kv_dtype: Annotated[Optional[str], typer.Option(help="serve the chunks' KV as a store in this format would "
+                                                         "(int8, fp8, bfloat16, float16, float32); default: unquantized")] = None,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
     from blend.spec import MODES
@@ -129,6 +131,9 @@ def eval_command(
     try:
         variants = runner.mode_variants(mode_list, ratio_list, check_layer, selection, guard)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
+        if kv_dtype is not None:
+            from store.quant import kv_format
+            config["kv_format"] = kv_format(kv_dtype).name
         records = runner.run(engine, data, config, out, limit=limit, retriever=retriever, fresh=fresh,
                              progress=progress)
     except ValueError as e:
