@@ -129,8 +129,10 @@ def missed_share(check: CheckLayer, chosen: torch.Tensor) -> torch.Tensor:
     """The guard's estimate of how far a blend will be from `full`: the share of the question's
     attention-weighted value error (attention × value deviation, summed over chunk tokens) that
     the tokens left cached carry, scaled by the attention mass on the chunks. 0 when nothing is
-    left out. A 0-dim tensor on the device."""
-    err = check.question_attention() * check.value_deviation()
+    left out. With the lookahead probe at hand, the attention it estimates for the next layers
+    stands in for the check layer's own. A 0-dim tensor on the device."""
+    reads = check.ahead if check.ahead is not None else check.question_attention()
+    err = reads * check.value_deviation()
     left = torch.ones_like(err, dtype=torch.bool)
     left[chosen] = False
     return (err * left).sum()
