@@ -13,7 +13,7 @@ from fastapi.security import HTTPBearer
 from api.errors import install_handlers
 from api.indexer import Indexer
 from api.metrics import Metrics, RequestMetrics
-from api.middleware import BearerAuth, BodyLimit
+from api.middleware import BearerAuth, BodyLimit, CatchAll
 from api.routes import documents, openai, query, system
 from api.service import RagService
 from api.settings import Settings
@@ -32,8 +32,15 @@ def make_service(settings: Settings) -> RagService:
     from blend.engine import Engine
     from blend.loader import load_model
 
+    from api.datadir import bind_model, check_model
+    from api.service import default_data_dir
+
     engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype))
-    return RagService(settings.data_dir, engine=engine, chunk_tokens=settings.chunk_tokens)
+    path = settings.data_dir or default_data_dir()
+    check_model(path, engine.name, engine.fingerprint)  # one data dir per model (api/datadir.py)
+    service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens)
+    bind_model(path, engine.name, engine.fingerprint)
+    return service
 
 
 def create_app(settings: Settings, service: RagService | None = None) -> FastAPI:
@@ -68,7 +75,9 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     app.include_router(query.router, dependencies=secured)
     app.include_router(documents.router, dependencies=secured)
     app.include_router(openai.router, dependencies=secured)
-    # The last added runs first: metrics (counts every answer), then auth, then body limits.
+    # The last added runs first: metrics (counts every answer), then auth, then body limits, then
+    # the catch-all that turns any error escaping the routes into a 500 the client receives.
+    app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/documents": settings.max_upload_bytes})
     if settings.api_key:

@@ -231,13 +231,18 @@ def ask(
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Answer a question from the given chunks (--chunks) or from an indexed corpus."""
     from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling
+    from retrieval.rules import text_problem
 
     q = question or question_arg
     if not q or not q.strip():
         fail("a question is needed (QUESTION or --question)")
+    if problem := text_problem(q):  # bytes that are not UTF-8 arrive as lone surrogates
+        fail(f"the question {problem}")
+    set_threads(threads)
     try:
         spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
                          Sampling(temperature, top_p, seed), max_tokens)
@@ -253,18 +258,13 @@ def ask(
         engine = load_engine(model, device, dtype)
     else:
         service = _service(data_dir, model, device, dtype, must_exist=True)
-    threads: ThreadsOpt = None,
         engine = service.engine
         if len(service.corpus) == 0:
             fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
-    from retrieval.rules import text_problem
         hits = service.retrieve(q, top_k).hits
         texts = [h.text for h in hits]
     try:
         gen = engine.generate(engine.layout(q, texts), spec) if hits is None else service.answer(q, hits, spec)
-    if problem := text_problem(q):  # bytes that are not UTF-8 arrive as lone surrogates
-        fail(f"the question {problem}")
-    set_threads(threads)
         if as_json:
             ans = gen.run()
         else:
@@ -348,6 +348,8 @@ def bench(
     typer.echo(write(result, out))
 
 
+
+
 from api.cli_eval import register as register_eval  # noqa: E402
 
 register_eval(app)
@@ -374,6 +376,7 @@ def serve(
     max_body_bytes: Annotated[Optional[int], typer.Option(help="request body limit (default: 1 MiB)")] = None,
     max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
 
@@ -384,6 +387,17 @@ def serve(
     from api.app import serve as run
     from api.settings import Settings
 
+    if api_key_file is not None:
+        if api_key is not None:
+            fail("give --api-key or --api-key-file, not both")
+        try:
+            lines = api_key_file.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            fail(f"--api-key-file {api_key_file}: cannot read it ({e})")
+        api_key = lines[0].strip() if lines else ""
+        if not api_key:
+            fail(f"--api-key-file {api_key_file}: the file is empty; its first line is the key")
+    set_threads(threads)
     try:
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
@@ -404,15 +418,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    threads: ThreadsOpt = None,
-    if api_key_file is not None:
-        if api_key is not None:
-            fail("give --api-key or --api-key-file, not both")
-        try:
-            lines = api_key_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--api-key-file {api_key_file}: cannot read it ({e})")
-        api_key = lines[0].strip() if lines else ""
-        if not api_key:
-            fail(f"--api-key-file {api_key_file}: the file is empty; its first line is the key")
-    set_threads(threads)

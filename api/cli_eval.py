@@ -113,9 +113,9 @@ def eval_command(
                                                          "(int8, fp8, bfloat16, float16, float32); default: unquantized")] = None,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
+    set_threads(threads)
     from blend.spec import MODES
     from eval import report, runner
-    set_threads(threads)
 
     mode_list = _names(modes, MODES, "--modes")
     ratio_list = unit_floats(ratios, "--ratios")
@@ -161,15 +161,15 @@ def ablation_command(
     chunk_words: ChunkWordsOpt = 200,
     fresh: FreshOpt = False,
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
 ) -> None:
     """blend for every selection × ratio (× check layer), against full → ablation.json, .md, .png."""
+    set_threads(threads)
     from eval.ablation import run_ablation
 
     if deviations is not None:
-    threads: ThreadsOpt = None,
         fail("--deviations is retired: use --selections (value and key are two of them)")
     ratio_list = unit_floats(ratios, "--ratios")
-    set_threads(threads)
     try:
         layers = [int(s) for s in check_layers.split(",") if s.strip()]
     except ValueError:
@@ -205,16 +205,16 @@ def guard_command(
     max_tokens: MaxTokensOpt = 16,
     chunk_words: ChunkWordsOpt = 200,
     progress: ProgressOpt = True,
+    threads: ThreadsOpt = None,
 ) -> None:
     """Does the guard's estimate track the KL to full (rank correlation), and what does a bound
     calibrated on half the examples buy on the other half → guard.json, guard.md."""
+    set_threads(threads)
     from eval.guard import run_guard_study
 
-    threads: ThreadsOpt = None,
     unit_floats(f"{ratio},{quantile}", "--ratio and --quantile")
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
-    set_threads(threads)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:

@@ -3,8 +3,10 @@ queries keep being answered: the service's write_lock serializes writers, and th
 taken only chunk by chunk while KV is computed, so a query waits at most one chunk's prefill.
 
 Each document commits atomically (a query sees all of its chunks or none); a job of several
-documents (a JSONL upload) commits them one by one. Job records live in memory: a restart
-forgets them, not the documents they indexed.
+documents (a JSONL upload) commits them one by one. Job records are kept in the registry as
+well (status, report so far), without the texts: a job that a stop or a crash cut short is
+`interrupted` after the restart, its report counting the documents it had committed, and its
+client resubmits it.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from retrieval import Document
 
 log = logging.getLogger(__name__)
 KEEP_FINISHED = 1000  # finished job records kept for polling; older ones are forgotten
+INTERRUPTED = ("the server stopped before this job finished; the documents its report counts were "
+               "committed, submit the others again")
 
 
 @dataclass
@@ -51,6 +55,9 @@ class Indexer:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ragblend-indexer", daemon=True)
+        self._registry = service.corpus.registry
+        if cut := self._registry.interrupt_jobs(INTERRUPTED):  # left queued or running by the last run
+            log.warning("%d indexing jobs of the previous run were cut short; marked interrupted", cut)
 
     def start(self) -> None:
         self._thread.start()
@@ -59,6 +66,12 @@ class Indexer:
         """Finish the document in flight (its commit is atomic either way), drop the rest."""
         self._stop.set()
         self._thread.join(timeout)
+        with self._lock:
+            for job in self._jobs.values():
+                if job.status in ("queued", "running"):
+                    job.status, job.error, job.finished_at = "interrupted", INTERRUPTED, time.time()
+                    self.metrics.index_jobs.labels(job.status).inc()
+            self._registry.interrupt_jobs(INTERRUPTED)
 
     def submit(self, docs: list[Document]) -> IndexJob:
         job = IndexJob(uuid.uuid4().hex, [d.id for d in docs], docs)
@@ -71,12 +84,19 @@ class Indexer:
                 self.metrics.rejected.labels("index").inc()
                 raise QueueFull(30) from None
             self._jobs[job.job_id] = job
+            self._registry.put_job(job.as_dict())
             self._forget_old()
         return job
 
-    def get(self, job_id: str) -> IndexJob | None:
+    def get(self, job_id: str) -> dict | None:
+        """The job's record: from memory, or from the registry (a job of an earlier run)."""
         with self._lock:
-            return self._jobs.get(job_id)
+            job = self._jobs.get(job_id)
+            return job.as_dict() if job is not None else self._registry.get_job(job_id)
+
+    def _save(self, job: IndexJob) -> None:
+        with self._lock:
+            self._registry.put_job(job.as_dict())
 
     @property
     def pending(self) -> int:
@@ -84,9 +104,11 @@ class Indexer:
             return sum(j.status in ("queued", "running") for j in self._jobs.values())
 
     def _forget_old(self) -> None:
-        finished = [k for k, j in self._jobs.items() if j.status in ("succeeded", "failed")]
+        finished = [k for k, j in self._jobs.items() if j.status in ("succeeded", "failed", "interrupted")]
         for k in finished[:max(0, len(finished) - KEEP_FINISHED)]:
             del self._jobs[k]
+        if len(finished) > KEEP_FINISHED:
+            self._registry.forget_jobs(KEEP_FINISHED)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -94,15 +116,25 @@ class Indexer:
                 job = self._pending.get(timeout=0.25)
             except queue.Empty:
                 continue
-            job.status, job.started_at = "running", time.time()
+            with self._lock:
+                if job.status != "queued":  # interrupted by stop() meanwhile
+                    continue
+                job.status, job.started_at = "running", time.time()
+            self._save(job)
             report = IndexReport()
             t0 = time.perf_counter()
             try:
-                for doc in job.documents:
+                for i, doc in enumerate(job.documents):
                     if self._stop.is_set():
-                        raise RuntimeError("the server shut down before this document was indexed")
+                        job.status, job.error = "interrupted", INTERRUPTED
+                        break
                     self.service.index_document(doc, report)
-                job.status = "succeeded"
+                    if i + 1 < len(job.documents):  # how far it got, should the process die now
+                        report.seconds = time.perf_counter() - t0
+                        job.report = report.as_dict()
+                        self._save(job)
+                else:
+                    job.status = "succeeded"
             except Exception as e:
                 log.exception("indexing job %s failed", job.job_id)
                 job.status, job.error = "failed", f"{type(e).__name__}: {e}"
@@ -110,4 +142,5 @@ class Indexer:
                 report.seconds = time.perf_counter() - t0
                 job.report, job.finished_at = report.as_dict(), time.time()
                 job.documents = []  # the texts are in the index now; do not keep them twice
+                self._save(job)
                 self.metrics.index_jobs.labels(job.status).inc()

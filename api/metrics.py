@@ -11,6 +11,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+# Label values come from closed sets only: a client can invent methods and paths without end.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -70,7 +72,8 @@ class _Snapshot:
 
 class RequestMetrics:
     """Pure ASGI (no BaseHTTPMiddleware, which would buffer streams and hide disconnects): counts
-    every response under its route template, never the raw path (unbounded label values).
+    every response under its route template, never the raw path, and under its method or
+    "other" (label values from closed sets, however many distinct requests come in).
 
     Responses sent before routing (401, 413 from the middleware) have no route in the scope;
     they are matched against the templates of `paths()` (the OpenAPI paths)."""
@@ -105,5 +108,6 @@ class RequestMetrics:
             await self.app(scope, receive, send_status)
         finally:
             name = self.label(scope)
-            self.metrics.requests.labels(name, scope["method"], str(status)).inc()
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.requests.labels(name, method, str(status)).inc()
             self.metrics.latency.labels(name).observe(time.perf_counter() - t0)

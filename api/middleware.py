@@ -2,6 +2,7 @@
 disconnects): bearer-token auth and request body limits, both decided before routing."""
 from __future__ import annotations
 
+import logging
 import secrets
 
 from starlette.datastructures import Headers
@@ -10,6 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
 
+log = logging.getLogger(__name__)
+INTERNAL = "internal server error (logged on the server)"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 
 
@@ -68,3 +71,36 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class CatchAll:
+    """The last word on an error that no handler took: a 500 with a JSON body and a log line with
+    the traceback, and never an exception out to the server, which would drop the connection
+    (uvicorn closes it when an app raises after starting its response). A response already
+    under way (a stream) is ended cleanly instead."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:
+                await error_response(scope["path"], 500, INTERNAL)(scope, receive, send)
+            elif not finished:
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

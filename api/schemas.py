@@ -2,12 +2,14 @@
 a request that breaks one is answered 422 with a message naming the field, before any work."""
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator,
+                      model_validator)
 
 from api.settings import MAX_TOKENS_HARD
+from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
+                             metadata_problem, text_problem)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
@@ -16,18 +18,24 @@ MAX_TOP_K = 32
 
 Mode = Literal[MODES]
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
-def _printable(value: str) -> str:
-    if _CONTROL.search(value):
-        raise ValueError("must not contain control characters (newlines, tabs, NUL)")
+def _valid_id(value: str) -> str:
+    if problem := id_problem(value):
+        raise ValueError(problem)
     return value
 
 
-# Opaque: stored and compared, never joined to a path on the server. Control characters are
-# refused so that ids print and log cleanly.
-DocId = Annotated[str, StringConstraints(min_length=1, max_length=256), AfterValidator(_printable)]
+def _unicode(value: str | None) -> str | None:
+    if isinstance(value, str) and (problem := text_problem(value)):
+        raise ValueError(problem)
+    return value
+
+
+# Opaque: stored and compared, never joined to a path on the server. Control characters, '.' and
+# '..' segments and lone surrogates are refused (retrieval.rules) so that ids print, log and
+# encode cleanly.
+DocId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_valid_id)]
 
 TopK = Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K, description="chunks to retrieve")]
 Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
@@ -80,7 +88,7 @@ class QueryRequest(BlendFields):
     temperature: Temperature = 0.0
     top_p: TopP = 1.0
     seed: Seed | None = None
-    stream: bool = Field(False, description="server-sent events: `token` events, then one `done` event")
+    stream: StrictBool = Field(False, description="server-sent events: `token` events, then one `done` event")
 
 
 class ChunkOut(BaseModel):
@@ -137,7 +145,16 @@ class DocumentIn(BaseModel):
     id: DocId | None = Field(None, description="opaque id; a uuid is generated when absent. "
                                                 "An existing id is replaced")
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description=(
+        f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, {MAX_METADATA_KEYS} keys in all and "
+        f"{MAX_METADATA_BYTES // 1024} KiB as JSON"))
+
+    @field_validator("metadata")
+    @classmethod
+    def _bounded(cls, metadata: dict) -> dict:
+        if problem := metadata_problem(metadata):
+            raise ValueError(problem)
+        return metadata
 
     @field_validator("text")
     @classmethod
@@ -147,7 +164,7 @@ class DocumentIn(BaseModel):
         return text
 
 
-JobStatus = Literal["queued", "running", "succeeded", "failed"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "interrupted"]
 
 
 class JobOut(BaseModel):
@@ -205,6 +222,7 @@ class Health(BaseModel):
     queue_depth: int
     max_queue: int
     index_jobs_pending: int
+    threads: int = Field(description="CPU threads torch uses (--threads)")
 
 
 class ErrorOut(BaseModel):
@@ -215,18 +233,18 @@ class ErrorOut(BaseModel):
 class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
-    text: str | None = None
+    text: Annotated[str | None, AfterValidator(_unicode)] = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = None
+    content: Annotated[str, AfterValidator(_unicode)] | list[ContentPart] | None = None
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="allow")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ChatRequest(BlendFields):
@@ -245,7 +263,7 @@ class ChatRequest(BlendFields):
     top_p: TopP | None = None
     seed: Seed | None = None
     n: int = Field(1, strict=True, ge=1, le=1, description="one choice only")
-    stream: bool = False
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     top_k: TopK = 4
 

@@ -9,6 +9,7 @@ that, saving the index may be deferred (`bulk()`) without risking consistency.
 from __future__ import annotations
 
 import hashlib
+import re
 import logging
 import threading
 from contextlib import contextmanager
@@ -40,6 +41,29 @@ class Hit:
     text: str
     kv_key: str
     n_tokens: int
+
+
+_LINE = re.compile(r"(.+\.jsonl):\d+", re.IGNORECASE)
+
+
+def _origin(source: str | None) -> str:
+    """The file a source names (a JSONL line's source is `file:line`), absolute."""
+    source = source or ""
+    if source == "api" or source.startswith("upload:"):
+        return source
+    m = _LINE.fullmatch(source)
+    return str(Path(m.group(1) if m else source).resolve())
+
+
+def _same_origin(a: str | None, b: str | None) -> bool:
+    return _origin(a) == _origin(b)
+
+
+def _still_there(source: str | None) -> bool:
+    """Whether the document a stored source names still exists: a file on disk, or (added
+    through the API) the document itself, which no file replaces."""
+    origin = _origin(source)
+    return not origin.startswith("/") or Path(origin).exists()
 
 
 def content_hash(text: str, params: str) -> str:
@@ -74,6 +98,28 @@ class Corpus:
         """True when `doc` is stored with the same text and chunking params: nothing to recompute."""
         stored = self.registry.get_document(doc.id)
         return stored is not None and stored["content_hash"] == content_hash(doc.text, params)
+
+    def collisions(self, docs: list[Document]) -> tuple[list[Document], list[dict]]:
+        """Split file documents about to be indexed into those that may take their id and those
+        whose id already names a different document: another document of the same batch, or
+        one indexed before from another file that still exists, or one added through the API.
+        A file that moved (its old path is gone) takes its id over; so does a changed line of
+        the same JSONL file. Colliding documents are never written over, only reported."""
+        kept: list[Document] = []
+        collided: list[dict] = []
+        batch: dict[str, str] = {}
+        for doc in docs:
+            if doc.id in batch:
+                collided.append({"id": doc.id, "source": doc.source, "taken_by": batch[doc.id]})
+                continue
+            stored = self.registry.get_document(doc.id)
+            old = stored["source"] if stored else None
+            if old is not None and not _same_origin(old, doc.source) and _still_there(old):
+                collided.append({"id": doc.id, "source": doc.source, "taken_by": old})
+                continue
+            batch[doc.id] = doc.source
+            kept.append(doc)
+        return kept, collided
 
     def upsert(self, doc: Document, chunks: list[Chunk], kv_keys: list[str], embeddings: np.ndarray,
                params: str) -> list[str]:

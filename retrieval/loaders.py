@@ -10,7 +10,9 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from .rules import id_problem, loads, metadata_problem, text_problem
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +30,47 @@ class Document:
     metadata: dict = field(default_factory=dict)
 
 
-def load_path(path: str | Path) -> Iterator[Document]:
+def root_labels(roots: list[Path]) -> list[str]:
+    """Each root's name (`projA`), extended by its parents (`a/docs`, `b/docs`) while two
+    different roots of the same run would share it: the prefix that keeps their ids apart."""
+    parts = [Path(r).resolve().parts for r in roots]
+    depth = [1] * len(roots)
+    while True:
+        labels = ["/".join(p[1:][-d:]) for p, d in zip(parts, depth)]
+        grown = False
+        for i, label in enumerate(labels):
+            others = {parts[j] for j in range(len(parts)) if labels[j] == label and parts[j] != parts[i]}
+            if others and depth[i] < len(parts[i]) - 1:
+                depth[i] += 1
+                grown = True
+        if not grown:  # unique now (the same root given twice keeps one label; its files are read once)
+            return labels
+
+
+def load_roots(paths: list[str | Path]) -> Iterator[Document]:
+    """The documents under several roots (files or directories), each id prefixed by its root's
+    label (`projA/README.md`, `projB/README.md`; a file root's id is its label), so that the
+    roots of one run, or of two runs, do not share ids by accident. A file reached twice (a root
+    inside another) is read once. Sources are absolute paths."""
+    roots = [Path(p).resolve() for p in paths]
+    seen: set[Path] = set()
+    for root, label in zip(roots, root_labels(roots)):
+        yield from load_path(root, label=label, seen=seen)
+
+
+def load_path(path: str | Path, label: str | None = None, seen: set[Path] | None = None) -> Iterator[Document]:
     """Yield the documents in a file, or in every non-hidden file under a directory (recursive, sorted).
 
     Ids are paths relative to the given root (the bare file name when a single file is given),
-    so the same corpus moved elsewhere keeps its ids.
+    so the same corpus moved elsewhere keeps its ids; with `label`, `label/relative path` (and
+    `label` itself for a file). Files in `seen` are skipped, and files read are added to it.
     """
     root = Path(path)
+    seen = set() if seen is None else seen
     if root.is_file():
-        yield from _load_file(root, root.name)
+        if root.resolve() not in seen:
+            seen.add(root.resolve())
+            yield from _load_file(root, label or root.name)
         return
     if not root.is_dir():
         raise FileNotFoundError(f"no such file or directory: {root}")
@@ -46,7 +80,11 @@ def load_path(path: str | Path) -> Iterator[Document]:
     # Sorting on the relative posix path makes the order the same on every platform.
     files.sort(key=lambda p: p.relative_to(root).as_posix())
     for file in files:
-        yield from _load_file(file, file.relative_to(root).as_posix())
+        if file.resolve() in seen:
+            continue
+        seen.add(file.resolve())
+        rel = file.relative_to(root).as_posix()
+        yield from _load_file(file, f"{label}/{rel}" if label else rel)
 
 
 def _load_file(file: Path, rel: str) -> Iterator[Document]:
@@ -58,6 +96,9 @@ def _load_file(file: Path, rel: str) -> Iterator[Document]:
     if text is None:
         return
     if suffix in TEXT_SUFFIXES:
+        if problem := id_problem(rel):
+            log.warning("skipping %s: its id %r %s", file, rel, problem)
+            return
         yield Document(id=rel, text=text, source=str(file), metadata={})
     else:
         yield from _parse_jsonl(text, file, rel)
@@ -92,20 +133,29 @@ class JsonlError(ValueError):
         self.line, self.reason = line, reason
 
 
-def jsonl_objects(text: str, where: str) -> list[tuple[int, dict]]:
+def jsonl_objects(text: str, where: str, on_error: Callable[[JsonlError], None] | None = None
+                  ) -> list[tuple[int, dict]]:
     """Every non-blank line of `text` as (line number, JSON object); a line that is not one is a
     JsonlError naming `where:line` (for files a user hands a command, unlike a corpus scan,
-    which skips such lines)."""
+    which skips such lines), raised, or passed to `on_error` and skipped."""
     rows = []
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise JsonlError(where, n, f"not JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise JsonlError(where, n, "expected a JSON object")
+            try:
+                obj = loads(line)
+            except json.JSONDecodeError as e:
+                raise JsonlError(where, n, f"not JSON ({e.msg})") from None
+            except ValueError as e:  # nested past the parser's depth, an integer too long
+                raise JsonlError(where, n, f"not JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise JsonlError(where, n, "expected a JSON object")
+        except JsonlError as e:
+            if on_error is None:
+                raise
+            on_error(e)
+            continue
         rows.append((n, obj))
     return rows
 
@@ -115,8 +165,8 @@ def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
+            obj = loads(line)
+        except ValueError as e:  # not JSON, nested too deeply, an integer too long
             log.warning("skipping %s line %d: invalid JSON (%s)", file, lineno, e)
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
@@ -126,4 +176,9 @@ def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
         if doc_id is None or doc_id == "":
             doc_id = f"{rel}#{lineno}"
         metadata = {k: v for k, v in obj.items() if k not in ("id", "text")}
+        problem = (("id", id_problem(str(doc_id))), ("text", text_problem(obj["text"])),
+                   ("metadata", metadata_problem(metadata)))
+        if bad := next(((what, why) for what, why in problem if why), None):
+            log.warning("skipping %s line %d: %s %s", file, lineno, *bad)
+            continue
         yield Document(id=str(doc_id), text=obj["text"], source=f"{file}:{lineno}", metadata=metadata)

@@ -32,7 +32,13 @@ CREATE TABLE IF NOT EXISTS chunks (
     start INTEGER NOT NULL, "end" INTEGER NOT NULL, n_tokens INTEGER NOT NULL,
     kv_key TEXT NOT NULL, embedding BLOB NOT NULL, UNIQUE (doc_id, idx));
 CREATE INDEX IF NOT EXISTS chunks_kv_key ON chunks (kv_key);
+-- Indexing jobs of the REST API, so that a restarted server can say which ones it cut short.
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY, status TEXT NOT NULL, doc_ids TEXT NOT NULL, created_at REAL NOT NULL,
+    started_at REAL, finished_at REAL, report TEXT, error TEXT);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 """
+_JOB_COLS = ("job_id", "status", "doc_ids", "created_at", "started_at", "finished_at", "report", "error")
 _CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key'
 _BATCH = 500  # stays far below SQLite's bound-parameter limit
 
@@ -147,6 +153,37 @@ class Registry:
             db.execute("DELETE FROM documents WHERE doc_id = ?", (doc_id,))
             self.committed_generation = _bump(db)
         return ids
+
+    # -- indexing jobs (the API's; the chunks above never depend on them) -----------------------
+    def put_job(self, job: dict) -> None:
+        """Insert or update a job record (the keys of _JOB_COLS; doc_ids a list, report a dict)."""
+        row = {**job, "doc_ids": json.dumps(job["doc_ids"]),
+               "report": None if job.get("report") is None else json.dumps(job["report"])}
+        with self._lock:
+            self._db.execute(f"INSERT OR REPLACE INTO jobs ({', '.join(_JOB_COLS)}) VALUES "
+                             f"({', '.join('?' * len(_JOB_COLS))})", [row.get(c) for c in _JOB_COLS])
+
+    def get_job(self, job_id: str) -> dict | None:
+        row = self._one(f"SELECT {', '.join(_JOB_COLS)} FROM jobs WHERE job_id = ?", (job_id,))
+        if row is None:
+            return None
+        job = dict(row)
+        job["doc_ids"] = json.loads(job["doc_ids"])
+        job["report"] = None if job["report"] is None else json.loads(job["report"])
+        return job
+
+    def interrupt_jobs(self, error: str) -> int:
+        """Mark every job still queued or running as interrupted (after a restart, none is)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE jobs SET status = 'interrupted', error = ?, finished_at = ? "
+                                   "WHERE status IN ('queued', 'running')", (error, time.time()))
+            return cur.rowcount
+
+    def forget_jobs(self, keep: int) -> None:
+        """Keep the `keep` most recently finished job records (unfinished ones are always kept)."""
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE finished_at IS NOT NULL AND job_id NOT IN (SELECT job_id "
+                             "FROM jobs WHERE finished_at IS NOT NULL ORDER BY finished_at DESC LIMIT ?)", (keep,))
 
     def all_embeddings(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids int64 [n], vectors float32 [n, dim]) of every chunk, for rebuilding the index."""

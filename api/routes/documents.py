@@ -2,7 +2,6 @@
 and the jobs to poll. Ids are opaque strings, never paths on the server."""
 from __future__ import annotations
 
-import json
 import uuid
 from pathlib import PurePosixPath
 from typing import Annotated, Any
@@ -17,7 +16,7 @@ from api.errors import ApiError
 from api.schemas import (ChunkInfo, Deleted, DocumentDetail, DocumentIn, DocumentList, DocumentOut, ErrorOut,
                          JobOut)
 from api.worker import QueueFull
-from retrieval import Document
+from retrieval import Document, rules
 from retrieval.loaders import JsonlError, jsonl_objects
 from retrieval.registry import Registry
 
@@ -68,14 +67,16 @@ async def add_documents(request: Request, response: Response, indexer: IndexerDe
 
 
 @router.get("/jobs/{job_id}", response_model=JobOut, tags=["jobs"], summary="An indexing job's status",
-            description="`queued`, `running`, `succeeded` (with the indexing report) or `failed` (with the "
-                        "error). Jobs are kept in memory: a restarted server forgets them.",
+            description="`queued`, `running`, `succeeded` (with the indexing report), `failed` (with the "
+                        "error) or `interrupted`: the server stopped before the job finished, and its report "
+                        "counts the documents it had committed. Jobs are kept in the registry, so a "
+                        "restarted server still answers for the last 1000.",
             responses={404: {"model": ErrorOut, "description": "no such job"}})
 def get_job(job_id: Annotated[str, Path(max_length=64)], indexer: IndexerDep) -> JobOut:
     job = indexer.get(job_id)
     if job is None:
         raise ApiError(404, f"no job {job_id!r}")
-    return JobOut(**job.as_dict())
+    return JobOut(**job)
 
 
 @router.get("/documents", response_model=DocumentList, summary="List indexed documents",
@@ -111,7 +112,11 @@ def delete_document(doc_id: DocIdPath, service: ServiceDep) -> Deleted:
 
 # -- helpers ------------------------------------------------------------------------------------
 def _doc_out(d: dict) -> DocumentOut:
-    return DocumentOut(doc_id=d["doc_id"], source=d["source"], n_chunks=d["n_chunks"], metadata=d["metadata"],
+    metadata = d["metadata"]
+    if problem := rules.metadata_problem(metadata):
+        # Stored before the limits existed: one such row must not break every listing.
+        metadata = {"_invalid": f"the stored metadata is {problem}; delete the document and add it again"}
+    return DocumentOut(doc_id=d["doc_id"], source=d["source"], n_chunks=d["n_chunks"], metadata=metadata,
                        updated_at=d["updated_at"])
 
 
@@ -130,8 +135,16 @@ def _snapshot(registry: Registry, doc_id: str) -> tuple[dict, list[dict]] | None
 
 
 def _validate_json(body: bytes) -> DocumentIn:
+    # Python's parser, as FastAPI's own bodies: a lone surrogate escape parses, and the field's
+    # validator names it; nesting past the parser is a ValueError here.
     try:
-        return DocumentIn.model_validate_json(body)
+        obj = rules.loads(body)
+    except ValueError as e:
+        raise ApiError(422, f"invalid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ApiError(422, "the request body must be a JSON object {text, id?, metadata?}")
+    try:
+        return DocumentIn.model_validate(obj)
     except ValidationError as e:
         raise RequestValidationError(_errors(e, ("body",))) from None
 
@@ -166,11 +179,11 @@ async def _from_upload(request: Request) -> list[Document]:
     metadata: dict = {}
     if meta_field not in (None, ""):
         try:
-            metadata = json.loads(str(meta_field))
-        except json.JSONDecodeError as e:
+            metadata = rules.loads(str(meta_field))
+        except ValueError as e:  # not JSON, nested past the parser, an integer too long
             raise ApiError(422, f"metadata: not valid JSON ({e})") from None
-        if not isinstance(metadata, dict):
-            raise ApiError(422, "metadata: must be a JSON object")
+        if problem := rules.metadata_problem(metadata):
+            raise ApiError(422, f"metadata: {problem}")
     if suffix == ".jsonl":
         if doc_id not in (None, "") or metadata:
             raise ApiError(422, "id, metadata: not used with a .jsonl upload, whose lines carry their own")

@@ -3,6 +3,7 @@ clients and tools built on them can talk to ragblend unchanged."""
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +14,7 @@ from fastapi.sse import EventSourceResponse
 from api.answering import answer, finish_reason, pieces, start
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
-from api.routes.query import QUERY_ERRORS, query_params, query_response, usage
+from api.routes.query import INTERNAL, QUERY_ERRORS, query_params, query_response, usage
 from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage,
                          ChatRequest, ModelCard, ModelList)
 from api.worker import Started
@@ -21,6 +22,7 @@ from blend.spec import DEFAULT_MAX_TOKENS, Sampling
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
+log = logging.getLogger(__name__)
 STARTED_AT = int(time.time())
 
 
@@ -86,6 +88,9 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
                     yield _chunk(cid, model, {"content": item})
         except ApiError as e:
             yield f"data: {json.dumps({'error': {'message': e.message, 'type': 'api_error', 'code': e.status}})}\n\n"
+        except Exception:  # a bug of ours after the headers went out: say so, then end the stream cleanly
+            log.exception("chat stream failed")
+            yield f"data: {json.dumps({'error': {'message': INTERNAL, 'type': 'api_error', 'code': 500}})}\n\n"
         yield "data: [DONE]\n\n"
 
     return EventSourceResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

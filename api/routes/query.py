@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -17,6 +18,8 @@ from blend.spec import DEFAULT_MAX_TOKENS, QuerySpec, Sampling
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["query"])
+log = logging.getLogger(__name__)
+INTERNAL = "internal server error (logged on the server)"
 
 QUERY_ERRORS = {
     400: {"model": ErrorOut, "description": "the prompt does not fit the model's context"},
@@ -84,5 +87,8 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
                     yield sse("token", {"text": item})
         except ApiError as e:
             yield sse("error", {"detail": e.message, "status": e.status})
+        except Exception:  # a bug of ours after the headers went out: say so, then end the stream cleanly
+            log.exception("query stream failed")
+            yield sse("error", {"detail": INTERNAL, "status": 500})
 
     return EventSourceResponse(events(), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

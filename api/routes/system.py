@@ -1,6 +1,7 @@
 """Health and Prometheus metrics."""
 from __future__ import annotations
 
+import torch
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -24,7 +25,8 @@ def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings
     return Health(status="ok" if ok else "degraded", model=service.engine.name, model_loaded=True,
                   device=str(service.engine.device), max_context=service.engine.max_context,
                   max_question_tokens=question_token_limit(service, settings), index_chunks=len(service.corpus),
-                  queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending)
+                  queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending,
+                  threads=torch.get_num_threads())
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
