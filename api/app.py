@@ -18,12 +18,13 @@ from api.routes import documents, openai, query, system
 from api.service import RagService
 from api.settings import Settings
 from api.worker import ModelWorker
+from blend.scheduler import SchedulerConfig
 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Retrieval-augmented answers that reuse each chunk's precomputed KV cache
-(CacheBlend). One worker owns the model; queries wait in a bounded queue in front of it and are
-refused with 503 + `Retry-After` when it is full. With an API key configured every route except
+(CacheBlend). One scheduler owns the model and decodes every running query in one batch; queries
+wait in a bounded queue in front of it and are refused with 503 + `Retry-After` when it is full. With an API key configured every route except
 `/health` and these docs needs `Authorization: Bearer <key>`."""
 
 
@@ -43,6 +44,15 @@ def make_service(settings: Settings) -> RagService:
     return service
 
 
+def scheduler_config(settings: Settings, service: RagService) -> SchedulerConfig:
+    from api.worker import default_kv_bytes
+
+    engine = service.engine
+    kv_bytes = settings.kv_memory_mb << 20 if settings.kv_memory_mb else default_kv_bytes(engine)
+    return SchedulerConfig.for_memory(engine, kv_bytes, max_batch=settings.max_batch,
+                                      slot_tokens=settings.slot_tokens, max_waiting=settings.max_queue)
+
+
 def create_app(settings: Settings, service: RagService | None = None) -> FastAPI:
     """An app for `settings`. Without `service` the app builds its own at startup and closes it
     at shutdown; a service passed in stays the caller's to close."""
@@ -51,7 +61,7 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc = service or await run_in_threadpool(make_service, settings)
-        worker = ModelWorker(svc, settings.max_queue, metrics)
+        worker = ModelWorker(svc, settings.max_queue, metrics, scheduler_config(settings, svc))
         indexer = Indexer(svc, settings.max_index_jobs, metrics)
         app.state.service, app.state.worker, app.state.indexer = svc, worker, indexer
         metrics.watch(lambda: _snapshot(svc, worker, indexer))
@@ -90,7 +100,7 @@ def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
     kv = svc.kv.stats()
     return {"hot_hits": kv["gpu_hits"] + kv["cpu_hits"], "hot_misses": kv["store_reads"] + kv["recomputed"],
             "hot_bytes": kv["gpu_bytes"] + kv["cpu_bytes"], "kv_recomputed": kv["recomputed"],
-            "queue_depth": worker.depth, "busy": int(worker.busy),
+            "queue_depth": worker.depth, "busy": int(worker.busy), **worker.snapshot(),
             "index_pending": indexer.pending, "index_chunks": len(svc.corpus)}
 
 

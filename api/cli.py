@@ -348,6 +348,65 @@ def bench(
     typer.echo(write(result, out))
 
 
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        vals = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        fail(f"{flag} takes comma-separated whole numbers")
+    if any(v < 1 for v in vals):
+        fail(f"{flag}: every value must be ≥ 1")
+    return vals
+
+
+@app.command("bench-serve")
+def bench_serve(
+    shape: Annotated[str, typer.Option(help="tiny, mistral-7b, llama-3.1-8b, qwen2.5-7b")] = "tiny",
+    model: Annotated[Optional[str], typer.Option("--model", help="time this model instead of random weights of --shape")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[Optional[str], typer.Option(help="default: bfloat16 on cuda, float32 on cpu")] = None,
+    chunks: Annotated[int, typer.Option(min=1, max=64)] = 6,
+    chunk_tokens: Annotated[int, typer.Option(min=1)] = 512,
+    question_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    output_tokens: Annotated[int, typer.Option(min=1)] = 128,
+    pool: Annotated[int, typer.Option(min=1, help="distinct chunks the requests draw from")] = 24,
+    requests: Annotated[int, typer.Option(min=1, help="requests per (rate, mode, batching) row")] = 32,
+    rates: Annotated[str, typer.Option(help="Poisson arrival rates, requests/s, comma-separated")] = "1,2,4",
+    modes: Annotated[str, typer.Option(help="comma-separated prefill modes")] = "full,blend",
+    max_batch: Annotated[int, typer.Option(min=1, help="batched run's max batch; each row is also run with 1")] = 32,
+    ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
+    step_batches: Annotated[str, typer.Option(help="decode-step batch sizes to time ('' to skip)")] = "1,8,32",
+    step_contexts: Annotated[str, typer.Option(help="decode-step context lengths to time")] = "1024,4096",
+    out: Annotated[Path, typer.Option(help="directory for serve.json, serve.md, serve.png")] = Path("out/bench-serve"),
+) -> None:
+    """Serving throughput and latency under Poisson arrivals (the scheduler the REST API runs),
+    full vs blend, batched vs --max-batch 1, in one run; and the batched decode step's time."""
+    from blend.bench_serve import ServeBenchConfig, run_serve_bench, write
+    from blend.shapes import SHAPES
+    from blend.spec import MODES
+
+    if model is None and shape not in SHAPES:
+        fail(f"--shape must be one of {', '.join(SHAPES)}")
+    mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+    if not mode_list or (bad := [m for m in mode_list if m not in MODES]):
+        fail(f"--modes takes {', '.join(MODES)}")
+    try:
+        rate_list = tuple(float(x) for x in rates.split(",") if x.strip())
+    except ValueError:
+        fail("--rates takes comma-separated numbers")
+    if not rate_list or any(not r > 0 for r in rate_list):
+        fail("--rates: every rate must be > 0")
+    if pool < chunks:
+        fail(f"--pool ({pool}) must be at least --chunks ({chunks})")
+    if device.startswith("cuda"):
+        import torch
+        if not torch.cuda.is_available():
+            fail("--device cuda asked for, but CUDA is not available")
+    cfg = ServeBenchConfig(shape, model, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+                           chunks, chunk_tokens, question_tokens, output_tokens, pool, requests, rate_list,
+                           mode_list, max_batch, ratio, _ints(step_batches, "--step-batches"),
+                           _ints(step_contexts, "--step-contexts"))
+    result = run_serve_bench(cfg, log=lambda m: typer.echo(m, err=True))
+    typer.echo(write(result, out))
 
 
 from api.cli_eval import register as register_eval  # noqa: E402
@@ -373,6 +432,11 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="queries decoded together in one batched step; 1 serves "
+                                                          "one at a time (default: 16)")] = None,
+    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: 30% of free "
+                                                             "GPU memory, 4096 on CPU)")] = None,
+    slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query (default: 4096)")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="request body limit (default: 1 MiB)")] = None,
     max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
@@ -401,7 +465,8 @@ def serve(
     try:
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
-                                     max_tokens=max_tokens, max_body_bytes=max_body_bytes,
+                                     max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
+                                     slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
                                      max_upload_bytes=max_upload_bytes, log_level=log_level)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))

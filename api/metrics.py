@@ -13,6 +13,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 # Label values come from closed sets only: a client can invent methods and paths without end.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -26,6 +28,12 @@ class Metrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram("ragblend_ttft_seconds", "time to first token once the model is free "
                               "(KV load + prefill)", ["mode"], buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("ragblend_time_per_output_token_seconds", "mean time between a query's "
+                              "output tokens after the first", buckets=TPOT_BUCKETS, registry=r)
+        self.batch_size = Histogram("ragblend_decode_batch_size", "sequences in one batched decode step",
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.step_time = Histogram("ragblend_decode_step_seconds", "time of one batched decode step",
+                                   buckets=TPOT_BUCKETS, registry=r)
         self.queue_wait = Histogram("ragblend_queue_wait_seconds", "time a query waited for the model",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("ragblend_tokens_generated", "tokens generated", registry=r)
@@ -65,6 +73,11 @@ class _Snapshot:
         yield GaugeMetricFamily("ragblend_hot_tier_bytes", "bytes held by the hot tier", value=s["hot_bytes"])
         yield GaugeMetricFamily("ragblend_queue_depth", "queries waiting for the model", value=s["queue_depth"])
         yield GaugeMetricFamily("ragblend_model_busy", "1 while a query holds the model", value=s["busy"])
+        yield GaugeMetricFamily("ragblend_sequences_running", "sequences decoding in the batch", value=s["running"])
+        yield GaugeMetricFamily("ragblend_sequences_waiting", "queries waiting to be admitted", value=s["waiting"])
+        yield GaugeMetricFamily("ragblend_decode_kv_bytes_used", "decode KV memory held by running sequences",
+                                value=s["kv_bytes_used"])
+        yield GaugeMetricFamily("ragblend_decode_kv_bytes", "decode KV memory preallocated", value=s["kv_bytes_total"])
         yield GaugeMetricFamily("ragblend_index_jobs_pending", "indexing jobs waiting or running",
                                 value=s["index_pending"])
         yield GaugeMetricFamily("ragblend_index_chunks", "chunks in the index", value=s["index_chunks"])

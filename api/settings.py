@@ -24,6 +24,10 @@ class Settings(BaseModel):
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and the docs needs "
                                                           "`Authorization: Bearer <key>`")
     max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
+    max_batch: int = Field(16, ge=1, le=256, description="queries decoded together in one batched step (1: one at a time)")
+    kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: 30% of free "
+                                                              "GPU memory, 4096 MiB on CPU)")
+    slot_tokens: int = Field(4096, ge=64, le=1 << 20, description="most prompt + answer tokens of one query")
     max_index_jobs: int = Field(64, ge=1, le=10_000, description="indexing jobs waiting; more are refused (503)")
     max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_HARD, description="cap on a request's max_tokens")
     max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")
