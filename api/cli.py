@@ -30,17 +30,27 @@ def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must
         fail(f"no index in {path}: run `ragblend index PATH --data-dir {path}` first")
     import shutil
 
-    from api.datadir import bind_model, check_model
+    from api.datadir import bind_model, check_embedder, check_model, record_index, settle_chunk_tokens
 
     engine = load_engine(model, device, dtype)
     if engine.tokenizer is None:
         fail(f"model {model!r} has no tokenizer, which indexing and answering need "
              "(random:<shape> models have none, except the *-smol shapes)")
     created = not path.exists()
+    rechunk = kwargs.pop("rechunk", False)
     try:
         check_model(path, engine.name, engine.fingerprint)
+        # index settings (api/datadir.py): the recorded chunk size unless one is asked for
+        kwargs["chunk_tokens"] = settle_chunk_tokens(path, kwargs.get("chunk_tokens"), rechunk)
         service = RagService(path, engine=engine, **kwargs)
+        try:
+            check_embedder(path, service.corpus.embedder.name)
+        except ValueError:
+            service.close()
+            raise
         bind_model(path, engine.name, engine.fingerprint)
+        record_index(path, chunk_tokens=service.chunk_tokens, embedder=service.corpus.embedder.name,
+                     model=engine.name)
         return service
     except (ValueError, OSError) as e:  # ModelMismatch is a ValueError
         if created:  # refused: leave nothing behind
@@ -51,12 +61,18 @@ def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must
 @app.command()
 def index(
     ctx: typer.Context,
-    paths: Annotated[list[Path], typer.Argument(help="files or directories (.txt, .md, .jsonl)")],
+    paths: Annotated[list[Path], typer.Argument(help="files or directories: PDF, HTML, DOCX, reStructuredText, "
+                                                     "JSONL and plain text of any extension")],
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
     dtype: DtypeOpt = "float32",
-    chunk_tokens: Annotated[int, typer.Option(min=16, max=4096, help="chunk size in LLM tokens")] = 384,
+    chunk_tokens: Annotated[Optional[int], typer.Option(min=16, max=4096, help="chunk size in LLM tokens (recorded in "
+                                                         "the data dir; default: the recorded one, else 384)")] = None,
+    rechunk: Annotated[bool, typer.Option("--rechunk", help="accept a --chunk-tokens other than the recorded one: "
+                                                            "documents indexed from now on are re-chunked")] = False,
+    keep_missing: Annotated[bool, typer.Option("--keep-missing", help="keep documents whose files are gone from "
+                                                                      "the given directories (dropped by default)")] = False,
     index_kind: Annotated[str, typer.Option(help="flat (exact) or hnsw (approximate, large corpora)")] = "flat",
     as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
     threads: ThreadsOpt = None,
@@ -72,9 +88,8 @@ def index(
     Document ids are each root's name and the path below it (`projA/README.md`), or a JSONL
     line's `id`. An id that already names a different document (from another file, or added
     through the API) is refused and reported, never overwritten; the exit code is then 1."""
-    from tqdm import tqdm
-
-    from retrieval.loaders import load_roots
+    from api.progress import TokenProgress
+    from retrieval.loaders import collect_skips, load_roots
 
     for p in paths:
         if not p.exists():
@@ -82,11 +97,20 @@ def index(
     if index_kind not in ("flat", "hnsw"):
         fail("--index-kind must be flat or hnsw")
     set_threads(threads)
-    docs = list(load_roots(paths))
+    with collect_skips() as skipped:
+        docs = list(load_roots(paths))
     if not docs:
-        fail(f"no documents in {', '.join(map(str, paths))} (warnings above say what was skipped)")
-    service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, index_kind=index_kind,
+        if as_json:
+            typer.echo(json.dumps({"documents": 0, "skipped": skipped}, ensure_ascii=False))
+        else:
+            _echo_skipped(skipped)
+        fail(f"no documents in {', '.join(map(str, paths))}: "
+             + (f"nothing indexed, {len(skipped)} skipped (listed above)" if skipped else "no files"))
+    service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, rechunk=rechunk,
+                       index_kind=index_kind,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/cli_for_tests.py
+    # Documents of the given directories whose files are gone (or whose JSONL lines are) go first.
+    removed = [] if keep_missing else service.prune(paths, docs)
     docs, collisions = service.corpus.collisions(docs)
     for c in collisions:
         typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
@@ -101,34 +125,39 @@ def index(
     if (refusal := plan.refusal(allow_eviction)) is not None:
         service.close()
         fail(refusal)
-    bar = tqdm(docs, unit="doc", disable=None, file=sys.stderr)
-    tokens = [0]
-
-    def progress(chunks: int, n_tokens: int) -> None:
-        tokens[0] += n_tokens
-        bar.set_postfix(tokens=tokens[0], tok_s=f"{tokens[0] / max(bar.format_dict['elapsed'], 1e-9):.0f}")
-
+    bar = TokenProgress(plan.changed_tokens, "indexing")
     try:
         with service.corpus.bulk():
-            report = service.index_documents(bar, progress)
+            report = service.index_documents(docs, bar.update)
     finally:
         bar.close()
         usage = service.store.usage()  # what the cap counts, after: set beside the estimate
         service.close()
-    summary = {**report.as_dict(), "collisions": collisions, "estimate": plan.as_dict(),
+    report.skipped = skipped
+    summary = {**report.as_dict(), "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
                "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
     typer.echo(f"store: {summary['store']['grew_bytes'] / 1e9:.4g} GB written (estimated "
                f"{plan.estimated_bytes / 1e9:.4g} GB), {usage['bytes'] / 1e9:.4g} GB held, "
                f"{usage['evictions']} evictions in all", err=True)
     if as_json:
-        typer.echo(json.dumps(summary))
+        typer.echo(json.dumps(summary, ensure_ascii=False))
     else:
         typer.echo(f"{summary['documents']} documents ({summary['unchanged']} unchanged), {summary['chunks']} chunks, "
                    f"{summary['kv_computed']} KVs computed in {summary['seconds']:.1f} s "
                    f"({summary['tokens_per_s'] or 0:.0f} tokens/s) → {service.data_dir}"
+                   + (f"; {len(removed)} removed (files gone)" if removed else "")
                    + (f"; {len(collisions)} refused (id taken)" if collisions else ""))
+        _echo_skipped(skipped)
     if collisions:
         raise typer.Exit(1)
+
+
+def _echo_skipped(skipped: list[dict]) -> None:
+    """The files (and JSONL lines) not indexed, each with its reason, after the summary."""
+    if skipped:
+        typer.echo(f"skipped {len(skipped)}:")
+    for s in skipped:
+        typer.echo(f"  {s['path']}" + (f" line {s['line']}" if "line" in s else "") + f": {s['reason']}")
 
 
 store_app = typer.Typer(help="the chunk-KV store", no_args_is_help=True)
@@ -430,7 +459,7 @@ def serve(
         envvar="RAGBLEND_API_KEY_FILE", help="read the API key from this file (its first line; env "
                                              "RAGBLEND_API_KEY_FILE), which keeps it out of `ps`")] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
-    chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: 384)")] = None,
+    chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: the data dir's recorded one, else 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
     max_batch: Annotated[Optional[int], typer.Option(help="queries decoded together in one batched step; 1 serves "
                                                           "one at a time (default: 16)")] = None,
@@ -470,8 +499,12 @@ def serve(
                                      max_upload_bytes=max_upload_bytes, log_level=log_level)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
+    import os
+
+    # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
+    asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
-                       chunk_tokens=settings.chunk_tokens,
+                       chunk_tokens=asked,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
     run(settings, service)
 

@@ -51,3 +51,59 @@ def bind_model(data_dir: Path, name: str, fingerprint: str) -> None:
         check_model(data_dir, name, fingerprint)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+# -- index settings ------------------------------------------------------------------------------
+# What a data dir's chunks depend on besides the model: the chunk size and the embedding model.
+# Recorded in `index.json` by the first run that indexes or serves it, and reused by later runs,
+# so that forgetting `--chunk-tokens` never re-chunks (and recomputes the KV of) a whole corpus.
+INDEX_SETTINGS = "index.json"
+DEFAULT_CHUNK_TOKENS = 384
+
+
+class SettingsChanged(ValueError):
+    pass
+
+
+def recorded_index(data_dir: Path) -> dict:
+    try:
+        rec = json.loads((Path(data_dir) / INDEX_SETTINGS).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise SettingsChanged(f"{Path(data_dir) / INDEX_SETTINGS} is unreadable ({e}); it records the chunk size "
+                              "and embedding model this data directory was indexed with") from None
+    return rec if isinstance(rec, dict) else {}
+
+
+def settle_chunk_tokens(data_dir: Path, asked: int | None, rechunk: bool = False) -> int:
+    """The chunk size to use: the recorded one when none is asked for; the asked one when none is
+    recorded or `rechunk` (the explicit change) is given. A different size without it is refused."""
+    recorded = recorded_index(data_dir).get("chunk_tokens")
+    if asked is None:
+        return recorded or DEFAULT_CHUNK_TOKENS
+    if recorded is not None and asked != recorded and not rechunk:
+        raise SettingsChanged(
+            f"{data_dir} is indexed with --chunk-tokens {recorded}, not {asked}: leave --chunk-tokens out to keep "
+            f"{recorded}, or pass --rechunk to re-chunk each document indexed from now on at {asked} (its chunk "
+            "KVs are recomputed)")
+    return asked
+
+
+def check_embedder(data_dir: Path, name: str) -> None:
+    recorded = recorded_index(data_dir).get("embedder")
+    if recorded is not None and recorded != name:
+        raise SettingsChanged(f"{data_dir} is embedded with {recorded!r}, not {name!r}: its vectors are that "
+                              "model's. Use that embedding model with it, or index into a new --data-dir")
+
+
+def record_index(data_dir: Path, **settings) -> dict:
+    """Write the index settings (merged over the recorded ones) when they change; returns them."""
+    path = Path(data_dir) / INDEX_SETTINGS
+    old = recorded_index(data_dir)
+    new = {**old, **settings}
+    if new != old:
+        tmp = path.with_name(f".{INDEX_SETTINGS}.{os.getpid()}")
+        tmp.write_text(json.dumps(new, indent=1) + "\n")
+        os.replace(tmp, path)
+    return new

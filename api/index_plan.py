@@ -34,6 +34,7 @@ class IndexPlan:
     kv_format: str
     documents: int
     changed_documents: int
+    changed_tokens: int      # every chunk token of the changed documents: the work the progress counts
     new_chunks: int          # distinct chunks whose KV the store lacks
     new_tokens: int
     estimated_bytes: int     # their entries (header + payload) and metadata, as they will be stored
@@ -77,6 +78,7 @@ def plan_index(service, docs: list[Document]) -> IndexPlan:
     shape = kv.shape
     new: dict[str, tuple[int, str]] = {}
     changed = 0
+    changed_tokens = 0
     est = 0
     for doc in docs:
         if service.corpus.document_unchanged(doc, service.params):
@@ -84,6 +86,7 @@ def plan_index(service, docs: list[Document]) -> IndexPlan:
         changed += 1
         for chunk in chunk_text(doc.id, doc.text, engine.tokenizer, service.chunk_tokens):
             ids = engine.prompts.chunk_ids(chunk.text)
+            changed_tokens += len(ids)
             key = kv.key(ids)
             if key in new or store.contains(key):
                 continue
@@ -96,7 +99,7 @@ def plan_index(service, docs: list[Document]) -> IndexPlan:
     payload = sum(shape.n_layers * kv.format.layer_nbytes(shape.n_kv_heads, n, shape.head_dim) for n, _ in new.values())
     usage = store.usage()
     free = shutil.disk_usage(store.path).free
-    return IndexPlan(kv.format.name, len(docs), changed, len(new), tokens, est, payload / tokens if tokens else 0.0,
+    return IndexPlan(kv.format.name, len(docs), changed, changed_tokens, len(new), tokens, est, payload / tokens if tokens else 0.0,
                      _seconds(service, list(new.values()), tokens), usage["bytes"], usage["max_bytes"], free)
 
 

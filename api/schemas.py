@@ -142,7 +142,8 @@ class DocumentIn(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"id": "notes-1", "text": "The Halvard Bridge was designed by Mira Solberg.", "metadata": {"lang": "en"}}]})
 
-    id: DocId | None = Field(None, description="opaque id; a uuid is generated when absent. "
+    id: DocId | None = Field(None, description="opaque id; when absent, `sha256:` + a hash of the text, so the "
+                                                "same text sent again is not a duplicate. "
                                                 "An existing id is replaced")
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
     metadata: dict[str, Any] = Field(default_factory=dict, description=(

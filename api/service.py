@@ -129,6 +129,30 @@ class RagService:
             report.kv_deleted += self.kv.drop(stale)
         return report
 
+    def prune(self, roots: Iterable[str | Path], loaded: Iterable[Document]) -> list[str]:
+        """Delete what was indexed from files under `roots` (directories, or files) that this run
+        no longer finds: a file that is gone, or a line gone from a JSONL file read again
+        (`loaded`: what this run read). Documents added through the API are never touched.
+        Returns the ids deleted."""
+        from retrieval.corpus import _origin
+
+        roots = [Path(r).resolve() for r in roots]
+        loaded = list(loaded)
+        present = {d.id for d in loaded}
+        reread = {_origin(d.source) for d in loaded}
+        removed = []
+        for row in self.corpus.registry.list_documents():
+            origin = _origin(row["source"])
+            if not origin.startswith("/"):
+                continue
+            path = Path(origin)
+            if not any(path == r or path.is_relative_to(r) for r in roots):
+                continue
+            line_gone = origin in reread and row["doc_id"] not in present and row["source"] != origin
+            if (not path.exists() or line_gone) and self.delete_document(row["doc_id"]):
+                removed.append(row["doc_id"])
+        return removed
+
     def delete_document(self, doc_id: str) -> bool:
         with self.write_lock:
             return remove_document(self.corpus, doc_id, self.kv.drop) is not None

@@ -1,23 +1,49 @@
 """Turn files on disk into `Document`s.
 
-Loading never crashes on a bad input: a binary file, a file that is not UTF-8, an unknown
-extension or a malformed JSONL line is skipped with a warning that names it, so one odd file
-in a large corpus does not stop an indexing run.
+Loading never crashes on a bad input: a binary file, an encrypted or scanned PDF, a file in
+no recognised encoding or a malformed JSONL line is skipped with a warning that names it and its
+reason, so one odd file in a large corpus does not stop an indexing run. Inside
+`collect_skips()` the skips are also collected, for a command's summary. What a file's text is
+(PDF, HTML, DOCX, reStructuredText, plain text of any extension) is `retrieval.formats`'s job.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .formats import Unreadable, decode, extract
 from .rules import id_problem, loads, metadata_problem, text_problem
 
 log = logging.getLogger(__name__)
 
-TEXT_SUFFIXES = {".txt", ".md"}
 JSONL_SUFFIXES = {".jsonl"}
+_SKIPS: contextvars.ContextVar[list | None] = contextvars.ContextVar("ragblend_skips", default=None)
+
+
+@contextmanager
+def collect_skips() -> Iterator[list[dict]]:
+    """Inside it, every file (or JSONL line) the loaders skip is appended to the yielded list as
+    `{"path", "reason"}` (and `"line"` for a JSONL line), besides its warning."""
+    skips: list[dict] = []
+    token = _SKIPS.set(skips)
+    try:
+        yield skips
+    finally:
+        _SKIPS.reset(token)
+
+
+def _skip(file: Path, reason: str, line: int | None = None) -> None:
+    if line is None:
+        log.warning("skipping %s: %s", file, reason)
+    else:
+        log.warning("skipping %s line %d: %s", file, line, reason)
+    if (skips := _SKIPS.get()) is not None:
+        skips.append({"path": str(file), **({} if line is None else {"line": line}), "reason": reason})
 
 
 @dataclass
@@ -88,40 +114,22 @@ def load_path(path: str | Path, label: str | None = None, seen: set[Path] | None
 
 
 def _load_file(file: Path, rel: str) -> Iterator[Document]:
-    suffix = file.suffix.lower()
-    if suffix not in TEXT_SUFFIXES | JSONL_SUFFIXES:
-        log.warning("skipping %s: unsupported extension %r", file, suffix)
-        return
-    text = _read_text(file)
-    if text is None:
-        return
-    if suffix in TEXT_SUFFIXES:
-        if problem := id_problem(rel):
-            log.warning("skipping %s: its id %r %s", file, rel, problem)
+    try:
+        if file.suffix.lower() in JSONL_SUFFIXES:
+            try:
+                data = file.read_bytes()
+            except OSError as e:
+                raise Unreadable(f"cannot read ({e.strerror or e})") from None
+            yield from _parse_jsonl(decode(data)[0], file, rel)
             return
-        yield Document(id=rel, text=text, source=str(file), metadata={})
-    else:
-        yield from _parse_jsonl(text, file, rel)
-
-
-def _read_text(file: Path) -> str | None:
-    """Read a file as UTF-8, or return None (with a warning) for binary or undecodable bytes."""
-    try:
-        data = file.read_bytes()
-    except OSError as e:
-        log.warning("skipping %s: cannot read (%s)", file, e)
-        return None
-    # A NUL byte never occurs in UTF-8 text but is common in binary formats that might
-    # otherwise decode by accident.
-    if b"\x00" in data:
-        log.warning("skipping %s: looks binary (contains NUL bytes)", file)
-        return None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        log.warning("skipping %s: not valid UTF-8 (%s)", file, e)
-        return None
-    return text.removeprefix("\ufeff")
+        text = extract(file).text
+    except Unreadable as e:
+        _skip(file, str(e))
+        return
+    if problem := id_problem(rel):
+        _skip(file, f"its id {rel!r} {problem}")
+        return
+    yield Document(id=rel, text=text, source=str(file), metadata={})
 
 
 class JsonlError(ValueError):
@@ -167,10 +175,10 @@ def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
         try:
             obj = loads(line)
         except ValueError as e:  # not JSON, nested too deeply, an integer too long
-            log.warning("skipping %s line %d: invalid JSON (%s)", file, lineno, e)
+            _skip(file, f"invalid JSON ({e})", lineno)
             continue
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            log.warning("skipping %s line %d: expected an object with a string 'text'", file, lineno)
+            _skip(file, "expected an object with a string 'text'", lineno)
             continue
         doc_id = obj.get("id")
         if doc_id is None or doc_id == "":
@@ -179,6 +187,6 @@ def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
         problem = (("id", id_problem(str(doc_id))), ("text", text_problem(obj["text"])),
                    ("metadata", metadata_problem(metadata)))
         if bad := next(((what, why) for what, why in problem if why), None):
-            log.warning("skipping %s line %d: %s %s", file, lineno, *bad)
+            _skip(file, " ".join(bad), lineno)
             continue
         yield Document(id=str(doc_id), text=obj["text"], source=f"{file}:{lineno}", metadata=metadata)

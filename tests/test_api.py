@@ -214,8 +214,8 @@ def test_document_lifecycle_json_and_uploads(server):
 
     up = http.post("/v1/documents", files={"file": ("notes.md", "# Notes\n\nThe okapi lives in the forest.".encode())})
     assert up.status_code == 202
-    md_id = up.json()["doc_ids"][0]  # no id given: a generated uuid, not the file name
-    assert md_id != "notes.md" and len(md_id) == 32
+    md_id = up.json()["doc_ids"][0]  # no id given: a hash of the text, not the file name
+    assert md_id != "notes.md" and md_id.startswith("sha256:") and len(md_id) == 39
     lines = "\n".join(json.dumps(x) for x in [{"id": "jl-1", "text": "okapi one", "title": "A"},
                                               {"id": "jl-2", "text": "okapi two"}])
     jl = http.post("/v1/documents", files={"file": ("batch.jsonl", lines.encode(), "application/x-ndjson")})

@@ -51,16 +51,16 @@ def test_single_file_id_is_its_name(corpus_dir: Path):
     assert doc.id == "c.txt" and doc.text == "deep text"
 
 
-def test_binary_non_utf8_and_unknown_files_are_skipped_with_warning(tmp_path: Path, caplog):
+def test_binary_files_are_skipped_with_warning_and_latin1_is_decoded(tmp_path: Path, caplog):
     (tmp_path / "ok.txt").write_text("fine")
     (tmp_path / "bin.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00data")
     (tmp_path / "latin1.md").write_bytes("caf\xe9".encode("latin-1"))
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     with caplog.at_level(logging.WARNING, logger="retrieval.loaders"):
         docs = list(load_path(tmp_path))
-    assert [d.id for d in docs] == ["ok.txt"]
+    assert [(d.id, d.text) for d in docs] == [("latin1.md", "caf\xe9"), ("ok.txt", "fine")]
     warned = caplog.text
-    assert "bin.txt" in warned and "latin1.md" in warned and "image.png" in warned
+    assert "bin.txt" in warned and "image.png" in warned and "latin1.md" not in warned
 
 
 def test_bad_jsonl_line_is_skipped_with_warning_naming_file_and_line(tmp_path: Path, caplog):

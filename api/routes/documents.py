@@ -2,7 +2,7 @@
 and the jobs to poll. Ids are opaque strings, never paths on the server."""
 from __future__ import annotations
 
-import uuid
+import hashlib
 from pathlib import PurePosixPath
 from typing import Annotated, Any
 
@@ -31,7 +31,7 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
                  "description": ".txt or .md (one document) or .jsonl (`{\"id\"?, \"text\", ...}` a line), UTF-8"},
-        "id": {"type": "string", "description": "document id for .txt/.md (default: a new uuid)"},
+        "id": {"type": "string", "description": "document id for .txt/.md (default: a hash of the text, so a re-upload is no duplicate)"},
         "metadata": {"type": "string", "description": "a JSON object, for .txt/.md"}}}}}}}
 
 
@@ -162,7 +162,13 @@ def _errors(e: ValidationError, where: tuple) -> list[dict]:
 
 
 def _document(d: DocumentIn, source: str) -> Document:
-    return Document(id=d.id or uuid.uuid4().hex, text=d.text, source=source, metadata=d.metadata)
+    return Document(id=d.id or content_id(d.text), text=d.text, source=source, metadata=d.metadata)
+
+
+def content_id(text: str) -> str:
+    """The id of a document sent without one: a hash of its text, so the same text sent again is
+    the same document (unchanged, nothing recomputed), never a duplicate filling top-k slots."""
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 async def _from_upload(request: Request) -> list[Document]:

@@ -1,0 +1,228 @@
+"""A file's text, whatever its format: PDF (pypdf), HTML (BeautifulSoup on the standard library's
+parser), DOCX (python-docx), reStructuredText (docutils, markup stripped) and plain text of any
+extension, its encoding detected (UTF-8 and BOMs first, else charset-normalizer, which is told to
+prefer Windows-1252/Latin-1 among equally plausible readings: short Western text is ambiguous).
+
+`extract(path)` returns the text or raises `Unreadable` with a reason a person can act on
+("encrypted PDF", "no extractable text (a scanned PDF?)", "binary (contains NUL bytes)"), which
+the loaders report as the file's skip reason."""
+from __future__ import annotations
+
+import io
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+PDF_SUFFIXES = {".pdf"}
+HTML_SUFFIXES = {".html", ".htm", ".xhtml"}
+DOCX_SUFFIXES = {".docx"}
+RST_SUFFIXES = {".rst", ".rest"}
+# Formats that are binary by design and that no loader here reads: said so, never guessed at.
+BINARY_SUFFIXES = {
+    ".png", ".jpg", ".jpeg", ".gif", ".bmp", ".tif", ".tiff", ".webp", ".ico", ".svgz", ".heic",
+    ".zip", ".gz", ".tgz", ".bz2", ".xz", ".zst", ".7z", ".rar", ".tar", ".whl", ".jar",
+    ".mp3", ".wav", ".flac", ".ogg", ".m4a", ".mp4", ".mkv", ".avi", ".mov", ".webm",
+    ".doc", ".xls", ".xlsx", ".ppt", ".pptx", ".odt", ".ods", ".odp", ".epub", ".rtf",
+    ".exe", ".dll", ".so", ".dylib", ".o", ".a", ".class", ".pyc", ".pyo", ".bin", ".dat",
+    ".sqlite", ".db", ".lmdb", ".mdb", ".parquet", ".npy", ".npz", ".pt", ".pth", ".safetensors",
+    ".gguf", ".onnx", ".pkl", ".woff", ".woff2", ".ttf", ".otf",
+}
+# Windows-1252 is what "Latin-1" files mostly are; among readings as plausible as the best one,
+# these win (charset-normalizer alone reads short French or German as mac_latin2 or cp1250).
+PREFERRED = ("cp1252", "latin_1", "iso8859_15")
+MAX_CONTROL_SHARE = 0.01  # of the characters: more control characters than this is not text
+
+
+class Unreadable(ValueError):
+    """The file yields no text; the message is the reason."""
+
+
+@dataclass(frozen=True)
+class Extracted:
+    text: str
+    kind: str          # pdf, html, docx, rst, text
+    encoding: str | None = None  # text formats: the encoding read
+
+
+def kind_of(path: Path) -> str:
+    suffix = path.suffix.lower()
+    for kind, suffixes in (("pdf", PDF_SUFFIXES), ("html", HTML_SUFFIXES), ("docx", DOCX_SUFFIXES),
+                           ("rst", RST_SUFFIXES)):
+        if suffix in suffixes:
+            return kind
+    return "text"
+
+
+def extract(path: str | Path) -> Extracted:
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix in BINARY_SUFFIXES:
+        raise Unreadable(f"unsupported binary format {suffix!r}")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise Unreadable(f"cannot read ({e.strerror or e})") from None
+    kind = kind_of(path)
+    if kind == "pdf":
+        text, encoding = pdf_text(data), None
+    elif kind == "docx":
+        text, encoding = docx_text(data), None
+    elif kind == "html":
+        text, encoding = html_text(data)
+    else:
+        raw, encoding = decode(data)
+        text = rst_text(raw) if kind == "rst" else raw
+    text = tidy(text)
+    if not text.strip():
+        raise Unreadable("no text in it" if kind != "pdf" else "no extractable text (a scanned PDF? OCR is not done)")
+    return Extracted(text, kind, encoding)
+
+
+# -- plain text --------------------------------------------------------------------------------
+_BOMS = ((b"\xef\xbb\xbf", "utf-8-sig"), (b"\xff\xfe\x00\x00", "utf-32-le"), (b"\x00\x00\xfe\xff", "utf-32-be"),
+         (b"\xff\xfe", "utf-16-le"), (b"\xfe\xff", "utf-16-be"))
+
+
+def decode(data: bytes) -> tuple[str, str]:
+    """Bytes → (text, encoding): a BOM's encoding, else UTF-8, else the detector's best reading.
+    Raises Unreadable for binary data."""
+    for bom, encoding in _BOMS:
+        if data.startswith(bom):
+            try:
+                return _textual(data.decode(encoding).removeprefix("\ufeff")), encoding.removesuffix("-sig")
+            except UnicodeDecodeError:
+                raise Unreadable(f"starts with a {encoding} byte-order mark but does not decode as it") from None
+    # A NUL byte never occurs in text of a BOM-less 8-bit or UTF-8 encoding, but is common in binary formats.
+    if b"\x00" in data:
+        raise Unreadable("binary (contains NUL bytes)")
+    try:
+        return _textual(data.decode("utf-8")), "utf-8"
+    except UnicodeDecodeError:
+        pass
+    from charset_normalizer import from_bytes
+
+    # UTF-16/32 without a BOM and without NULs is never the right reading of a real file.
+    matches = [m for m in from_bytes(data) if not m.encoding.startswith(("utf_16", "utf_32"))]
+    if not matches:
+        raise Unreadable("not text in any encoding recognised (binary?)")
+    best = min(m.chaos for m in matches)
+    near = [m for m in matches if m.chaos <= best + 0.1]
+    for encoding in PREFERRED:
+        if any(encoding in m.could_be_from_charset for m in near):
+            return _textual(data.decode(encoding)), encoding
+    return _textual(str(matches[0])), matches[0].encoding
+
+
+def _textual(text: str) -> str:
+    if text:
+        controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v")
+        if controls / len(text) > MAX_CONTROL_SHARE:
+            raise Unreadable(f"binary ({controls} control characters in {len(text)})")
+    return text
+
+
+def tidy(text: str) -> str:
+    """Line ends as \\n, no trailing blanks, at most one blank line between paragraphs."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\f", "\n\n")
+    text = "\n".join(line.rstrip() for line in text.split("\n"))
+    return re.sub(r"\n{3,}", "\n\n", text).strip("\n")
+
+
+# -- PDF ---------------------------------------------------------------------------------------
+def pdf_text(data: bytes) -> str:
+    from pypdf import PdfReader
+    from pypdf.errors import PdfReadError
+
+    try:
+        reader = PdfReader(io.BytesIO(data))
+        if reader.is_encrypted:
+            try:  # many PDFs are "encrypted" with an empty user password: readable by anyone
+                if not reader.decrypt(""):
+                    raise Unreadable("encrypted PDF (needs a password)")
+            except Unreadable:
+                raise
+            except Exception:
+                raise Unreadable("encrypted PDF (needs a password, or a cipher pypdf cannot read)") from None
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except Unreadable:
+        raise
+    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
+        raise Unreadable(f"not a readable PDF ({e})") from None
+    return "\n\n".join(p.strip() for p in pages if p.strip())
+
+
+# -- DOCX --------------------------------------------------------------------------------------
+def docx_text(data: bytes) -> str:
+    import zipfile
+
+    from docx import Document as Docx
+    from docx.opc.exceptions import PackageNotFoundError
+
+    try:
+        doc = Docx(io.BytesIO(data))
+    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
+        raise Unreadable(f"not a readable DOCX ({e or type(e).__name__})") from None
+    from docx.table import Table
+    from docx.text.paragraph import Paragraph
+
+    blocks = []
+    for item in doc.iter_inner_content():  # paragraphs and tables in document order
+        if isinstance(item, Paragraph):
+            blocks.append(item.text)
+        elif isinstance(item, Table):
+            for row in item.rows:
+                cells = [c.text.strip() for c in row.cells]
+                blocks.append(" | ".join(dict.fromkeys(c for c in cells if c)))  # merged cells repeat
+    return "\n\n".join(b.strip() for b in blocks if b.strip())
+
+
+# -- HTML --------------------------------------------------------------------------------------
+_DROP = ("script", "style", "noscript", "template", "svg", "canvas", "iframe", "object", "head")
+_BLOCKS = ("p", "div", "section", "article", "main", "header", "footer", "aside", "nav", "li", "dt", "dd",
+           "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "table", "tr", "figure", "figcaption",
+           "ul", "ol", "dl", "form", "fieldset", "address", "details", "summary", "hr")
+
+
+def html_text(data: bytes) -> tuple[str, str | None]:
+    """Visible text, a paragraph per block element (so chunking keeps to them), the title first."""
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(data, "html.parser")  # bs4 detects the encoding (meta charset, BOM, guess)
+    title = soup.title.get_text(" ", strip=True) if soup.title else ""
+    for tag in soup(_DROP):
+        tag.decompose()
+    for br in soup("br"):
+        br.replace_with("\n")
+    for cell in soup(("td", "th")):
+        cell.insert_after(" | ")
+    for block in soup(_BLOCKS):
+        block.insert_before("\n\n")
+        block.insert_after("\n\n")
+    paragraphs = []
+    for para in re.split(r"\n\s*\n", soup.get_text()):
+        lines = [" ".join(line.split()) for line in para.split("\n")]
+        text = "\n".join(line for line in lines if line).strip(" |")
+        if text:
+            paragraphs.append(text)
+    if title and (not paragraphs or paragraphs[0] != title):
+        paragraphs.insert(0, title)
+    return "\n\n".join(paragraphs), soup.original_encoding
+
+
+# -- reStructuredText --------------------------------------------------------------------------
+def rst_text(source: str) -> str:
+    """The document's text without its markup; the source itself if docutils cannot parse it.
+    File inclusion and raw passthrough are off: a corpus file must not read other files."""
+    try:
+        from docutils import nodes
+        from docutils.core import publish_doctree
+
+        tree = publish_doctree(source, settings_overrides={
+            "report_level": 5, "halt_level": 5, "warning_stream": io.StringIO(),
+            "file_insertion_enabled": False, "raw_enabled": False, "input_encoding": "unicode"})
+        for node in list(tree.findall(nodes.system_message)):
+            node.parent.remove(node)
+        return tree.astext()
+    except Exception:  # a parser bug on odd input: the plain source is still good text
+        return source
