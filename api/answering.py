@@ -15,6 +15,7 @@ from blend.engine import Answer
 from blend.prompt import Layout
 
 DISCONNECT_POLL_S = 0.5
+QUEUED_COMMENT_S = 2.0  # a streamed request waiting for the model sends an SSE comment this often
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
 
 
@@ -26,7 +27,15 @@ def question_token_limit(service: RagService, settings: Settings) -> int:
 async def start(request: Request, service: RagService, worker: ModelWorker, settings: Settings,
                 params: QueryParams) -> tuple[QueryJob, Started]:
     """Queue a query and wait until its prompt is prefilled: every error up to then is an HTTP
-    status, even for a stream, since no byte of the response has been sent."""
+    status, since no byte of the response has been sent."""
+    job = await submit(request, service, worker, settings, params)
+    return job, await wait_started(job, request)
+
+
+async def submit(request: Request, service: RagService, worker: ModelWorker, settings: Settings,
+                 params: QueryParams) -> QueryJob:
+    """Check what is cheap to check, retrieve, and queue: errors are HTTP statuses (a full queue
+    is 503 + Retry-After)."""
     if params.spec.max_tokens > settings.max_tokens:
         raise ApiError(422, f"max_tokens: at most {settings.max_tokens} on this server, got {params.spec.max_tokens}")
     limit = question_token_limit(service, settings)
@@ -44,11 +53,32 @@ async def start(request: Request, service: RagService, worker: ModelWorker, sett
     except QueueFull as e:
         raise ApiError(503, f"the model's queue is full ({worker.max_queue} waiting); retry in {e.retry_after} s",
                        headers={"Retry-After": str(e.retry_after)}) from None
+    return job
+
+
+async def wait_started(job: QueryJob, request: Request) -> Started:
     event = await next_event(job, request)
     if isinstance(event, Failed):
         raise event.error
     assert isinstance(event, Started), event
-    return job, event
+    return event
+
+
+async def while_queued(job: QueryJob, request: Request, every_s: float = QUEUED_COMMENT_S) -> AsyncIterator[str | Started]:
+    """For a stream whose headers are already out: an SSE comment every `every_s` while the job
+    waits for the model (so that clients and proxies see a live connection), then its Started.
+    Raises the job's error (the caller sends it as an event)."""
+    waiting = asyncio.ensure_future(wait_started(job, request))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiting}, timeout=every_s)
+            if done:
+                yield waiting.result()
+                return
+            yield ": queued\n\n"
+    finally:
+        if not waiting.done():
+            waiting.cancel()
 
 
 def prepare(service: RagService, params: QueryParams) -> tuple[Retrieved, Layout]:

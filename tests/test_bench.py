@@ -31,3 +31,27 @@ def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
         done = subprocess.run([sys.executable, "-m", "api.cli", "bench", "--device", "cpu", "--out", str(tmp_path),
                                *extra], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+
+
+def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
+    cmd = [sys.executable, "-m", "api.cli", "bench-serve", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
+           "--chunk-tokens", "16", "--question-tokens", "8", "--output-tokens", "6", "--pool", "6",
+           "--requests", "4", "--rates", "50,500", "--max-batch", "4", "--step-batches", "1,4",
+           "--step-contexts", "64", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "serve.json").read_text())
+    rows = {(r["rate"], r["mode"], r["max_batch"]) for r in result["loads"]}
+    assert rows == {(rate, m, b) for rate in (50.0, 500.0) for m in ("full", "blend") for b in (4, 1)}
+    for r in result["loads"]:
+        assert r["requests"] == 4 and r["tokens_per_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
+        assert r["mean_batch"] <= r["max_batch"]
+    assert [(s["batch"], s["context"]) for s in result["steps"]] == [(1, 64), (4, 64)]
+    assert (tmp_path / "serve.md").exists() and (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_bench_serve_refuses_bad_rates_and_modes(tmp_path):
+    for extra in (["--rates", "0"], ["--modes", "fast"], ["--pool", "2"], ["--step-batches", "x"]):
+        done = subprocess.run([sys.executable, "-m", "api.cli", "bench-serve", "--out", str(tmp_path), *extra],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
-from api.answering import answer, finish_reason, pieces, start
+from api.answering import answer, finish_reason, pieces, start, submit, while_queued
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
 from api.schemas import (BlendFields, ChunkOut, ErrorOut, PromptTokensDetails, QueryRequest,
@@ -74,12 +74,21 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = query_params(body, body.question, body.top_k, max_tokens,
                           Sampling(body.temperature, body.top_p, body.seed))
-    job, started = await start(request, service, worker, settings, params)
     if not body.stream:
+        job, started = await start(request, service, worker, settings, params)
         return query_response(started, await answer(job, request), max_tokens)
+    # A stream's headers go out once it is queued; while it waits for the model it sends SSE
+    # comments, and a failure from then on is an `error` event.
+    job = await submit(request, service, worker, settings, params)
 
     async def events() -> AsyncIterator[str]:
         try:
+            started = None
+            async for item in while_queued(job, request):
+                if isinstance(item, Started):
+                    started = item
+                else:
+                    yield item
             async for item in pieces(job, request):
                 if isinstance(item, Answer):
                     yield sse("done", query_response(started, item, max_tokens).model_dump())
