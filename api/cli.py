@@ -241,6 +241,7 @@ def docs_delete(doc_id: Annotated[str, typer.Argument(help="the document id (for
 
 @app.command()
 def ask(
+    ctx: typer.Context,
     question_arg: Annotated[Optional[str], typer.Argument(metavar="QUESTION", help="the question")] = None,
     question: Annotated[Optional[str], typer.Option("--question", "-q", help="the question")] = None,
     chunks: Annotated[Optional[Path], typer.Option(help="JSONL ({\"text\"} a line) or blank-line separated chunks; skips retrieval")] = None,
@@ -286,7 +287,8 @@ def ask(
             fail(str(e))
         engine = load_engine(model, device, dtype)
     else:
-        service = _service(data_dir, model, device, dtype, must_exist=True)
+        service = _service(data_dir, model, device, dtype, must_exist=True,
+                           embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/cli_for_tests.py
         engine = service.engine
         if len(service.corpus) == 0:
             fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
@@ -315,6 +317,10 @@ def ask(
                 for h in hits]}),
         }, ensure_ascii=False))
     else:
+        if hits:  # the sources, under the answer
+            typer.echo("sources:")
+            for i, h in enumerate(hits, 1):
+                typer.echo(f"  [{i}] {h.doc_id}  chunk {h.chunk_id}  score {h.score:.4f}")
         how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
         if ans.guard_raised:
             how += f" (guard raised it from {ans.requested_ratio:g})"

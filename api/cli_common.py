@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -93,7 +94,23 @@ def load_engine(model: str, device: str, dtype: str):
         import torch
         if not torch.cuda.is_available():
             fail("--device cuda asked for, but CUDA is not available")
+    if looks_local(model) and not Path(model).expanduser().exists():
+        fail(f"--model {model}: no such file or directory (a local model is a Hugging Face model directory "
+             "or a .gguf file)")
     try:
         return Engine(load_model(model, device=device, dtype=dtype))
     except (ValueError, FileNotFoundError, OSError) as e:
+        if not looks_local(model) and model != "default" and not model.startswith("random:") \
+                and os.environ.get("HF_HUB_OFFLINE") == "1":
+            fail(f"cannot load model {model!r}: a hub id is read from the local Hugging Face cache only, "
+                 "since ragblend runs offline, and it is not there (or is incomplete). Download it once with "
+                 f"HF_HUB_OFFLINE=0 in the environment (or `hf download {model}`), or pass a local directory")
         fail(f"cannot load model {model!r}: {e}")
+
+
+def looks_local(model: str) -> bool:
+    """A --model that names a path, not a hub id (`org/name`, one slash) nor a keyword."""
+    if model == "default" or model.startswith("random:"):
+        return False
+    return (model.startswith(("/", ".", "~")) or model.endswith(".gguf") or "\\" in model
+            or model.count("/") > 1 or Path(model).expanduser().exists())

@@ -4,6 +4,7 @@ the hash test embedder) on files of each format made on the spot (tests/docfiles
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -159,3 +160,28 @@ def test_reindex_with_other_chunk_tokens_is_refused_without_rechunk(tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["unchanged"] == 0, r.stderr
     assert json.loads((data / "index.json").read_text())["chunk_tokens"] == 128
     assert documents(data)["notes/a.md"]["n_chunks"] < chunks
+
+
+def test_ask_lists_its_sources_under_the_answer(tmp_path):
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    (folder / "okapi.md").write_text("The okapi lives in the forest of the Congo.")
+    (folder / "heron.txt").write_text("The heron fishes in the river at dawn.")
+    data = tmp_path / "data"
+    assert cli("index", str(folder), "--data-dir", str(data), "--chunk-tokens", "32", *TINY).returncode == 0
+    r = cli("ask", "Where does the okapi live?", "--data-dir", str(data), "--top-k", "2", "--max-tokens", "3", *TINY)
+    assert r.returncode == 0, r.stderr
+    answer, sources = r.stdout.split("sources:\n")
+    lines = sources.rstrip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("  [1] notes/okapi.md  chunk ")  # best first
+    assert all(re.search(r"chunk \d+  score -?\d\.\d{4}$", line) for line in lines), lines
+    assert {line.split()[1] for line in lines} == {"notes/okapi.md", "notes/heron.txt"}
+
+
+def test_a_missing_local_model_path_is_reported_as_such(tmp_path):
+    (tmp_path / "a.md").write_text("text")
+    r = cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", str(tmp_path / "no-model"))
+    assert r.returncode == 2 and f"--model {tmp_path / 'no-model'}: no such file or directory" in r.stderr, r.stderr
+    r = cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", "nobody-org/no-such-model")
+    assert r.returncode == 2 and "local Hugging Face cache" in r.stderr and "HF_HUB_OFFLINE=0" in r.stderr, r.stderr
+    assert not (tmp_path / "d").exists()
