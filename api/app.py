@@ -10,6 +10,7 @@ from fastapi import Depends, FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPBearer
 
+from api.docs_page import install_docs
 from api.errors import install_handlers
 from api.indexer import Indexer
 from api.metrics import Metrics, RequestMetrics
@@ -75,7 +76,9 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
             if service is None:
                 svc.close()
 
-    app = FastAPI(title="ragblend", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(title="ragblend", version="0.1.0", description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_docs(app)  # /docs and /redoc with their assets from a package, not a CDN
     app.state.settings, app.state.metrics = settings, metrics
     install_handlers(app)
     # Declares the scheme in the OpenAPI document (the docs' "Authorize" button); BearerAuth enforces it.

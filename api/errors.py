@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 
 log = logging.getLogger(__name__)
 
-OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/models", "/v1/completions")
 _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                  409: "invalid_request_error", 413: "invalid_request_error", 415: "invalid_request_error",
                  422: "invalid_request_error", 429: "rate_limit_error", 503: "server_overloaded"}
@@ -20,17 +20,19 @@ _OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404:
 class ApiError(Exception):
     """An error with its HTTP status, raised anywhere below a route (the worker included)."""
 
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, *,
+                 code: str | None = None, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
+        self.code, self.param = code, param  # OpenAI's error code and parameter, where it has them
 
 
 def error_response(path: str, status: int, message: str, headers: dict[str, str] | None = None,
-                   extra: dict | None = None) -> JSONResponse:
+                   extra: dict | None = None, code: str | None = None, param: str | None = None) -> JSONResponse:
     body: dict = {"detail": message, **(extra or {})}
     if path.startswith(OPENAI_PREFIXES):
         body["error"] = {"message": message, "type": _OPENAI_TYPES.get(status, "api_error"),
-                         "param": None, "code": status}
+                         "param": param, "code": code or status}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -71,7 +73,8 @@ def install_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(request.url.path, exc.status, exc.message, headers=exc.headers)
+        return error_response(request.url.path, exc.status, exc.message, headers=exc.headers, code=exc.code,
+                              param=exc.param)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -14,6 +14,7 @@ from api.errors import error_response
 log = logging.getLogger(__name__)
 INTERNAL = "internal server error (logged on the server)"
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIX = "/docs/static/"  # the docs pages' own scripts and styles (api/docs_page.py)
 
 
 class BearerAuth:
@@ -24,7 +25,7 @@ class BearerAuth:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not scope["path"].startswith(OPEN_PREFIX):
             scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
                 response = error_response(scope["path"], 401, "missing or wrong API key: send the header "

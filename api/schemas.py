@@ -116,7 +116,8 @@ class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: PromptTokensDetails
+    prompt_tokens_details: PromptTokensDetails | None = Field(None, description=(
+        "absent only for an OpenAI answer cut by a `stop` sequence (its generation is cancelled at once)"))
 
 
 class QueryResponse(BaseModel):
@@ -248,25 +249,54 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool = False
 
 
+Stop = Annotated[str | list[str] | None, Field(None, description="up to 4 strings; the answer ends before the first")]
+
+
 class ChatRequest(BlendFields):
-    """OpenAI's fields that change nothing here (user, presence_penalty, ...) are accepted and
-    ignored; `mode`, `ratio` and `top_k` are ragblend's own (the client's `extra_body`)."""
-    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [
+    """OpenAI's chat body. Fields ragblend cannot honour (tools, response_format, n > 1,
+    penalties, logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
+    that change nothing (user, store, metadata, ...) are accepted. `mode`, `ratio` and `top_k` are
+    ragblend's own (the client's `extra_body`)."""
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
         {"model": "default", "messages": [{"role": "user", "content": "Who designed the Halvard Bridge?"}],
          "max_tokens": 64, "mode": "blend", "ratio": 0.15, "top_k": 4}]})
 
-    model: str | None = Field(None, description="accepted for compatibility; the server has one model")
-    messages: list[ChatMessage] = Field(min_length=1, max_length=256,
-                                        description="the last user message is the question")
+    model: str | None = Field(None, description="the served model's name (GET /v1/models) or `ragblend`; "
+                                                "another is a 404 model_not_found")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=256, description=(
+        "the last user message is the question; system messages and earlier turns go into the prompt "
+        "after the retrieved chunks"))
     max_tokens: MaxTokens | None = None
     max_completion_tokens: MaxTokens | None = None
     temperature: Temperature | None = None
     top_p: TopP | None = None
     seed: Seed | None = None
-    n: int = Field(1, strict=True, ge=1, le=1, description="one choice only")
+    n: int | None = Field(None, description="one choice only: n > 1 is refused (400)")
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     top_k: TopK = 4
+    stop: Stop = None
+    logprobs: StrictBool | None = Field(None, description="per answer token: its log-probability")
+    top_logprobs: int | None = Field(None, strict=True, ge=0, le=20, description="alternatives per token (with logprobs)")
+
+
+class CompletionRequest(BlendFields):
+    """OpenAI's (legacy) completions: the prompt is the question, answered from the retrieved chunks."""
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    prompt: str | list[str] = Field(description="the question (a list of one string is taken too)")
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    seed: Seed | None = None
+    n: int | None = Field(None, description="one choice only: n > 1 is refused (400)")
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    top_k: TopK = 4
+    stop: Stop = None
+    logprobs: int | None = Field(None, strict=True, ge=0, le=5, description="alternatives per token, and each "
+                                                                           "token's log-probability")
 
 
 class ChatChoiceMessage(BaseModel):
@@ -278,6 +308,24 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: ChatChoiceMessage
     finish_reason: Literal["stop", "length"]
+    logprobs: dict[str, Any] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: Literal["stop", "length"]
+    logprobs: dict[str, Any] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    ragblend: dict[str, Any] = Field(description="retrieved chunks, timings, recomputed tokens")
 
 
 class ChatCompletion(BaseModel):

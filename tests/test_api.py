@@ -395,7 +395,7 @@ def test_openai_client_lists_models_and_chats_streaming_and_not(server):
     assert 0 < blended.usage.prompt_tokens_details.cached_tokens < cached
 
     with pytest.raises(openai.UnprocessableEntityError, match="no user message"):
-        client.chat.completions.create(model="x", messages=[{"role": "system", "content": "hi"}])
+        client.chat.completions.create(model="random:tiny-smol", messages=[{"role": "system", "content": "hi"}])
 
 
 # -- auth, backpressure, cancellation (the guarded server) -------------------------------------------
