@@ -112,10 +112,17 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
     variants = [Variant(**v) for v in config["variants"]]
     saved = Progress(Path(out_dir) / PROGRESS_FILE, config, fresh=fresh)
     todo = [ex for ex in examples if ex.id not in saved.done]
-    bar = tqdm(total=len(examples), initial=len(examples) - len(todo), desc="eval", unit="ex",
-               disable=not progress, dynamic_ncols=True)
+    # Progress in prompt tokens prefilled (every variant prefills the example's prompt), with the
+    # rate and the time left: examples differ in length many times over. An example that
+    # retrieves counts as the mean of the others until its chunks are known.
+    sizes = {ex.id: _prompt_tokens(engine, ex) for ex in todo}
+    known = [n for n in sizes.values() if n is not None]
+    mean = sum(known) / len(known) if known else 0
+    per = len(variants)
+    bar = tqdm(total=int(sum(mean if n is None else n for n in sizes.values()) * per) or None, desc="eval",
+               unit="tok", unit_scale=True, disable=not progress, dynamic_ncols=True)
     for i, ex in enumerate(todo):
-        bar.set_postfix_str(ex.id, refresh=False)
+        bar.set_postfix_str(f"{ex.id} ({len(examples) - len(todo) + i}/{len(examples)} examples)", refresh=False)
         chunks = list(ex.chunks if ex.chunks is not None else retriever(ex.question, config["top_k"]))
         if not chunks:
             raise ValueError(f"example {ex.id}: the index returned no chunks")
@@ -124,9 +131,20 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)
         saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped))
-        bar.update()
+        if sizes[ex.id] is None and bar.total is not None:  # its real size, now that it is known
+            bar.total = int(bar.total - mean * per + layout.n_tokens * per)
+        bar.update(layout.n_tokens * per)
     bar.close()
     return [saved.done[ex.id] for ex in examples]
+
+
+def _prompt_tokens(engine: Engine, example: Example) -> int | None:
+    """The example's prompt length before it is fitted to the context (tokenizing only), or None
+    when it retrieves or the model has no tokenizer."""
+    if example.chunks is None or engine.prompts is None:
+        return None
+    p = engine.prompts
+    return len(p.prefix_ids) + sum(len(p.chunk_ids(c)) for c in example.chunks) + len(p.suffix_ids(example.question))
 
 
 def _chunk_cache(engine: Engine, layout: Layout, kv_format: str | None) -> ChunkKVSource:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -341,3 +342,25 @@ def test_cli_eval_runs_on_a_tiny_model(cli, tmp_path):
     summary = json.loads((out / "results.json").read_text())["summary"]
     assert [(r["mode"], r["ratio"]) for r in summary] == [("full", None), ("prefix", None), ("blend", 1.0)]
     assert "| prefix | — | 3 |" in result.output
+
+
+@pytest.mark.real  # tiny-smol speaks the bundled tokenizer, so prompts are measured before the run
+def test_eval_progress_counts_prompt_tokens_with_rate_and_eta(tmp_path, capsys):
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from tqdm import tqdm
+
+    from eval import runner
+
+    engine = Engine(load_model("random:tiny-smol"))
+    data = load_dataset("synthetic:n=2,chunks=2,chunk_words=30,seed=1")
+    variants = runner.mode_variants(["full", "blend"], [0.5])
+    config = runner.run_config(engine, data, variants, max_tokens=2, seed=0, top_k=5)
+    runner.run(engine, data, config, tmp_path, progress=True, warmup=False)
+    records = json.loads("[" + ",".join((tmp_path / "progress.jsonl").read_text().splitlines()[1:]) + "]")
+    err = capsys.readouterr().err
+    final = err.replace("\r", "\n").strip().splitlines()[-1]
+    total = sum(engine.layout(ex.question, ex.chunks).n_tokens for ex in data.examples) * len(variants)
+    shown = re.escape(tqdm.format_sizeof(total))  # unit_scale: 672, 1.23k
+    assert len(records) == 2
+    assert re.search(rf"eval: 100%.* {shown}/{shown} \[[\d:]+<[\d:]+, .*tok/s", final), final
