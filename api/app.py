@@ -40,7 +40,7 @@ def make_service(settings: Settings) -> RagService:
     engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype))
     path = settings.data_dir or default_data_dir()
     check_model(path, engine.name, engine.fingerprint)  # one data dir per model (api/datadir.py)
-    service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens)
+    service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens, kv_store=settings.kv_store)
     bind_model(path, engine.name, engine.fingerprint)
     return service
 

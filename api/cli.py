@@ -19,6 +19,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 ModeOpt = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
 DataDirOpt = Annotated[Optional[Path], typer.Option(help="index + KV store directory (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")]
+KvStoreOpt = Annotated[Optional[str], typer.Option(
+    "--kv-store", envvar="RAGBLEND_KV_STORE", help="a chunk-KV tier shared by every replica: redis://[user:password@]"
+    "host:port/db, rediss://… (TLS) (env RAGBLEND_KV_STORE); the data dir's LMDB is then its local cache. "
+    "Default: the data dir's LMDB alone")]
 
 
 def _service(data_dir: Optional[Path], model: str, device: str, dtype: str, must_exist: bool = False,
@@ -82,6 +86,7 @@ def index(
                                                                "the least recently used chunk KV is evicted")] = None,
     allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
                                                                           "--max-store-gb, evicting older chunk KV")] = False,
+    kv_store: KvStoreOpt = None,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -107,7 +112,7 @@ def index(
         fail(f"no documents in {', '.join(map(str, paths))}: "
              + (f"nothing indexed, {len(skipped)} skipped (listed above)" if skipped else "no files"))
     service = _service(data_dir, model, device, dtype, chunk_tokens=chunk_tokens, rechunk=rechunk,
-                       index_kind=index_kind,
+                       index_kind=index_kind, kv_store=kv_store,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/cli_for_tests.py
     # Documents of the given directories whose files are gone (or whose JSONL lines are) go first.
     removed = [] if keep_missing else service.prune(paths, docs)
@@ -178,8 +183,21 @@ def _open_readonly(data_dir: Optional[Path]):
 
 
 @store_app.command("stats")
-def store_stats(data_dir: DataDirOpt = None) -> None:
-    """Entries and bytes in the KV store, and what the registry references."""
+def store_stats(data_dir: DataDirOpt = None, kv_store: KvStoreOpt = None) -> None:
+    """Entries and bytes in the KV store, and what the registry references. With --kv-store: the
+    local cache's and the shared tier's (what this registry references there, and what it does not)."""
+    if kv_store:
+        from api.service import default_data_dir
+        from api.shared_store import stats as shared_stats
+
+        path = data_dir or default_data_dir()
+        if not (path / "kv").exists():
+            fail(f"no index in {path}")
+        try:
+            typer.echo(json.dumps(shared_stats(path, kv_store), indent=2))
+        except (ValueError, OSError) as e:
+            fail(str(e))
+        return
     path, kv, registry = _open_readonly(data_dir)
     stats = kv.stats()
     in_use = registry.kv_keys_in_use()
@@ -192,10 +210,16 @@ def store_stats(data_dir: DataDirOpt = None) -> None:
 
 @store_app.command("gc")
 def store_gc(data_dir: DataDirOpt = None,
-             as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False) -> None:
+             as_json: Annotated[bool, typer.Option("--json", help="print a JSON summary")] = False,
+             kv_store: KvStoreOpt = None,
+             shared: Annotated[bool, typer.Option("--shared", help="with --kv-store: also delete shared entries that "
+                                                  "no given registry (--data-dir and each --replica) references")] = False,
+             replica: Annotated[Optional[list[Path]], typer.Option(help="with --shared: another replica's data dir, "
+                                                                   "whose registry counts as referencing")] = None) -> None:
     """Delete KV entries no indexed chunk references (left by a crash between the KV write and the
     registry commit). Safe beside a running indexer: a chunk whose KV went missing is recomputed
-    when queried."""
+    when queried. With --kv-store: the local cache's, and on the shared tier only with --shared
+    (other replicas may reference what this registry does not)."""
     from api.service import default_data_dir
     from retrieval.registry import Registry
     from store import KVStore
@@ -203,6 +227,20 @@ def store_gc(data_dir: DataDirOpt = None,
     path = data_dir or default_data_dir()
     if not (path / "kv").exists():
         fail(f"no index in {path}")
+    if (shared or replica) and not kv_store:
+        fail("--shared and --replica need --kv-store (the shared tier)")
+    if kv_store:
+        from api.shared_store import gc as shared_gc
+        try:
+            summary = shared_gc(path, kv_store, shared, list(replica or []))
+        except (ValueError, OSError) as e:
+            fail(str(e))
+        typer.echo(json.dumps(summary) if as_json else
+                   f"removed {summary['removed']} unreferenced local KV entries, {summary['remaining']} remain; "
+                   f"shared tier: {summary['shared_removed']} removed, {summary['shared_unreferenced']} referenced "
+                   f"by no registry given, {summary['shared_remaining']} remain" +
+                   (f"\n{summary['note']}" if "note" in summary else ""))
+        return
     store = KVStore(path / "kv")
     unreferenced = sorted(set(store.keys()) - Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use())
     removed = store.delete_many(unreferenced) if unreferenced else 0
@@ -262,6 +300,7 @@ def ask(
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     threads: ThreadsOpt = None,
+    kv_store: KvStoreOpt = None,
 ) -> None:
     """Answer a question from the given chunks (--chunks) or from an indexed corpus."""
     from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling
@@ -287,7 +326,7 @@ def ask(
             fail(str(e))
         engine = load_engine(model, device, dtype)
     else:
-        service = _service(data_dir, model, device, dtype, must_exist=True,
+        service = _service(data_dir, model, device, dtype, must_exist=True, kv_store=kv_store,
                            embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/cli_for_tests.py
         engine = service.engine
         if len(service.corpus) == 0:
@@ -476,6 +515,7 @@ def serve(
     max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
     threads: ThreadsOpt = None,
+    kv_store: KvStoreOpt = None,
 ) -> None:
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
 
@@ -502,7 +542,7 @@ def serve(
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
-                                     max_upload_bytes=max_upload_bytes, log_level=log_level)
+                                     max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     import os
@@ -510,7 +550,7 @@ def serve(
     # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
-                       chunk_tokens=asked,
+                       chunk_tokens=asked, kv_store=settings.kv_store,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
     run(settings, service)
 

@@ -15,7 +15,7 @@ from blend.loader import load_model
 from blend.spec import QuerySpec
 from retrieval import Corpus, Document, Embedder, chunk_text
 from retrieval.corpus import Hit
-from store import KVStore
+from store.backend import open_kv_store
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_TOKENS = 384
@@ -66,15 +66,21 @@ class RagService:
     def __init__(self, data_dir: str | Path | None = None, *, model: str = "default", device: str = "cpu",
                  dtype: str = "float32", chunk_tokens: int = DEFAULT_CHUNK_TOKENS, index_kind: str = "flat",
                  hot_bytes: int = 1 << 30, pinned_bytes: int = 4 << 30, engine: Engine | None = None,
-                 embedder: Embedder | None = None):
+                 embedder: Embedder | None = None, kv_store: str | None = None):
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = engine or Engine(load_model(model, device=device, dtype=dtype))
         if self.engine.tokenizer is None:
             raise ValueError("the service needs a model with a tokenizer")
         self.chunk_tokens = chunk_tokens
-        self.store = KVStore(self.data_dir / "kv")
-        self.corpus = Corpus(self.data_dir / "corpus", embedder or Embedder(), index_kind=index_kind)
+        # `kv_store`: a shared tier's URL (redis://…, store/backend.py), behind the data dir's
+        # LMDB as a local cache; None: the data dir's LMDB alone
+        self.store = open_kv_store(self.data_dir / "kv", kv_store)
+        try:
+            self.corpus = Corpus(self.data_dir / "corpus", embedder or Embedder(), index_kind=index_kind)
+        except BaseException:
+            self.store.close()
+            raise
         self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=hot_bytes, cpu_bytes=pinned_bytes)
         self.model_lock = threading.Lock()
         self.write_lock = threading.Lock()

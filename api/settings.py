@@ -18,6 +18,8 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path | None = Field(None, description="index + KV store (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")
     model: str = "default"
+    kv_store: str | None = Field(None, description="a chunk-KV tier shared by every replica: redis://[user:password@]"
+                                                  "host:port/db or rediss:// (TLS); default: the data dir's LMDB alone")
     device: str = "cpu"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     chunk_tokens: int = Field(384, ge=16, le=4096, description="chunk size for documents added through the API")

@@ -33,7 +33,7 @@ import lmdb
 import torch
 
 from store.quant import kv_format as parse_format
-from store.serialize import CorruptEntry, KVHeader, decode_kv, encode_kv, finish, read_header
+from store.serialize import CorruptEntry, FingerprintMismatch, KVHeader, decode_kv, encode_kv, finish, read_header
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -342,23 +342,36 @@ class KVStore:
                 return
             self._env.set_mapsize(max(2 * current, current + 2 * need))
 
+    zero_copy = True  # entries are memory-mapped: StagedReader and streamed reads use them in place
+
+    def use_format(self, name: str) -> None:
+        """The format the KV cache writes in (the store records its own: see configure)."""
+
     def put(self, key: str, kv: torch.Tensor, fingerprint: str, meta: dict[str, Any],
-            fmt: str | None = None) -> bool:
+            fmt: str | None = None, if_absent: bool = False) -> bool:
         """Store KV (in `fmt`, by default the recorded format, else kv's own dtype) and metadata in
         one write txn: both become visible together or not at all. Under a cap, the least recently
         used entries are evicted first to make room. False (nothing stored, any older value under
-        `key` dropped) when the entry alone is larger than the cap."""
+        `key` dropped) when the entry alone is larger than the cap; with `if_absent`, also False
+        (nothing changed) when `key` already holds a value."""
+        if fmt is None:
+            fmt = self.kv_format
+        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt), meta, if_absent=if_absent)
+
+    def put_encoded(self, key: str, value: bytes, meta: dict[str, Any], if_absent: bool = False) -> bool:
+        """put() of an entry already encoded (store.serialize.encode_kv): a tier above copies one in."""
         if not isinstance(meta, dict):
             raise TypeError(f"meta must be a dict, got {type(meta).__name__}")
         k = _key(key)
-        if fmt is None:
-            fmt = self.kv_format
-        value = encode_kv(kv, fingerprint, fmt)
         meta_bytes = json.dumps(meta, ensure_ascii=False).encode("utf-8")
         size = len(value) + len(meta_bytes)
+        present = []
 
         def write(txn: lmdb.Transaction) -> bool:
             self._flush_into(txn)
+            if if_absent and txn.get(k, db=self._kv) is not None:
+                present.append(True)
+                return False
             used = self._conf_get(txn, "bytes", 0) - self._forget(txn, k)
             cap = self._conf_get(txn, "max_bytes")
             if cap is not None:
@@ -378,7 +391,7 @@ class KVStore:
             return True
 
         stored = self._txn(write, write=True, need=size)
-        if not stored:
+        if not stored and not present:
             log.warning("chunk KV %s (%d bytes) is larger than the store's cap; not stored", key[:12], size)
         return stored
 
@@ -433,6 +446,17 @@ class KVStore:
         got = self._txn(read, write=False)
         self._note_reads([k], got is not None, got is None)
         return got
+
+    def get_many_raw(self, keys: list[str], fingerprint: str | None = None) -> list:
+        """get_raw of each key: its (rows, header), None when absent, or the CorruptEntry /
+        FingerprintMismatch that makes it unusable (the store backend interface, store/backend.py)."""
+        out: list = []
+        for key in keys:
+            try:
+                out.append(self.get_raw(key, fingerprint=fingerprint))
+            except (CorruptEntry, FingerprintMismatch) as e:
+                out.append(e)
+        return out
 
     def get_entry(self, key: str, *, fingerprint: str | None = None,
                   layers: range | list[int] | None = None) -> tuple[torch.Tensor, dict] | None:

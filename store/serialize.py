@@ -113,8 +113,20 @@ def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = N
     return bytes(out)
 
 
-def read_header(buf: bytes | memoryview) -> KVHeader:
-    """Parse and verify the header and the total length, without touching the payload."""
+def header_span(buf: bytes | memoryview) -> int:
+    """The length of the header that begins `buf` (at least its fixed part): what a ranged read
+    (a remote store's GETRANGE) must fetch before the header can be verified."""
+    mv = _byte_view(buf)
+    if len(mv) < _FIXED.size:
+        raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than the fixed header")
+    fixed = _FIXED.unpack_from(mv, 0)
+    return _header_len(fixed[8], fixed[4])
+
+
+def read_header(buf: bytes | memoryview, total: int | None = None) -> KVHeader:
+    """Parse and verify the header and the total length, without touching the payload. `buf` may
+    be only the entry's first bytes (header_span of them) when `total`, the entry's length as the
+    store reports it, is given."""
     mv = _byte_view(buf)
     if len(mv) < _FIXED.size:
         raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than the fixed header")
@@ -135,8 +147,8 @@ def read_header(buf: bytes | memoryview) -> KVHeader:
     fmt = BY_CODE[code]
     layer_nbytes = fmt.layer_nbytes(n_heads, n_tokens, head_dim)
     expected = head_len + n_layers * layer_nbytes
-    if len(mv) != expected:
-        raise CorruptEntry(f"entry is {len(mv)} bytes, its header says {expected} "
+    if (len(mv) if total is None else total) != expected:
+        raise CorruptEntry(f"entry is {len(mv) if total is None else total} bytes, its header says {expected} "
                            "(truncated or extended)")
     fp_start = _FIXED.size
     crc_start = fp_start + fp_len

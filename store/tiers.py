@@ -1,7 +1,10 @@
 """ChunkKVCache: the one owner of chunk KV. A request asks it for its chunks' KV by token ids and
 gets them from the fastest tier that holds them:
 
-    device tier (GPU, or plain memory on CPU) → pinned-CPU tier → LMDB → recompute
+    device tier (GPU, or plain memory on CPU) → pinned-CPU tier → store → recompute
+
+  The store is a backend (store/backend.py): the data dir's LMDB (default), or a Redis tier
+  shared by every replica behind a local LMDB cache (store/redis_store.py).
 
 - LMDB is read in one wave per request (every layer's checksum and copy on a thread pool) or, on
   CUDA, streamed layer by layer into the prefill (`fetch(..., layers=…)`), so that reading layer
@@ -32,7 +35,7 @@ import torch
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.hashing import chunk_hash
 from store.hot import HotTier
-from store.lmdb_store import KVStore
+from store.backend import KVBackend
 from store.quant import KVFormat
 from store.quant import kv_format as parse_format
 from store.reader import LayerStream, StagedReader
@@ -81,24 +84,39 @@ class ChunkKVCache:
     for eval to measure a format); default the model's dtype, lossless."""
 
     def __init__(self, shape: KVShape, prefix_ids: Sequence[int], compute: ComputeKV, *, device: torch.device,
-                 store: KVStore | None = None, gpu_bytes: int = 1 << 30, cpu_bytes: int = 0,
+                 store: KVBackend | None = None, gpu_bytes: int = 1 << 30, cpu_bytes: int = 0,
                  stream: bool = True, read_workers: int | None = None, kv_format: str | KVFormat | None = None):
         self.shape, self.prefix_ids, self.compute = shape, list(prefix_ids), compute
         recorded = store.kv_format if store is not None else None
+        self.device, self.store = torch.device(device), store
         self.format: KVFormat = parse_format(recorded or kv_format or shape.dtype)
         self.start = len(self.prefix_ids)
-        self.device, self.store = torch.device(device), store
         cuda = self.device.type == "cuda"
         self.gpu = HotTier(gpu_bytes, device=self.device)
         self.cpu = HotTier(cpu_bytes, device="cpu", pin=True) if cuda and cpu_bytes > 0 else None
         # On CPU the reader's pool verifies a request's entries at once; its staging buffers are
         # only used where a copy to the device follows (CUDA), since cached tensors must own memory.
-        self.reader = StagedReader(store, workers=read_workers, pin=cuda) if store is not None else None
-        self.stream = stream and cuda and store is not None
+        # A store that is not memory-mapped (a shared Redis tier) is read whole, entry by entry,
+        # in one batched round trip per request (get_many_raw), never streamed.
+        mapped = store is not None and store.zero_copy
+        self.reader = StagedReader(store, workers=read_workers, pin=cuda) if mapped else None
+        self.stream = stream and cuda and mapped
         self._count_lock = threading.Lock()
         self.recomputed = 0     # entries missing, corrupt, stale or misshapen when a request needed them
         self.store_reads = 0    # entries a request read from LMDB
         self.last_stream: LayerStream | None = None  # the last streamed read, for its wait statistics
+
+    @property
+    def format(self) -> KVFormat:
+        return self._format
+
+    @format.setter
+    def format(self, fmt: KVFormat) -> None:
+        """The format entries are written and served in; the store is told (a shared store keeps
+        each format's entries apart)."""
+        self._format = fmt
+        if self.store is not None:
+            self.store.use_format(fmt.name)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -120,7 +138,8 @@ class ChunkKVCache:
             return key, True
         if self.store.contains(key):
             return key, False
-        self._write(key, ids, self.compute(ids), meta or {})
+        # if_absent: another replica that computed the chunk meanwhile keeps its value (one value)
+        self._write(key, ids, self.compute(ids), meta or {}, if_absent=True)
         return key, True
 
     def contains(self, key: str) -> bool:
@@ -136,11 +155,12 @@ class ChunkKVCache:
                 self.cpu.pop(key)
         return self.store.delete_many(keys) if self.store is not None and keys else 0
 
-    def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict) -> None:
-        """Into the store in this cache's format (quantized on kv's device; the rows then move)."""
+    def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
+        """Into the store in this cache's format (quantized on kv's device; the rows then move).
+        `if_absent`: keep a value already there (a shared store's SET NX)."""
         if self.store is not None:
             meta = {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
-            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name)
+            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name, if_absent=if_absent)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier
@@ -150,12 +170,17 @@ class ChunkKVCache:
             return kept
         return self.gpu.put(key, kept)
 
-    def _recompute(self, key: str, ids: list[int], why: str) -> torch.Tensor:
+    def _recompute(self, key: str, ids: list[int], why: str, replace: bool = True) -> torch.Tensor:
+        """`replace`: the stored value is unusable, overwrite it; otherwise (it was missing) write
+        only if nobody has meanwhile. A failed write-back is logged: the answer does not need it."""
         log.warning("chunk %s %s; recomputing", key[:12], why)
         with self._count_lock:
             self.recomputed += 1
         kv = self.compute(ids)
-        self._write(key, ids, kv, {"recomputed_at_query": True})
+        try:
+            self._write(key, ids, kv, {"recomputed_at_query": True}, if_absent=not replace)
+        except OSError as e:  # a shared tier that went away (StoreUnavailable), a full disk
+            log.warning("could not store the recomputed chunk %s: %s", key[:12], e)
         return self.format.roundtrip(kv)  # what the store now holds, so the answer is the same as from it
 
     # -- reads ------------------------------------------------------------------------------------
@@ -212,7 +237,7 @@ class ChunkKVCache:
         except (CorruptEntry, FingerprintMismatch) as e:
             return self._recompute(key, ids, f"unusable ({e})")
         if got is None:
-            return self._recompute(key, ids, "is missing")
+            return self._recompute(key, ids, "is missing", replace=False)
         with self._count_lock:
             self.store_reads += 1
         raw, head = got
@@ -225,6 +250,8 @@ class ChunkKVCache:
         recomputed (one bad entry sends the wave's chunks through the per-entry path)."""
         if self.store is None:
             return [self._keep(k, self._recompute(k, ids, "is in no tier")) for k, ids in zip(keys, chunks)]
+        if not self.store.zero_copy:
+            return self._read_cold_batched(keys, chunks)
         try:
             if self.device.type == "cuda":  # into staging buffers; the tiers copy them to the device
                 got = self.reader.read_many_raw(keys, self.shape.fingerprint)
@@ -239,7 +266,25 @@ class ChunkKVCache:
         out = []
         for key, ids, entry in zip(keys, chunks, got):
             if entry is None:
-                kv = self._recompute(key, ids, "is missing")
+                kv = self._recompute(key, ids, "is missing", replace=False)
+            elif not self.shape.fits(entry[1].shape, len(ids)):
+                kv = self._recompute(key, ids, f"stored as {entry[1].shape}, unlike the model")
+            else:
+                with self._count_lock:
+                    self.store_reads += 1
+                kv = self._decode(*entry)
+            out.append(self._keep(key, kv))
+        return out
+
+    def _read_cold_batched(self, keys: list[str], chunks: list[list[int]]) -> list[torch.Tensor]:
+        """A store read over the network: one batched read of every entry (each verified whole),
+        then whatever is absent, corrupt, another model's or misshapen is recomputed."""
+        out = []
+        for key, ids, entry in zip(keys, chunks, self.store.get_many_raw(keys, self.shape.fingerprint)):
+            if entry is None:
+                kv = self._recompute(key, ids, "is missing", replace=False)
+            elif isinstance(entry, Exception):
+                kv = self._recompute(key, ids, f"unusable ({entry})")
             elif not self.shape.fits(entry[1].shape, len(ids)):
                 kv = self._recompute(key, ids, f"stored as {entry[1].shape}, unlike the model")
             else:
