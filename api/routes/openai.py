@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
 from api import openai_compat as oa
-from api.answering import answer, finish_reason, pieces, start, wait_started
+from api.answering import answer, finish_reason, pieces, start, wait_started, while_queued
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
 from api.routes.query import INTERNAL, QUERY_ERRORS, query_params, query_response, usage
@@ -76,7 +76,8 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     params = query_params(body, prompted.question, body.top_k, max_tokens,
                           Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
     job = await oa.submit(request, service, worker, settings, params, prompted)
-    started = await wait_started(job, request)
+    # a stream's headers go out once it is queued (SSE comments while it waits for the model)
+    started = None if body.stream else await wait_started(job, request)
     cid, model = f"chatcmpl-{uuid.uuid4().hex}", service.engine.name
     want_logprobs = bool(body.logprobs)
     if not body.stream:
@@ -93,8 +94,14 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
-        yield _chunk(cid, model, {"role": "assistant", "content": ""})
+        nonlocal started
         try:
+            async for item in while_queued(job, request):
+                if isinstance(item, Started):
+                    started = item
+                else:
+                    yield item
+            yield _chunk(cid, model, {"role": "assistant", "content": ""})
             async for item in oa.generate(job, request, stops, max_tokens):
                 if isinstance(item, oa.Outcome):
                     if want_logprobs:  # all at once, once the answer is known (see api/openai_compat.py)
