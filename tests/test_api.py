@@ -523,7 +523,7 @@ BAD_REQUESTS = [
     ("chat without a user message", "POST", "/v1/chat/completions",
      {"json": {"messages": [{"role": "assistant", "content": "hi"}]}}, 422, "no user message"),
     ("chat asking for n=2", "POST", "/v1/chat/completions",
-     {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 422, "n:"),
+     {"json": {"messages": [{"role": "user", "content": "hi"}], "n": 2}}, 400, "n:"),
     ("chat with a bad mode", "POST", "/v1/chat/completions",
      {"json": {"messages": [{"role": "user", "content": "hi"}], "mode": "fast"}}, 422, "mode"),
     ("unknown route", "GET", "/v1/nothing-here", {}, 404, "no route"),
