@@ -68,6 +68,7 @@ def test_unreadable_files_are_collected_with_their_reasons(tmp_path):
 
 
 # -- the command -----------------------------------------------------------------------------------
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_folder_of_pdf_html_docx_rst_readme_and_latin1_indexes_every_file(tmp_path):
     folder = mixed_folder(tmp_path / "mixed")
     data = tmp_path / "data"
@@ -87,6 +88,7 @@ def test_folder_of_pdf_html_docx_rst_readme_and_latin1_indexes_every_file(tmp_pa
     assert "6 documents (6 unchanged)" in r.stdout and "logo.png: unsupported binary format '.png'" in r.stdout
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_folder_with_nothing_readable_exits_2_listing_every_skip(tmp_path):
     folder = tmp_path / "junk"
     folder.mkdir()
@@ -103,6 +105,7 @@ def test_folder_with_nothing_readable_exits_2_listing_every_skip(tmp_path):
     assert not (tmp_path / "d").exists()
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_two_roots_with_the_same_relative_file_names_keep_both(tmp_path):
     for name in ("a", "b"):
         mixed_folder(tmp_path / name / "docs")
@@ -114,6 +117,7 @@ def test_two_roots_with_the_same_relative_file_names_keep_both(tmp_path):
     assert ids == {f"{root}/docs/{name}" for root in ("a", "b") for name in FACTS}
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_reindex_drops_documents_whose_files_or_lines_are_gone(tmp_path):
     folder = tmp_path / "notes"
     (folder / "sub").mkdir(parents=True)
@@ -139,6 +143,7 @@ def test_reindex_drops_documents_whose_files_or_lines_are_gone(tmp_path):
     assert "heron" not in texts and "two lines" not in texts  # no longer searchable
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_reindex_with_other_chunk_tokens_is_refused_without_rechunk(tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()
@@ -162,6 +167,7 @@ def test_reindex_with_other_chunk_tokens_is_refused_without_rechunk(tmp_path):
     assert documents(data)["notes/a.md"]["n_chunks"] < chunks
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_ask_lists_its_sources_under_the_answer(tmp_path):
     folder = tmp_path / "notes"
     folder.mkdir()

@@ -1,5 +1,6 @@
-"""OpenAI-compatible chat completions (retrieval-augmented) and the model list, so the official
-clients and tools built on them can talk to ragblend unchanged."""
+"""OpenAI-compatible chat completions and completions (retrieval-augmented) and the model list, so
+the official clients and tools built on them can talk to ragblend unchanged (what they add to
+/v1/query is api/openai_compat.py's)."""
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
 from api import openai_compat as oa
-from api.answering import answer, finish_reason, pieces, start, wait_started, while_queued
+from api.answering import wait_started, while_queued
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
 from api.routes.query import INTERNAL, QUERY_ERRORS, query_params, query_response, usage
-from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatMessage, ChatRequest, Completion,
+from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatRequest, Completion,
                          CompletionChoice, CompletionRequest, ErrorOut, ModelCard, ModelList)
 from api.worker import Started
 from blend.spec import DEFAULT_MAX_TOKENS, Sampling
@@ -25,25 +26,6 @@ from blend.engine import Answer
 router = APIRouter(prefix="/v1", tags=["openai"])
 log = logging.getLogger(__name__)
 STARTED_AT = int(time.time())
-
-
-def question_of(messages: list[ChatMessage]) -> str:
-    """The last user message's text. Earlier turns and system messages are not used: the prompt's
-    head is fixed per model so that every chunk's cached KV stays valid behind it."""
-    for m in reversed(messages):
-        if m.role != "user":
-            continue
-        if isinstance(m.content, str):
-            text = m.content
-        else:
-            parts = m.content or []
-            if any(p.type != "text" for p in parts):
-                raise ApiError(400, "messages: only text content is supported")
-            text = "\n".join(p.text or "" for p in parts)
-        if not text.strip():
-            raise ApiError(422, "messages: the last user message is empty")
-        return text.strip()
-    raise ApiError(422, "messages: no user message; the last user message is the question")
 
 
 def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra) -> str:
