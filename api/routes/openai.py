@@ -130,7 +130,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     params = query_params(body, prompted.question, body.top_k, max_tokens,
                           Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
     job = await oa.submit(request, service, worker, settings, params, prompted)
-    started = await wait_started(job, request)
+    started = None if body.stream else await wait_started(job, request)  # a stream: headers once queued
     cid, model = f"cmpl-{uuid.uuid4().hex}", service.engine.name
 
     async def legacy_logprobs(outcome: oa.Outcome) -> dict | None:
@@ -162,7 +162,13 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
     async def events() -> AsyncIterator[str]:
+        nonlocal started
         try:
+            async for item in while_queued(job, request):
+                if isinstance(item, Started):
+                    started = item
+                else:
+                    yield item
             async for item in oa.generate(job, request, stops, max_tokens):
                 if isinstance(item, oa.Outcome):
                     yield chunk("", item.finish_reason, logprobs=await legacy_logprobs(item),
