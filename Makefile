@@ -6,7 +6,7 @@ RB := $(VENV)/bin/ragblend
 DATA ?= .data/demo
 QUESTION ?= Who designed the Halvard Bridge, and where was she born?
 
-.PHONY: setup demo test bench-tiny clean
+.PHONY: setup demo test browser bench-tiny clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -21,8 +21,14 @@ demo: setup
 	$(RB) index samples/corpus --data-dir $(DATA) --chunk-tokens 128
 	$(RB) ask "$(QUESTION)" --data-dir $(DATA) --top-k 4 --mode blend --ratio 0.15
 
-test: setup
+test: setup browser
 	$(VENV)/bin/pytest -q
+
+# The page test drives a real headless Chromium; installed where apt and root allow, else it skips.
+browser:
+	@command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
+	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
+	  echo "no chromium: tests/test_page.py will skip"
 
 clean:
 	rm -rf $(VENV) .data

@@ -15,7 +15,7 @@ from api.errors import install_handlers
 from api.indexer import Indexer
 from api.metrics import Metrics, RequestMetrics
 from api.middleware import BearerAuth, BodyLimit, CatchAll
-from api.routes import documents, openai, query, system
+from api.routes import documents, openai, page, query, system
 from api.service import RagService
 from api.settings import Settings
 from api.worker import ModelWorker
@@ -84,6 +84,7 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     # Declares the scheme in the OpenAPI document (the docs' "Authorize" button); BearerAuth enforces it.
     secured = [Depends(HTTPBearer(auto_error=False))] if settings.api_key else []
     app.include_router(system.router)
+    app.include_router(page.router)  # the page is open; the API calls it makes carry the key
     app.include_router(system.metrics_router, dependencies=secured)
     app.include_router(query.router, dependencies=secured)
     app.include_router(documents.router, dependencies=secured)

@@ -13,7 +13,7 @@ from api.errors import error_response
 
 log = logging.getLogger(__name__)
 INTERNAL = "internal server error (logged on the server)"
-OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PATHS = frozenset({"/", "/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIX = "/docs/static/"  # the docs pages' own scripts and styles (api/docs_page.py)
 
 
