@@ -47,6 +47,11 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
         raise ApiError(409, EMPTY_INDEX)
     # Embedding, search and tokenizing the chunks run off the event loop and off the model thread.
     retrieved, layout = await asyncio.to_thread(prepare, service, params)
+    return enqueue(worker, params, retrieved, layout)
+
+
+def enqueue(worker: ModelWorker, params: QueryParams, retrieved: Retrieved, layout: Layout) -> QueryJob:
+    """A retrieved and laid-out query into the worker's queue; a full queue is 503 + Retry-After."""
     job = QueryJob(params, asyncio.get_running_loop(), retrieved, layout)
     try:
         worker.submit(job)
@@ -57,23 +62,25 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
 
 
 async def wait_started(job: QueryJob, request: Request) -> Started:
+    """The job's Started (also kept as `job.started`), or its error raised."""
     event = await next_event(job, request)
     if isinstance(event, Failed):
         raise event.error
     assert isinstance(event, Started), event
+    job.started = event
     return event
 
 
-async def while_queued(job: QueryJob, request: Request, every_s: float = QUEUED_COMMENT_S) -> AsyncIterator[str | Started]:
+async def while_queued(job: QueryJob, request: Request, every_s: float = QUEUED_COMMENT_S) -> AsyncIterator[str]:
     """For a stream whose headers are already out: an SSE comment every `every_s` while the job
-    waits for the model (so that clients and proxies see a live connection), then its Started.
-    Raises the job's error (the caller sends it as an event)."""
+    waits for the model (so that clients and proxies see a live connection); once it ends,
+    `job.started` is set. Raises the job's error (the caller sends it as an event)."""
     waiting = asyncio.ensure_future(wait_started(job, request))
     try:
         while True:
             done, _ = await asyncio.wait({waiting}, timeout=every_s)
             if done:
-                yield waiting.result()
+                waiting.result()  # raises the job's error
                 return
             yield ": queued\n\n"
     finally:

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from api.answering import EMPTY_INDEX, finish_reason, pieces, question_token_limit
+from api.answering import EMPTY_INDEX, enqueue, finish_reason, pieces, question_token_limit
 from api.errors import ApiError
 from api.service import RagService
 from api.settings import Settings
-from api.worker import ModelWorker, QueryJob, QueryParams, QueueFull
+from api.worker import ModelWorker, QueryJob, QueryParams
 from blend.engine import Answer
 from blend.prompt import Layout
 
@@ -150,13 +150,7 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
         return retrieved, layout
 
     retrieved, layout = await asyncio.to_thread(prepare)
-    job = QueryJob(params, asyncio.get_running_loop(), retrieved, layout)
-    try:
-        worker.submit(job)
-    except QueueFull as e:
-        raise ApiError(503, f"the model's queue is full ({worker.max_queue} waiting); retry in {e.retry_after} s",
-                       headers={"Retry-After": str(e.retry_after)}) from None
-    return job
+    return enqueue(worker, params, retrieved, layout)
 
 
 # -- generation with stop sequences ------------------------------------------------------------

@@ -69,6 +69,7 @@ class QueryJob:
     def __init__(self, params: QueryParams, loop: asyncio.AbstractEventLoop, retrieved: Retrieved,
                  layout: Layout):
         self.params, self.retrieved, self.layout = params, retrieved, layout
+        self.started: Started | None = None  # once the prompt is prefilled (api.answering.wait_started)
         self.cancelled = threading.Event()
         self.enqueued_at = time.perf_counter()
         self._loop = loop

@@ -78,9 +78,9 @@ def workload(cfg: ServeBenchConfig, vocab: int, rate: float) -> tuple[list[Layou
     return layouts, arrivals
 
 
-def scheduler_for(engine: Engine, cfg: ServeBenchConfig, max_batch: int) -> Scheduler:
-    """One scheduler per batching setting, kept across rows, its decode graphs captured up front."""
-    n_tokens = random_layout(8 + 10, cfg.n_chunks, cfg.chunk_tokens, cfg.question_tokens).n_tokens + cfg.output_tokens
+def scheduler_for(engine: Engine, cfg: ServeBenchConfig, max_batch: int, n_tokens: int) -> Scheduler:
+    """One scheduler per batching setting, kept across rows, its decode graphs captured up front
+    for requests of `n_tokens` (prompt + answer)."""
     sched = Scheduler(engine, SchedulerConfig(max_batch=max_batch, slots=max_batch, slot_tokens=n_tokens + 1,
                                               max_waiting=cfg.requests + 1))
     sched.batch.warm(n_tokens, max_batch)
@@ -167,7 +167,8 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     kv = engine.kv_cache(base.prefix, gpu_bytes=UNBOUNDED, stream=False)
     for ids in base.chunks:
         kv.ensure(ids)
-    scheds = {mb: scheduler_for(engine, cfg, mb) for mb in sorted({1, cfg.max_batch}, reverse=True)}
+    n_tokens = workload(cfg, engine.model.config.vocab_size, 1.0)[0][0].n_tokens + cfg.output_tokens
+    scheds = {mb: scheduler_for(engine, cfg, mb, n_tokens) for mb in sorted({1, cfg.max_batch}, reverse=True)}
     try:
         # a few requests per mode first (prefill graphs, compilation), before anything is timed
         warm = ServeBenchConfig(**{**cfg.__dict__, "requests": 4})

@@ -78,11 +78,9 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     async def events() -> AsyncIterator[str]:
         nonlocal started
         try:
-            async for item in while_queued(job, request):
-                if isinstance(item, Started):
-                    started = item
-                else:
-                    yield item
+            async for comment in while_queued(job, request):
+                yield comment
+            started = job.started
             yield _chunk(cid, model, {"role": "assistant", "content": ""})
             async for item in oa.generate(job, request, stops, max_tokens):
                 if isinstance(item, oa.Outcome):
@@ -164,11 +162,9 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     async def events() -> AsyncIterator[str]:
         nonlocal started
         try:
-            async for item in while_queued(job, request):
-                if isinstance(item, Started):
-                    started = item
-                else:
-                    yield item
+            async for comment in while_queued(job, request):
+                yield comment
+            started = job.started
             async for item in oa.generate(job, request, stops, max_tokens):
                 if isinstance(item, oa.Outcome):
                     yield chunk("", item.finish_reason, logprobs=await legacy_logprobs(item),

@@ -83,12 +83,9 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
 
     async def events() -> AsyncIterator[str]:
         try:
-            started = None
-            async for item in while_queued(job, request):
-                if isinstance(item, Started):
-                    started = item
-                else:
-                    yield item
+            async for comment in while_queued(job, request):
+                yield comment
+            started = job.started
             async for item in pieces(job, request):
                 if isinstance(item, Answer):
                     yield sse("done", query_response(started, item, max_tokens).model_dump())
