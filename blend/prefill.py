@@ -198,6 +198,9 @@ class LayerFeed:
             self.flag_base = hostwait.device_address(arriving.flags)
         else:  # the host waits layer by layer: the reads must run ahead of it
             arriving.start()
+        # KV stored in another format (int8, fp8, …) arrives as packed rows: with flags, each
+        # layer's row is copied and decoded on the side stream straight into the cache.
+        self.packed = arriving.packed if self.flag_base is not None and self.block is not None else None
         side.wait_stream(torch.cuda.current_stream())  # the rotation tables exist before use
         if self.block is not None and self.layers:
             with torch.cuda.stream(side):  # the exact prefix KV, for every fed layer at once
@@ -225,9 +228,12 @@ class LayerFeed:
         with torch.cuda.stream(self.side), record_function("rb.fill_layer"):
             if self.flag_base is not None:
                 hostwait.wait_geq(self.side, self.flag_base + 4 * i, self.arriving.seq)
-            if self.block is not None:
+            if self.packed is not None or self.block is not None:
                 P, S = self.layout.n_prefix, self.layout.suffix_start
-                self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)
+                if self.packed is not None:
+                    self.packed.decode_into(i, self.kv[i, :, :, P:S])
+                else:
+                    self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)
                 if rotate and self.rotation is not None:
                     rotate_keys_(self.kv[i, 0, :, P:S], *self.rotation)
             else:

@@ -27,6 +27,17 @@ class ChunkKV:
 
 
 @dataclass
+class PackedLayers:
+    """A streamed request's chunk KV as stored (quantized, or a float format other than the
+    model's): per layer, every chunk's row packed side by side (store.quant) in pinned host
+    memory. `decode_into(i, out)` queues, on the current stream of out's device, the copy of layer
+    i's row there and its decoding into `out` [2, H, ΣT, D]; the caller orders it after the
+    layer's arrival (a flag wait on that stream)."""
+    rows: torch.Tensor
+    decode_into: Callable[[int, torch.Tensor], None]
+
+
+@dataclass
 class ArrivingKV:
     """A request's chunk KVs whose layers are still landing in (pinned) host memory, in the
     order `layers`: layer i of every chunk is in place once `wait(i)` returns. The prefill
@@ -35,7 +46,9 @@ class ArrivingKV:
     views of one [L, 2, H, ΣT, D] tensor side by side in layout order, lets a layer of the whole
     request move to the device in one copy. `flags` (pinned int32, one per layer): `seq` is
     written to flags[i] once layer i is in place, so a CUDA stream can wait for it instead of
-    the host; `close()` then raises if a layer turned out corrupt (the prefill is void)."""
+    the host; `close()` then raises if a layer turned out corrupt (the prefill is void).
+    `packed`: the layers as stored, for a GPU-side decode of each (then `block` is filled only by
+    `wait`, where the host waits instead)."""
     chunks: list[ChunkKV]
     layers: list[int]
     wait: Callable[[int], None]
@@ -44,6 +57,7 @@ class ArrivingKV:
     block: torch.Tensor | None = None
     flags: torch.Tensor | None = None
     seq: int = 0
+    packed: PackedLayers | None = None
 
     def wait_all(self) -> list[ChunkKV]:
         for i in self.layers:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _ALIGN = 16  # every array inside a quantized row starts 16-byte aligned (views, vector loads)
@@ -45,19 +46,52 @@ class KVFormat:
         return torch.float32 if self.quantized else self.storage
 
     # -- sizes ------------------------------------------------------------------------------
-    def _offsets(self, H: int, T: int, D: int) -> dict[str, int]:
+    # A layer row holds one or more chunks side by side (`lengths`: each one's tokens). A stored
+    # entry is one chunk; a request's streamed layer is its chunks packed into one row, so that
+    # one host→device copy and one decode call serve the whole layer, whatever the chunk count.
+    # With one chunk the two layouts are the same bytes.
+    def _offsets(self, H: int, D: int, lengths: tuple[int, ...]) -> dict[str, int]:
+        n, S = len(lengths), sum(lengths)
         if self.name == "int8":
-            o = {"ks": 0, "kz": _up(4 * H * D), "vs": 2 * _up(4 * H * D)}
-            o["q"] = o["vs"] + _up(4 * H * T)
+            o = {"ks": 0, "kz": _up(4 * n * H * D), "vs": 2 * _up(4 * n * H * D)}
+            o["q"] = o["vs"] + _up(4 * H * S)
         else:  # fp8
-            o = {"s": 0, "q": _up(4 * 2 * H)}
-        o["end"] = _up(o["q"] + 2 * H * T * D)
+            o = {"s": 0, "q": _up(4 * 2 * n * H)}
+        o["end"] = _up(o["q"] + 2 * H * S * D)
         return o
 
     def layer_nbytes(self, H: int, T: int, D: int) -> int:
+        return self.packed_nbytes(H, D, (T,))
+
+    def packed_nbytes(self, H: int, D: int, lengths: tuple[int, ...]) -> int:
         if not self.quantized:
-            return 2 * H * T * D * self.storage.itemsize
-        return self._offsets(H, T, D)["end"]
+            return 2 * H * sum(lengths) * D * self.storage.itemsize
+        return self._offsets(H, D, tuple(lengths))["end"]
+
+    def pack(self, src: np.ndarray, H: int, D: int, lengths: tuple[int, ...], j: int, dst: np.ndarray) -> None:
+        """Place chunk j's stored layer row `src` (uint8) into the packed row `dst` (uint8, of
+        packed_nbytes) of chunks `lengths`. Host-side, on the reader's threads; numpy's strided
+        copies release the GIL."""
+        lengths = tuple(lengths)
+        T, S, at = lengths[j], sum(lengths), sum(lengths[:j])
+        if not self.quantized:
+            b = D * self.storage.itemsize
+            dst.reshape(2 * H, S, b)[:, at:at + T] = src.reshape(2 * H, T, b)
+            return
+        so, do = self._offsets(H, D, (T,)), self._offsets(H, D, lengths)
+        if self.name == "fp8":
+            dst[do["s"] + 8 * H * j:do["s"] + 8 * H * (j + 1)] = src[so["s"]:so["s"] + 8 * H]
+            dst[do["q"]:do["q"] + 2 * H * S * D].reshape(2 * H, S, D)[:, at:at + T] = \
+                src[so["q"]:so["q"] + 2 * H * T * D].reshape(2 * H, T, D)
+            return
+        for name in ("ks", "kz"):
+            dst[do[name] + 4 * H * D * j:do[name] + 4 * H * D * (j + 1)] = src[so[name]:so[name] + 4 * H * D]
+        dst[do["vs"]:do["vs"] + 4 * H * S].reshape(H, 4 * S)[:, 4 * at:4 * (at + T)] = \
+            src[so["vs"]:so["vs"] + 4 * H * T].reshape(H, 4 * T)
+        m, M = H * T * D, H * S * D
+        for part in (0, 1):  # keys, then values
+            dst[do["q"] + part * M:do["q"] + (part + 1) * M].reshape(H, S, D)[:, at:at + T] = \
+                src[so["q"] + part * m:so["q"] + (part + 1) * m].reshape(H, T, D)
 
     # -- encode / decode ----------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
@@ -68,7 +102,7 @@ class KVFormat:
             if self.storage == torch.float16 and kv.dtype != torch.float16:
                 x = kv.float().clamp(-65504.0, 65504.0)
             return x.to(self.storage).contiguous().view(torch.uint8).reshape(L, -1)
-        o = self._offsets(H, T, D)
+        o = self._offsets(H, D, (T,))
         raw = torch.zeros(L, o["end"], dtype=torch.uint8, device=kv.device)
         if T == 0:
             return raw
@@ -100,35 +134,54 @@ class KVFormat:
                out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [n, layer_nbytes] (rows contiguous) → [n, 2, H, T, D] in `dtype` on raw's device;
         written into `out` (any [n, 2, H, T, D] view) when given."""
-        n = raw.shape[0]
-        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != self.layer_nbytes(H, T, D):
-            raise ValueError(f"raw rows must be uint8 [n, {self.layer_nbytes(H, T, D)}], got "
-                             f"{raw.dtype} {tuple(raw.shape)}")
+        return self.decode_packed(raw, H, D, (T,), dtype, out)
+
+    def decode_packed(self, raw: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], dtype: torch.dtype,
+                      out: torch.Tensor | None = None, chunk_of: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed rows uint8 [n, packed_nbytes] of chunks `lengths` → [n, 2, H, ΣT, D] in `dtype`
+        on raw's device (into `out` when given). A handful of kernels per call, however many
+        chunks. `chunk_of` ([ΣT] long on raw's device: each token's chunk) may be passed in when
+        the same layout decodes many times. Every element is `q·s + z` (int8 keys) or `q·s`,
+        computed as separate multiply and add, so it rounds the same whichever layout or device
+        path produced it: a chunk decodes to the same bits alone or packed with others."""
+        lengths = tuple(lengths)
+        n, S = raw.shape[0], sum(lengths)
+        want = self.packed_nbytes(H, D, lengths)
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != want:
+            raise ValueError(f"raw rows must be uint8 [n, {want}], got {raw.dtype} {tuple(raw.shape)}")
         if not self.quantized:
-            x = raw.contiguous().view(self.storage).view(n, 2, H, T, D)
+            x = raw.contiguous().view(self.storage).view(n, 2, H, S, D)
             if out is None:
                 return x if dtype == self.storage else x.to(dtype)
             return out.copy_(x)
         if out is None:
-            out = torch.empty((n, 2, H, T, D), dtype=dtype, device=raw.device)
-        if T == 0 or n == 0:
+            out = torch.empty((n, 2, H, S, D), dtype=dtype, device=raw.device)
+        if S == 0 or n == 0:
             return out
         raw = raw.contiguous()
-        o = self._offsets(H, T, D)
+        o, c = self._offsets(H, D, lengths), len(lengths)
         f32 = lambda a, b, *shape: raw[:, a:b].view(torch.float32).view(n, *shape)  # noqa: E731
+        if chunk_of is None and c > 1:
+            chunk_of = torch.repeat_interleave(torch.arange(c), torch.tensor(lengths)).to(raw.device)
         if self.name == "fp8":
-            s = f32(o["s"], o["s"] + 8 * H, 2, H)
-            q = raw[:, o["q"]:o["q"] + 2 * H * T * D].view(torch.float8_e4m3fn).view(n, 2, H, T, D)
-            out.copy_(q.float() * s[..., None, None])
+            s = f32(o["s"], o["s"] + 8 * c * H, c, 2, H)
+            q = raw[:, o["q"]:o["q"] + 2 * H * S * D].view(torch.float8_e4m3fn).view(n, 2, H, S, D)
+            s = s[:, 0] if c == 1 else s.index_select(1, chunk_of).permute(0, 2, 3, 1)  # [n, 2, H, (S)]
+            out.copy_(q.float().mul_(s[..., None] if c > 1 else s[..., None, None]))
             return out
-        ks = f32(o["ks"], o["ks"] + 4 * H * D, H, D)
-        kz = f32(o["kz"], o["kz"] + 4 * H * D, H, D)
-        vs = f32(o["vs"], o["vs"] + 4 * H * T, H, T)
-        m = H * T * D
-        kq = raw[:, o["q"]:o["q"] + m].view(n, H, T, D)
-        vq = raw[:, o["q"] + m:o["q"] + 2 * m].view(torch.int8).view(n, H, T, D)
-        out[:, 0].copy_(torch.addcmul(kz[:, :, None], kq.float(), ks[:, :, None]))
-        out[:, 1].copy_(vq.float() * vs[..., None])
+        ks = f32(o["ks"], o["ks"] + 4 * c * H * D, c, H, D)
+        kz = f32(o["kz"], o["kz"] + 4 * c * H * D, c, H, D)
+        vs = f32(o["vs"], o["vs"] + 4 * H * S, H, S)
+        m = H * S * D
+        kq = raw[:, o["q"]:o["q"] + m].view(n, H, S, D)
+        vq = raw[:, o["q"] + m:o["q"] + 2 * m].view(torch.int8).view(n, H, S, D)
+        # per-chunk scales → per token: a broadcast for one chunk, a gather for several
+        if c == 1:
+            ks_t, kz_t = ks[:, 0, :, None], kz[:, 0, :, None]                                  # [n, H, 1, D]
+        else:
+            ks_t, kz_t = (x.index_select(1, chunk_of).movedim(1, 2) for x in (ks, kz))          # [n, H, S, D]
+        out[:, 0].copy_(kq.float().mul_(ks_t).add_(kz_t))
+        out[:, 1].copy_(vq.float().mul_(vs[..., None]))
         return out
 
     def roundtrip(self, kv: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ full DMA speed and asynchronously, instead of through pageable memory). `stream`
 chunks over layer by layer, so that the GPU computes layer i while layer i+1 is still being read."""
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -15,6 +16,7 @@ from contextlib import ExitStack, suppress
 import numpy as np
 import torch
 
+from store.chunkkv import PackedLayers
 from store.lmdb_store import KVStore
 from store.serialize import CorruptEntry, KVHeader, copy_layer, open_entry, to_kv
 
@@ -36,12 +38,15 @@ class LayerStream:
 
     def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], plan: list[Job],
                  pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0,
-                 decode: Callable[[int], None] | None = None):
+                 decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
         # Entries stored in another format than the block's land as raw rows first; `decode(i)`
         # then turns layer i of every chunk into the block (on its device), once, in wait(i).
         self._decode, self._decoded = decode, set()
+        # ... and with flags, a CUDA prefill may instead copy and decode each layer's packed row
+        # itself, on its own stream, without the host waiting (see PackedLayers).
+        self.packed = packed
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
         self._plan, self._pool = plan, pool
@@ -216,12 +221,13 @@ class StagedReader:
         ValueError for entries of different models, before anything is queued.
 
         Entries stored in their float dtype, wanted in it (`dtype` None or the same), land as
-        they are, in host memory, with arrival flags a GPU stream can wait on. Any other
-        (quantized entries, or a float format other than `dtype`) lands as raw rows, layer by
-        layer side by side; `wait(i)` then decodes layer i of every chunk into the block, which is
-        on `device`: on CUDA one host→device copy of the small rows per layer, dequantized there
-        on a stream of the reader's, which `wait(i)` waits for. Such a stream has no flags: the
-        prefill's host waits for each layer (and the reads all start up front)."""
+        they are, in host memory. Any other (quantized entries, or a float format other than
+        `dtype`) land as packed raw rows, every chunk of a layer side by side in one row
+        (`stream.packed`), and `wait(i)` decodes layer i into the block, which is on `device`.
+        Either way the arrival of each layer is announced on the flags: a CUDA prefill waits for
+        them on its own stream and, for packed rows, copies and dequantizes each layer there, so
+        the host never waits per layer. All of a stream's entries must share one format
+        (ValueError otherwise: the caller reads them whole)."""
         resources = ExitStack()
         try:
             txn = resources.enter_context(self.store.snapshot())
@@ -256,55 +262,71 @@ class StagedReader:
                 # layer-major, so that layers arrive in the order they are consumed
                 plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
                 decode = None
+                packed = None
             else:
-                block, plan, decode, spans = self._decoding_plan(opened, layers, total, dtype, device)
+                block, plan, decode, spans, packed = self._packed_plan(opened, layers, dtype, device)
         except BaseException:
             resources.close()
             raise
         self.store.touch(keys)
         self._seq += 1
-        flags = self.flags if direct and n_layers <= self.flags.numel() else None
+        flags = self.flags if n_layers <= self.flags.numel() else None
         return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.pool, resources,
-                           flags, self._seq, decode)
+                           flags, self._seq, decode, packed)
 
-    def _decoding_plan(self, opened: list, layers: list[int], total: int, dtype: torch.dtype | None,
-                       device: torch.device | str | None):
-        """Raw rows of every chunk side by side per layer ([L, Σ layer_nbytes] staging), and the
-        decode of one layer of them into a [L, 2, H, ΣT, D] block on `device`."""
+    def _packed_plan(self, opened: list, layers: list[int], dtype: torch.dtype | None,
+                     device: torch.device | str | None):
+        """Entries not usable as they are (quantized, or a float format other than `dtype`): each
+        layer's rows of every chunk packed side by side into one pinned row ([L, packed bytes]
+        staging; store.quant's packed layout), and the block [L, 2, H, ΣT, D] on `device` that
+        `decode(i)` turns layer i into. The packed rows are also handed out (PackedLayers), so a
+        CUDA prefill can copy and dequantize each layer on its own stream once its flag is set."""
         n_layers, _, heads, _, dim = opened[0][2].shape
-        dtype = dtype or torch.float32
+        fmt = opened[0][2].fmt
+        for key, _, head in opened:
+            if head.fmt != fmt:
+                raise ValueError(f"entry {key} is stored as {head.fmt.name}, unlike {opened[0][0]} ({fmt.name})")
+        lengths = tuple(head.shape[3] for _, _, head in opened)
+        dtype = dtype or fmt.natural_dtype
         device = torch.device(device or "cpu")
-        width = sum(head.layer_nbytes for _, _, head in opened)
+        width = fmt.packed_nbytes(heads, dim, lengths)
         raw = self._staging(n_layers * width, 0)[:n_layers * width].view(n_layers, width)
         rows = raw.numpy()
-        spans, at, col = [], 0, 0
+        spans, at = [], 0
         for key, mv, head in opened:
-            spans.append((key, mv, head, col, at, at + head.shape[3]))
+            spans.append((key, mv, head, at, at + head.shape[3]))
             at += head.shape[3]
-            col += head.layer_nbytes
-        plan = [(i, key, mv, head, rows[i, c:c + head.layer_nbytes]) for i in layers for key, mv, head, c, _, _ in spans]
-        block = torch.empty((n_layers, 2, heads, total, dim), dtype=dtype, device=device)
+        plan = [(i, key, mv, head, functools.partial(fmt.pack, H=heads, D=dim, lengths=lengths, j=j, dst=rows[i]))
+                for i in layers for j, (key, mv, head, _, _) in enumerate(spans)]
+        block = torch.empty((n_layers, 2, heads, at, dim), dtype=dtype, device=device)
         cuda = device.type == "cuda"
+        chunk_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+        if cuda:
+            chunk_of = chunk_of.pin_memory().to(device, non_blocking=True)
+
+        def decode_into(i: int, out: torch.Tensor) -> None:
+            """Layer i's packed row → `out` [2, H, ΣT, D], queued on the current stream of out's
+            device (from pinned memory the copy is asynchronous)."""
+            row = raw[i].to(out.device, non_blocking=True) if out.device.type == "cuda" else raw[i]
+            fmt.decode_packed(row[None], heads, dim, lengths, out.dtype, out=out[None],
+                              chunk_of=chunk_of if len(lengths) > 1 else None)
+
         side = torch.cuda.Stream(device) if cuda else None
         if cuda:  # the block's memory may have been freed by work still queued on the compute stream
             side.wait_stream(torch.cuda.current_stream(device))
 
         def decode(i: int) -> None:
-            def run() -> None:
-                row = raw[i].to(device, non_blocking=True) if cuda else raw[i]
-                for _, _, head, c, lo, hi in spans:
-                    head.fmt.decode(row[c:c + head.layer_nbytes].view(1, -1), heads, hi - lo, dim, dtype,
-                                    out=block[i:i + 1, :, :, lo:hi])
+            """Where nothing waits on flags: layer i into the block, whole before this returns."""
             if not cuda:
-                run()
+                decode_into(i, block[i])
                 return
             with torch.cuda.stream(side):
-                run()
+                decode_into(i, block[i])
                 done = torch.cuda.Event()
                 done.record(side)
-            done.synchronize()  # the staging row is free again, and block[i] is whole, before wait(i) returns
+            done.synchronize()  # the staging row is free again, and block[i] is whole
 
-        return block, plan, decode, [(key, mv, head, lo, hi) for key, mv, head, _, lo, hi in spans]
+        return block, plan, decode, spans, PackedLayers(raw, decode_into)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

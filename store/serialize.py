@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
@@ -201,14 +202,19 @@ def to_kv(raw: torch.Tensor, head: KVHeader, dtype: torch.dtype | None = None,
     return head.fmt.decode(raw, H, T, D, head.dtype if dtype is None else dtype)
 
 
-def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray) -> None:
+def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray | Callable[[np.ndarray], None]) -> None:
     """Verify layer i's checksum and copy its bytes to `dst`, any byte array of the layer's size,
-    strided or not (crc32 and the copy release the GIL, so layers copy in parallel on a pool)."""
+    strided or not, or hand them (uint8, read-only) to `dst` to place (crc32 and the copy release
+    the GIL, so layers copy in parallel on a pool)."""
     start = head.payload_offset + i * head.layer_nbytes
     span = mv[start:start + head.layer_nbytes]
     if zlib.crc32(span) != head.layer_crcs[i]:
         raise CorruptEntry(f"checksum mismatch in layer {i}")
-    dst[...] = np.frombuffer(span, dtype=np.uint8).reshape(dst.shape)
+    src = np.frombuffer(span, dtype=np.uint8)
+    if callable(dst):
+        dst(src)
+    else:
+        dst[...] = src.reshape(dst.shape)
 
 
 def finish(jobs: list[Future]) -> None:

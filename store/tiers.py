@@ -297,9 +297,10 @@ class ChunkKVCache:
     def _stream(self, keys: list[str], chunks: list[list[int]], layers: list[int]) -> ArrivingKV | None:
         """Every entry's header checked (bad or absent ones recomputed into the store first), then
         the reads planned; None when an entry changed in between (the caller reads it whole).
-        Entries in the model's dtype stream into pinned memory with arrival flags; quantized ones
-        (or another float format) stream as stored and are dequantized on the GPU layer by layer,
-        with the host waiting for each layer (see StagedReader.stream)."""
+        Entries in the model's dtype stream into pinned memory; quantized ones (or another float
+        format) stream as stored, packed per layer, and are dequantized on the GPU. Both announce
+        each layer on arrival flags, which the prefill's side stream waits on (see
+        StagedReader.stream)."""
         for key, ids in zip(keys, chunks):
             try:
                 head = self.store.header(key)
@@ -321,7 +322,7 @@ class ChunkKVCache:
         with self._count_lock:
             self.store_reads += len(keys)
         return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, s.close, s.start,
-                          s.block, s.flags, s.seq)
+                          s.block, s.flags, s.seq, s.packed)
 
     def stats(self) -> dict:
         gpu = self.gpu.stats()

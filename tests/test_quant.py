@@ -126,20 +126,40 @@ def test_a_store_written_in_one_format_is_read_in_it_after_a_restart(tmp_path):
         assert compute.calls == 1 and all(torch.equal(a.kv, b.kv) for a, b in zip(got, again))
 
 
-@pytest.mark.parametrize("name", ["int8", "bfloat16"])
+@pytest.mark.parametrize("name", ["int8", "fp8", "bfloat16"])
 def test_a_streamed_read_decodes_each_layer_like_a_whole_read(name, tmp_path):
+    """Quantized entries (and a float format wanted in another dtype) stream as packed rows with
+    arrival flags; a layer decoded from them, by wait() or by the GPU-side decode_into, equals the
+    same layer of each entry read whole, bit for bit."""
     with KVStore(tmp_path / "kv") as store:
         kvs = {f"k{i}": realistic_kv(L=4, H=2, T=5 + 3 * i, D=16, seed=i) for i in range(3)}
         for k, kv in kvs.items():
             store.put(k, kv, FP, {}, fmt=name)
         reader = StagedReader(store, workers=2, slots=4, pin=False)
-        with reader.stream(["k2", "k0"], [3, 1, 2], FP, dtype=torch.float32) as s:
-            assert s.flags is None  # decoded layers are waited for by the host
+        keys = ["k2", "k0", "k1"]
+        with reader.stream(keys, [3, 1, 2], FP, dtype=torch.float32) as s:
+            assert s.flags is not None and s.packed is not None
             for i in (3, 1, 2):
                 s.wait(i)
-            for t, k in zip(s.tensors, ["k2", "k0"]):
-                whole = store.get(k, fingerprint=FP, dtype=torch.float32)
+                assert int(s.flags[i]) == s.seq  # announced once in place
+            assert int(s.flags[0]) != s.seq      # a layer not asked for is never announced
+            wholes = [store.get(k, fingerprint=FP, dtype=torch.float32) for k in keys]
+            for t, whole in zip(s.tensors, wholes):
                 assert torch.equal(t[1:], whole[1:])
+            for i in (1, 2, 3):
+                out = torch.full((2, 2, s.block.shape[3], 16), float("nan"))
+                s.packed.decode_into(i, out)
+                assert torch.equal(out, torch.cat([w[i] for w in wholes], dim=2))
+        reader.close()
+
+
+def test_a_stream_of_entries_in_different_formats_is_refused_before_any_read(tmp_path):
+    with KVStore(tmp_path / "kv") as store:
+        store.put("a", realistic_kv(L=2, H=2, T=4, D=16), FP, {}, fmt="int8")
+        store.put("b", realistic_kv(L=2, H=2, T=4, D=16, seed=1), FP, {}, fmt="fp8")
+        reader = StagedReader(store, workers=2, slots=4, pin=False)
+        with pytest.raises(ValueError, match="stored as fp8"):
+            reader.stream(["a", "b"], [0, 1], FP, dtype=torch.float32)
         reader.close()
 
 
@@ -197,6 +217,40 @@ def test_eviction_under_a_small_cap_keeps_greedy_answers_equal_to_the_uncapped_s
         store.close()
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("mode,ratio", [("reuse", 0.0), ("blend", 0.15)])
+def test_a_quantized_stream_answers_bit_for_bit_like_the_same_entries_read_whole(name, mode, ratio, tmp_path,
+                                                                                tiny_engines):
+    """CPU: the chunks streamed from LMDB (packed rows, decoded per layer) give the prefill the
+    very KV that reading each entry whole gives: same logits to the bit, same greedy tokens."""
+    from store.chunkkv import ArrivingKV, ChunkKV
+
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout(seed=4)
+    store = KVStore(tmp_path / "kv")
+    store.configure(kv_format=name)
+    whole = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, stream=False)
+    for ids in layout.chunks:
+        whole.ensure(ids)
+    reader = StagedReader(store, workers=2, pin=False)
+    layers = list(range(engine.parts.n_layers))
+    spec = BlendConfig(ratio=ratio)
+
+    def streamed() -> ArrivingKV:
+        s = reader.stream([whole.key(ids) for ids in layout.chunks], layers, engine.fingerprint,
+                          dtype=engine.parts.dtype)
+        assert s.packed is not None
+        return ArrivingKV([ChunkKV(t, whole.start) for t in s.tensors], layers, s.wait, s.close, s.start,
+                          s.block, s.flags, s.seq, s.packed)
+
+    a = engine.prefill(layout, mode, streamed(), spec)
+    b = engine.prefill(layout, mode, whole.fetch(layout.chunks), spec)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.kv, b.kv)
+    reader.close()
+    whole.close()
+    store.close()
+
+
 def _index(root: Path, data: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "api.cli", "index", str(root), "--data-dir", str(data),
                            "--model", "random:tiny-smol", "--chunk-tokens", "48", "--json", *extra],
@@ -227,16 +281,24 @@ def test_index_prints_its_estimate_refuses_past_the_cap_and_evicts_when_told(tmp
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["int8", "fp8"])
-@pytest.mark.parametrize("mode,ratio", [("reuse", 0.0), ("blend", 0.15)])
-def test_quantized_kv_streamed_to_the_gpu_answers_like_the_same_format_in_gpu_memory(name, mode, ratio, tmp_path):
-    """On CUDA: quantized rows stream from LMDB as stored, are dequantized on the GPU layer by
-    layer (the host waits for each, no arrival flags), and answer as the same format's KV held
-    in GPU memory does; reading them whole (no stream) does too."""
+@pytest.mark.parametrize("mode,ratio,selection", [("reuse", 0.0, "value"), ("blend", 0.15, "value"),
+                                                  ("blend", 0.15, "lookahead")])
+def test_quantized_kv_streamed_to_the_gpu_answers_like_the_same_format_in_gpu_memory(name, mode, ratio, selection,
+                                                                                    tmp_path, monkeypatch):
+    """On CUDA: quantized rows stream from LMDB packed per layer, with arrival flags the side
+    stream waits on, and are copied and dequantized there (no host wait per layer). That answer
+    is bit-identical to the same stream decoded with the host waiting per layer; it equals
+    (greedy tokens; logits within bf16 rounding of the graph path) the same format's KV held in
+    GPU memory and read whole. A corrupt layer voids the prefill and the request recovers by
+    recomputing that chunk, like a float stream."""
+    from blend import hostwait
     from blend.engine import Engine
     from blend.loader import LoadedModel, fingerprint
     from blend.shapes import random_model
     from store.chunkkv import ArrivingKV
+    from store.serialize import CorruptEntry
 
+    assert hostwait.available()
     model = random_model("tiny-llama", dtype=torch.bfloat16, device="cuda", seed=0, std=0.1)
     engine = Engine(LoadedModel(model, None, "tiny-llama", fingerprint(model)), cuda_graphs=True, graph_tokens=1024)
     layout = make_layout()
@@ -249,17 +311,33 @@ def test_quantized_kv_streamed_to_the_gpu_answers_like_the_same_format_in_gpu_me
     whole = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, stream=False)
     for ids in layout.chunks:
         streamed.ensure(ids)
-    spec = QuerySpec(mode, BlendConfig(ratio=ratio), max_tokens=16)
+    spec = QuerySpec(mode, BlendConfig(ratio=ratio, selection=selection), max_tokens=16)
     kvs = engine.load_chunks(layout, mode, streamed, spec.blend)
-    assert isinstance(kvs, ArrivingKV) and kvs.flags is None and kvs.block.device.type == "cuda"
+    assert isinstance(kvs, ArrivingKV) and kvs.flags is not None and kvs.packed is not None
     kvs.close()
     engine.generate(layout, spec, mem).run()  # warm-up: the first run on a fresh engine captures its graphs
     ref = engine.generate(layout, spec, mem).run()
-    for source in (streamed, whole):
-        got = engine.generate(layout, spec, source).run()
+    gpu_side = engine.generate(layout, spec, streamed).run()
+    with monkeypatch.context() as m:
+        m.setattr(hostwait, "available", lambda: False)
+        host_waited = engine.generate(layout, spec, streamed).run()
+    assert gpu_side.token_ids == host_waited.token_ids
+    assert torch.equal(gpu_side.first_logits, host_waited.first_logits)
+    for got in (gpu_side, engine.generate(layout, spec, whole).run()):
         assert got.token_ids == ref.token_ids
         assert (got.first_logits - ref.first_logits).abs().max().item() < 0.02 * max(1.0, ref.first_logits.abs().max().item())
     assert streamed.recomputed == 0 and whole.recomputed == 0
+
+    bad = streamed.key(layout.chunks[1])
+    raw = bytearray(store._env.begin(db=store._kv).get(bad.encode()))
+    raw[-5] ^= 0x10  # in the last layer's values
+    with store._env.begin(write=True, db=store._kv) as txn:
+        txn.put(bad.encode(), bytes(raw))
+    kvs = engine.load_chunks(layout, mode, streamed, spec.blend)
+    with pytest.raises(CorruptEntry, match=f"entry {bad}"):  # the prefill alone reports it
+        engine.prefill(layout, mode, kvs, spec.blend)
+    again = engine.generate(layout, spec, streamed).run()  # the query path recomputes the chunk
+    assert again.token_ids == ref.token_ids and streamed.recomputed == 1
     for c in (streamed, whole, mem):
         c.close()
     store.close()
