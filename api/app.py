@@ -42,6 +42,11 @@ def make_service(settings: Settings) -> RagService:
     check_model(path, engine.name, engine.fingerprint)  # one data dir per model (api/datadir.py)
     service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens, kv_store=settings.kv_store)
     bind_model(path, engine.name, engine.fingerprint)
+    if service.kv.stream and settings.max_ratio > 0:  # chunk KV streams into the prefill: loading can hide recompute
+        from blend.loading import LoadingController, calibrate
+
+        engine.loading = LoadingController(calibrate(engine), ceiling=settings.max_ratio)
+        log.info("loading controller calibrated: %s", engine.loading.cost)
     return service
 
 
@@ -104,6 +109,8 @@ def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
     kv = svc.kv.stats()
     return {"hot_hits": kv["gpu_hits"] + kv["cpu_hits"], "hot_misses": kv["store_reads"] + kv["recomputed"],
             "hot_bytes": kv["gpu_bytes"] + kv["cpu_bytes"], "kv_recomputed": kv["recomputed"],
+            "gpu_reads": kv["gpu_hits"], "cpu_reads": kv["cpu_hits"], "store_reads": kv["store_reads"],
+            "gpu_budget": kv["gpu_max_bytes"], "cpu_budget": kv["cpu_max_bytes"],
             "queue_depth": worker.depth, "busy": int(worker.busy), **worker.snapshot(),
             "index_pending": indexer.pending, "index_chunks": len(svc.corpus)}
 

@@ -12,6 +12,7 @@ import typer
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
                             load_engine, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
+from store.quant import DEFAULT_FORMAT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
@@ -388,8 +389,12 @@ def bench(
     profile: Annotated[bool, typer.Option(help="also profile reuse and blend r=0.15 per tier (CUDA)")] = False,
     selections: Annotated[str, typer.Option(help="also time blend r=0.15 with each of these selections "
                                                  "(comma-separated; '' for none)")] = "",
+    kv_dtypes: Annotated[str, typer.Option("--kv-dtype", help="the LMDB tier in each of these stored formats, "
+                                           "comma-separated (int8, fp8, bfloat16, float16, float32); the first "
+                                           "row is the default served configuration")] = DEFAULT_FORMAT,
 ) -> None:
-    """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
+    """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape, every
+    cell timed in turns; the headline row is what a default install serves."""
     from blend.bench import BenchConfig, run_bench, write
     from blend.shapes import SHAPES
 
@@ -414,10 +419,15 @@ def bench(
         sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
     except ValueError:
         fail("--sweep takes comma-separated token counts")
+    from store.quant import kv_format
+    try:
+        formats = tuple(dict.fromkeys(kv_format(x).name for x in kv_dtypes.split(",") if x.strip()))
+    except (ValueError, TypeError) as e:
+        fail(f"--kv-dtype: {e}")
     cfg = BenchConfig(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), chunks,
-                      chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list, warmup,
-                      runs, sweep_list, check_layer, sel_list, out / "profile" if profile else None,
-                      None if random_weights else model)
+                      chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list,
+                      formats or (DEFAULT_FORMAT,), warmup, runs, sweep_list, check_layer, sel_list,
+                      out / "profile" if profile else None, None if random_weights else model)
     result = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
 

@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from retrieval import Document, chunk_text
-from store.quant import default_format, kv_format
+from store.quant import DEFAULT_FORMAT, kv_format
 from store.serialize import entry_nbytes
 
 GB = 10**9
@@ -16,11 +16,10 @@ _DISK_SLACK = 1.05  # LMDB pages and the registry/vectors beside the KV: 5% over
 
 
 def apply_store_settings(service, kv_dtype: str | None, max_store_gb: float | None) -> dict:
-    """Record the store's format (asked for, else the recorded one, else the default for the
-    model's dtype) and its cap (0 removes it), and make the service's KV cache write in that
+    """Record the store's format (asked for, else the recorded one, else the default) and its cap (0 removes it), and make the service's KV cache write in that
     format; returns them. ValueError for an unknown format, or one the store's entries are not in."""
     store = service.store
-    fmt = kv_format(kv_dtype).name if kv_dtype else (store.kv_format or default_format(service.kv.shape.dtype).name)
+    fmt = kv_format(kv_dtype).name if kv_dtype else (store.kv_format or DEFAULT_FORMAT)
     cap = {} if max_store_gb is None else {"max_bytes": None if max_store_gb == 0 else int(max_store_gb * GB)}
     if max_store_gb is not None and max_store_gb < 0:
         raise ValueError("--max-store-gb must be ≥ 0 (0 removes the cap)")

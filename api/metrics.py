@@ -39,6 +39,9 @@ class Metrics:
         self.tokens = Counter("ragblend_tokens_generated", "tokens generated", registry=r)
         self.prompt_tokens = Counter("ragblend_prompt_tokens", "prompt tokens of answered queries: KV "
                                      "reused from cache, or computed", ["kv"], registry=r)
+        self.ratio = Histogram("ragblend_recompute_ratio", "blend: the share of chunk tokens recomputed (the "
+                               "loading controller may raise it above the asked ratio while KV streams)",
+                               buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0), registry=r)
         self.guard_raised = Counter("ragblend_guard_raised", "blend queries whose quality guard raised "
                                     "the recompute ratio", registry=r)
         self.rejected = Counter("ragblend_queue_rejections", "requests refused because a queue was full",
@@ -70,7 +73,16 @@ class _Snapshot:
                                   value=s["hot_misses"])
         yield CounterMetricFamily("ragblend_kv_recomputed", "chunk KVs missing, corrupt or stale at query time",
                                   value=s["kv_recomputed"])
+        tiers = CounterMetricFamily("ragblend_kv_tier_reads", "chunk KVs a query read, by the tier that held "
+                                    "them (gpu, cpu: the hot tiers; store: LMDB or the shared tier)", labels=["tier"])
+        for tier in ("gpu", "cpu", "store"):
+            tiers.add_metric([tier], s[f"{tier}_reads"])
+        yield tiers
         yield GaugeMetricFamily("ragblend_hot_tier_bytes", "bytes held by the hot tier", value=s["hot_bytes"])
+        budgets = GaugeMetricFamily("ragblend_kv_tier_budget_bytes", "byte budget of each hot tier", labels=["tier"])
+        for tier in ("gpu", "cpu"):
+            budgets.add_metric([tier], s[f"{tier}_budget"])
+        yield budgets
         yield GaugeMetricFamily("ragblend_queue_depth", "queries waiting for the model", value=s["queue_depth"])
         yield GaugeMetricFamily("ragblend_model_busy", "1 while a query holds the model", value=s["busy"])
         yield GaugeMetricFamily("ragblend_sequences_running", "sequences decoding in the batch", value=s["running"])

@@ -10,7 +10,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from api.settings import MAX_TOKENS_HARD
 from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
                              metadata_problem, text_problem)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
 MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
@@ -38,8 +38,10 @@ def _unicode(value: str | None) -> str | None:
 DocId = Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS), AfterValidator(_valid_id)]
 
 TopK = Annotated[int, Field(strict=True, ge=1, le=MAX_TOP_K, description="chunks to retrieve")]
-Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False,
-                               description="blend: share of chunk tokens recomputed")]
+Ratio = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, description=(
+    "blend: share of chunk tokens recomputed. Given, it is used as is; left out, the server starts "
+    f"from {DEFAULT_RATIO} and, on a GPU, raises it (up to its --max-ratio) as far as the time the chunk "
+    "KV takes to stream from disk hides the extra recompute; the ratio used is in the response"))]
 MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
                                  description="answer length cap (the server's --max-tokens caps it further)")]
 CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
@@ -73,8 +75,11 @@ class BlendFields(BaseModel):
         return self
 
     def blend_config(self) -> BlendConfig:
+        """A ratio the request names is pinned; left out, it is the default, which the server's
+        loading controller may raise while the chunk KV streams (blend/loading.py)."""
+        pinned = "ratio" in self.model_fields_set
         return BlendConfig(self.ratio, self.check_layer, self.selection or self.deviation or DEFAULT_SELECTION,
-                           self.guard)
+                           self.guard, max_ratio=None if pinned or self.ratio > DEFAULT_MAX_RATIO else DEFAULT_MAX_RATIO)
 
 
 class QueryRequest(BlendFields):

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
+from blend.spec import DEFAULT_MAX_RATIO
+
 MAX_TOKENS_HARD = 8192  # no request may ask for more, whatever the settings say
 
 
@@ -29,6 +31,9 @@ class Settings(BaseModel):
     max_batch: int = Field(16, ge=1, le=256, description="queries decoded together in one batched step (1: one at a time)")
     kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: 30% of free "
                                                               "GPU memory, 4096 MiB on CPU)")
+    max_ratio: float = Field(DEFAULT_MAX_RATIO, ge=0.0, le=1.0, description="on a GPU, how far the loading controller "
+                             "may raise the recompute ratio of a blend query that names none, while its chunk KV "
+                             "streams from disk (0: never)")
     slot_tokens: int = Field(4096, ge=64, le=1 << 20, description="most prompt + answer tokens of one query")
     max_index_jobs: int = Field(64, ge=1, le=10_000, description="indexing jobs waiting; more are refused (503)")
     max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_HARD, description="cap on a request's max_tokens")

@@ -10,39 +10,28 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
 from blend.engine import UNBOUNDED, Engine, sync
+from blend.loading import LoadingController, calibrate
 from blend.loader import LoadedModel, fingerprint
 from blend.prompt import Layout
-from blend.shapes import random_model
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_RATIO, DEFAULT_SELECTION, BlendConfig, Mode, QuerySpec
+from blend.sequence import Answer
+from blend.shapes import random_layout, random_model  # noqa: F401  (random_layout: bench_serve's too)
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_RATIO, DEFAULT_SELECTION, BlendConfig, Mode, QuerySpec
 from store import KVStore
+from store.quant import DEFAULT_FORMAT
 from store.tiers import ChunkKVCache, ChunkKVSource
-
-
-def timed(fn: Callable[[], object], device: torch.device, warmup: int, runs: int) -> dict:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
-    return {"median_ms": statistics.median(times), "p90_ms": times[min(len(times) - 1, int(0.9 * len(times)))],
-            "runs": runs}
 
 
 def timed_together(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
                    runs: int) -> dict[str, dict]:
-    """Like `timed` for several functions, run in turns (a, b, c, a, b, c, …), so that a drift
-    of the machine (clocks, temperature, neighbours) falls on all of them alike."""
+    """Median and p90 wall time (device synchronized) of several functions, run in turns (a, b,
+    c, a, b, c, …), so that a drift of the machine (clocks, temperature, neighbours) falls on all
+    of them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -62,46 +51,48 @@ def timed_together(fns: dict[str, Callable[[], object]], device: torch.device, w
     return out
 
 
-def random_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int,
-                  prefix_tokens: int = 32, seed: int = 0) -> Layout:
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda n: torch.randint(10, vocab, (n,), generator=g).tolist()  # noqa: E731
-    return Layout(ids(prefix_tokens), [ids(chunk_tokens) for _ in range(n_chunks)], ids(question_tokens))
-
-
 class Tiers:
     """The same chunk KVs behind each tier, as configurations of the cache the service uses: held
-    in device memory, in pinned CPU memory, or in an LMDB store (streamed layer by layer on CUDA,
-    or read whole before the prefill: `lmdb-whole`)."""
+    in device memory, in pinned CPU memory, or in an LMDB store in each of `formats` (`lmdb:F`,
+    streamed layer by layer on CUDA; `lmdb-whole:F`, read whole before the prefill)."""
 
-    def __init__(self, engine: Engine, layout: Layout, tiers: Sequence[str], workdir: Path):
-        self.store = None
+    def __init__(self, engine: Engine, layout: Layout, tiers: Sequence[str], formats: Sequence[str], workdir: Path,
+                 whole: bool = False):
+        self.stores: list[KVStore] = []
         self.caches: dict[str, ChunkKVCache] = {}
         for tier in tiers:
             if tier == "gpu":
-                cache = engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED)
+                self._add(tier, engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED), layout)
             elif tier == "cpu":  # pinned host memory (on a CPU device, plain memory: the device tier)
                 on_cpu = engine.device.type == "cpu"
-                cache = engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED if on_cpu else 0, cpu_bytes=UNBOUNDED)
+                self._add(tier, engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED if on_cpu else 0,
+                                                cpu_bytes=UNBOUNDED), layout)
             else:
-                if self.store is None:
-                    self.store = KVStore(workdir / "kv.lmdb", map_size=1 << 32)
-                cache = engine.kv_cache(layout.prefix, store=self.store, gpu_bytes=0, cpu_bytes=0,
-                                        stream=tier == "lmdb")
-            for ids in layout.chunks:
-                cache.ensure(ids)
-            self.caches[tier] = cache
+                for fmt in formats:
+                    store = KVStore(workdir / f"kv-{fmt}.lmdb", map_size=1 << 32)
+                    store.configure(kv_format=fmt)
+                    self.stores.append(store)
+                    self._add(f"lmdb:{fmt}", engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0),
+                              layout)
+                    if whole:
+                        self._add(f"lmdb-whole:{fmt}", engine.kv_cache(layout.prefix, store=store, gpu_bytes=0,
+                                                                       cpu_bytes=0, stream=False), layout)
+
+    def _add(self, name: str, cache: ChunkKVCache, layout: Layout) -> None:
+        for ids in layout.chunks:
+            cache.ensure(ids)
+        self.caches[name] = cache
 
     def close(self) -> None:
         for cache in self.caches.values():
             cache.close()
-        if self.store is not None:
-            self.store.close()
+        for store in self.stores:
+            store.close()
 
 
-def ttft(engine: Engine, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> int:
+def ttft(engine: Engine, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> Answer:
     """The served path (engine.generate) to its first token, which is then on the host."""
-    return engine.generate(layout, replace(spec, max_tokens=1), kv).run().token_ids[0]
+    return engine.generate(layout, replace(spec, max_tokens=1), kv).run()
 
 
 @dataclass(frozen=True)
@@ -114,6 +105,7 @@ class BenchConfig:
     question_tokens: int = 64
     ratios: tuple[float, ...] = (0.05, 0.15, 0.3)
     tiers: tuple[str, ...] = ("gpu", "cpu", "lmdb")
+    kv_formats: tuple[str, ...] = (DEFAULT_FORMAT,)  # the LMDB tier in each of these stored formats
     warmup: int = 3
     runs: int = 10
     sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
@@ -127,11 +119,22 @@ class BenchConfig:
 
 
 TIERS = ("gpu", "cpu", "lmdb")
+# The configuration a default install serves: `ragblend index` stores DEFAULT_FORMAT in LMDB, and
+# `serve` reads a request's chunks from there (streamed on CUDA) and blends them with QuerySpec's
+# defaults. The bench's headline row is exactly this.
+SERVED_TIER = f"lmdb:{DEFAULT_FORMAT}"
+
+
+def served_spec(cfg: BenchConfig) -> QuerySpec:
+    """What `serve` makes of a query that names no prefill settings: blend at the default ratio,
+    which the loading controller may raise up to DEFAULT_MAX_RATIO while the KV streams."""
+    return QuerySpec(Mode.BLEND, BlendConfig(check_layer=cfg.check_layer, max_ratio=DEFAULT_MAX_RATIO))
 
 
 def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     """Random weights of `cfg.shape`, or the real model `cfg.model_spec` (timing does not depend on
-    the weights; the prompt is random token ids either way)."""
+    the weights; the prompt is random token ids either way). Every cell of the grid is timed in
+    turns (one run of each, then again), so a drift of the machine falls on all of them alike."""
     from blend.loader import load_model, parse_dtype
     if cfg.model_spec is not None:
         loaded = load_model(cfg.model_spec, device=cfg.device, dtype=cfg.dtype)
@@ -146,12 +149,17 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
     out: dict = {"shape": shape, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
                  "dtype": cfg.dtype, "n_chunks": cfg.n_chunks, "chunk_tokens": cfg.chunk_tokens,
                  "question_tokens": cfg.question_tokens, "prompt_tokens": layout.n_tokens,
-                 "check_layer": cfg.check_layer, "selection": DEFAULT_SELECTION, "warmup": warmup, "runs": runs,
-                 "rows": [], "sweep": []}
+                 "check_layer": cfg.check_layer, "selection": DEFAULT_SELECTION, "kv_formats": list(cfg.kv_formats),
+                 "served": {"tier": SERVED_TIER, **served_spec(cfg).describe()},
+                 "warmup": warmup, "runs": runs, "rows": [], "sweep": []}
     tiers = list(cfg.tiers)
     streams = "lmdb" in tiers and engine.graphs is not None  # else lmdb is read whole anyway
+    if streams:  # as `serve` does: the controller's compute model, timed on this device
+        engine.loading = LoadingController(calibrate(engine, cfg.n_chunks, cfg.chunk_tokens, cfg.question_tokens))
+        out["loading_cost"] = asdict(engine.loading.cost)
+        log(f"loading controller: {engine.loading.cost}")
     with tempfile.TemporaryDirectory() as tmp:
-        store_tiers = Tiers(engine, layout, tiers + (["lmdb-whole"] if streams else []), Path(tmp))
+        store_tiers = Tiers(engine, layout, tiers, cfg.kv_formats, Path(tmp), whole=streams)
         caches = store_tiers.caches
         ids = torch.tensor([layout.ids()], device=dev)
 
@@ -159,40 +167,61 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             with torch.inference_mode():
                 return int(model(input_ids=ids, use_cache=True, logits_to_keep=1).logits[0, -1].argmax())
 
-        base = timed(hf_forward, dev, warmup, runs)
-        out["transformers_forward"] = base
-        log(f"transformers forward: {base['median_ms']:.2f} ms")
-        full = timed(lambda: ttft(engine, layout, QuerySpec(Mode.FULL), caches[tiers[0]]), dev, warmup, runs)
-        rows = [{"mode": "full", "ratio": None, "tier": None, **full}]
+        first = next(iter(caches))
+        cells: dict[str, tuple[dict, Callable[[], object]]] = {}
+
+        used: dict[str, list[float]] = {}  # the ratio each blend cell's runs recomputed
+
+        def cell(row: dict, spec: QuerySpec, source: str, eager: bool = False) -> None:
+            key = f"{len(cells)}"
+
+            def fn() -> None:
+                graphs = engine.graphs
+                if eager:
+                    engine.graphs = None
+                try:
+                    answer = ttft(engine, layout, spec, caches[source])
+                finally:
+                    engine.graphs = graphs
+                if answer.ratio is not None:
+                    used.setdefault(key, []).append(answer.ratio)
+            cells[key] = (row, fn)
+
+        cells["hf"] = ({"mode": "transformers", "ratio": None, "tier": None}, hf_forward)
+        cell({"mode": "full", "ratio": None, "tier": None}, QuerySpec(Mode.FULL), first)
+        if SERVED_TIER in caches:
+            spec = served_spec(cfg)
+            cell({"mode": "blend", "ratio": spec.blend.ratio, "tier": SERVED_TIER, "selection": spec.blend.selection,
+                  "served_default": True}, spec, SERVED_TIER)
         plans = [QuerySpec(Mode.PREFIX), QuerySpec(Mode.REUSE)] + [cfg.blend(r) for r in cfg.ratios]
-        for tier in tiers:
+        for tier in (t for t in caches if not t.startswith("lmdb-whole")):
             for spec in plans:
-                stats = timed(lambda: ttft(engine, layout, spec, caches[tier]), dev, warmup, runs)
-                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier, **stats})
-        if cfg.selections:  # what each selector costs: blend r=0.15, KV on the first tier, timed in turns
-            fns = {sel: (lambda spec=cfg.blend(selection=sel): ttft(engine, layout, spec, caches[tiers[0]]))
-                   for sel in cfg.selections}
-            for sel, stats in timed_together(fns, dev, warmup, 3 * runs).items():
-                rows.append({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": tiers[0], "selection": sel, **stats})
-        if streams:  # what streaming the layers buys
+                cell({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier}, spec, tier)
+        for sel in cfg.selections:  # what each selector costs: blend r=0.15, KV on the first tier
+            cell({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": first, "selection": sel}, cfg.blend(selection=sel),
+                 first)
+        for tier in (t for t in caches if t.startswith("lmdb-whole")):  # what streaming the layers buys
             for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
-                stats = timed(lambda: ttft(engine, layout, spec, caches["lmdb-whole"]), dev, warmup, runs)
-                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": "lmdb",
-                             "unstreamed": True, **stats})
+                cell({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier.replace("-whole", ""),
+                      "unstreamed": True}, spec, tier)
         if engine.graphs is not None:  # the same path without CUDA graphs, to show what they buy
-            graphs, engine.graphs = engine.graphs, None
             for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
-                stats = timed(lambda: ttft(engine, layout, spec, caches[tiers[0]]), dev, warmup, runs)
-                rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tiers[0],
-                             "eager": True, **stats})
-            engine.graphs = graphs
+                cell({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": first, "eager": True},
+                     spec, first, eager=True)
+        stats = timed_together({k: fn for k, (_, fn) in cells.items()}, dev, warmup, runs)
+        out["transformers_forward"] = stats.pop("hf")
+        log(f"transformers forward: {out['transformers_forward']['median_ms']:.2f} ms")
+        rows = [{**cells[k][0], **st, **({"ratio_used": statistics.median(used[k])} if k in used else {})}
+                for k, st in stats.items()]
+        full = next(r for r in rows if r["mode"] == "full")
         for row in rows:
             row["speedup_vs_full"] = full["median_ms"] / row["median_ms"]
-            log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>5}{_variant(row)}: "
-                f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  speedup {row['speedup_vs_full']:.2f}x")
+            row["share_of_full"] = row["median_ms"] / full["median_ms"]
+            log(f"{row['mode']:>7} r={row['ratio']!s:>5} tier={row['tier']!s:>13}{_variant(row)}: "
+                f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  {row['share_of_full']:.2f}x full")
         out["rows"] = rows
         if cfg.profile_dir is not None and dev.type == "cuda":
-            out["profile"] = profile(engine, layout, cfg, caches, tiers, cfg.profile_dir, log)
+            out["profile"] = profile(engine, layout, cfg, caches, list(caches), cfg.profile_dir, log)
         store_tiers.close()
     for n in cfg.sweep:
         n_ch = max(1, (n - cfg.question_tokens - 32) // cfg.chunk_tokens)
@@ -200,8 +229,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         if lay.n_tokens > engine.max_context:
             continue
         mem = engine.memory_cache(lay)
-        f = timed(lambda: ttft(engine, lay, QuerySpec(Mode.FULL), mem), dev, 1, max(3, runs // 2))
-        b = timed(lambda: ttft(engine, lay, cfg.blend(), mem), dev, 1, max(3, runs // 2))
+        both = timed_together({"full": lambda: ttft(engine, lay, QuerySpec(Mode.FULL), mem),
+                               "blend": lambda: ttft(engine, lay, cfg.blend(), mem)}, dev, 1, max(3, runs // 2))
+        f, b = both["full"], both["blend"]
         out["sweep"].append({"tokens": lay.n_tokens, "full_ms": f["median_ms"], "blend_ms": b["median_ms"],
                              "speedup": f["median_ms"] / b["median_ms"]})
         log(f"sweep {lay.n_tokens:6d} tokens: full {f['median_ms']:8.2f} ms  blend r=0.15 {b['median_ms']:8.2f} ms  "
@@ -265,24 +295,36 @@ def gpu_busy(prof) -> dict:
 
 
 def _variant(row: dict) -> str:
+    if row.get("served_default"):
+        return (f" (DEFAULT SERVED: selection {row['selection']}, loading controller on: "
+                f"r = {row.get('ratio_used', row['ratio'])} used)")
     if row.get("selection"):
         return f" (selection {row['selection']})"
     return " (eager)" if row.get("eager") else " (read whole, then prefill)" if row.get("unstreamed") else ""
 
 
 def table(result: dict) -> str:
+    served = result.get("served", {})
     lines = [f"shape {result['shape']} on {result['device']} ({result['dtype']}), {result['prompt_tokens']} prompt tokens "
              f"({result['n_chunks']} × {result['chunk_tokens']} + question {result['question_tokens']}); "
-             f"transformers forward {result['transformers_forward']['median_ms']:.2f} ms", "",
-             "| mode | ratio | KV tier | median TTFT ms | p90 ms | speedup vs full |", "|---|---|---|---|---|---|"]
-    for r in result["rows"]:
+             f"transformers forward {result['transformers_forward']['median_ms']:.2f} ms; every cell timed in turns, "
+             f"median of {result['runs']}", "",
+             f"The default served configuration: KV from {served.get('tier')}, blend r={served.get('ratio')}, "
+             f"selection {served.get('selection')}.", "",
+             "| mode | ratio | KV tier | median TTFT ms | p90 ms | × full | speedup vs full |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(result["rows"], key=lambda r: not r.get("served_default")):
         tier = (r["tier"] or "-") + _variant(r)
         lines.append(f"| {r['mode']} | {'-' if r['ratio'] is None else r['ratio']} | {tier} | "
-                     f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['speedup_vs_full']:.2f}× |")
+                     f"{r['median_ms']:.2f} | {r['p90_ms']:.2f} | {r['median_ms'] / _full_ms(result):.2f} | "
+                     f"{r['speedup_vs_full']:.2f}× |")
     if result["sweep"]:
         lines += ["", "| prompt tokens | full ms | blend r=0.15 ms | speedup |", "|---|---|---|---|"]
         lines += [f"| {s['tokens']} | {s['full_ms']:.2f} | {s['blend_ms']:.2f} | {s['speedup']:.2f}× |" for s in result["sweep"]]
     return "\n".join(lines)
+
+
+def _full_ms(result: dict) -> float:
+    return next(r["median_ms"] for r in result["rows"] if r["mode"] == "full")
 
 
 def plot_sweep(result: dict, path: Path) -> None:

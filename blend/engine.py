@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Protocol
 
 import torch
 from torch.profiler import record_function
@@ -24,6 +26,15 @@ from store.tiers import ChunkKVCache, ChunkKVSource, KVShape
 
 # A memory-only cache with no byte budget worth the name: one request's chunks (ask --chunks, eval).
 UNBOUNDED = 1 << 62
+
+
+class RatioPolicy(Protocol):
+    """What may raise a streamed request's recompute ratio (blend.loading.LoadingController)."""
+
+    def ratio(self, requested: float, ceiling: float | None, n_tokens: int, n_chunk_tokens: int,
+              nbytes: int) -> float: ...
+
+    def observe(self, nbytes: int, seconds: float) -> None: ...
 
 
 def sync(device: torch.device) -> None:
@@ -65,6 +76,9 @@ class Engine:
         self.graphs = LayerGraphs(self.parts, min(graph_tokens, self.max_context)) if cuda_graphs else None
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._solo: DecodeBatch | None = None  # generate()'s one-slot decode batch
+        # Raises the ratio of a request whose chunk KV streams, to what the loading hides
+        # (blend.loading; set by whoever serves, once calibrated). None: ratios stay as asked.
+        self.loading: RatioPolicy | None = None
 
     @property
     def device(self) -> torch.device:
@@ -202,6 +216,10 @@ class Engine:
         chunk_kvs = self.load_chunks(layout, mode, kv, blend)
         sync(self.device)
         t_loaded = time.perf_counter()
+        streamed = isinstance(chunk_kvs, ArrivingKV)
+        if streamed and mode is Mode.BLEND and self.loading is not None and blend.max_ratio is not None:
+            blend = replace(blend, ratio=self.loading.ratio(blend.ratio, blend.max_ratio, layout.n_tokens,
+                                                            layout.n_chunk_tokens, chunk_kvs.nbytes))
         try:
             result = self.prefill(layout, mode, chunk_kvs, blend)
         except CorruptEntry:
@@ -211,6 +229,10 @@ class Engine:
             # serves the chunks again, verified whole (recomputing what is bad).
             wanted = len(chunk_kvs.chunks)
             result = self.prefill(layout, mode, kv.refetch(layout.chunks[:wanted]), blend)
+        else:
+            load = chunk_kvs.loaded() if streamed and chunk_kvs.loaded is not None else None
+            if load is not None and self.loading is not None:
+                self.loading.observe(*load)
         return SeqState(layout, spec, result, self.tokenizer, self.stop_ids, t0, t_loaded)
 
     def next_tokens(self, logits: torch.Tensor, seqs: dict[int, SeqState]) -> dict[int, int]:

@@ -115,6 +115,21 @@ def project_qkv(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin:
     return rope(q, cos, sin), rope(k, cos, sin), v
 
 
+def project_q(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              head_dim: int) -> torch.Tensor:
+    """Queries alone, h [1, T, hidden] → [1, Hq, T, D] rotated to their positions: project_qkv's
+    q for a few tokens that only look (a probe). Eager elementwise steps: for a handful of tokens
+    a compiled region's guards cost more host time than the kernels it fuses."""
+    attn = layer.self_attn
+    norm = layer.input_layernorm
+    x = _rms_norm(h, norm.weight, norm.variance_epsilon) if hasattr(norm, "variance_epsilon") else norm(h)
+    q = attn.q_proj(x).view(*x.shape[:-1], -1, head_dim)
+    if hasattr(attn, "q_norm"):
+        qn = attn.q_norm
+        q = _rms_norm(q, qn.weight, qn.variance_epsilon) if hasattr(qn, "variance_epsilon") else qn(q)
+    return _rope(q.transpose(1, 2), cos, sin)
+
+
 def attend_and_mlp(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,
                    values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Queries attend over `keys`/`values`, then the MLP. `mask` None: the queries are the last

@@ -8,7 +8,7 @@ cache already holds. The attention mass a chunk token gets there says how much o
 question will read: measured on SmolLM2 (README, "Token selection"), this beats the question's
 attention at the check layer itself, which sees the chunks through only two layers.
 
-Cost: a few query projections and one attention per probed layer, for the question's tokens only.
+Cost: one query projection and one attention per probed layer, for the question's tokens only.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_qkv
+from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_q
 
 # How many layers after the check layer are probed. Measured on SmolLM2 (12 pyref + 12 synthetic
 # examples, r = 0.15): 4 layers gave 0.29×/0.16× reuse's KL, 8 layers 0.27×/0.16×, every 4th
@@ -44,19 +44,22 @@ def lookahead_attention(parts: ModelParts, hq: torch.Tensor, cos: torch.Tensor, 
                         layers: range, keys_at: KeysAt, lo: int, hi: int) -> torch.Tensor:
     """[hi - lo] float32: attention mass the question's queries (hidden states `hq` rotated by
     cos/sin of their positions) put on key positions lo…hi-1, summed over heads, question tokens
-    and the probed `layers`; each layer's softmax runs over the keys `keys_at` gives."""
+    and the probed `layers`; each layer's softmax runs over the keys `keys_at` gives.
+
+    Only the queries are projected (the probe never reads its own K and V), and the scores stay
+    in the model's dtype with the softmax accumulated in float32: the probe ranks tokens, and a
+    bf16 score is far finer than the gaps that decide the ranking."""
     total = None
     for i in layers:
         layer = parts.layers[i]
-        q, _, _ = project_qkv(layer, hq, cos, sin, parts.head_dim)
-        q = q[0].float()                                   # [Hq, Tq, D]
-        k = keys_at(i).float()                             # [Hkv, S, D]
-        (hq_, tq, d), (hkv, s) = q.shape, k.shape[:2]
+        q = project_q(layer, hq, cos, sin, parts.head_dim)[0]  # [Hq, Tq, D]
+        k = keys_at(i)                                          # [Hkv, S, D]
+        (hq_, tq, d), hkv = q.shape, k.shape[0]
         # GQA without repeating K: the query heads of one KV head stack into one batch row.
-        scores = torch.baddbmm(k.new_zeros(()), q.reshape(hkv, (hq_ // hkv) * tq, d), k.transpose(1, 2),
-                               beta=0.0, alpha=layer.self_attn.scaling)
-        mass = scores.softmax(dim=-1)[..., lo:hi].sum(dim=(0, 1))
-        total = mass if total is None else total + mass
+        scores = torch.bmm(q.reshape(hkv, (hq_ // hkv) * tq, d), k.transpose(1, 2))
+        probs = torch.softmax(scores.mul_(layer.self_attn.scaling), dim=-1, dtype=torch.float32)
+        mass = probs[..., lo:hi].sum(dim=(0, 1))
+        total = mass if total is None else total.add_(mass)
     if total is None:
         return hq.new_zeros(hi - lo, dtype=torch.float32)
     return total

@@ -230,7 +230,11 @@ class LayerFeed:
                 hostwait.wait_geq(self.side, self.flag_base + 4 * i, self.arriving.seq)
             if self.packed is not None or self.block is not None:
                 P, S = self.layout.n_prefix, self.layout.suffix_start
-                if self.packed is not None:
+                landing = self.arriving.landing if self.flag_base is not None else None
+                if landing is not None:  # kept for the device tier: land there, then copy in
+                    self.arriving.land(i)
+                    self.kv[i, :, :, P:S].copy_(landing[i])
+                elif self.packed is not None:
                     self.packed.decode_into(i, self.kv[i, :, :, P:S])
                 else:
                     self.kv[i, :, :, P:S].copy_(self.block[i], non_blocking=True)

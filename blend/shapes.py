@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from blend.prompt import Layout
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config, Qwen3Config
 
 _CONFIGS: dict[str, type[PretrainedConfig]] = {
@@ -71,3 +72,11 @@ def random_model(shape: str, *, dtype: torch.dtype = torch.float32, device: str 
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model._ragblend_identity = f"random:{shape}:seed={seed}"
     return model.eval()
+
+
+def random_layout(vocab: int, n_chunks: int, chunk_tokens: int, question_tokens: int,
+                  prefix_tokens: int = 32, seed: int = 0) -> Layout:
+    """A prompt of random token ids of the given sizes: timing does not depend on the text."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(10, vocab, (n,), generator=g).tolist()  # noqa: E731
+    return Layout(ids(prefix_tokens), [ids(chunk_tokens) for _ in range(n_chunks)], ids(question_tokens))

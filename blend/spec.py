@@ -44,16 +44,23 @@ DEFAULT_SELECTION = "lookahead"
 DEFAULT_RATIO = 0.15
 DEFAULT_CHECK_LAYER = 1
 DEFAULT_MAX_TOKENS = 128
+# How far the loading controller (blend/loading.py) may raise a request's ratio when the request
+# does not pin it and its chunk KV streams: at 0.5 blend costs about half a full prefill's compute;
+# past that, recompute rarely hides under loading.
+DEFAULT_MAX_RATIO = 0.5
 
 
 @dataclass(frozen=True)
 class BlendConfig:
     """`guard`: a bound on the check layer's estimate of the distance to `full` (see
-    select.missed_share); over it, the ratio is raised step by step, up to recomputing all."""
+    select.missed_share); over it, the ratio is raised step by step, up to recomputing all.
+    `max_ratio`: how far the loading controller (blend/loading.py) may raise the ratio when the
+    chunk KV streams from a slower tier and loading hides the recompute; None pins the ratio."""
     ratio: float = DEFAULT_RATIO
     check_layer: int = DEFAULT_CHECK_LAYER
     selection: str = DEFAULT_SELECTION
     guard: float | None = None
+    max_ratio: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ratio <= 1.0:
@@ -62,6 +69,8 @@ class BlendConfig:
             raise BadQuery("check_layer", f"must be ≥ 0, got {self.check_layer}")
         if self.selection not in SELECTIONS:
             raise BadQuery("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.max_ratio is not None and not self.ratio <= self.max_ratio <= 1.0:
+            raise BadQuery("max_ratio", f"must be in [ratio, 1] = [{self.ratio}, 1], got {self.max_ratio}")
         if self.guard is not None and not (self.guard >= 0.0 and math.isfinite(self.guard)):
             raise BadQuery("guard", f"must be a finite number ≥ 0, got {self.guard}")
 
@@ -102,4 +111,5 @@ class QuerySpec:
         return {"mode": self.mode.value, "ratio": self.blend.ratio if blend else None,
                 "check_layer": self.blend.check_layer if blend else None,
                 "selection": self.blend.selection if blend else None,
-                "guard": self.blend.guard if blend else None}
+                "guard": self.blend.guard if blend else None,
+                "max_ratio": self.blend.max_ratio if blend else None}

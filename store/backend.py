@@ -84,7 +84,7 @@ def open_kv_store(kv_dir: str | Path, url: str | None = None, *, readonly: bool 
     from store.lmdb_store import KVStore
 
     if not url or url.strip().lower() in ("lmdb", "lmdb:"):
-        return KVStore(kv_dir, readonly=readonly)
+        return _with_default_format(KVStore(kv_dir, readonly=readonly), readonly)
     if not url.startswith(SCHEMES):
         raise ValueError(f"--kv-store {url!r}: give redis://host:port/db, rediss://… (TLS), unix:///path/redis.sock, "
                          "or leave it out for the data dir's own LMDB store")
@@ -99,4 +99,16 @@ def open_kv_store(kv_dir: str | Path, url: str | None = None, *, readonly: bool 
         shared.close()
         local.close()
         raise
-    return TieredKVStore(local, shared, cache_locally=local_cache)
+    return _with_default_format(TieredKVStore(local, shared, cache_locally=local_cache), readonly)
+
+
+def _with_default_format(store: KVBackend, readonly: bool) -> KVBackend:
+    """A data dir's store records its format before its first entry, whoever writes that entry
+    (`ragblend index`, an API upload, a query's recompute): DEFAULT_FORMAT unless told otherwise
+    (`index --kv-dtype` reconfigures it while the store is empty). A store that holds entries
+    but records no format (written before formats were recorded) is left as it is."""
+    from store.quant import DEFAULT_FORMAT
+
+    if not readonly and store.kv_format is None and not store.usage()["entries"]:
+        store.configure(kv_format=DEFAULT_FORMAT)
+    return store

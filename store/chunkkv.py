@@ -58,6 +58,11 @@ class ArrivingKV:
     flags: torch.Tensor | None = None
     seq: int = 0
     packed: PackedLayers | None = None
+    nbytes: int = 0  # what the reads move
+    # on CUDA, where the layers land on the device in the model's dtype (see LayerStream.land)
+    landing: torch.Tensor | None = None
+    land: Callable[[int], None] | None = None
+    loaded: Callable[[], tuple[int, float] | None] | None = None  # (bytes, seconds), once read
 
     def wait_all(self) -> list[ChunkKV]:
         for i in self.layers:

@@ -20,9 +20,9 @@ written back decodes to the very same tensor as before.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 _ALIGN = 16  # every array inside a quantized row starts 16-byte aligned (views, vector loads)
@@ -46,52 +46,61 @@ class KVFormat:
         return torch.float32 if self.quantized else self.storage
 
     # -- sizes ------------------------------------------------------------------------------
-    # A layer row holds one or more chunks side by side (`lengths`: each one's tokens). A stored
-    # entry is one chunk; a request's streamed layer is its chunks packed into one row, so that
-    # one host→device copy and one decode call serve the whole layer, whatever the chunk count.
-    # With one chunk the two layouts are the same bytes.
-    def _offsets(self, H: int, D: int, lengths: tuple[int, ...]) -> dict[str, int]:
-        n, S = len(lengths), sum(lengths)
+    def _offsets(self, H: int, T: int, D: int) -> dict[str, int]:
         if self.name == "int8":
-            o = {"ks": 0, "kz": _up(4 * n * H * D), "vs": 2 * _up(4 * n * H * D)}
-            o["q"] = o["vs"] + _up(4 * H * S)
+            o = {"ks": 0, "kz": _up(4 * H * D), "vs": 2 * _up(4 * H * D)}
+            o["q"] = o["vs"] + _up(4 * H * T)
         else:  # fp8
-            o = {"s": 0, "q": _up(4 * 2 * n * H)}
-        o["end"] = _up(o["q"] + 2 * H * S * D)
+            o = {"s": 0, "q": _up(4 * 2 * H)}
+        o["end"] = _up(o["q"] + 2 * H * T * D)
         return o
 
     def layer_nbytes(self, H: int, T: int, D: int) -> int:
-        return self.packed_nbytes(H, D, (T,))
+        if not self.quantized:
+            return 2 * H * T * D * self.storage.itemsize
+        return self._offsets(H, T, D)["end"]
 
+    # -- a request's chunks packed: each chunk's stored layer row, one after another -----------
+    # A streamed layer of a request is its chunks' rows side by side in one pinned row: each is
+    # copied there as stored (one memcpy, like a float entry), one host→device copy moves the
+    # layer, and decode_packed turns it into [2, H, ΣT, D] with a fixed handful of kernels
+    # (gathers by a per-request index), however many chunks there are.
     def packed_nbytes(self, H: int, D: int, lengths: tuple[int, ...]) -> int:
-        if not self.quantized:
-            return 2 * H * sum(lengths) * D * self.storage.itemsize
-        return self._offsets(H, D, tuple(lengths))["end"]
+        return sum(self.layer_nbytes(H, T, D) for T in lengths)
 
-    def pack(self, src: np.ndarray, H: int, D: int, lengths: tuple[int, ...], j: int, dst: np.ndarray) -> None:
-        """Place chunk j's stored layer row `src` (uint8) into the packed row `dst` (uint8, of
-        packed_nbytes) of chunks `lengths`. Host-side, on the reader's threads; numpy's strided
-        copies release the GIL."""
+    def packed_index(self, H: int, D: int, lengths: tuple[int, ...], device: torch.device | str) -> dict[str, torch.Tensor]:
+        """Where each element of the decoded layer sits in the packed row (int64, on `device`):
+        byte indices for the quantized values, float32 indices for the scales, element indices
+        of the storage dtype for a float format. Built once per request."""
         lengths = tuple(lengths)
-        T, S, at = lengths[j], sum(lengths), sum(lengths[:j])
+        dev = torch.device(device)
+        T = torch.tensor(lengths, dtype=torch.int64)
+        base = torch.tensor([0, *itertools.accumulate(self.layer_nbytes(H, t, D) for t in lengths)][:-1], dtype=torch.int64)
+        chunk_of = torch.repeat_interleave(torch.arange(len(lengths)), T)
+        starts = torch.cumsum(T, 0) - T
+        t = (torch.arange(int(T.sum())) - starts[chunk_of]).to(dev)  # each token's place in its chunk
+        per = lambda x: x[chunk_of].to(dev)  # noqa: E731  (a per-chunk value, per token)
+        Ts, bs = per(T), per(base)
+        h = torch.arange(H, device=dev)[:, None, None]
+        d = torch.arange(D, device=dev)[None, None, :]
+        tt, TT = t[None, :, None], Ts[None, :, None]
         if not self.quantized:
-            b = D * self.storage.itemsize
-            dst.reshape(2 * H, S, b)[:, at:at + T] = src.reshape(2 * H, T, b)
-            return
-        so, do = self._offsets(H, D, (T,)), self._offsets(H, D, lengths)
+            b = self.storage.itemsize
+            p = torch.arange(2, device=dev)[:, None, None, None]
+            return {"x": (bs // b)[None, None, :, None] + (p * H + h[None]) * TT[None] * D + tt[None] * D + d[None]}
         if self.name == "fp8":
-            dst[do["s"] + 8 * H * j:do["s"] + 8 * H * (j + 1)] = src[so["s"]:so["s"] + 8 * H]
-            dst[do["q"]:do["q"] + 2 * H * S * D].reshape(2 * H, S, D)[:, at:at + T] = \
-                src[so["q"]:so["q"] + 2 * H * T * D].reshape(2 * H, T, D)
-            return
-        for name in ("ks", "kz"):
-            dst[do[name] + 4 * H * D * j:do[name] + 4 * H * D * (j + 1)] = src[so[name]:so[name] + 4 * H * D]
-        dst[do["vs"]:do["vs"] + 4 * H * S].reshape(H, 4 * S)[:, 4 * at:4 * (at + T)] = \
-            src[so["vs"]:so["vs"] + 4 * H * T].reshape(H, 4 * T)
-        m, M = H * T * D, H * S * D
-        for part in (0, 1):  # keys, then values
-            dst[do["q"] + part * M:do["q"] + (part + 1) * M].reshape(H, S, D)[:, at:at + T] = \
-                src[so["q"] + part * m:so["q"] + (part + 1) * m].reshape(H, T, D)
+            oq = per(torch.tensor([self._offsets(H, x, D)["q"] for x in lengths], dtype=torch.int64))
+            p = torch.arange(2, device=dev)[:, None, None, None]
+            q = (bs + oq)[None, None, :, None] + (p * H + h[None]) * TT[None] * D + tt[None] * D + d[None]
+            s = (bs // 4)[None, None, :] + (p[..., 0] * H + h[None, ..., 0])  # [2, H, S]
+            return {"q": q, "s": s}
+        offs = {k: per(torch.tensor([self._offsets(H, x, D)[k] for x in lengths], dtype=torch.int64))
+                for k in ("ks", "kz", "vs", "q")}
+        kq = (bs + offs["q"])[None, :, None] + h * TT * D + tt * D + d
+        return {"kq": kq, "vq": kq + (H * Ts * D)[None, :, None],
+                "ks": ((bs + offs["ks"]) // 4)[None, :, None] + h * D + d,
+                "kz": ((bs + offs["kz"]) // 4)[None, :, None] + h * D + d,
+                "vs": ((bs + offs["vs"]) // 4)[None, :] + h[..., 0] * Ts[None, :] + t[None, :]}
 
     # -- encode / decode ----------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
@@ -102,7 +111,7 @@ class KVFormat:
             if self.storage == torch.float16 and kv.dtype != torch.float16:
                 x = kv.float().clamp(-65504.0, 65504.0)
             return x.to(self.storage).contiguous().view(torch.uint8).reshape(L, -1)
-        o = self._offsets(H, D, (T,))
+        o = self._offsets(H, T, D)
         raw = torch.zeros(L, o["end"], dtype=torch.uint8, device=kv.device)
         if T == 0:
             return raw
@@ -133,55 +142,60 @@ class KVFormat:
     def decode(self, raw: torch.Tensor, H: int, T: int, D: int, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
         """uint8 [n, layer_nbytes] (rows contiguous) → [n, 2, H, T, D] in `dtype` on raw's device;
-        written into `out` (any [n, 2, H, T, D] view) when given."""
-        return self.decode_packed(raw, H, D, (T,), dtype, out)
-
-    def decode_packed(self, raw: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], dtype: torch.dtype,
-                      out: torch.Tensor | None = None, chunk_of: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed rows uint8 [n, packed_nbytes] of chunks `lengths` → [n, 2, H, ΣT, D] in `dtype`
-        on raw's device (into `out` when given). A handful of kernels per call, however many
-        chunks. `chunk_of` ([ΣT] long on raw's device: each token's chunk) may be passed in when
-        the same layout decodes many times. Every element is `q·s + z` (int8 keys) or `q·s`,
-        computed as separate multiply and add, so it rounds the same whichever layout or device
-        path produced it: a chunk decodes to the same bits alone or packed with others."""
-        lengths = tuple(lengths)
-        n, S = raw.shape[0], sum(lengths)
-        want = self.packed_nbytes(H, D, lengths)
-        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != want:
-            raise ValueError(f"raw rows must be uint8 [n, {want}], got {raw.dtype} {tuple(raw.shape)}")
+        written into `out` (any [n, 2, H, T, D] view) when given. Every element is q·s + z (int8
+        keys) or q·s, a multiply and then an add, as in decode_packed, so that a chunk decodes to
+        the same bits alone or packed with others."""
+        if raw.dtype != torch.uint8 or raw.dim() != 2 or raw.shape[1] != self.layer_nbytes(H, T, D):
+            raise ValueError(f"raw rows must be uint8 [n, {self.layer_nbytes(H, T, D)}], got "
+                             f"{raw.dtype} {tuple(raw.shape)}")
+        n = raw.shape[0]
         if not self.quantized:
-            x = raw.contiguous().view(self.storage).view(n, 2, H, S, D)
+            x = raw.contiguous().view(self.storage).view(n, 2, H, T, D)
             if out is None:
                 return x if dtype == self.storage else x.to(dtype)
             return out.copy_(x)
         if out is None:
-            out = torch.empty((n, 2, H, S, D), dtype=dtype, device=raw.device)
-        if S == 0 or n == 0:
+            out = torch.empty((n, 2, H, T, D), dtype=dtype, device=raw.device)
+        if T == 0 or n == 0:
             return out
         raw = raw.contiguous()
-        o, c = self._offsets(H, D, lengths), len(lengths)
+        o = self._offsets(H, T, D)
         f32 = lambda a, b, *shape: raw[:, a:b].view(torch.float32).view(n, *shape)  # noqa: E731
-        if chunk_of is None and c > 1:
-            chunk_of = torch.repeat_interleave(torch.arange(c), torch.tensor(lengths)).to(raw.device)
         if self.name == "fp8":
-            s = f32(o["s"], o["s"] + 8 * c * H, c, 2, H)
-            q = raw[:, o["q"]:o["q"] + 2 * H * S * D].view(torch.float8_e4m3fn).view(n, 2, H, S, D)
-            s = s[:, 0] if c == 1 else s.index_select(1, chunk_of).permute(0, 2, 3, 1)  # [n, 2, H, (S)]
-            out.copy_(q.float().mul_(s[..., None] if c > 1 else s[..., None, None]))
+            s = f32(o["s"], o["s"] + 8 * H, 2, H)
+            q = raw[:, o["q"]:o["q"] + 2 * H * T * D].view(torch.float8_e4m3fn).view(n, 2, H, T, D)
+            out.copy_(q.float().mul_(s[..., None, None]))
             return out
-        ks = f32(o["ks"], o["ks"] + 4 * c * H * D, c, H, D)
-        kz = f32(o["kz"], o["kz"] + 4 * c * H * D, c, H, D)
-        vs = f32(o["vs"], o["vs"] + 4 * H * S, H, S)
-        m = H * S * D
-        kq = raw[:, o["q"]:o["q"] + m].view(n, H, S, D)
-        vq = raw[:, o["q"] + m:o["q"] + 2 * m].view(torch.int8).view(n, H, S, D)
-        # per-chunk scales → per token: a broadcast for one chunk, a gather for several
-        if c == 1:
-            ks_t, kz_t = ks[:, 0, :, None], kz[:, 0, :, None]                                  # [n, H, 1, D]
-        else:
-            ks_t, kz_t = (x.index_select(1, chunk_of).movedim(1, 2) for x in (ks, kz))          # [n, H, S, D]
-        out[:, 0].copy_(kq.float().mul_(ks_t).add_(kz_t))
+        ks = f32(o["ks"], o["ks"] + 4 * H * D, H, D)
+        kz = f32(o["kz"], o["kz"] + 4 * H * D, H, D)
+        vs = f32(o["vs"], o["vs"] + 4 * H * T, H, T)
+        m = H * T * D
+        kq = raw[:, o["q"]:o["q"] + m].view(n, H, T, D)
+        vq = raw[:, o["q"] + m:o["q"] + 2 * m].view(torch.int8).view(n, H, T, D)
+        out[:, 0].copy_(kq.float().mul_(ks[:, :, None]).add_(kz[:, :, None]))
         out[:, 1].copy_(vq.float().mul_(vs[..., None]))
+        return out
+
+    def decode_packed(self, row: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], out: torch.Tensor,
+                      index: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """One packed layer row (uint8 [packed_nbytes]) of chunks `lengths` → `out` [2, H, ΣT, D]
+        (any view, any float dtype, on row's device). `index`: packed_index's, when the same
+        layout decodes many layers."""
+        lengths = tuple(lengths)
+        want = self.packed_nbytes(H, D, lengths)
+        if row.dtype != torch.uint8 or row.dim() != 1 or row.numel() != want:
+            raise ValueError(f"a packed row must be uint8 [{want}], got {row.dtype} {tuple(row.shape)}")
+        if len(lengths) == 1:
+            return self.decode(row[None], H, lengths[0], D, out.dtype, out=out[None])[0]
+        ix = index if index is not None else self.packed_index(H, D, lengths, row.device)
+        if not self.quantized:
+            return out.copy_(torch.take(row.view(self.storage), ix["x"]))
+        f32 = row.view(torch.float32)
+        if self.name == "fp8":
+            q = torch.take(row, ix["q"]).view(torch.float8_e4m3fn)
+            return out.copy_(q.float().mul_(torch.take(f32, ix["s"])[..., None]))
+        out[0].copy_(torch.take(row, ix["kq"]).float().mul_(torch.take(f32, ix["ks"])).add_(torch.take(f32, ix["kz"])))
+        out[1].copy_(torch.take(row, ix["vq"]).view(torch.int8).float().mul_(torch.take(f32, ix["vs"])[..., None]))
         return out
 
     def roundtrip(self, kv: torch.Tensor) -> torch.Tensor:
@@ -221,8 +235,9 @@ BY_CODE: dict[int, KVFormat] = {f.code: f for f in FORMATS.values()}
 _ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32",
             "fp8_e4m3": "fp8", "float8_e4m3fn": "fp8", "e4m3": "fp8"}
 
-# What `ragblend index` stores when told nothing: the smallest format whose answers measured as
-# close to `full` as the unquantized store's (README, Results, "Quantized chunk KV").
+# What a data dir's store holds when told nothing (recorded by store.backend.open_kv_store, however
+# the data dir is first filled): the smallest format whose answers measured as close to `full` as
+# the unquantized store's (README, Results, "Quantized chunk KV").
 DEFAULT_FORMAT = "int8"
 
 
@@ -240,11 +255,6 @@ def kv_format(name: str | KVFormat | torch.dtype) -> KVFormat:
     if key not in FORMATS:
         raise ValueError(f"unknown KV format {name!r}; choose from {', '.join(FORMATS)}")
     return FORMATS[key]
-
-
-def default_format(model_dtype: torch.dtype) -> KVFormat:
-    """The default for a model: DEFAULT_FORMAT, and never wider than bf16 for a float32 model."""
-    return FORMATS[DEFAULT_FORMAT]
 
 
 def bytes_per_token(fmt: str | KVFormat, n_layers: int, n_kv_heads: int, head_dim: int,

@@ -4,7 +4,6 @@ full DMA speed and asynchronously, instead of through pageable memory). `stream`
 chunks over layer by layer, so that the GPU computes layer i while layer i+1 is still being read."""
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -38,7 +37,8 @@ class LayerStream:
 
     def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], plan: list[Job],
                  pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0,
-                 decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None):
+                 decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None,
+                 landing: torch.Tensor | None = None):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
         # Entries stored in another format than the block's land as raw rows first; `decode(i)`
@@ -47,6 +47,10 @@ class LayerStream:
         # ... and with flags, a CUDA prefill may instead copy and decode each layer's packed row
         # itself, on its own stream, without the host waiting (see PackedLayers).
         self.packed = packed
+        # `landing` (on the GPU, [L, 2, H, ΣT, D] in the model's dtype): where land(i) puts layer i
+        # as the model reads it, so that the chunks can stay in the device tier after the request
+        self.landing = landing
+        self.landed: set[int] = set()
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
         self._plan, self._pool = plan, pool
@@ -64,6 +68,12 @@ class LayerStream:
             self._watchdog.daemon = True
             self._watchdog.start()
         self.waited_s = 0.0  # host time spent blocked in wait() and close()
+        # what the reads moved and how long they took, first read to last (the loading
+        # controller's measure of the tier)
+        self.nbytes = sum(head.layer_nbytes for _, _, _, head, _ in plan)
+        self._t_first: float | None = None
+        self._t_last: float | None = None
+        self._pending = len(plan)
         self._left: dict[int, int] = {}
         self._rank: dict[int, int] = {}
         for layer, *_ in plan:
@@ -82,10 +92,18 @@ class LayerStream:
                 layer, key, mv, head, dst = self._plan[self._next]
                 if through is not None and self._rank[layer] > self._rank[through]:
                     return
-                job = self._pool.submit(copy_layer, mv, head, layer, dst)
+                if self._t_first is None:
+                    self._t_first = time.perf_counter()
+                job = self._pool.submit(self._copy, mv, head, layer, dst)
                 self._jobs.setdefault(layer, []).append((key, job))
                 job.add_done_callback(lambda job, layer=layer, key=key: self._done(layer, key, job))
                 self._next += 1
+
+    def _copy(self, mv: memoryview, head: KVHeader, layer: int, dst) -> None:
+        copy_layer(mv, head, layer, dst)
+        t = time.perf_counter()  # here, not in _done: a waiter may wake before the callbacks run
+        with self._lock:
+            self._t_last = t if self._t_last is None else max(self._t_last, t)
 
     def _done(self, layer: int, key: str, job: Future) -> None:
         error = None if job.cancelled() else job.exception()
@@ -95,6 +113,7 @@ class LayerStream:
             self._left[layer] -= 1
             if self._left[layer] == 0 and self._flag_slots is not None:
                 self._flag_slots[layer] = self.seq
+            self._pending -= 1
 
     def wait(self, layer: int) -> None:
         self.start(layer)
@@ -109,6 +128,8 @@ class LayerStream:
             if self._decode is not None and layer not in self._decoded and layer in self._rank:
                 self._decode(layer)
                 self._decoded.add(layer)
+                if self.landing is self.block:  # decoded into the device block: landed too
+                    self.landed.add(layer)
         finally:
             self.waited_s += time.perf_counter() - t0
 
@@ -126,6 +147,21 @@ class LayerStream:
         if self._failure is not None and not self._raised:
             self._raised = True
             raise self._failure
+
+    def land(self, i: int) -> None:
+        """Queue, on the current stream, layer i's copy (and decode) into `landing`, from where it
+        arrived; the caller orders it after the arrival (a flag wait, or after wait(i))."""
+        if self.packed is not None:
+            self.packed.decode_into(i, self.landing[i])
+        else:
+            self.landing[i].copy_(self.block[i], non_blocking=True)
+        self.landed.add(i)
+
+    def loaded(self) -> tuple[int, float] | None:
+        """(bytes read, seconds from the first read to the last) once every read is done."""
+        if self._t_first is None or self._t_last is None or self._failure is not None or self._jobs:
+            return None
+        return self.nbytes, self._t_last - self._t_first
 
     def __enter__(self) -> "LayerStream":
         return self
@@ -212,18 +248,22 @@ class StagedReader:
         return [None if h is None or t is None else (t, h) for h, t in zip(heads, got)]
 
     def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None,
-               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> LayerStream:
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               land: bool = False) -> LayerStream:
         """Plan reading `layers` (in that order: the first needed first) of every chunk in `keys`
         and return at once; the reads begin at the stream's start(). The chunks land side by side
         along the token axis of one staging block, so that a layer of the whole request is one
         contiguous host→device copy. Raises
         KeyError for an absent key, CorruptEntry / FingerprintMismatch for a bad header and
-        ValueError for entries of different models, before anything is queued.
+        ValueError for entries of different models, before anything is queued. With `land` (and
+        a CUDA `device`), the stream also has a device block every layer can be landed in
+        (`land(i)`), in the model's dtype.
 
         Entries stored in their float dtype, wanted in it (`dtype` None or the same), land as
         they are, in host memory. Any other (quantized entries, or a float format other than
         `dtype`) land as packed raw rows, every chunk of a layer side by side in one row
-        (`stream.packed`), and `wait(i)` decodes layer i into the block, which is on `device`.
+        (`stream.packed`: each chunk's row as stored, one copy per chunk and layer like a float
+        entry's), and `wait(i)` decodes layer i into the block, which is on `device`.
         Either way the arrival of each layer is announced on the flags: a CUDA prefill waits for
         them on its own stream and, for packed rows, copies and dequantizes each layer there, so
         the host never waits per layer. All of a stream's entries must share one format
@@ -263,8 +303,12 @@ class StagedReader:
                 plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
                 decode = None
                 packed = None
+                landing = None
+                if land and torch.device(device or "cpu").type == "cuda":
+                    landing = torch.empty((n_layers, 2, heads, total, dim), dtype=fmt.storage, device=device)
             else:
                 block, plan, decode, spans, packed = self._packed_plan(opened, layers, dtype, device)
+                landing = block if block.device.type == "cuda" else None
         except BaseException:
             resources.close()
             raise
@@ -272,15 +316,16 @@ class StagedReader:
         self._seq += 1
         flags = self.flags if n_layers <= self.flags.numel() else None
         return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.pool, resources,
-                           flags, self._seq, decode, packed)
+                           flags, self._seq, decode, packed, landing)
 
     def _packed_plan(self, opened: list, layers: list[int], dtype: torch.dtype | None,
                      device: torch.device | str | None):
         """Entries not usable as they are (quantized, or a float format other than `dtype`): each
-        layer's rows of every chunk packed side by side into one pinned row ([L, packed bytes]
-        staging; store.quant's packed layout), and the block [L, 2, H, ΣT, D] on `device` that
-        `decode(i)` turns layer i into. The packed rows are also handed out (PackedLayers), so a
-        CUDA prefill can copy and dequantize each layer on its own stream once its flag is set."""
+        chunk's layer row copied as stored, the chunks of a layer one after another in one
+        pinned row ([L, packed bytes] staging; store.quant's packed layout), and the block
+        [L, 2, H, ΣT, D] on `device` that `decode(i)` turns layer i into. The packed rows are
+        also handed out (PackedLayers), so a CUDA prefill can copy and decode each layer on its
+        own stream once its flag is set."""
         n_layers, _, heads, _, dim = opened[0][2].shape
         fmt = opened[0][2].fmt
         for key, _, head in opened:
@@ -292,25 +337,22 @@ class StagedReader:
         width = fmt.packed_nbytes(heads, dim, lengths)
         raw = self._staging(n_layers * width, 0)[:n_layers * width].view(n_layers, width)
         rows = raw.numpy()
-        spans, at = [], 0
+        spans, at, col = [], 0, 0
         for key, mv, head in opened:
-            spans.append((key, mv, head, at, at + head.shape[3]))
+            spans.append((key, mv, head, col, at, at + head.shape[3]))
             at += head.shape[3]
-        plan = [(i, key, mv, head, functools.partial(fmt.pack, H=heads, D=dim, lengths=lengths, j=j, dst=rows[i]))
-                for i in layers for j, (key, mv, head, _, _) in enumerate(spans)]
+            col += head.layer_nbytes
+        plan = [(i, key, mv, head, rows[i, c:c + head.layer_nbytes]) for i in layers for key, mv, head, c, _, _ in spans]
         block = torch.empty((n_layers, 2, heads, at, dim), dtype=dtype, device=device)
-        cuda = device.type == "cuda"
-        chunk_of = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        if cuda:
-            chunk_of = chunk_of.pin_memory().to(device, non_blocking=True)
+        index = fmt.packed_index(heads, dim, lengths, device) if len(lengths) > 1 else None
 
         def decode_into(i: int, out: torch.Tensor) -> None:
             """Layer i's packed row → `out` [2, H, ΣT, D], queued on the current stream of out's
             device (from pinned memory the copy is asynchronous)."""
             row = raw[i].to(out.device, non_blocking=True) if out.device.type == "cuda" else raw[i]
-            fmt.decode_packed(row[None], heads, dim, lengths, out.dtype, out=out[None],
-                              chunk_of=chunk_of if len(lengths) > 1 else None)
+            fmt.decode_packed(row, heads, dim, lengths, out, index)
 
+        cuda = device.type == "cuda"
         side = torch.cuda.Stream(device) if cuda else None
         if cuda:  # the block's memory may have been freed by work still queued on the compute stream
             side.wait_stream(torch.cuda.current_stream(device))
@@ -326,7 +368,8 @@ class StagedReader:
                 done.record(side)
             done.synchronize()  # the staging row is free again, and block[i] is whole
 
-        return block, plan, decode, spans, PackedLayers(raw, decode_into)
+        return block, plan, decode, [(key, mv, head, lo, hi) for key, mv, head, _, lo, hi in spans], \
+            PackedLayers(raw, decode_into)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

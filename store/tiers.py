@@ -313,16 +313,45 @@ class ChunkKVCache:
                 self._recompute(key, ids, "was computed by another model")
             elif not self.shape.fits(head.shape, len(ids)):
                 self._recompute(key, ids, f"stored as {head.shape}, unlike the model")
+        # With a device tier, the layers the prefill does not read are read too, last, so that the
+        # whole chunks can stay on the device after the request (see _promote).
+        promote = self.gpu.max_bytes > 0
+        wanted = set(layers)
+        plan = layers + [i for i in range(self.shape.n_layers) if i not in wanted] if promote else layers
         try:
-            s = self.last_stream = self.reader.stream(keys, layers, self.shape.fingerprint, dtype=self.shape.dtype,
-                                                      device=self.device)
+            s = self.last_stream = self.reader.stream(keys, plan, self.shape.fingerprint, dtype=self.shape.dtype,
+                                                      device=self.device, land=promote)
         except (KeyError, CorruptEntry, FingerprintMismatch, ValueError) as e:
             log.warning("chunk KV changed while planning a streamed read (%s); reading it whole", e)
             return None
         with self._count_lock:
             self.store_reads += len(keys)
-        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, s.close, s.start,
-                          s.block, s.flags, s.seq, s.packed)
+
+        def close() -> None:
+            s.close()  # raises if a layer failed: nothing is kept then
+            if s.landing is not None:
+                self._promote(keys, s)
+
+        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, close, s.start,
+                          s.block, s.flags, s.seq, packed=s.packed, nbytes=s.nbytes, loaded=s.loaded,
+                          landing=s.landing, land=s.land)
+
+    def _promote(self, keys: list[str], s: LayerStream) -> None:
+        """After a streamed request: its chunks, whole and in the model's dtype on the device, into
+        the device tier, so that the next request that retrieves them reads no disk. The layers the
+        prefill did not land are landed here (their reads are done: close() waited for them); the
+        copies are queued on the current stream, after the prefill's own."""
+        for i in range(self.shape.n_layers):
+            if i not in s.landed:
+                s.wait(i)
+                if i not in s.landed:
+                    s.land(i)
+        at = 0
+        for key, t in zip(keys, s.tensors):
+            n = t.shape[3]
+            if t.numel() * s.landing.element_size() <= self.gpu.max_bytes:
+                self.gpu.put(key, s.landing[:, :, :, at:at + n].clone())
+            at += n
 
     def stats(self) -> dict:
         gpu = self.gpu.stats()

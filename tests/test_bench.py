@@ -6,28 +6,37 @@ import subprocess
 import sys
 
 
-def test_bench_tiny_on_cpu_writes_every_mode_ratio_and_tier(tmp_path):
+def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_served_default_first(tmp_path):
     cmd = [sys.executable, "-m", "api.cli", "bench", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
            "--chunk-tokens", "32", "--question-tokens", "8", "--ratios", "0.15,0.5", "--tiers", "cpu,lmdb",
-           "--sweep", "128,256", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]
+           "--kv-dtype", "int8,bf16", "--sweep", "128,256", "--runs", "2", "--warmup", "1", "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["prompt_tokens"] == 32 + 3 * 32 + 8
-    rows = {(r["mode"], r["ratio"], r["tier"]) for r in result["rows"]}
-    expected = {("full", None, None)} | {(m, r, t) for t in ("cpu", "lmdb")
+    assert result["kv_formats"] == ["int8", "bfloat16"]
+    assert result["served"] == {"tier": "lmdb:int8", "mode": "blend", "ratio": 0.15, "check_layer": 1,
+                                "selection": "lookahead", "guard": None, "max_ratio": 0.5}
+    rows = [r for r in result["rows"] if not r.get("served_default")]
+    expected = {("full", None, None)} | {(m, r, t) for t in ("cpu", "lmdb:int8", "lmdb:bfloat16")
                                          for m, r in (("prefix", None), ("reuse", None), ("blend", 0.15), ("blend", 0.5))}
-    assert rows == expected
+    assert {(r["mode"], r["ratio"], r["tier"]) for r in rows} == expected and len(rows) == len(expected)
+    served = [r for r in result["rows"] if r.get("served_default")]
+    assert len(served) == 1 and (served[0]["tier"], served[0]["ratio"], served[0]["selection"]) == ("lmdb:int8", 0.15,
+                                                                                                    "lookahead")
+    full = next(r for r in result["rows"] if r["mode"] == "full")["median_ms"]
     for r in result["rows"]:
         assert r["median_ms"] > 0 and r["p90_ms"] >= r["median_ms"] and r["runs"] == 2
-        assert abs(r["speedup_vs_full"] - result["rows"][0]["median_ms"] / r["median_ms"]) < 1e-9
+        assert abs(r["speedup_vs_full"] - full / r["median_ms"]) < 1e-9
     assert [s["tokens"] for s in result["sweep"]] == [32 + 2 * 32 + 8, 32 + 6 * 32 + 8]
     assert (tmp_path / "bench.md").exists() and (tmp_path / "sweep.png").stat().st_size > 0
-    assert "| blend | 0.15 | lmdb |" in done.stdout
+    table = done.stdout.splitlines()
+    first_row = next(i for i, line in enumerate(table) if line.startswith("| blend") or line.startswith("| full"))
+    assert "DEFAULT SERVED" in table[first_row] and "| blend | 0.15 | lmdb:bfloat16 |" in done.stdout
 
 
 def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
-    for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"]):
+    for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"], ["--kv-dtype", "int3"]):
         done = subprocess.run([sys.executable, "-m", "api.cli", "bench", "--device", "cpu", "--out", str(tmp_path),
                                *extra], capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)

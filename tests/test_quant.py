@@ -341,3 +341,23 @@ def test_quantized_kv_streamed_to_the_gpu_answers_like_the_same_format_in_gpu_me
     for c in (streamed, whole, mem):
         c.close()
     store.close()
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled SmolLM2 tokenizer
+def test_a_data_dir_first_filled_through_the_api_records_and_writes_the_default_format(tmp_path):
+    """The default format is decided by the store a data dir opens, not by the CLI: a server whose
+    data dir is new writes its first upload's KV in it (int8)."""
+    from store.quant import DEFAULT_FORMAT
+    from tests.test_api import launch, wait_job
+
+    server = launch(tmp_path)
+    try:
+        r = server.http.post("/v1/documents", json={"id": "d", "text": "The okapi lives in the forest. " * 20})
+        assert r.status_code == 202, r.text
+        assert wait_job(server.http, r.json()["job_id"])["status"] == "succeeded"
+        with KVStore(server.data_dir / "kv", readonly=True) as store:
+            assert store.kv_format == DEFAULT_FORMAT == "int8"
+            keys = list(store.keys())
+            assert keys and all(store.header(k).fmt.name == "int8" for k in keys)
+    finally:
+        server.stop()

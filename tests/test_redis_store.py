@@ -82,9 +82,11 @@ def url(server):
     return server.url
 
 
-def tiered(tmp_path: Path, url: str, name: str = "a", local_cache: bool = True) -> TieredKVStore:
+def tiered(tmp_path: Path, url: str, name: str = "a", local_cache: bool = True, fmt: str = "float32") -> TieredKVStore:
     store = open_kv_store(tmp_path / name / "kv", url + ("" if local_cache else ("&" if "?" in url else "?") + "local_cache=0"))
     assert isinstance(store, TieredKVStore)
+    assert store.kv_format == "int8"  # a new data dir records the default format
+    store.configure(kv_format=fmt)  # float32: these tests compare values bit for bit
     return store
 
 
@@ -232,7 +234,7 @@ def test_a_redis_that_dies_mid_service_means_recomputing_not_failing(tmp_path):
 
 
 def test_formats_are_kept_apart_on_the_shared_tier(tmp_path, url):
-    a, b = tiered(tmp_path, url, "a"), tiered(tmp_path, url, "b")
+    a, b = tiered(tmp_path, url, "a", fmt="int8"), tiered(tmp_path, url, "b")
     ca, _ = cache_on(a, kv_format="int8")
     cb, computed_b = cache_on(b, kv_format="float32")
     ca.ensure(CHUNKS[0])

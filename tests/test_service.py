@@ -156,7 +156,8 @@ def test_index_killed_mid_run_resumes_complete_and_consistent(tmp_path):
 
 
 def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
-    """On the real SmolLM2: KV read back from LMDB gives exactly the tokens of KV computed in memory."""
+    """On the real SmolLM2: KV read back from LMDB (the data dir's default format, int8) gives
+    exactly the tokens and logits of the same format's KV computed in memory."""
     engine = Engine(load_model("default"))
     svc = RagService(tmp_path / "data", engine=engine, embedder=HashEmbedder(), chunk_tokens=96)
     try:
@@ -169,7 +170,9 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
         svc.kv.gpu.clear()  # read back from LMDB, not the tier that indexing left warm
         from_store = svc.answer(question, hits, spec).run()
         layout = engine.layout(question, [h.text for h in hits])
-        in_memory = engine.generate(layout, spec).run()
+        assert svc.kv.format.name == "int8"
+        memory = engine.kv_cache(layout.prefix, gpu_bytes=1 << 40, stream=False, kv_format=svc.kv.format)
+        in_memory = engine.generate(layout, spec, memory).run()
         assert from_store.token_ids == in_memory.token_ids
         assert (from_store.first_logits - in_memory.first_logits).abs().max().item() == 0.0
         assert svc.kv.recomputed == 0 and svc.kv.store_reads == len(hits)
