@@ -40,7 +40,9 @@ def make_service(settings: Settings) -> RagService:
     engine = Engine(load_model(settings.model, device=settings.device, dtype=settings.dtype))
     path = settings.data_dir or default_data_dir()
     check_model(path, engine.name, engine.fingerprint)  # one data dir per model (api/datadir.py)
-    service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens, kv_store=settings.kv_store)
+    mib = lambda v: None if v is None else v << 20  # noqa: E731
+    service = RagService(path, engine=engine, chunk_tokens=settings.chunk_tokens, kv_store=settings.kv_store,
+                         hot_bytes=mib(settings.gpu_tier_mb), pinned_bytes=mib(settings.cpu_tier_mb))
     bind_model(path, engine.name, engine.fingerprint)
     if service.kv.stream and settings.max_ratio > 0:  # chunk KV streams into the prefill: loading can hide recompute
         from blend.loading import LoadingController, calibrate

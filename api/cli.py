@@ -11,7 +11,7 @@ import typer
 
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
                             load_engine, selection_of, set_threads, unit_floats)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 from store.quant import DEFAULT_FORMAT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -521,6 +521,14 @@ def serve(
     kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: 30% of free "
                                                              "GPU memory, 4096 on CPU)")] = None,
     slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query (default: 4096)")] = None,
+    max_ratio: Annotated[Optional[float], typer.Option(help="on a GPU, how far the loading controller may raise the "
+                                                            "recompute ratio of a blend query that names none, while "
+                                                            f"its chunk KV streams from disk; 0: never (default: "
+                                                            f"{DEFAULT_MAX_RATIO})")] = None,
+    gpu_tier_mb: Annotated[Optional[int], typer.Option(help="chunk KV kept in device memory (default: a quarter of "
+                                                            "the free device memory; 1024 on CPU)")] = None,
+    cpu_tier_mb: Annotated[Optional[int], typer.Option(help="chunk KV kept in pinned host memory on CUDA (default: a "
+                                                            "quarter of the available host memory, ≤ 64 GiB)")] = None,
     max_body_bytes: Annotated[Optional[int], typer.Option(help="request body limit (default: 1 MiB)")] = None,
     max_upload_bytes: Annotated[Optional[int], typer.Option(help="document upload limit (default: 8 MiB)")] = None,
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
@@ -552,7 +560,8 @@ def serve(
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
-                                     max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store)
+                                     max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
+                                     max_ratio=max_ratio, gpu_tier_mb=gpu_tier_mb, cpu_tier_mb=cpu_tier_mb)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     import os

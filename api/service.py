@@ -16,6 +16,7 @@ from blend.spec import QuerySpec
 from retrieval import Corpus, Document, Embedder, chunk_text
 from retrieval.corpus import Hit
 from store.backend import open_kv_store
+from store.tiers import tier_budgets
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_TOKENS = 384
@@ -65,7 +66,7 @@ class RagService:
 
     def __init__(self, data_dir: str | Path | None = None, *, model: str = "default", device: str = "cpu",
                  dtype: str = "float32", chunk_tokens: int = DEFAULT_CHUNK_TOKENS, index_kind: str = "flat",
-                 hot_bytes: int = 1 << 30, pinned_bytes: int = 4 << 30, engine: Engine | None = None,
+                 hot_bytes: int | None = None, pinned_bytes: int | None = None, engine: Engine | None = None,
                  embedder: Embedder | None = None, kv_store: str | None = None):
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,10 @@ class RagService:
         except BaseException:
             self.store.close()
             raise
-        self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=hot_bytes, cpu_bytes=pinned_bytes)
+        # the hot tiers: sized from the machine's free memory unless told (store.tiers.tier_budgets)
+        sized = tier_budgets(self.engine.device)
+        self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=sized[0] if hot_bytes is None else hot_bytes,
+                                       cpu_bytes=sized[1] if pinned_bytes is None else pinned_bytes)
         self.model_lock = threading.Lock()
         self.write_lock = threading.Lock()
 

@@ -31,6 +31,10 @@ class Settings(BaseModel):
     max_batch: int = Field(16, ge=1, le=256, description="queries decoded together in one batched step (1: one at a time)")
     kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: 30% of free "
                                                               "GPU memory, 4096 MiB on CPU)")
+    gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (default: a quarter of "
+                                    "the free device memory at start; on CPU, 1024 MiB of plain memory)")
+    cpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in pinned host memory, on CUDA (default: a "
+                                    "quarter of the available host memory, at most 64 GiB)")
     max_ratio: float = Field(DEFAULT_MAX_RATIO, ge=0.0, le=1.0, description="on a GPU, how far the loading controller "
                              "may raise the recompute ratio of a blend query that names none, while its chunk KV "
                              "streams from disk (0: never)")

@@ -25,6 +25,7 @@ This module knows nothing of the model: `compute` and `KVShape` are all it needs
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -60,6 +61,28 @@ class KVShape:
     def fits(self, shape: tuple[int, ...], n_tokens: int) -> bool:
         """An entry of this shape (in any format: it decodes to the model's dtype) serves a chunk."""
         return tuple(shape) == (self.n_layers, 2, self.n_kv_heads, n_tokens, self.head_dim)
+
+
+# The hot tiers' default budgets, as shares of what the machine has free when the service starts:
+# the device tier of free device memory (decode KV slots and activations need the rest), the
+# pinned tier of available host memory (pinned pages cannot be swapped: keep it a minority).
+GPU_TIER_SHARE = 0.25
+CPU_TIER_SHARE = 0.25
+CPU_TIER_MAX = 64 << 30
+CPU_DEVICE_TIER = 1 << 30  # on a CPU-only machine the device tier is plain memory; no pinned tier
+
+
+def tier_budgets(device: torch.device | str) -> tuple[int, int]:
+    """(device tier bytes, pinned-CPU tier bytes) for a cache on `device`, from free memory now."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return CPU_DEVICE_TIER, 0
+    free, _ = torch.cuda.mem_get_info(device)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 0
+    return int(GPU_TIER_SHARE * free), min(CPU_TIER_MAX, int(CPU_TIER_SHARE * avail))
 
 
 class ChunkKVSource(Protocol):
