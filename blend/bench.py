@@ -254,7 +254,7 @@ def profile(engine: Engine, layout: Layout, cfg: BenchConfig, caches: dict[str, 
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 ttft(engine, layout, spec, src)
             ratio = spec.describe()["ratio"]
-            name = f"{spec.mode.value}{'' if ratio is None else f'-{ratio}'}-{tier}"
+            name = f"{spec.mode.value}{'' if ratio is None else f'-{ratio}'}-{tier.replace(':', '-')}"
             ranges = {e.key: round(e.device_time_total / 1e3, 3) for e in prof.key_averages()
                       if e.key.startswith("rb.")}
             ranges.update(gpu_busy(prof))

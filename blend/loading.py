@@ -83,10 +83,11 @@ class LoadingController:
 
 
 def calibrate(engine, n_chunks: int = 6, chunk_tokens: int = 512, question_tokens: int = 64,
-              ratios: tuple[float, float] = (0.1, 0.5), runs: int = 3) -> ComputeCost:
+              ratios: tuple[float, float] = (0.1, 0.3), runs: int = 3) -> ComputeCost:
     """Fit ComputeCost from timed blend prefills on random token ids with the KV on the device:
     two ratios at one prompt size, and the first ratio at half the size (three points, three
-    unknowns). A few hundred ms on a 7B model's GPU; the ids need no tokenizer."""
+    unknowns). The ratios span the range the controller works in (the selected tokens' layers
+    run as CUDA graphs there). A few hundred ms on a 7B model's GPU; the ids need no tokenizer."""
     from dataclasses import replace
 
     from blend.engine import sync

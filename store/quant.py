@@ -68,39 +68,36 @@ class KVFormat:
     def packed_nbytes(self, H: int, D: int, lengths: tuple[int, ...]) -> int:
         return sum(self.layer_nbytes(H, T, D) for T in lengths)
 
-    def packed_index(self, H: int, D: int, lengths: tuple[int, ...], device: torch.device | str) -> dict[str, torch.Tensor]:
-        """Where each element of the decoded layer sits in the packed row (int64, on `device`):
-        byte indices for the quantized values, float32 indices for the scales, element indices
-        of the storage dtype for a float format. Built once per request."""
+    def packed_index(self, H: int, D: int, lengths: tuple[int, ...], device: torch.device | str) -> dict:
+        """Where decode_packed finds things in a packed row, built once per request (small: one
+        int64 per token per head, not per element): `rows`, the byte (or, for a float format,
+        element) offset of every D-wide row of quantized values, in decode order; `chunk_of`, each
+        token's chunk; and each chunk's scale offsets, in float32 units."""
         lengths = tuple(lengths)
-        dev = torch.device(device)
-        T = torch.tensor(lengths, dtype=torch.int64)
-        base = torch.tensor([0, *itertools.accumulate(self.layer_nbytes(H, t, D) for t in lengths)][:-1], dtype=torch.int64)
-        chunk_of = torch.repeat_interleave(torch.arange(len(lengths)), T)
-        starts = torch.cumsum(T, 0) - T
-        t = (torch.arange(int(T.sum())) - starts[chunk_of]).to(dev)  # each token's place in its chunk
-        per = lambda x: x[chunk_of].to(dev)  # noqa: E731  (a per-chunk value, per token)
-        Ts, bs = per(T), per(base)
-        h = torch.arange(H, device=dev)[:, None, None]
-        d = torch.arange(D, device=dev)[None, None, :]
-        tt, TT = t[None, :, None], Ts[None, :, None]
-        if not self.quantized:
-            b = self.storage.itemsize
-            p = torch.arange(2, device=dev)[:, None, None, None]
-            return {"x": (bs // b)[None, None, :, None] + (p * H + h[None]) * TT[None] * D + tt[None] * D + d[None]}
-        if self.name == "fp8":
-            oq = per(torch.tensor([self._offsets(H, x, D)["q"] for x in lengths], dtype=torch.int64))
-            p = torch.arange(2, device=dev)[:, None, None, None]
-            q = (bs + oq)[None, None, :, None] + (p * H + h[None]) * TT[None] * D + tt[None] * D + d[None]
-            s = (bs // 4)[None, None, :] + (p[..., 0] * H + h[None, ..., 0])  # [2, H, S]
-            return {"q": q, "s": s}
-        offs = {k: per(torch.tensor([self._offsets(H, x, D)[k] for x in lengths], dtype=torch.int64))
-                for k in ("ks", "kz", "vs", "q")}
-        kq = (bs + offs["q"])[None, :, None] + h * TT * D + tt * D + d
-        return {"kq": kq, "vq": kq + (H * Ts * D)[None, :, None],
-                "ks": ((bs + offs["ks"]) // 4)[None, :, None] + h * D + d,
-                "kz": ((bs + offs["kz"]) // 4)[None, :, None] + h * D + d,
-                "vs": ((bs + offs["vs"]) // 4)[None, :] + h[..., 0] * Ts[None, :] + t[None, :]}
+        c, S = len(lengths), sum(lengths)
+        bases = [0, *itertools.accumulate(self.layer_nbytes(H, t, D) for t in lengths)][:-1]
+        parts = 2 * H  # rows of D values: keys then values, head by head
+        rows = torch.empty(parts, S, dtype=torch.int64)
+        at = 0
+        for base, T in zip(bases, lengths):
+            if self.quantized:
+                q = base + self._offsets(H, T, D)["q"]
+                unit = 1
+            else:
+                unit = self.storage.itemsize
+                q = base // unit
+            # part p (= k/v × head) of this chunk starts at q + p·T·D; its token t at + t·D
+            rows[:, at:at + T] = q + (torch.arange(parts)[:, None] * T + torch.arange(T)[None, :]) * D
+            at += T
+        # (not torch.repeat_interleave: on the CPU it takes milliseconds for a few thousand ids)
+        chunk_of = torch.tensor([j for j, T in enumerate(lengths) for _ in range(T)], dtype=torch.int64)
+        out = {"rows": rows.reshape(-1), "chunk_of": chunk_of}
+        pin = torch.device(device).type == "cuda"
+        out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in out.items()}
+        if self.quantized:  # host ints: slicing by them queues no copy back from the device
+            for name in ("s",) if self.name == "fp8" else ("ks", "kz", "vs"):
+                out[name] = [(b + self._offsets(H, t, D)[name]) // 4 for b, t in zip(bases, lengths)]
+        return out
 
     # -- encode / decode ----------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
@@ -177,10 +174,11 @@ class KVFormat:
         return out
 
     def decode_packed(self, row: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], out: torch.Tensor,
-                      index: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                      index: dict | None = None) -> torch.Tensor:
         """One packed layer row (uint8 [packed_nbytes]) of chunks `lengths` → `out` [2, H, ΣT, D]
         (any view, any float dtype, on row's device). `index`: packed_index's, when the same
-        layout decodes many layers."""
+        layout decodes many layers. A fixed handful of kernels whatever the chunk count: the
+        values are gathered D at a time by row offset, the scales per chunk then per token."""
         lengths = tuple(lengths)
         want = self.packed_nbytes(H, D, lengths)
         if row.dtype != torch.uint8 or row.dim() != 1 or row.numel() != want:
@@ -188,14 +186,22 @@ class KVFormat:
         if len(lengths) == 1:
             return self.decode(row[None], H, lengths[0], D, out.dtype, out=out[None])[0]
         ix = index if index is not None else self.packed_index(H, D, lengths, row.device)
+        S, c = sum(lengths), len(lengths)
+        values = row if self.quantized else row.view(self.storage)
+        # every D-wide row of values, in [k/v, head, token] order: a gather of overlapping windows
+        q = values.unfold(0, D, 1).index_select(0, ix["rows"]).view(2, H, S, D)
         if not self.quantized:
-            return out.copy_(torch.take(row.view(self.storage), ix["x"]))
+            return out.copy_(q)
         f32 = row.view(torch.float32)
+        per_chunk = lambda name, n: torch.stack([f32[o:o + n] for o in ix[name]])  # noqa: E731
         if self.name == "fp8":
-            q = torch.take(row, ix["q"]).view(torch.float8_e4m3fn)
-            return out.copy_(q.float().mul_(torch.take(f32, ix["s"])[..., None]))
-        out[0].copy_(torch.take(row, ix["kq"]).float().mul_(torch.take(f32, ix["ks"])).add_(torch.take(f32, ix["kz"])))
-        out[1].copy_(torch.take(row, ix["vq"]).view(torch.int8).float().mul_(torch.take(f32, ix["vs"])[..., None]))
+            s = per_chunk("s", 2 * H).view(c, 2, H).index_select(0, ix["chunk_of"]).permute(1, 2, 0)  # [2, H, S]
+            return out.copy_(q.view(torch.float8_e4m3fn).float().mul_(s[..., None]))
+        ks = per_chunk("ks", H * D).view(c, H, D).index_select(0, ix["chunk_of"]).transpose(0, 1)  # [H, S, D]
+        kz = per_chunk("kz", H * D).view(c, H, D).index_select(0, ix["chunk_of"]).transpose(0, 1)
+        vs = torch.cat([f32[o:o + H * t].view(H, t) for o, t in zip(ix["vs"], lengths)], dim=1)  # [H, S]
+        out[0].copy_(q[0].float().mul_(ks).add_(kz))
+        out[1].copy_(q[1].view(torch.int8).float().mul_(vs[..., None]))
         return out
 
     def roundtrip(self, kv: torch.Tensor) -> torch.Tensor:
