@@ -69,34 +69,22 @@ class KVFormat:
         return sum(self.layer_nbytes(H, T, D) for T in lengths)
 
     def packed_index(self, H: int, D: int, lengths: tuple[int, ...], device: torch.device | str) -> dict:
-        """Where decode_packed finds things in a packed row, built once per request (small: one
-        int64 per token per head, not per element): `rows`, the byte (or, for a float format,
-        element) offset of every D-wide row of quantized values, in decode order; `chunk_of`, each
-        token's chunk; and each chunk's scale offsets, in float32 units."""
+        """Where decode_packed finds things in a packed row, built once per request: each chunk's
+        values (bytes, or elements of a float format) and scales (float32 units) as host ints, and
+        `chunk_of`, each token's chunk, on `device`."""
         lengths = tuple(lengths)
-        c, S = len(lengths), sum(lengths)
         bases = [0, *itertools.accumulate(self.layer_nbytes(H, t, D) for t in lengths)][:-1]
-        parts = 2 * H  # rows of D values: keys then values, head by head
-        rows = torch.empty(parts, S, dtype=torch.int64)
-        at = 0
-        for base, T in zip(bases, lengths):
-            if self.quantized:
-                q = base + self._offsets(H, T, D)["q"]
-                unit = 1
-            else:
-                unit = self.storage.itemsize
-                q = base // unit
-            # part p (= k/v × head) of this chunk starts at q + p·T·D; its token t at + t·D
-            rows[:, at:at + T] = q + (torch.arange(parts)[:, None] * T + torch.arange(T)[None, :]) * D
-            at += T
         # (not torch.repeat_interleave: on the CPU it takes milliseconds for a few thousand ids)
         chunk_of = torch.tensor([j for j, T in enumerate(lengths) for _ in range(T)], dtype=torch.int64)
-        out = {"rows": rows.reshape(-1), "chunk_of": chunk_of}
         pin = torch.device(device).type == "cuda"
-        out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in out.items()}
-        if self.quantized:  # host ints: slicing by them queues no copy back from the device
-            for name in ("s",) if self.name == "fp8" else ("ks", "kz", "vs"):
-                out[name] = [(b + self._offsets(H, t, D)[name]) // 4 for b, t in zip(bases, lengths)]
+        out: dict = {"chunk_of": (chunk_of.pin_memory() if pin else chunk_of).to(device, non_blocking=pin)}
+        # host ints: slicing by them queues no copy back from the device
+        if not self.quantized:
+            out["q"] = [b // self.storage.itemsize for b in bases]
+            return out
+        out["q"] = [b + self._offsets(H, t, D)["q"] for b, t in zip(bases, lengths)]
+        for name in ("s",) if self.name == "fp8" else ("ks", "kz", "vs"):
+            out[name] = [(b + self._offsets(H, t, D)[name]) // 4 for b, t in zip(bases, lengths)]
         return out
 
     # -- encode / decode ----------------------------------------------------------------------
@@ -178,7 +166,7 @@ class KVFormat:
         """One packed layer row (uint8 [packed_nbytes]) of chunks `lengths` → `out` [2, H, ΣT, D]
         (any view, any float dtype, on row's device). `index`: packed_index's, when the same
         layout decodes many layers. A fixed handful of kernels whatever the chunk count: the
-        values are gathered D at a time by row offset, the scales per chunk then per token."""
+        chunks' values joined by one cat, their scales per chunk then per token."""
         lengths = tuple(lengths)
         want = self.packed_nbytes(H, D, lengths)
         if row.dtype != torch.uint8 or row.dim() != 1 or row.numel() != want:
@@ -187,9 +175,10 @@ class KVFormat:
             return self.decode(row[None], H, lengths[0], D, out.dtype, out=out[None])[0]
         ix = index if index is not None else self.packed_index(H, D, lengths, row.device)
         S, c = sum(lengths), len(lengths)
+        # the values, [k/v · head, token, D], chunk after chunk along the tokens: one cat
         values = row if self.quantized else row.view(self.storage)
-        # every D-wide row of values, in [k/v, head, token] order: a gather of overlapping windows
-        q = values.unfold(0, D, 1).index_select(0, ix["rows"]).view(2, H, S, D)
+        q = torch.cat([values[o:o + 2 * H * t * D].view(2 * H, t, D) for o, t in zip(ix["q"], lengths)],
+                      dim=1).view(2, H, S, D)
         if not self.quantized:
             return out.copy_(q)
         f32 = row.view(torch.float32)
