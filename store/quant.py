@@ -162,11 +162,12 @@ class KVFormat:
         return out
 
     def decode_packed(self, row: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], out: torch.Tensor,
-                      index: dict | None = None) -> torch.Tensor:
+                      index: dict | None = None, kernel: bool = True) -> torch.Tensor:
         """One packed layer row (uint8 [packed_nbytes]) of chunks `lengths` → `out` [2, H, ΣT, D]
         (any view, any float dtype, on row's device). `index`: packed_index's, when the same
         layout decodes many layers. A fixed handful of kernels whatever the chunk count: the
-        chunks' values joined by one cat, their scales per chunk then per token."""
+        chunks' values joined by one cat, their scales per chunk then per token; on CUDA one
+        Triton kernel where it is available (`kernel`), with the same result."""
         lengths = tuple(lengths)
         want = self.packed_nbytes(H, D, lengths)
         if row.dtype != torch.uint8 or row.dim() != 1 or row.numel() != want:
@@ -174,6 +175,10 @@ class KVFormat:
         if len(lengths) == 1:
             return self.decode(row[None], H, lengths[0], D, out.dtype, out=out[None])[0]
         ix = index if index is not None else self.packed_index(H, D, lengths, row.device)
+        if kernel and row.is_cuda and self.quantized:  # one launch per layer (store/quant_triton.py)
+            from store import quant_triton
+            if quant_triton.decode(self, row, H, D, lengths, out, ix):
+                return out
         S, c = sum(lengths), len(lengths)
         # the values, [k/v · head, token, D], chunk after chunk along the tokens: one cat
         values = row if self.quantized else row.view(self.storage)

@@ -361,3 +361,25 @@ def test_a_data_dir_first_filled_through_the_api_records_and_writes_the_default_
             assert keys and all(store.header(k).fmt.name == "int8" for k in keys)
     finally:
         server.stop()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_one_kernel_decode_equals_the_torch_decode_bit_for_bit(name, dtype):
+    """On CUDA a packed quantized layer decodes in one Triton launch, into a strided view of a
+    fused cache, to exactly what the torch path gives (skipped where Triton is missing)."""
+    from store import quant_triton
+
+    if quant_triton.triton is None:
+        pytest.skip("Triton is not installed")
+    fmt, H, D, lengths = FORMATS[name], 8, 128, (512, 300, 77, 511)
+    row = torch.cat([fmt.encode(realistic_kv(L=1, H=H, T=T, D=D, seed=T).cuda()) for T in lengths], dim=1)[0]
+    index = fmt.packed_index(H, D, lengths, "cuda")
+    want = fmt.decode_packed(row, H, D, lengths, torch.empty(2, H, sum(lengths), D, dtype=dtype, device="cuda"),
+                             index, kernel=False)
+    cache = torch.full((3, 2, H, 40 + sum(lengths) + 9, D), float("nan"), dtype=dtype, device="cuda")
+    out = cache[1, :, :, 40:40 + sum(lengths)]
+    assert quant_triton.decode(fmt, row, H, D, lengths, out, index)
+    assert torch.equal(out, want)
+    assert cache[1, :, :, :40].isnan().all() and cache[1, :, :, -9:].isnan().all() and cache[0].isnan().all()
