@@ -11,7 +11,7 @@ import typer
 
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
                             load_engine, selection_of, set_threads, unit_floats)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
 from store.quant import DEFAULT_FORMAT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -516,10 +516,18 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: the data dir's recorded one, else 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
-    max_batch: Annotated[Optional[int], typer.Option(help="queries decoded together in one batched step; 1 serves "
-                                                          "one at a time (default: 16)")] = None,
-    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: 30% of free "
-                                                             "GPU memory, 4096 on CPU)")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="cap on the queries decoded together in one batched step; "
+                                                          "1 serves one at a time (default: as many as the decode "
+                                                          "memory holds)")] = None,
+    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: "
+                                                             "--kv-memory-share of the GPU memory left free, 4096 on "
+                                                             "CPU)")] = None,
+    kv_memory_share: Annotated[Optional[float], typer.Option(help="share of the GPU memory left once weights, prefill "
+                                                                  "peak and hot tier are counted that goes to decode "
+                                                                  "slots (default: 0.9)")] = None,
+    prefill_tokens: Annotated[Optional[int], typer.Option(help="prefill tokens per scheduler step, after the running "
+                                                               "queries' decode step; longer prompts are spread over "
+                                                               f"steps (default: {PREFILL_TOKENS})")] = None,
     slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query (default: 4096)")] = None,
     max_ratio: Annotated[Optional[float], typer.Option(help="on a GPU, how far the loading controller may raise the "
                                                             "recompute ratio of a blend query that names none, while "
@@ -559,6 +567,7 @@ def serve(
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
+                                     kv_memory_share=kv_memory_share, prefill_tokens=prefill_tokens,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
                                      max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
                                      max_ratio=max_ratio, gpu_tier_mb=gpu_tier_mb, cpu_tier_mb=cpu_tier_mb)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from blend.decode import decode
 from blend.engine import Engine
 from blend.loader import LoadedModel, fingerprint
 from blend.shapes import TINY_ARCHS, random_model
 from blend.spec import SELECTIONS, BlendConfig, Sampling
+from tests.conftest import oracle_decode
 from tests.test_blend import make_layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,7 +36,7 @@ def test_blend_at_ratio_one_equals_full_on_cuda(arch, dtype, tol):
     assert (blend.logits - full.logits).abs().max().item() < tol * max(1.0, scale)
     if dtype == torch.float32:
         g = Sampling()
-        assert list(decode(engine.model, blend, 20, g)) == list(decode(engine.model, full, 20, g))
+        assert oracle_decode(engine.model, blend, 20, g) == oracle_decode(engine.model, full, 20, g)
 
 
 @ARCHS
@@ -50,7 +50,7 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
     assert a.recomputed_tokens == b.recomputed_tokens
     assert (a.logits - b.logits).abs().max().item() < 0.05 * max(1.0, b.logits.abs().max().item())
     g = Sampling()
-    assert list(decode(fast.model, a, 20, g)) == list(decode(plain.model, b, 20, g))
+    assert oracle_decode(fast.model, a, 20, g) == oracle_decode(plain.model, b, 20, g)
     # a second request through the same graphs (new shapes, reused buffers) still agrees
     layout2 = make_layout(n_chunks=3, seed=5)
     assert int(prefill(fast, layout2, mode, ratio or 0.0).logits.argmax()) == int(prefill(plain, layout2, mode, ratio or 0.0).logits.argmax())
@@ -103,7 +103,7 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     def answer(source):
         kvs = engine.load_chunks(layout, mode, source, spec.blend)
         result = engine.prefill(layout, mode, kvs, spec.blend)
-        return kvs, result.logits.clone(), list(decode(engine.model, result, 20, g))
+        return kvs, result.logits.clone(), oracle_decode(engine.model, result, 20, g)
 
     kvs, streamed_logits, streamed = answer(cache)
     assert isinstance(kvs, ArrivingKV)
@@ -177,10 +177,10 @@ def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path)
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
     """The scheduler's batched steps (CUDA graphs per batch bucket) against each request decoded
-    alone by the eager one-slot step, float32."""
+    alone by the slow oracle (transformers' forward over the prefill's cache), float32."""
     import threading
 
-    from blend.scheduler import Job, Scheduler, SchedulerConfig
+    from blend.scheduler import Job, SchedulerConfig
     from blend.spec import Mode, QuerySpec
 
     engine = engine_for(arch, torch.float32, graphs=True)
@@ -191,10 +191,11 @@ def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
     for layout, spec in cases:
         kvs = engine.load_chunks(layout, spec.mode, engine.memory_cache(layout), spec.blend)
         result = engine.prefill(layout, spec.mode, kvs, spec.blend)
-        alone.append(list(decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids, graphs=False)))
+        alone.append(oracle_decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids))
     answers, done, sizes = {}, threading.Semaphore(0), []
-    sched = Scheduler(engine, SchedulerConfig(max_batch=8, slots=8, slot_tokens=512),
-                      on_step=lambda n, dt: sizes.append(n))
+    sched = engine.scheduler
+    sched.configure(SchedulerConfig(max_batch=8, slots=8, slot_tokens=512))
+    sched.on_step = lambda n, dt: sizes.append(n)
     for i, (layout, spec) in enumerate(cases):
         sched.submit(Job(layout, spec, engine.memory_cache(layout),
                          on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
