@@ -90,8 +90,8 @@ class SchedulerConfig:
 
     @classmethod
     def for_memory(cls, engine: Runner, kv_bytes: int, **kw) -> "SchedulerConfig":
-        """As many slots as `kv_bytes` of decode KV memory holds; `max_batch` (when given) only
-        caps the batch below that, and the largest batch bucket caps it too. Raises ValueError
+        """As many slots as `kv_bytes` of decode KV memory holds, up to `max_batch` (when given)
+        or the largest batch bucket: a slot past the batch could never be used. Raises ValueError
         when not even one slot fits."""
         slot_tokens = min(kw.pop("slot_tokens", None) or 4096, engine.max_context)
         per_slot = KVSlots.bytes_per_token(engine.parts) * slot_size(slot_tokens)
@@ -99,8 +99,8 @@ class SchedulerConfig:
         if slots < 1:
             raise ValueError(f"{kv_bytes >> 20} MiB of decode memory hold no slot of {slot_tokens} tokens "
                              f"({per_slot >> 20} MiB): lower slot_tokens or give the slots more memory")
-        max_batch = min(kw.pop("max_batch", None) or slots, slots, BATCH_BUCKETS[-1])
-        return cls(slots=slots, slot_tokens=slot_tokens, max_batch=max_batch, **kw)
+        slots = min(slots, kw.pop("max_batch", None) or BATCH_BUCKETS[-1], BATCH_BUCKETS[-1])
+        return cls(slots=slots, slot_tokens=slot_tokens, max_batch=slots, **kw)
 
 
 def slot_size(tokens: int) -> int:

@@ -2,6 +2,8 @@
 Skipped where there is no GPU (CI); run on the device machine."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -207,3 +209,113 @@ def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
     assert max(sizes) == len(cases)
     for i, tokens in enumerate(alone):
         assert answers[i].token_ids == tokens, i
+
+
+def _served(engine, **config):
+    """The engine's loop configured as a server's (restored to inline use by the caller's `finally`)."""
+    from blend.scheduler import SchedulerConfig
+
+    engine.scheduler.configure(SchedulerConfig(**{"max_batch": 8, "slots": 8, "slot_tokens": 512, **config}))
+    return engine.scheduler
+
+
+def test_warming_captures_every_batch_and_key_bucket_so_serving_captures_none():
+    from blend.batch import KEY_STEP
+    from blend.scheduler import INLINE
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-llama", torch.float32, graphs=True)
+    sched = _served(engine, max_batch=5, slots=5)
+    try:
+        sched.start(warm=True)
+        deadline = time.time() + 120
+        while sched.warming and time.time() < deadline:
+            time.sleep(0.01)
+        assert not sched.warming
+        keys = range(KEY_STEP, engine.decoder.slots.max_tokens + 1, KEY_STEP)
+        assert set(engine.decoder._graph) == {(b, k) for b in (1, 2, 4, 5) for k in keys}
+        before = len(engine.decoder._graph)
+        layouts = [make_layout(n, s) for n, s in ((4, 1), (2, 2), (6, 3))]
+        caches = [engine.memory_cache(lay) for lay in layouts]
+        for lay, kv in zip(layouts, caches):
+            sched.generate(lay, QuerySpec(Mode.BLEND, max_tokens=20), kv, timeout=60)
+        assert len(engine.decoder._graph) == before  # nothing captured while serving
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+
+
+def test_decode_slots_sized_from_free_memory_fit_beside_the_prefill():
+    from blend.memory import decode_kv_bytes, prefill_peak
+    from blend.scheduler import INLINE, SchedulerConfig
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-qwen2", torch.bfloat16, graphs=True)
+    torch.cuda.synchronize()
+    free_before, _ = torch.cuda.mem_get_info()
+    kv_bytes = decode_kv_bytes(engine.parts, engine.model.config, 2048, share=0.05)
+    assert 0 < kv_bytes <= 0.05 * free_before
+    config = SchedulerConfig.for_memory(engine, kv_bytes, slot_tokens=2048)
+    try:
+        engine.scheduler.configure(config)
+        kv = engine.decoder.slots.kv
+        assert kv.numel() * kv.element_size() <= kv_bytes  # the slots never exceed the bound
+        free_after, _ = torch.cuda.mem_get_info()
+        assert free_after >= prefill_peak(engine.parts, engine.model.config, 2048)
+        lay = make_layout(6, 4)
+        engine.generate(lay, QuerySpec(Mode.FULL, max_tokens=8)).run()
+    finally:
+        engine.scheduler.configure(INLINE)
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix"])
+def test_a_prefill_spread_over_steps_on_cuda_answers_as_it_does_whole(mode):
+    from blend.scheduler import INLINE, Job
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-mistral", torch.float32, graphs=True)
+    lay, spec = make_layout(6, 3), QuerySpec(Mode(mode), max_tokens=12)
+    whole = engine.generate(lay, spec).run()
+    kv = engine.memory_cache(lay)
+    sched = _served(engine, prefill_tokens=8)
+    try:
+        box = {}
+        sched.submit(Job(lay, spec, kv, on_done=lambda a: box.setdefault("a", a)))
+        steps = 0
+        while "a" not in box:
+            sched.step()
+            steps += 1
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+    assert steps > lay.n_tokens // 8  # spread
+    assert box["a"].token_ids == whole.token_ids
+    assert (box["a"].first_logits - whole.first_logits).abs().max().item() < 1e-3
+
+
+def test_a_request_answers_the_same_beside_indexing_on_cuda():
+    import threading
+
+    from blend.scheduler import INLINE
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-qwen3", torch.float32, graphs=True)
+    lay, spec = make_layout(4, 21), QuerySpec(Mode.BLEND, max_tokens=40)
+    alone = engine.generate(lay, spec).run()
+    kv = engine.memory_cache(lay)
+    chunk = make_layout(1, 99).chunks[0]
+    direct = engine.compute_chunk(lay.prefix, chunk).kv.clone()
+    sched = _served(engine)
+    side = {}
+    try:
+        sched.start()
+        worker = threading.Thread(target=lambda: side.setdefault("kv", engine.compute_chunk(lay.prefix, chunk).kv))
+        worker.start()
+        got = sched.generate(lay, spec, kv, timeout=60)
+        worker.join(60)
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+    assert got.token_ids == alone.token_ids
+    assert (got.first_logits - alone.first_logits).abs().max().item() < 1e-4
+    assert torch.equal(side["kv"], direct)

@@ -253,9 +253,11 @@ def test_slots_never_exceed_the_memory_bound(tiny_engines):
     per_slot = per_token * slot_size(300)
     for kv_bytes in (per_slot, 3 * per_slot - 1, 40 * per_slot + 5, 400 * per_slot):
         cfg = SchedulerConfig.for_memory(engine, kv_bytes, slot_tokens=300)
-        assert cfg.slots * per_slot <= kv_bytes < (cfg.slots + 1) * per_slot  # as many as fit, no more
-        assert cfg.max_batch == min(cfg.slots, 256)
-    assert SchedulerConfig.for_memory(engine, 40 * per_slot, slot_tokens=300, max_batch=4).max_batch == 4
+        assert cfg.slots * per_slot <= kv_bytes  # never more than the memory holds
+        assert cfg.slots == 256 or kv_bytes < (cfg.slots + 1) * per_slot  # and as many as it holds, to a batch's worth
+        assert cfg.max_batch == cfg.slots
+    capped = SchedulerConfig.for_memory(engine, 40 * per_slot, slot_tokens=300, max_batch=4)
+    assert capped.max_batch == capped.slots == 4  # no slot the batch cannot use
     with pytest.raises(ValueError, match="no slot"):
         SchedulerConfig.for_memory(engine, per_slot - 1, slot_tokens=300)
     cfg = SchedulerConfig.for_memory(engine, 5 * per_slot, slot_tokens=300)
