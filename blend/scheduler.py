@@ -335,17 +335,17 @@ class Scheduler:
                 job.work.close()
             job.on_error(Cancelled())
 
-    def _room(self) -> bool:
-        """Whether a job may start its prefill: a slot and a batch place are free for it."""
+    def _places(self) -> int:
+        """How many more jobs may start their prefill: free slots and batch places."""
         prefilling = sum(1 for j in self._waiting if isinstance(j, Job) and j.work is not None)
-        limit = min(self.config.max_batch, self.config.slots)
-        return len(self._running) + prefilling < limit
+        return min(self.config.max_batch, self.config.slots) - len(self._running) - prefilling
 
     def _work(self, budget: int) -> bool:
         """Queued work in arrival order while the budget lasts; the first item always runs (so
         that a prefill above the budget is not starved). A job waits while no slot is free; the
         work behind it goes on."""
         first, worked = True, False
+        places = self._places()
         for item in list(self._waiting):
             if budget <= 0:
                 break
@@ -357,8 +357,9 @@ class Scheduler:
                 first, worked = False, True
             else:
                 if item.work is None:
-                    if not self._room():
+                    if places <= 0:
                         continue
+                    places -= 1
                     self._ensure_slot_fits(item)
                     item.work = PrefillWork(self.engine, item.layout, item.spec, item.kv)
                 w = item.work

@@ -312,3 +312,23 @@ def test_decode_step_refuses_a_live_slot_left_out(tiny_engines):
     slots.release(a)
     slots.release(b)
     assert slots.free == 2 and slots.used_tokens == 0
+
+
+@pytest.mark.real
+def test_streamed_pieces_join_to_the_whole_answer_decoded_at_once():
+    """Incremental detokenization (a few tokens decoded per step) releases exactly the text of the
+    whole answer decoded at once, multi-byte characters split across tokens included."""
+    from transformers import AutoTokenizer
+
+    from blend.loader import bundled_model_dir
+    from blend.prefill import PrefillResult
+    from blend.sequence import SeqState
+
+    tok = AutoTokenizer.from_pretrained(bundled_model_dir())
+    g = torch.Generator().manual_seed(0)
+    texts = ["Ünïcödé — 漢字 and emoji 🎉🎉 mixed with plain words.", " leading space, then\nnew lines  and  gaps"]
+    for ids in [tok.encode(t) for t in texts] + [torch.randint(0, tok.vocab_size, (200,), generator=g).tolist()]:
+        seq = SeqState(make_layout(1), spec_of("full", None, len(ids)), PrefillResult(torch.zeros(1), None, 0, 0),
+                       tok, frozenset(), 0.0, 0.0)
+        pieces = "".join(seq.push(t) for t in ids)
+        assert pieces == seq.text == tok.decode(ids, skip_special_tokens=True)
