@@ -48,6 +48,10 @@ class HttpBenchConfig:
     targets: Targets = field(default_factory=Targets)
     seed: int = 0
     serve_args: tuple[str, ...] = ()
+    # The module that runs the server: api.cli (`ragblend serve`), or tests.serve_for_tests (the
+    # same server with the hash embedder, where no embedding model is installed, as on the GPU
+    # machine: retrieval then costs next to nothing).
+    server_module: str = "api.cli"
 
 
 def free_port() -> int:
@@ -75,7 +79,8 @@ class Server:
     def __init__(self, cfg: HttpBenchConfig, data_dir: Path, log):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "api.cli", "serve", "--model", cfg.model, "--device", cfg.device,
+        serve = ["serve"] if cfg.server_module == "api.cli" else []
+        cmd = [sys.executable, "-m", cfg.server_module, *serve, "--model", cfg.model, "--device", cfg.device,
                "--dtype", cfg.dtype, "--data-dir", str(data_dir), "--port", str(self.port),
                "--chunk-tokens", str(cfg.chunk_tokens), "--max-tokens", str(max(cfg.outputs)),
                "--max-queue", str(max(cfg.requests, cfg.burst) + 8), "--log-level", "warning", *cfg.serve_args]

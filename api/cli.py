@@ -472,6 +472,8 @@ def bench_serve(
     burst: Annotated[int, typer.Option(min=1, help="requests sent at once to find the saturation rate")] = 64,
     ttft_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time to first token")] = 1000.0,
     tpot_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time per output token")] = 50.0,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds for the whole run: the goodput searches share "
+                                                              "what is left and stop early rather than overrun")] = None,
     out: Annotated[Path, typer.Option(help="directory for serve.json, serve.md, serve.png")] = Path("out/bench-serve"),
 ) -> None:
     """Serving throughput and latency under Poisson arrivals (the scheduler the REST API runs,
@@ -506,7 +508,7 @@ def bench_serve(
                            _ints(step_contexts, "--step-contexts"), prefill_tokens=prefill_tokens,
                            kv_memory_share=kv_memory_share, goodput_outputs=goodput_outputs,
                            goodput_requests=goodput_requests, goodput_runs=goodput_runs, burst=burst,
-                           ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms)
+                           ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, time_budget_s=time_budget)
     result = run_serve_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
 
@@ -530,6 +532,8 @@ def bench_http(
     ttft_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time to first token")] = 1000.0,
     tpot_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time per output token")] = 50.0,
     data_dir: Annotated[Optional[Path], typer.Option(help="the server's data dir (default: a temporary one)")] = None,
+    server_module: Annotated[str, typer.Option(help="module running the server: api.cli, or tests.serve_for_tests "
+                                                    "(the hash embedder, where no embedding model is installed)")] = "api.cli",
     out: Annotated[Path, typer.Option(help="directory for http.json")] = Path("out/bench-http"),
 ) -> None:
     """Goodput of `ragblend serve` itself over HTTP (streamed /v1/query, Poisson arrivals), the
@@ -542,7 +546,7 @@ def bench_http(
     cfg = HttpBenchConfig(model, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), pool,
                           chunk_tokens, top_k, question_tokens, tuple(m for m in modes.split(",") if m),
                           _ints(goodput, "--goodput"), ratio, requests, runs, burst, Targets(ttft_p99_ms, tpot_p99_ms),
-                          serve_args=tuple(ctx.args))
+                          serve_args=tuple(ctx.args), server_module=server_module)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_http_bench(cfg, data_dir or Path(tmp) / "data", log=lambda m: typer.echo(m, err=True))
     out.mkdir(parents=True, exist_ok=True)

@@ -59,6 +59,7 @@ class ServeBenchConfig:
     burst: int = 64                     # requests sent at once to find the saturation rate
     ttft_p99_ms: float = 1000.0
     tpot_p99_ms: float = 50.0
+    time_budget_s: float | None = None  # wall time for the whole bench: the searches share what is left
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -194,9 +195,13 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
         for mode in cfg.modes:  # a few requests per mode first (prefill graphs, compilation), untimed
             run_load(sched, kv, cfg, mode, 1000.0, min(cfg.output_tokens, 8), 4)
         _loads(sched, kv, cfg, result, log)
-        for out_tokens in cfg.goodput_outputs:
-            for mode in cfg.modes:
-                result["goodput"].append(_goodput(sched, kv, cfg, mode, out_tokens, log))
+        cells = [(out, mode) for out in cfg.goodput_outputs for mode in cfg.modes]
+        for i, (out_tokens, mode) in enumerate(cells):
+            deadline = None
+            if cfg.time_budget_s is not None:  # an equal share of what is left for each search to come
+                left = t_start + cfg.time_budget_s - time.perf_counter()
+                deadline = time.perf_counter() + left / (len(cells) - i)
+            result["goodput"].append(_goodput(sched, kv, cfg, mode, out_tokens, log, deadline))
     finally:
         sched.stop()
     result["seconds"] = time.perf_counter() - t_start
@@ -224,7 +229,8 @@ def _line(row: dict) -> str:
             f" (max {row['max_batch_seen']})  {row['seconds']:.1f} s")
 
 
-def _goodput(sched: Scheduler, kv, cfg: ServeBenchConfig, mode: str, out_tokens: int, log) -> dict:
+def _goodput(sched: Scheduler, kv, cfg: ServeBenchConfig, mode: str, out_tokens: int, log,
+             deadline: float | None = None) -> dict:
     burst = run_load(sched, kv, cfg, mode, 1e6, out_tokens, cfg.burst)
     log(f"{mode}, {out_tokens} output tokens: saturation {burst['req_per_s']:.2f} req/s (a burst of {cfg.burst})")
 
@@ -232,7 +238,17 @@ def _goodput(sched: Scheduler, kv, cfg: ServeBenchConfig, mode: str, out_tokens:
         row = run_load(sched, kv, cfg, mode, rate, out_tokens, cfg.goodput_requests)
         log("  " + _line(row))
         return row
-    found = search(run, burst["req_per_s"], Targets(cfg.ttft_p99_ms, cfg.tpot_p99_ms), cfg.goodput_runs)
+    cut: list[float] = []
+
+    def affordable(rate: float) -> bool:  # the arrivals' span plus about the burst's drain time
+        ok = deadline is None or time.perf_counter() + cfg.goodput_requests / rate + burst["seconds"] / 2 <= deadline
+        if not ok:
+            cut.append(rate)
+        return ok
+    found = search(run, burst["req_per_s"], Targets(cfg.ttft_p99_ms, cfg.tpot_p99_ms), cfg.goodput_runs,
+                   affordable=affordable)
+    if cut:
+        log(f"  (the time budget ended this search after {len(found.runs)} runs)")
     at = next((r for r in found.runs if r["met"] and r["rate"] == found.rate), None)
     log(f"{mode}, {out_tokens} output tokens: goodput {found.rate:.2f} req/s"
         + (f" ({at['tokens_per_s']:.0f} output tok/s, TTFT p99 {at['ttft_p99_ms']:.0f} ms, TPOT p99 "

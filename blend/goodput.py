@@ -32,15 +32,19 @@ class Goodput:
 
 
 def search(run: Callable[[float], dict], saturation: float, targets: Targets = Targets(),
-           max_runs: int = 5, start: float = 0.75, precision: float = 0.1) -> Goodput:
+           max_runs: int = 5, start: float = 0.75, precision: float = 0.1,
+           affordable: Callable[[float], bool] = lambda rate: True) -> Goodput:
     """`run(rate)` serves one Poisson run at `rate` and returns its row (ttft_p99_ms,
-    tpot_p99_ms). Stops after `max_runs` runs, or once the bracket [held, failed] is narrower
-    than `precision` × held."""
+    tpot_p99_ms). Stops after `max_runs` runs, once the bracket [held, failed] is narrower
+    than `precision` × held, or when `affordable(rate)` says the next run would not fit the
+    time left (the bracket so far is the answer)."""
     if saturation <= 0:
         raise ValueError("the saturation rate must be positive")
     held, failed, runs = 0.0, None, []
     rate = start * saturation
     for _ in range(max_runs):
+        if runs and not affordable(rate):
+            break
         row = dict(run(rate))
         row["met"] = targets.met(row)
         runs.append(row)

@@ -109,8 +109,9 @@ def slot_size(tokens: int) -> int:
 
 
 # The config an engine starts with, for requests stepped inline (ask, eval, bench): one slot,
-# allocated on first use and grown to fit the longest request so far.
-INLINE = SchedulerConfig(max_batch=1, slots=1, slot_tokens=1, max_waiting=1 << 30)
+# allocated on first use and grown to fit the longest request so far; no prefill budget, since a
+# request answered alone has no running sequence to protect (the TTFT bench times it whole).
+INLINE = SchedulerConfig(max_batch=1, slots=1, slot_tokens=1, max_waiting=1 << 30, prefill_tokens=1 << 30)
 
 
 class Scheduler:
