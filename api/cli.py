@@ -474,6 +474,9 @@ def bench_serve(
     tpot_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time per output token")] = 50.0,
     time_budget: Annotated[Optional[float], typer.Option(help="seconds for the whole run: the goodput searches share "
                                                               "what is left and stop early rather than overrun")] = None,
+    kv_tier: Annotated[str, typer.Option(help="where the chunk KV lives: gpu (device memory), cpu (pinned), lmdb "
+                                              "(streamed per request, as serve reads what its hot tier lacks), "
+                                              "lmdb-whole")] = "gpu",
     out: Annotated[Path, typer.Option(help="directory for serve.json, serve.md, serve.png")] = Path("out/bench-serve"),
 ) -> None:
     """Serving throughput and latency under Poisson arrivals (the scheduler the REST API runs,
@@ -498,6 +501,8 @@ def bench_serve(
     goodput_outputs = _ints(goodput, "--goodput")
     if pool < chunks:
         fail(f"--pool ({pool}) must be at least --chunks ({chunks})")
+    if kv_tier not in ("gpu", "cpu", "lmdb", "lmdb-whole"):
+        fail("--kv-tier takes gpu, cpu, lmdb or lmdb-whole")
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -508,7 +513,8 @@ def bench_serve(
                            _ints(step_contexts, "--step-contexts"), prefill_tokens=prefill_tokens,
                            kv_memory_share=kv_memory_share, goodput_outputs=goodput_outputs,
                            goodput_requests=goodput_requests, goodput_runs=goodput_runs, burst=burst,
-                           ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, time_budget_s=time_budget)
+                           ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, time_budget_s=time_budget,
+                           kv_tier=kv_tier)
     result = run_serve_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -21,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from blend.bench import random_layout
-from blend.engine import UNBOUNDED, Engine, sync
+from blend.bench import Tiers, random_layout
+from blend.engine import Engine, sync
 from blend.goodput import Targets, search
 from blend.memory import decode_kv_bytes
 from blend.prompt import Layout
@@ -60,6 +61,7 @@ class ServeBenchConfig:
     ttft_p99_ms: float = 1000.0
     tpot_p99_ms: float = 50.0
     time_budget_s: float | None = None  # wall time for the whole bench: the searches share what is left
+    kv_tier: str = "gpu"                # where the pool's chunk KV lives (blend.bench.Tiers): gpu, cpu, lmdb, lmdb-whole
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -172,11 +174,13 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     for row in decode_steps(engine, cfg.step_batches, cfg.step_contexts):
         log(f"decode step: batch {row['batch']:>3} × context {row['context']:>6}: {row['step_ms']:8.2f} ms")
         result["steps"].append(row)
+    engine.release_decode()  # the step timings' slots: the serving slots are sized from what is free
     vocab = engine.model.config.vocab_size
     base = random_layout(vocab, cfg.pool, cfg.chunk_tokens, cfg.question_tokens, seed=cfg.seed)
-    kv = engine.kv_cache(base.prefix, gpu_bytes=UNBOUNDED, stream=False)
-    for ids in base.chunks:
-        kv.ensure(ids)
+    workdir = tempfile.TemporaryDirectory()
+    # `lmdb`: streamed from the store per request, as `serve` reads chunks its hot tier lacks
+    tiers = Tiers(engine, base, [cfg.kv_tier], Path(workdir.name))
+    kv = tiers.caches[cfg.kv_tier]
     longest = max((cfg.output_tokens, *cfg.goodput_outputs))
     n_tokens = workload(cfg, vocab, 1.0, 1)[0][0].n_tokens + longest
     sched = engine.scheduler
@@ -204,6 +208,8 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
             result["goodput"].append(_goodput(sched, kv, cfg, mode, out_tokens, log, deadline))
     finally:
         sched.stop()
+        tiers.close()
+        workdir.cleanup()
     result["seconds"] = time.perf_counter() - t_start
     log(f"bench-serve took {result['seconds']:.0f} s")
     return result

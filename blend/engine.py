@@ -241,6 +241,12 @@ class Engine:
                                    graphs=self.graphs is not None)
         return self.decoder
 
+    def release_decode(self) -> None:
+        """Free the decode slots (and their graphs) now, e.g. before measuring free memory."""
+        self.decoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def start(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> SeqState:
         """Load the layout's chunk KV from `kv` and prefill it as `spec` asks: the sequence is then
         ready to decode (`SeqState.first()` picks its first token). The caller has checked it."""
