@@ -25,93 +25,16 @@ import math
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Generic, TypeVar
 
-from blend.batch import BATCH_BUCKETS, KEY_STEP, KVSlots
 from blend.prefill_work import PrefillWork, Runner
 from blend.prompt import Layout
 from blend.sequence import Answer, SeqState
-from blend.spec import PREFILL_TOKENS, ContextOverflow, QuerySpec
+from blend.spec import ContextOverflow, QuerySpec
+from blend.work import INLINE, Cancelled, Job, SchedulerConfig, SchedulerFull, SideWork, T, slot_size
 from store.tiers import ChunkKVSource
 
+__all__ = ["INLINE", "Cancelled", "Job", "Scheduler", "SchedulerConfig", "SchedulerFull", "SideWork", "slot_size"]
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-
-
-class Cancelled(Exception):
-    """The job's client left before its prompt was prefilled."""
-
-
-class SchedulerFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"too many requests waiting; retry after {retry_after} s")
-        self.retry_after = retry_after
-
-
-@dataclass(eq=False)
-class Job:
-    """One request as the scheduler serves it, and how it reports back."""
-    layout: Layout
-    spec: QuerySpec
-    kv: ChunkKVSource
-    on_start: Callable[[SeqState], None] = lambda seq: None       # prefilled (first token next)
-    on_piece: Callable[[str], None] = lambda piece: None          # new text
-    on_done: Callable[[Answer], None] = lambda answer: None       # the end (finish_reason says how)
-    on_error: Callable[[BaseException], None] = lambda error: None  # failed before its first token
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.perf_counter)
-    work: PrefillWork | None = None  # its prefill, once admitted
-
-
-@dataclass(eq=False)
-class SideWork(Generic[T]):
-    """Model work that is not a request's generation (a chunk's KV, a logprob pass): run whole,
-    in its turn, counting `cost` tokens against the step's budget."""
-    fn: Callable[[], T]
-    cost: int
-    done: threading.Event = field(default_factory=threading.Event)
-    result: T | None = None
-    error: BaseException | None = None
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch: int = 32              # sequences decoding together (1: one request at a time)
-    slots: int = 32                  # KV slots (≥ max_batch to use it)
-    slot_tokens: int = 4096          # prompt + answer tokens per slot
-    max_waiting: int = 32            # queued requests past which submit refuses
-    prefill_tokens: int = PREFILL_TOKENS  # prefill tokens per step (at least one piece)
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "slots", "slot_tokens", "max_waiting", "prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-
-    @classmethod
-    def for_memory(cls, engine: Runner, kv_bytes: int, **kw) -> "SchedulerConfig":
-        """As many slots as `kv_bytes` of decode KV memory holds, up to `max_batch` (when given)
-        or the largest batch bucket: a slot past the batch could never be used. Raises ValueError
-        when not even one slot fits."""
-        slot_tokens = min(kw.pop("slot_tokens", None) or 4096, engine.max_context)
-        per_slot = KVSlots.bytes_per_token(engine.parts) * slot_size(slot_tokens)
-        slots = kv_bytes // per_slot
-        if slots < 1:
-            raise ValueError(f"{kv_bytes >> 20} MiB of decode memory hold no slot of {slot_tokens} tokens "
-                             f"({per_slot >> 20} MiB): lower slot_tokens or give the slots more memory")
-        slots = min(slots, kw.pop("max_batch", None) or BATCH_BUCKETS[-1], BATCH_BUCKETS[-1])
-        return cls(slots=slots, slot_tokens=slot_tokens, max_batch=slots, **kw)
-
-
-def slot_size(tokens: int) -> int:
-    """A slot's length: `tokens` rounded up to the decode step's key bucket."""
-    return -(-tokens // KEY_STEP) * KEY_STEP
-
-
-# The config an engine starts with, for requests stepped inline (ask, eval, bench): one slot,
-# allocated on first use and grown to fit the longest request so far; no prefill budget, since a
-# request answered alone has no running sequence to protect (the TTFT bench times it whole).
-INLINE = SchedulerConfig(max_batch=1, slots=1, slot_tokens=1, max_waiting=1 << 30, prefill_tokens=1 << 30)
 
 
 class Scheduler:
@@ -164,13 +87,14 @@ class Scheduler:
             self._thread.join(timeout)
             self._thread = None  # from now on, callers step it inline again
         with self._step_lock:
-            for item in list(self._waiting):
+            for item in self._queued():
                 if isinstance(item, SideWork):
                     self._finish_side(item, error=RuntimeError("the scheduler stopped"))
                 elif item.work is not None:
                     item.work.close()
                     item.on_error(Cancelled())
-            self._waiting.clear()
+            with self._cond:
+                self._waiting.clear()
             for slot, (job, seq) in list(self._running.items()):
                 self._end(slot, job, seq, "cancelled")
         return left
@@ -185,7 +109,12 @@ class Scheduler:
 
     @property
     def waiting(self) -> int:
-        return sum(isinstance(j, Job) for j in self._waiting)
+        return sum(isinstance(j, Job) for j in self._queued())
+
+    def _queued(self) -> list[Job | SideWork]:
+        """The queue as it is now (other threads append to it while this one reads)."""
+        with self._cond:
+            return list(self._waiting)
 
     @property
     def running(self) -> int:
@@ -217,7 +146,8 @@ class Scheduler:
                                   f"{job.spec.max_tokens} exceeds this server's {slot_size(self.config.slot_tokens) - 1} "
                                   "tokens per sequence")
         with self._cond:
-            if bounded and (self._stop.is_set() or self.waiting >= self.config.max_waiting):
+            queued = sum(isinstance(j, Job) for j in self._waiting)
+            if bounded and (self._stop.is_set() or queued >= self.config.max_waiting):
                 raise SchedulerFull(self.retry_after())
             self._waiting.append(job)
             self._cond.notify_all()
@@ -338,7 +268,7 @@ class Scheduler:
 
     def _places(self) -> int:
         """How many more jobs may start their prefill: free slots and batch places."""
-        prefilling = sum(1 for j in self._waiting if isinstance(j, Job) and j.work is not None)
+        prefilling = sum(1 for j in self._queued() if isinstance(j, Job) and j.work is not None)
         return min(self.config.max_batch, self.config.slots) - len(self._running) - prefilling
 
     def _work(self, budget: int) -> bool:
@@ -347,7 +277,7 @@ class Scheduler:
         work behind it goes on."""
         first, worked = True, False
         places = self._places()
-        for item in list(self._waiting):
+        for item in self._queued():
             if budget <= 0:
                 break
             if isinstance(item, SideWork):
