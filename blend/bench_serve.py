@@ -246,8 +246,10 @@ def _goodput(sched: Scheduler, kv, cfg: ServeBenchConfig, mode: str, out_tokens:
         return row
     cut: list[float] = []
 
-    def affordable(rate: float) -> bool:  # the arrivals' span plus about the burst's drain time
-        ok = deadline is None or time.perf_counter() + cfg.goodput_requests / rate + burst["seconds"] / 2 <= deadline
+    def affordable(rate: float) -> bool:
+        # served no faster than saturation (a run past it queues), then about the burst's drain time
+        need = cfg.goodput_requests / min(rate, burst["req_per_s"]) + burst["seconds"] / 2
+        ok = deadline is None or time.perf_counter() + need <= deadline
         if not ok:
             cut.append(rate)
         return ok

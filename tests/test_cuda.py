@@ -195,17 +195,19 @@ def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
         result = engine.prefill(layout, spec.mode, kvs, spec.blend)
         alone.append(oracle_decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids))
     answers, done, sizes = {}, threading.Semaphore(0), []
+    caches = [engine.memory_cache(layout) for layout, _ in cases]  # model work: before any job is queued
     sched = engine.scheduler
     sched.configure(SchedulerConfig(max_batch=8, slots=8, slot_tokens=512))
     sched.on_step = lambda n, dt: sizes.append(n)
-    for i, (layout, spec) in enumerate(cases):
-        sched.submit(Job(layout, spec, engine.memory_cache(layout),
-                         on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
-                         on_error=lambda e: (_ for _ in ()).throw(e)))
-    sched.start()
-    for _ in cases:
-        assert done.acquire(timeout=120)
-    sched.stop()
+    try:
+        for i, ((layout, spec), kv) in enumerate(zip(cases, caches)):
+            sched.submit(Job(layout, spec, kv, on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
+                             on_error=lambda e: (_ for _ in ()).throw(e)))
+        sched.start()
+        for _ in cases:
+            assert done.acquire(timeout=120)
+    finally:
+        sched.stop()
     assert max(sizes) == len(cases)
     for i, tokens in enumerate(alone):
         assert answers[i].token_ids == tokens, i
