@@ -30,6 +30,7 @@ from blend.prompt import Layout
 from blend.scheduler import Job, Scheduler, SchedulerConfig
 from blend.sequence import Answer, SeqState
 from blend.spec import PREFILL_TOKENS, BlendConfig, Mode, QuerySpec
+from store.quant import DEFAULT_FORMAT
 
 
 @dataclass(frozen=True)
@@ -179,8 +180,12 @@ def run_serve_bench(cfg: ServeBenchConfig, log=print) -> dict:
     base = random_layout(vocab, cfg.pool, cfg.chunk_tokens, cfg.question_tokens, seed=cfg.seed)
     workdir = tempfile.TemporaryDirectory()
     # `lmdb`: streamed from the store per request, as `serve` reads chunks its hot tier lacks
-    tiers = Tiers(engine, base, [cfg.kv_tier], Path(workdir.name))
-    kv = tiers.caches[cfg.kv_tier]
+    if cfg.kv_tier in ("gpu", "cpu"):
+        tiers = Tiers(engine, base, [cfg.kv_tier], [], Path(workdir.name))
+        kv = tiers.caches[cfg.kv_tier]
+    else:  # in the store's default format, as `serve` writes it
+        tiers = Tiers(engine, base, ["lmdb"], [DEFAULT_FORMAT], Path(workdir.name), whole=cfg.kv_tier == "lmdb-whole")
+        kv = tiers.caches[f"{cfg.kv_tier}:{DEFAULT_FORMAT}"]
     longest = max((cfg.output_tokens, *cfg.goodput_outputs))
     n_tokens = workload(cfg, vocab, 1.0, 1)[0][0].n_tokens + longest
     sched = engine.scheduler
