@@ -52,6 +52,7 @@ class HttpBenchConfig:
     # same server with the hash embedder, where no embedding model is installed, as on the GPU
     # machine: retrieval then costs next to nothing).
     server_module: str = "api.cli"
+    time_budget_s: float | None = None  # wall time for the whole run: the searches share what is left
 
 
 def free_port() -> int:
@@ -168,6 +169,28 @@ async def run_rate(base: str, questions: list[str], mode: str, ratio: float, top
             "tpot_p50_ms": percentile(tpot, 0.5), "tpot_p99_ms": percentile(tpot, 0.99)}
 
 
+def search_cell(base: str, questions: list[str], cfg: HttpBenchConfig, mode: str, out: int,
+                deadline: float | None, log) -> dict:
+    """The goodput of one (mode, output length) over HTTP, within `deadline` (None: no bound)."""
+    def run(rate: float, n: int = cfg.requests) -> dict:
+        row = asyncio.run(run_rate(base, questions, mode, cfg.ratio, cfg.top_k, out, rate, n, cfg.seed))
+        log(f"  HTTP {mode} {out} tokens, rate {rate:.2f}/s: {row['req_per_s']:.2f} req/s, TTFT p99 "
+            f"{row['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {row['tpot_p50_ms']:.1f}/{row['tpot_p99_ms']:.1f} ms"
+            f", {row['errors']} errors, {row['seconds']:.1f} s")
+        return row
+    run(1000.0, 4)  # untimed: the first requests (prefill graphs, compilation)
+    burst = run(1e6, cfg.burst)
+
+    def affordable(rate: float) -> bool:  # served no faster than saturation, then about the burst's drain
+        need = cfg.requests / min(rate, burst["req_per_s"]) + burst["seconds"] / 2
+        return deadline is None or time.perf_counter() + need <= deadline
+    found = search(run, burst["req_per_s"], cfg.targets, cfg.runs, affordable=affordable)
+    at = next((r for r in found.runs if r["met"] and r["rate"] == found.rate), None)
+    log(f"HTTP {mode}, {out} output tokens: goodput {found.rate:.2f} req/s (saturation {burst['req_per_s']:.2f})")
+    return {"mode": mode, "output_tokens": out, "goodput": found.rate, "failed_at": found.failed_at,
+            "saturation": burst["req_per_s"], "at_goodput": at, "runs": found.runs}
+
+
 def run_http_bench(cfg: HttpBenchConfig, data_dir: Path, log=print) -> dict:
     from transformers import AutoTokenizer
 
@@ -178,6 +201,7 @@ def run_http_bench(cfg: HttpBenchConfig, data_dir: Path, log=print) -> dict:
     # a little under the chunk size: the chunker counts the chunk's separator too
     texts = [words(tokenizer, cfg.chunk_tokens - 16, rng) for _ in range(cfg.pool)]
     questions = [words(tokenizer, cfg.question_tokens, rng) + "?" for _ in range(64)]
+    t_start = time.perf_counter()
     server = Server(cfg, data_dir, log)
     result: dict = {"config": {**cfg.__dict__, "targets": cfg.targets.__dict__}, "goodput": []}
     try:
@@ -185,22 +209,12 @@ def run_http_bench(cfg: HttpBenchConfig, data_dir: Path, log=print) -> dict:
         result["health"] = server.wait_healthy()
         log(f"healthy after {time.time() - t:.0f} s: max batch {result['health']['max_batch']}")
         index_pool(server.base, texts)
-        for out in cfg.outputs:
-            for mode in cfg.modes:
-                def run(rate: float, n: int = cfg.requests) -> dict:
-                    row = asyncio.run(run_rate(server.base, questions, mode, cfg.ratio, cfg.top_k, out, rate, n, cfg.seed))
-                    log(f"  HTTP {mode} {out} tokens, rate {rate:.2f}/s: {row['req_per_s']:.2f} req/s, TTFT p99 "
-                        f"{row['ttft_p99_ms']:.0f} ms, TPOT p50/p99 {row['tpot_p50_ms']:.1f}/{row['tpot_p99_ms']:.1f} ms"
-                        f", {row['errors']} errors, {row['seconds']:.1f} s")
-                    return row
-                run(1000.0, 4)  # untimed: first requests (prefill graphs, compilation)
-                sat = run(1e6, cfg.burst)["req_per_s"]
-                found = search(run, sat, cfg.targets, cfg.runs)
-                at = next((r for r in found.runs if r["met"] and r["rate"] == found.rate), None)
-                log(f"HTTP {mode}, {out} output tokens: goodput {found.rate:.2f} req/s (saturation {sat:.2f})")
-                result["goodput"].append({"mode": mode, "output_tokens": out, "goodput": found.rate,
-                                          "failed_at": found.failed_at, "saturation": sat, "at_goodput": at,
-                                          "runs": found.runs})
+        cells = [(out, mode) for out in cfg.outputs for mode in cfg.modes]
+        for i, (out, mode) in enumerate(cells):
+            deadline = None
+            if cfg.time_budget_s is not None:  # an equal share of what is left for each search to come
+                deadline = time.perf_counter() + (t_start + cfg.time_budget_s - time.perf_counter()) / (len(cells) - i)
+            result["goodput"].append(search_cell(server.base, questions, cfg, mode, out, deadline, log))
     finally:
         server.stop()
     return result

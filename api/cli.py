@@ -540,6 +540,8 @@ def bench_http(
     data_dir: Annotated[Optional[Path], typer.Option(help="the server's data dir (default: a temporary one)")] = None,
     server_module: Annotated[str, typer.Option(help="module running the server: api.cli, or tests.serve_for_tests "
                                                     "(the hash embedder, where no embedding model is installed)")] = "api.cli",
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds for the whole run (server start included): "
+                                                              "the searches stop early rather than overrun")] = None,
     out: Annotated[Path, typer.Option(help="directory for http.json")] = Path("out/bench-http"),
 ) -> None:
     """Goodput of `ragblend serve` itself over HTTP (streamed /v1/query, Poisson arrivals), the
@@ -552,7 +554,7 @@ def bench_http(
     cfg = HttpBenchConfig(model, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), pool,
                           chunk_tokens, top_k, question_tokens, tuple(m for m in modes.split(",") if m),
                           _ints(goodput, "--goodput"), ratio, requests, runs, burst, Targets(ttft_p99_ms, tpot_p99_ms),
-                          serve_args=tuple(ctx.args), server_module=server_module)
+                          serve_args=tuple(ctx.args), server_module=server_module, time_budget_s=time_budget)
     with tempfile.TemporaryDirectory() as tmp:
         result = run_http_bench(cfg, data_dir or Path(tmp) / "data", log=lambda m: typer.echo(m, err=True))
     out.mkdir(parents=True, exist_ok=True)
