@@ -24,8 +24,8 @@ from blend.scheduler import SchedulerConfig
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Retrieval-augmented answers that reuse each chunk's precomputed KV cache
-(CacheBlend). One scheduler owns the model and decodes every running query in one batch; queries
-wait in a bounded queue in front of it and are refused with 503 + `Retry-After` when it is full. With an API key configured every route except
+(CacheBlend). One scheduler owns the model: each step decodes every running query in one batch,
+then prefills within a token budget; queries wait in a bounded queue in front of it and are refused with 503 + `Retry-After` when it is full. With an API key configured every route except
 `/health` and these docs needs `Authorization: Bearer <key>`."""
 
 
@@ -53,12 +53,19 @@ def make_service(settings: Settings) -> RagService:
 
 
 def scheduler_config(settings: Settings, service: RagService) -> SchedulerConfig:
-    from api.worker import default_kv_bytes
+    """Decode slots sized from memory (kv_memory_mb, else the share of what is free), the batch
+    as large as they allow unless max_batch caps it."""
+    from blend.memory import decode_kv_bytes
 
     engine = service.engine
-    kv_bytes = settings.kv_memory_mb << 20 if settings.kv_memory_mb else default_kv_bytes(engine)
-    return SchedulerConfig.for_memory(engine, kv_bytes, max_batch=settings.max_batch,
-                                      slot_tokens=settings.slot_tokens, max_waiting=settings.max_queue)
+    slot_tokens = min(settings.slot_tokens, engine.max_context)
+    if settings.kv_memory_mb:
+        kv_bytes = settings.kv_memory_mb << 20
+    else:
+        hot = service.kv.gpu.max_bytes if engine.device.type == "cuda" else 0
+        kv_bytes = decode_kv_bytes(engine.parts, engine.model.config, slot_tokens, settings.kv_memory_share, hot)
+    return SchedulerConfig.for_memory(engine, kv_bytes, max_batch=settings.max_batch, slot_tokens=slot_tokens,
+                                      max_waiting=settings.max_queue, prefill_tokens=settings.prefill_tokens)
 
 
 def create_app(settings: Settings, service: RagService | None = None) -> FastAPI:

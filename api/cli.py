@@ -11,7 +11,7 @@ import typer
 
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
                             load_engine, selection_of, set_threads, unit_floats)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
+from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
 from store.quant import DEFAULT_FORMAT
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -456,14 +456,33 @@ def bench_serve(
     requests: Annotated[int, typer.Option(min=1, help="requests per (rate, mode, batching) row")] = 32,
     rates: Annotated[str, typer.Option(help="Poisson arrival rates, requests/s, comma-separated")] = "1,2,4",
     modes: Annotated[str, typer.Option(help="comma-separated prefill modes")] = "full,blend",
-    max_batch: Annotated[int, typer.Option(min=1, help="batched run's max batch; each row is also run with 1")] = 32,
+    max_batch: Annotated[Optional[int], typer.Option(min=1, help="cap on the batch (default: as many as the decode "
+                                                                 "memory holds, as serve); each rate row is also run "
+                                                                 "with 1")] = None,
     ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
     step_batches: Annotated[str, typer.Option(help="decode-step batch sizes to time ('' to skip)")] = "1,8,32",
     step_contexts: Annotated[str, typer.Option(help="decode-step context lengths to time")] = "1024,4096",
+    prefill_tokens: Annotated[int, typer.Option(min=16, help="prefill tokens per scheduler step")] = PREFILL_TOKENS,
+    kv_memory_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of the free GPU memory for decode "
+                                                                         "slots")] = 0.9,
+    goodput: Annotated[str, typer.Option(help="output lengths to find goodput at, comma-separated (e.g. 32,128; "
+                                              "'' for none)")] = "",
+    goodput_requests: Annotated[int, typer.Option(min=1, help="requests per run of the goodput search")] = 200,
+    goodput_runs: Annotated[int, typer.Option(min=1, help="runs per goodput search, after the saturation burst")] = 5,
+    burst: Annotated[int, typer.Option(min=1, help="requests sent at once to find the saturation rate")] = 64,
+    ttft_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time to first token")] = 1000.0,
+    tpot_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time per output token")] = 50.0,
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds for the whole run: the goodput searches share "
+                                                              "what is left and stop early rather than overrun")] = None,
+    kv_tier: Annotated[str, typer.Option(help="where the chunk KV lives: gpu (device memory), cpu (pinned), lmdb "
+                                              "(streamed per request, as serve reads what its hot tier lacks), "
+                                              "lmdb-whole")] = "gpu",
     out: Annotated[Path, typer.Option(help="directory for serve.json, serve.md, serve.png")] = Path("out/bench-serve"),
 ) -> None:
-    """Serving throughput and latency under Poisson arrivals (the scheduler the REST API runs),
-    full vs blend, batched vs --max-batch 1, in one run; and the batched decode step's time."""
+    """Serving throughput and latency under Poisson arrivals (the scheduler the REST API runs,
+    sized from memory as serve sizes it), full vs blend, batched vs --max-batch 1; with --goodput,
+    the highest rate that keeps p99 TTFT and TPOT within the targets; and the decode step's time.
+    --rates '' skips the fixed-rate rows."""
     from blend.bench_serve import ServeBenchConfig, run_serve_bench, write
     from blend.shapes import SHAPES
     from blend.spec import MODES
@@ -477,10 +496,13 @@ def bench_serve(
         rate_list = tuple(float(x) for x in rates.split(",") if x.strip())
     except ValueError:
         fail("--rates takes comma-separated numbers")
-    if not rate_list or any(not r > 0 for r in rate_list):
+    if any(not r > 0 for r in rate_list):
         fail("--rates: every rate must be > 0")
+    goodput_outputs = _ints(goodput, "--goodput")
     if pool < chunks:
         fail(f"--pool ({pool}) must be at least --chunks ({chunks})")
+    if kv_tier not in ("gpu", "cpu", "lmdb", "lmdb-whole"):
+        fail("--kv-tier takes gpu, cpu, lmdb or lmdb-whole")
     if device.startswith("cuda"):
         import torch
         if not torch.cuda.is_available():
@@ -488,9 +510,58 @@ def bench_serve(
     cfg = ServeBenchConfig(shape, model, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
                            chunks, chunk_tokens, question_tokens, output_tokens, pool, requests, rate_list,
                            mode_list, max_batch, ratio, _ints(step_batches, "--step-batches"),
-                           _ints(step_contexts, "--step-contexts"))
+                           _ints(step_contexts, "--step-contexts"), prefill_tokens=prefill_tokens,
+                           kv_memory_share=kv_memory_share, goodput_outputs=goodput_outputs,
+                           goodput_requests=goodput_requests, goodput_runs=goodput_runs, burst=burst,
+                           ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, time_budget_s=time_budget,
+                           kv_tier=kv_tier)
     result = run_serve_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
+
+
+@app.command("bench-http", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_http(
+    ctx: typer.Context,
+    model: Annotated[str, typer.Option("--model", help="served model (a random:<shape> speaking a real tokenizer)")] = "random:mistral-7b-smol",
+    device: Annotated[str, typer.Option(help="cpu or cuda")] = "cuda",
+    dtype: Annotated[Optional[str], typer.Option(help="default: bfloat16 on cuda, float32 on cpu")] = None,
+    modes: Annotated[str, typer.Option(help="comma-separated prefill modes")] = "blend",
+    goodput: Annotated[str, typer.Option(help="output lengths to find goodput at, comma-separated")] = "128",
+    pool: Annotated[int, typer.Option(min=1, help="documents indexed (one chunk each)")] = 24,
+    chunk_tokens: Annotated[int, typer.Option(min=16)] = 512,
+    top_k: Annotated[int, typer.Option(min=1)] = 6,
+    question_tokens: Annotated[int, typer.Option(min=1)] = 64,
+    ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
+    requests: Annotated[int, typer.Option(min=1, help="requests per run of the search")] = 200,
+    runs: Annotated[int, typer.Option(min=1, help="runs per search, after the saturation burst")] = 5,
+    burst: Annotated[int, typer.Option(min=1, help="requests sent at once to find the saturation rate")] = 64,
+    ttft_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time to first token")] = 1000.0,
+    tpot_p99_ms: Annotated[float, typer.Option(help="goodput target: p99 time per output token")] = 50.0,
+    data_dir: Annotated[Optional[Path], typer.Option(help="the server's data dir (default: a temporary one)")] = None,
+    server_module: Annotated[str, typer.Option(help="module running the server: api.cli, or tests.serve_for_tests "
+                                                    "(the hash embedder, where no embedding model is installed)")] = "api.cli",
+    time_budget: Annotated[Optional[float], typer.Option(help="seconds for the whole run (server start included): "
+                                                              "the searches stop early rather than overrun")] = None,
+    out: Annotated[Path, typer.Option(help="directory for http.json")] = Path("out/bench-http"),
+) -> None:
+    """Goodput of `ragblend serve` itself over HTTP (streamed /v1/query, Poisson arrivals), the
+    search bench-serve --goodput runs in process. Flags after `--` go to `ragblend serve`."""
+    import tempfile
+
+    from api.bench_http import HttpBenchConfig, run_http_bench
+    from blend.goodput import Targets
+
+    cfg = HttpBenchConfig(model, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), pool,
+                          chunk_tokens, top_k, question_tokens, tuple(m for m in modes.split(",") if m),
+                          _ints(goodput, "--goodput"), ratio, requests, runs, burst, Targets(ttft_p99_ms, tpot_p99_ms),
+                          serve_args=tuple(ctx.args), server_module=server_module, time_budget_s=time_budget)
+    with tempfile.TemporaryDirectory() as tmp:
+        result = run_http_bench(cfg, data_dir or Path(tmp) / "data", log=lambda m: typer.echo(m, err=True))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "http.json").write_text(json.dumps(result, indent=1) + "\n")
+    for g in result["goodput"]:
+        typer.echo(f"HTTP goodput, {g['mode']}, {g['output_tokens']} output tokens: {g['goodput']:.2f} req/s "
+                   f"(saturation {g['saturation']:.2f})")
 
 
 from api.cli_eval import register as register_eval  # noqa: E402
@@ -516,10 +587,18 @@ def serve(
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: the data dir's recorded one, else 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
-    max_batch: Annotated[Optional[int], typer.Option(help="queries decoded together in one batched step; 1 serves "
-                                                          "one at a time (default: 16)")] = None,
-    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: 30% of free "
-                                                             "GPU memory, 4096 on CPU)")] = None,
+    max_batch: Annotated[Optional[int], typer.Option(help="cap on the queries decoded together in one batched step; "
+                                                          "1 serves one at a time (default: as many as the decode "
+                                                          "memory holds)")] = None,
+    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: "
+                                                             "--kv-memory-share of the GPU memory left free, 4096 on "
+                                                             "CPU)")] = None,
+    kv_memory_share: Annotated[Optional[float], typer.Option(help="share of the GPU memory left once weights, prefill "
+                                                                  "peak and hot tier are counted that goes to decode "
+                                                                  "slots (default: 0.9)")] = None,
+    prefill_tokens: Annotated[Optional[int], typer.Option(help="prefill tokens per scheduler step, after the running "
+                                                               "queries' decode step; longer prompts are spread over "
+                                                               f"steps (default: {PREFILL_TOKENS})")] = None,
     slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query (default: 4096)")] = None,
     max_ratio: Annotated[Optional[float], typer.Option(help="on a GPU, how far the loading controller may raise the "
                                                             "recompute ratio of a blend query that names none, while "
@@ -559,6 +638,7 @@ def serve(
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
+                                     kv_memory_share=kv_memory_share, prefill_tokens=prefill_tokens,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
                                      max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
                                      max_ratio=max_ratio, gpu_tier_mb=gpu_tier_mb, cpu_tier_mb=cpu_tier_mb)

@@ -13,7 +13,8 @@ engine:
   no `prompt_tokens_details` (the prefill's counts come with a generation that ends by itself).
 - **`logprobs`**: the first token's from the engine's own first-token distribution (the blended
   prefill's, in blend mode); the later tokens' from one teacher-forced pass of the model over the
-  prompt and the answer with full attention, after the answer, under the model lock.
+  prompt and the answer with full attention, after the answer: side work queued in the model's
+  loop (blend/scheduler.py), run whole in its turn between two decode steps.
 """
 from __future__ import annotations
 
@@ -216,9 +217,11 @@ def _scores(service: RagService, layout: Layout, ids: list[int], first_logits):
 
     engine = service.engine
     prompt = layout.ids()
-    with service.model_lock, torch.inference_mode():
-        x = torch.tensor([prompt + ids], device=engine.device)
-        logits = engine.model(input_ids=x, logits_to_keep=len(ids) + 1).logits[0, :-1].float().cpu()
+    def teacher_forced():
+        with torch.inference_mode():
+            x = torch.tensor([prompt + ids], device=engine.device)
+            return engine.model(input_ids=x, logits_to_keep=len(ids) + 1).logits[0, :-1].float().cpu()
+    logits = engine.run_model(teacher_forced, cost=len(prompt) + len(ids))
     logp = torch.log_softmax(logits, dim=-1)
     if first_logits is not None:  # the engine's own first-token distribution
         logp[0] = torch.log_softmax(first_logits.float().cpu().reshape(-1), dim=-1)

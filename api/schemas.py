@@ -219,7 +219,9 @@ class Deleted(BaseModel):
 
 # -- system -----------------------------------------------------------------------------------
 class Health(BaseModel):
-    status: Literal["ok", "degraded"]
+    status: Literal["ok", "warming", "degraded"] = Field(
+        description="ok; warming: the model's decode graphs are being captured (requests queue); degraded: the "
+                    "model worker has stopped")
     model: str
     model_loaded: bool
     device: str
@@ -230,6 +232,8 @@ class Health(BaseModel):
     max_queue: int
     index_jobs_pending: int
     threads: int = Field(description="CPU threads torch uses (--threads)")
+    max_batch: int = Field(description="most queries decoded together: the decode slots memory holds, or the cap")
+    prefill_tokens: int = Field(description="prefill tokens per scheduler step")
 
 
 class ErrorOut(BaseModel):

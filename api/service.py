@@ -61,8 +61,8 @@ class Retrieved:
 
 class RagService:
     """One model, one chunk-KV cache (its tiers over the data dir's LMDB store), one corpus. Thread
-    safe for one writer and many readers; the model is used by one thread at a time
-    (`model_lock`): the worker while it answers, the indexer while it computes a chunk's KV."""
+    safe for one writer and many readers. The model is the engine's alone: a chunk's KV for
+    indexing is work queued in the engine's loop, beside the answers (blend/scheduler.py)."""
 
     def __init__(self, data_dir: str | Path | None = None, *, model: str = "default", device: str = "cpu",
                  dtype: str = "float32", chunk_tokens: int = DEFAULT_CHUNK_TOKENS, index_kind: str = "flat",
@@ -86,7 +86,6 @@ class RagService:
         sized = tier_budgets(self.engine.device)
         self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=sized[0] if hot_bytes is None else hot_bytes,
                                        cpu_bytes=sized[1] if pinned_bytes is None else pinned_bytes)
-        self.model_lock = threading.Lock()
         self.write_lock = threading.Lock()
 
     def close(self) -> None:
@@ -126,8 +125,7 @@ class RagService:
                 ids = self.engine.prompts.chunk_ids(chunk.text)
                 meta = {"doc_id": doc.id, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end,
                         "text": chunk.text}
-                with self.model_lock:
-                    key, computed = self.kv.ensure(ids, meta)
+                key, computed = self.kv.ensure(ids, meta)  # a computed chunk is queued in the model's loop
                 keys.append(key)
                 report.kv_computed += computed
                 report.chunks += 1
@@ -174,6 +172,6 @@ class RagService:
         return Retrieved(hits, (time.perf_counter() - t0) * 1e3)
 
     def answer(self, question: str, hits: list[Hit], spec: QuerySpec) -> Generation:
-        """The engine's one query path over this service's KV cache. The caller iterates the
-        Generation while holding `model_lock`."""
+        """The engine's one query path over this service's KV cache (iterating the Generation
+        steps the engine's loop, or waits for it while it serves)."""
         return self.engine.generate(self.engine.layout(question, [h.text for h in hits]), spec, self.kv)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from blend.spec import DEFAULT_MAX_RATIO
+from blend.spec import DEFAULT_MAX_RATIO, PREFILL_TOKENS
 
 MAX_TOKENS_HARD = 8192  # no request may ask for more, whatever the settings say
 
@@ -28,9 +28,6 @@ class Settings(BaseModel):
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and the docs needs "
                                                           "`Authorization: Bearer <key>`")
     max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
-    max_batch: int = Field(16, ge=1, le=256, description="queries decoded together in one batched step (1: one at a time)")
-    kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: 30% of free "
-                                                              "GPU memory, 4096 MiB on CPU)")
     gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (default: a quarter of "
                                     "the free device memory at start; on CPU, 1024 MiB of plain memory)")
     cpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in pinned host memory, on CUDA (default: a "
@@ -38,6 +35,14 @@ class Settings(BaseModel):
     max_ratio: float = Field(DEFAULT_MAX_RATIO, ge=0.0, le=1.0, description="on a GPU, how far the loading controller "
                              "may raise the recompute ratio of a blend query that names none, while its chunk KV "
                              "streams from disk (0: never)")
+    max_batch: int | None = Field(None, ge=1, le=256, description="cap on the queries decoded together in one batched "
+                                  "step (1: one at a time; default: as many as the decode memory holds)")
+    kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: kv_memory_share "
+                                                              "of the GPU memory left free, 4096 MiB on CPU)")
+    kv_memory_share: float = Field(0.9, gt=0, le=1, description="share of the GPU memory left once the weights, the "
+                                   "prefill's peak and the hot tier are counted that goes to decode KV slots")
+    prefill_tokens: int = Field(PREFILL_TOKENS, ge=16, le=1 << 20, description="prefill tokens per scheduler step, "
+                                "after every running query's decode step: a longer prompt is spread over steps")
     slot_tokens: int = Field(4096, ge=64, le=1 << 20, description="most prompt + answer tokens of one query")
     max_index_jobs: int = Field(64, ge=1, le=10_000, description="indexing jobs waiting; more are refused (503)")
     max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_HARD, description="cap on a request's max_tokens")

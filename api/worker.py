@@ -22,7 +22,8 @@ from api.service import RagService, Retrieved
 from blend.batch import KVSlots
 from blend.engine import Answer
 from blend.prompt import Layout
-from blend.scheduler import Cancelled, Job, Scheduler, SchedulerConfig, SchedulerFull
+from blend.memory import CPU_KV_BYTES
+from blend.scheduler import Cancelled, Job, SchedulerConfig, SchedulerFull
 from blend.spec import BadQuery, ContextOverflow, QuerySpec
 from retrieval.corpus import Hit
 
@@ -97,16 +98,24 @@ class ModelWorker:
         self.max_queue = max_queue
         engine = service.engine
         if config is None:
-            config = SchedulerConfig.for_memory(engine, default_kv_bytes(engine), max_waiting=max_queue)
-        self.scheduler = Scheduler(engine, config, model_lock=service.model_lock, on_step=self._on_step)
+            config = SchedulerConfig.for_memory(engine, CPU_KV_BYTES, max_waiting=max_queue)
+        self.scheduler = engine.scheduler  # the engine's one loop: this worker runs it on its thread
+        self.scheduler.configure(config)
+        self.scheduler.on_step = self._on_step
 
     # -- control -------------------------------------------------------------------------------
     def start(self) -> None:
-        self.scheduler.start()
+        """The loop on its thread, after capturing the decode graphs (`warming` until then)."""
+        self.scheduler.start(warm=True)
+
+    @property
+    def warming(self) -> bool:
+        return self.scheduler.warming
 
     def stop(self, timeout: float = 10.0) -> None:
         for job in self.scheduler.stop(timeout):
             job.on_error(ApiError(503, "the server is shutting down"))
+        self.scheduler.on_step = None
 
     @property
     def alive(self) -> bool:
@@ -187,13 +196,3 @@ class ModelWorker:
             log.error("query failed", exc_info=error)
             job.emit(Failed(ApiError(500, "internal error while answering (logged on the server)")))
 
-
-def default_kv_bytes(engine) -> int:
-    """Decode KV memory when the settings name none: 30% of the GPU's free memory (the prefill's
-    buffers and the hot tier need the rest), 4 GiB on CPU."""
-    import torch
-
-    if engine.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(engine.device)
-        return int(free * 0.3)
-    return 4 << 30

@@ -151,16 +151,23 @@ class DecodeBatch:
             slots.lengths[s] += 1
         return logits[:b]
 
-    def warm(self, n_tokens: int, max_batch: int) -> None:
-        """Capture the graphs of every batch bucket up to `max_batch` for sequences of about
-        `n_tokens` tokens now, rather than in the middle of serving (a capture blocks every row)."""
+    def warm(self, max_batch: int, n_tokens: int | None = None) -> int:
+        """Capture the graphs of every batch bucket up to `max_batch` now, rather than in the
+        middle of serving (a capture stalls every row): for sequences of about `n_tokens` tokens,
+        or (None) for every key length a slot can reach. Returns the graphs captured."""
         if not self.graphs:
-            return
-        n_keys = min(self.slots.max_tokens, -(-(n_tokens + 1) // KEY_STEP) * KEY_STEP)
-        for bb in BATCH_BUCKETS:
-            if bb > min(max_batch, self.slots.n_slots) and bb != BATCH_BUCKETS[0]:
-                break
-            self._graph_for(min(bb, self.slots.n_slots), n_keys)
+            return 0
+        top = self.slots.max_tokens
+        keys = range(KEY_STEP, top + 1, KEY_STEP) if n_tokens is None else \
+            [min(top, -(-(n_tokens + 1) // KEY_STEP) * KEY_STEP)]
+        before = len(self._graph)
+        n = self.slots.n_slots
+        limit = min(max_batch, n)
+        sizes = sorted({min(bb, n) for bb in BATCH_BUCKETS if bb < limit} | {min(_bucket(limit, BATCH_BUCKETS), n)})
+        for n_keys in keys:
+            for bb in sizes:
+                self._graph_for(bb, n_keys)
+        return len(self._graph) - before
 
     def _inputs(self, bb: int, n_keys: int) -> _StepIO:
         if (bb, n_keys) not in self._io:

@@ -1,5 +1,9 @@
-"""The engine: owns model, tokenizer and prefix KV; turns (question, chunks) into an answer with
-timings, in any prefill mode. Functions below it take tensors; this is the one stateful object."""
+"""The engine: the one owner of the model and of all its device state — weights, tokenizer, prefix
+KV, the prefill graphs and side stream, one set of decode slots with their graphs, the sampler —
+and of the one loop that runs it (`self.scheduler`, blend/scheduler.py). Everything that uses the
+model goes through that loop: `generate` steps it inline (ask, eval, bench) or waits for it when
+it runs on its own thread (serve); a chunk's KV (`compute_chunk`) is work queued in it. Functions
+below the engine take tensors; this is the one stateful object."""
 from __future__ import annotations
 
 import contextlib
@@ -18,6 +22,7 @@ from blend.loader import LoadedModel
 from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_full
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
+from blend.scheduler import Scheduler, slot_size
 from blend.sequence import Answer, SeqState, pick
 from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
 from store.chunkkv import ArrivingKV, ChunkKV
@@ -75,7 +80,8 @@ class Engine:
             cuda_graphs = self.parts.device.type == "cuda"
         self.graphs = LayerGraphs(self.parts, min(graph_tokens, self.max_context)) if cuda_graphs else None
         self.side = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self._solo: DecodeBatch | None = None  # generate()'s one-slot decode batch
+        self.decoder: DecodeBatch | None = None  # the decode slots, allocated by reserve_decode
+        self.scheduler = Scheduler(self)
         # Raises the ratio of a request whose chunk KV streams, to what the loading hides
         # (blend.loading; set by whoever serves, once calibrated). None: ratios stay as asked.
         self.loading: RatioPolicy | None = None
@@ -115,9 +121,18 @@ class Engine:
         return self._prefix_kv[key]
 
     def compute_chunk(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> ChunkKV:
-        """A chunk's KV as if it came right after the prefix (its attention sink)."""
-        prefix_kv = self.prefix_kv(prefix_ids)
-        return ChunkKV(compute_kv(self.parts, prefix_kv, list(chunk_ids)), start=len(prefix_ids))
+        """A chunk's KV as if it came right after the prefix (its attention sink): work queued in
+        the model's loop, like a request's prefill (indexing never stalls the decoding batch for
+        longer than one step's budget)."""
+        ids = list(chunk_ids)
+
+        def compute() -> ChunkKV:
+            return ChunkKV(compute_kv(self.parts, self.prefix_kv(prefix_ids), ids), start=len(prefix_ids))
+        return self.scheduler.run_model(compute, cost=len(prefix_ids) + len(ids))
+
+    def run_model(self, fn, cost: int):
+        """Any other use of the model (a logprob pass): `fn()` run in the loop, in its turn."""
+        return self.scheduler.run_model(fn, cost)
 
     def kv_shape(self) -> KVShape:
         p = self.parts
@@ -126,7 +141,7 @@ class Engine:
     def kv_cache(self, prefix_ids: Sequence[int] | None = None, **tiers) -> ChunkKVCache:
         """A ChunkKVCache for this model's chunks behind `prefix_ids` (default: the prompt head of
         its chat template); `tiers`: ChunkKVCache's store, budgets and streaming switch. Its
-        recompute callback runs the model: call it from the thread that holds the model."""
+        recompute callback runs the model through its loop."""
         if prefix_ids is None:
             if self.prompts is None:
                 raise ValueError("this model has no tokenizer: give the prompt head's token ids")
@@ -201,10 +216,36 @@ class Engine:
 
     def generate(self, layout: Layout, spec: QuerySpec = QuerySpec(), kv: ChunkKVSource | None = None) -> Generation:
         """The one query path: the layout's chunk KV from `kv` (a memory cache of the layout's
-        chunks when None), the prefill `spec` asks for, then decoding. Raises BadQuery for what
-        the caller must change."""
+        chunks when None), the prefill `spec` asks for, then decoding — as a job of the model's
+        loop, stepped by the caller while it iterates (or by the loop's thread while serving).
+        Raises BadQuery for what the caller must change."""
         self.check(layout, spec)
-        return Generation(self._generate(layout, spec, kv or self.memory_cache(layout)))
+        return Generation(self.scheduler.stream(layout, spec, kv or self.memory_cache(layout)))
+
+    def reserve_decode(self, slots: int, slot_tokens: int, grow_only: bool = False) -> DecodeBatch:
+        """Allocate the decode slots: `slots` sequences of `slot_tokens` tokens (the scheduler's
+        to call, with nothing running). `grow_only`: keep the present ones if they are as large."""
+        old = self.decoder
+        size = slot_size(slot_tokens)
+        if old is not None:
+            have = (old.slots.n_slots, old.slots.max_tokens)
+            if have == (slots, size) or grow_only and have[0] >= slots and have[1] >= size:
+                return old
+        if grow_only:  # the inline slot: room for a usual request too, so that it is rarely regrown
+            size = max(size, min(self.max_context, 4096), old.slots.max_tokens if old is not None else 0)
+        self.decoder = None  # the old buffer is freed before the new one is allocated
+        if self.device.type == "cuda":
+            del old
+            torch.cuda.empty_cache()
+        self.decoder = DecodeBatch(self.parts, KVSlots(self.parts, slots, size),
+                                   graphs=self.graphs is not None)
+        return self.decoder
+
+    def release_decode(self) -> None:
+        """Free the decode slots (and their graphs) now, e.g. before measuring free memory."""
+        self.decoder = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def start(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> SeqState:
         """Load the layout's chunk KV from `kv` and prefill it as `spec` asks: the sequence is then
@@ -247,31 +288,3 @@ class Engine:
             if r not in out:
                 out[r] = pick(logits[r], s.spec.sampling, s.generator)
         return out
-
-    def _solo_batch(self, n_tokens: int) -> DecodeBatch:
-        """The engine's own one-slot decode batch (for `generate`), grown when a request needs more."""
-        solo = self._solo
-        if solo is None or solo.slots.max_tokens <= n_tokens:
-            size = max(n_tokens + 1, min(self.max_context, 4096))
-            self._solo = solo = DecodeBatch(self.parts, KVSlots(self.parts, 1, size))
-        return solo
-
-    def _generate(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> Iterator[str]:
-        seq = self.start(layout, spec, kv)
-        piece = seq.first()
-        if piece:
-            yield piece
-        if not seq.done:
-            batch = self._solo_batch(layout.n_tokens + spec.max_tokens)
-            slot = batch.slots.take(seq.result.kv)
-            try:
-                while not seq.done:
-                    logits = batch.step({slot: seq.tokens[-1]})
-                    piece = seq.push(self.next_tokens(logits, {slot: seq})[slot])
-                    if piece:
-                        yield piece
-            finally:
-                batch.slots.release(slot)
-        sync(self.device)
-        seq.finish("stop")
-        return seq.answer()

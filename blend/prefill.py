@@ -310,11 +310,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     out = graphs.buffer(N) if graphs is not None else None
     ready, cfg, feed, keys_at = None, None, None, None
     if mode == "prefix":
-        # Only a chunk cached at exactly its position is a true prefix hit: the first one.
-        first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
-        with record_function("rb.fill_cache"):
-            kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
-        start = P + first
+        kv, start = prefix_hit_cache(parts, layout, prefix_kv, chunk_kvs, out)
     elif mode == "reuse":
         if arriving is not None:
             kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
@@ -342,6 +338,17 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         arriving.start()     # now the reads, which would have slowed this thread down before
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed, selected)
+
+
+def prefix_hit_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],
+                     out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """`prefix` mode's fused cache and the first position it computes. Only a chunk cached at
+    exactly its position is a true prefix hit: the first one."""
+    P = layout.n_prefix
+    first = len(layout.chunks[0]) if layout.chunks and chunk_kvs[0].start == P else 0
+    with record_function("rb.fill_cache"):
+        kv = fill_cache(parts, layout, prefix_kv, chunk_kvs[:1] if first else [], out)
+    return kv, P + first
 
 
 def _fill_later_layers(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor, chunk_kvs: list[ChunkKV],

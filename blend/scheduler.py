@@ -1,14 +1,21 @@
-"""Continuous batching: one thread owns the model and, each iteration, admits waiting requests
-(their KV fetched and their prompt prefilled, in any mode), then runs one batched decode step for
-every running sequence. A sequence leaves at a stop token, at max_tokens or when its client goes
-away, and its KV slot is free for the next admission at once.
+"""The one loop that drives the model. `Scheduler.step()` is schedule → execute → update, as
+vLLM's `EngineCore.step`: every running sequence decodes one token in one batched step (decodes
+first), then prefill and side work run from the queue, in arrival order, up to a token budget
+(`prefill_tokens`), so that a burst of arrivals or one long prompt stalls the running sequences
+for one budget's worth of compute, not for a whole prefill (Sarathi-Serve's chunked prefill).
 
-Admission is bounded three ways: free KV slots (decode memory is preallocated, so it never runs
-out), `max_batch` sequences decoding together, and a prompt-token budget per iteration so that a
-burst of arrivals does not stall the running sequences for more than about one long prefill.
-Past `max_waiting` queued requests, `submit` refuses (the server answers 503 + Retry-After).
+Everything that runs the model is work in this queue: a request's prefill (`Job`, spread over
+steps when it exceeds the budget, blend/prefill_work.py) and side work (`run_model`: a chunk's KV
+for indexing, a logprob pass), each with its cost in tokens. Nothing else takes the model.
+Serving loops `step()` on its own thread (`start`); `ask`, eval and the benches step it inline
+through `Engine.generate`, from whichever thread waits for an answer (one steps at a time).
 
-Callbacks run on the model thread; they must only hand data over (e.g. to an event loop).
+Admission is bounded by decode memory: a job starts its prefill only while a KV slot is free for
+it (running + prefilling ≤ the slots, and ≤ `max_batch`); slots are preallocated
+(blend/batch.py), sized from free memory (blend/memory.py), so decoding never runs out. Past
+`max_waiting` queued requests, `submit` refuses (the server answers 503 + Retry-After).
+
+Callbacks run on the stepping thread; they must only hand data over (e.g. to an event loop).
 """
 from __future__ import annotations
 
@@ -17,85 +24,56 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
 
-from blend.batch import DecodeBatch, KVSlots
-from blend.engine import Engine
+from blend.prefill_work import PrefillWork, Runner
 from blend.prompt import Layout
 from blend.sequence import Answer, SeqState
 from blend.spec import ContextOverflow, QuerySpec
+from blend.work import INLINE, Cancelled, Job, SchedulerConfig, SchedulerFull, SideWork, T, slot_size
 from store.tiers import ChunkKVSource
 
+__all__ = ["INLINE", "Cancelled", "Job", "Scheduler", "SchedulerConfig", "SchedulerFull", "SideWork", "slot_size"]
 log = logging.getLogger(__name__)
 
 
-class Cancelled(Exception):
-    """The job's client left before its prompt was prefilled."""
-
-
-class SchedulerFull(Exception):
-    def __init__(self, retry_after: int):
-        super().__init__(f"too many requests waiting; retry after {retry_after} s")
-        self.retry_after = retry_after
-
-
-@dataclass
-class Job:
-    """One request as the scheduler serves it, and how it reports back."""
-    layout: Layout
-    spec: QuerySpec
-    kv: ChunkKVSource
-    on_start: Callable[[SeqState], None] = lambda seq: None       # prefilled (first token next)
-    on_piece: Callable[[str], None] = lambda piece: None          # new text
-    on_done: Callable[[Answer], None] = lambda answer: None       # the end (finish_reason says how)
-    on_error: Callable[[BaseException], None] = lambda error: None  # failed before its first token
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    enqueued_at: float = field(default_factory=time.perf_counter)
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_batch: int = 32              # sequences decoding together (1: one request at a time)
-    slots: int = 32                  # KV slots (≥ max_batch to use it)
-    slot_tokens: int = 4096          # prompt + answer tokens per slot
-    max_waiting: int = 32            # queued requests past which submit refuses
-    prefill_tokens: int = 8192       # prompt tokens admitted per iteration (at least one request)
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "slots", "slot_tokens", "max_waiting", "prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
-
-    @classmethod
-    def for_memory(cls, engine: Engine, kv_bytes: int, **kw) -> "SchedulerConfig":
-        """As many slots as `kv_bytes` of decode KV memory holds (at least one)."""
-        slot_tokens = min(kw.pop("slot_tokens", 4096), engine.max_context)
-        per_slot = KVSlots.bytes_per_token(engine.parts) * slot_tokens
-        slots = max(1, kv_bytes // per_slot)
-        return cls(slots=slots, slot_tokens=slot_tokens, max_batch=min(kw.pop("max_batch", 32), slots), **kw)
-
-
 class Scheduler:
-    def __init__(self, engine: Engine, config: SchedulerConfig = SchedulerConfig(),
-                 model_lock: threading.Lock | None = None,
+    def __init__(self, engine: Runner, config: SchedulerConfig = INLINE,
                  on_step: Callable[[int, float], None] | None = None):
-        self.engine, self.config = engine, config
-        self.slots = KVSlots(engine.parts, config.slots, min(config.slot_tokens, engine.max_context))
-        self.batch = DecodeBatch(engine.parts, self.slots)
-        self.model_lock = model_lock or threading.Lock()
+        self.engine = engine
+        self.config = config
         self.on_step = on_step
-        self._waiting: collections.deque[Job] = collections.deque()
+        self._waiting: collections.deque[Job | SideWork] = collections.deque()
         self._cond = threading.Condition()
+        self._step_lock = threading.RLock()
+        self._stepper: int | None = None  # the thread inside step(), if any
         self._running: dict[int, tuple[Job, SeqState]] = {}
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.warming = False
         self._step_s = 0.05   # moving averages, for Retry-After
         self._job_s = 1.0
         self.steps = 0
-        self._thread = threading.Thread(target=self._loop, name="ragblend-scheduler", daemon=True)
 
     # -- control ---------------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def configure(self, config: SchedulerConfig) -> None:
+        """New limits; the decode slots are allocated to them now (nothing may be running)."""
+        with self._step_lock:
+            if self._running:
+                raise RuntimeError("cannot resize the decode slots while sequences are running")
+            self.config = config
+            self.engine.reserve_decode(config.slots, config.slot_tokens)
+            self._stop.clear()  # a stopped scheduler serves again once configured
+
+    def start(self, warm: bool = False) -> "Scheduler":
+        """Loop `step()` on a thread of its own. `warm`: first capture the decode graphs of every
+        batch bucket (`warming` is True until then)."""
+        if self._thread is not None:
+            raise RuntimeError("the scheduler's loop is already running")
+        self._stop.clear()
+        decoder = self.engine.decoder
+        self.warming = warm and decoder is not None and decoder.graphs
+        self._thread = threading.Thread(target=self._loop, name="ragblend-scheduler", daemon=True)
         self._thread.start()
         return self
 
@@ -103,19 +81,40 @@ class Scheduler:
         """Stop the loop; running sequences end as cancelled. Returns the jobs never started."""
         self._stop.set()
         with self._cond:
-            left = list(self._waiting)
-            self._waiting.clear()
+            left = [j for j in self._waiting if isinstance(j, Job) and j.work is None]
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None  # from now on, callers step it inline again
+        with self._step_lock:
+            for item in self._queued():
+                if isinstance(item, SideWork):
+                    self._finish_side(item, error=RuntimeError("the scheduler stopped"))
+                elif item.work is not None:
+                    item.work.close()
+                    item.on_error(Cancelled())
+            with self._cond:
+                self._waiting.clear()
+            for slot, (job, seq) in list(self._running.items()):
+                self._end(slot, job, seq, "cancelled")
         return left
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def slots(self):
+        return self.engine.decoder.slots
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return sum(isinstance(j, Job) for j in self._queued())
+
+    def _queued(self) -> list[Job | SideWork]:
+        """The queue as it is now (other threads append to it while this one reads)."""
+        with self._cond:
+            return list(self._waiting)
 
     @property
     def running(self) -> int:
@@ -123,110 +122,254 @@ class Scheduler:
 
     @property
     def kv_tokens_used(self) -> int:
-        return self.slots.used_tokens
+        d = self.engine.decoder
+        return d.slots.used_tokens if d is not None else 0
 
     @property
     def kv_bytes(self) -> int:
-        return self.slots.kv.numel() * self.slots.kv.element_size()
+        d = self.engine.decoder
+        return d.slots.kv.numel() * d.slots.kv.element_size() if d is not None else 0
 
     def retry_after(self) -> int:
         ahead = self.waiting + 1
         rounds = math.ceil(ahead / max(1, self.config.max_batch))
         return max(1, min(60, math.ceil(rounds * self._job_s)))
 
-    def submit(self, job: Job) -> None:
+    # -- work in -----------------------------------------------------------------------------------
+    def submit(self, job: Job, bounded: bool = True) -> None:
         """Queue a job; raises BadQuery for what the request must change, SchedulerFull when the
-        queue is at its bound."""
+        queue is at its bound (`bounded`: the server's callers; inline callers wait their turn)."""
         self.engine.check(job.layout, job.spec)
         need = job.layout.n_tokens + job.spec.max_tokens
-        if need >= self.slots.max_tokens:
+        if self.config is not INLINE and need >= slot_size(self.config.slot_tokens):
             raise ContextOverflow("max_tokens", f"the prompt ({job.layout.n_tokens} tokens) plus max_tokens="
-                                  f"{job.spec.max_tokens} exceeds this server's {self.slots.max_tokens - 1} "
+                                  f"{job.spec.max_tokens} exceeds this server's {slot_size(self.config.slot_tokens) - 1} "
                                   "tokens per sequence")
         with self._cond:
-            if self._stop.is_set() or len(self._waiting) >= self.config.max_waiting:
+            queued = sum(isinstance(j, Job) for j in self._waiting)
+            if bounded and (self._stop.is_set() or queued >= self.config.max_waiting):
                 raise SchedulerFull(self.retry_after())
             self._waiting.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def run_model(self, fn: Callable[[], T], cost: int) -> T:
+        """Run `fn` (which uses the model) as side work in the queue's order, and return its
+        result. On the stepping thread (a prefill's KV fetch recomputing a chunk) it runs at once."""
+        if self._stepper == threading.get_ident():
+            return fn()
+        work: SideWork[T] = SideWork(fn, max(1, cost))
+        with self._cond:
+            self._waiting.append(work)
+            self._cond.notify_all()
+        self.drive(work.done.is_set)
+        if work.error is not None:
+            raise work.error
+        return work.result  # type: ignore[return-value]
 
     def generate(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource, timeout: float | None = None) -> Answer:
-        """The Python API: submit and wait for the answer (from any thread but the scheduler's)."""
-        done = threading.Event()
+        """The Python API: submit and wait for the answer."""
+        gen = self.stream(layout, spec, kv, timeout)
+        try:
+            while True:
+                next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+    def stream(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource,
+               timeout: float | None = None) -> Iterator[str]:
+        """Text pieces as they are decoded; returns the Answer. Closing it early cancels the job
+        (its slot is freed before close returns)."""
+        pieces: collections.deque[str] = collections.deque()
         box: dict[str, object] = {}
-        job = Job(layout, spec, kv, on_done=lambda a: (box.setdefault("answer", a), done.set()),
-                  on_error=lambda e: (box.setdefault("error", e), done.set()))
-        self.submit(job)
-        if not done.wait(timeout):
-            job.cancelled.set()
-            raise TimeoutError("no answer in time")
-        if "error" in box:
-            raise box["error"]  # type: ignore[misc]
-        return box["answer"]  # type: ignore[return-value]
+        job = Job(layout, spec, kv, on_piece=pieces.append, on_done=lambda a: box.setdefault("answer", a),
+                  on_error=lambda e: box.setdefault("error", e))
+        self.submit(job, bounded=False)
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        try:
+            while True:
+                self.drive(lambda: bool(pieces) or bool(box), deadline)
+                while pieces:
+                    yield pieces.popleft()
+                if "error" in box:
+                    raise box["error"]  # type: ignore[misc]
+                if "answer" in box:
+                    return box["answer"]  # type: ignore[return-value]
+                if deadline is not None and time.perf_counter() > deadline:
+                    raise TimeoutError("no answer in time")
+        finally:
+            if not box:
+                job.cancelled.set()
+                self.drive(lambda: bool(box))
 
-    # -- the model thread ------------------------------------------------------------------------
+    def drive(self, done: Callable[[], bool], deadline: float | None = None) -> None:
+        """Until `done()`: wait for the loop thread where one runs, else step inline."""
+        looping = self.alive and threading.current_thread() is not self._thread
+        while not done():
+            if deadline is not None and time.perf_counter() > deadline:
+                return
+            if looping:
+                with self._cond:
+                    if not done():
+                        self._cond.wait(0.05)
+                looping = self.alive
+            elif not self.step():
+                with self._cond:  # another thread holds work that ends ours (or nothing to do)
+                    if not done():
+                        self._cond.wait(0.005)
+
+    # -- the loop ----------------------------------------------------------------------------------
     def _loop(self) -> None:
+        if self.warming:
+            t0 = time.perf_counter()
+            try:
+                n = self.engine.decoder.warm(self.config.max_batch)
+                log.warning("captured %d decode graphs (batch ≤ %d, up to %d tokens) in %.1f s", n,
+                            self.config.max_batch, self.slots.max_tokens, time.perf_counter() - t0)
+            except Exception:
+                log.exception("warming the decode graphs failed; they are captured on first use")
+            self.warming = False
         while not self._stop.is_set():
-            with self._cond:
-                if not self._running and not self._waiting:
-                    self._cond.wait(0.25)
-                    continue
-            try:
-                with self.model_lock:
-                    self._admit()
-                    if self._running:
-                        self._step()
-            except Exception:  # a bug of ours in a step: every running sequence fails, the loop lives
-                log.exception("decode step failed")
-                for slot, (job, seq) in list(self._running.items()):
-                    self.slots.release(slot)
-                    self._running.pop(slot, None)
-                    job.on_error(RuntimeError("the decode step failed (logged on the server)"))
-        for slot, (job, seq) in list(self._running.items()):
-            self._end(slot, job, seq, "cancelled")
+            if not self.step():
+                with self._cond:
+                    if not self._waiting and not self._running and not self._stop.is_set():
+                        self._cond.wait(0.25)
 
-    def _next_job(self, budget: int) -> Job | None:
+    def step(self) -> bool:
+        """One iteration: decode every running sequence, then queued work up to the budget.
+        Returns whether there was anything to do."""
+        with self._step_lock:
+            self._stepper = threading.get_ident()
+            try:
+                self._drop_cancelled()
+                worked = bool(self._running)
+                if self._running:
+                    self._decode()
+                worked = self._work(self.config.prefill_tokens) or worked
+            finally:
+                self._stepper = None
+            if worked:
+                self.steps += 1
         with self._cond:
-            if not self._waiting or len(self._running) >= self.config.max_batch or not self.slots.free:
-                return None
-            if budget <= 0:
-                return None
-            return self._waiting.popleft()
+            self._cond.notify_all()
+        return worked
 
-    def _admit(self) -> None:
-        budget = self.config.prefill_tokens
-        while (job := self._next_job(budget)) is not None:
-            budget -= job.layout.n_tokens
-            if job.cancelled.is_set():  # its client left while it waited
-                job.on_error(Cancelled())
-                continue
-            try:
-                seq = self.engine.start(job.layout, job.spec, job.kv)
-                job.on_start(seq)
-                piece = seq.first()
-            except Exception as e:  # the request's own failure (corrupt KV it could not repair, …)
-                job.on_error(e)
-                continue
-            if piece:
-                job.on_piece(piece)
-            if seq.done:
-                self._done(job, seq)
-                continue
-            seq.slot = self.slots.take(seq.result.kv)
-            seq.result.kv = None  # the slot holds it now; the prefill's buffer may be reused
-            self._running[seq.slot] = (job, seq)
-
-    def _step(self) -> None:
+    def _drop_cancelled(self) -> None:
         for slot, (job, seq) in list(self._running.items()):
             if job.cancelled.is_set():
                 self._end(slot, job, seq, "cancelled")
-        if not self._running:
-            return
+        with self._cond:
+            gone = [j for j in self._waiting if isinstance(j, Job) and j.cancelled.is_set()]
+            for job in gone:
+                self._waiting.remove(job)
+        for job in gone:  # its client left while it waited (or while its prefill was spread)
+            if job.work is not None:
+                job.work.close()
+            job.on_error(Cancelled())
+
+    def _places(self) -> int:
+        """How many more jobs may start their prefill: free slots and batch places."""
+        prefilling = sum(1 for j in self._queued() if isinstance(j, Job) and j.work is not None)
+        return min(self.config.max_batch, self.config.slots) - len(self._running) - prefilling
+
+    def _work(self, budget: int) -> bool:
+        """Queued work in arrival order while the budget lasts; the first item always runs (so
+        that a prefill above the budget is not starved). A job waits while no slot is free; the
+        work behind it goes on."""
+        first, worked = True, False
+        places = self._places()
+        for item in self._queued():
+            if budget <= 0:
+                break
+            if isinstance(item, SideWork):
+                if not first and item.cost > budget:
+                    break
+                self._run_side(item)
+                budget -= item.cost
+                first, worked = False, True
+            else:
+                if item.work is None:
+                    if places <= 0:
+                        continue
+                    places -= 1
+                    self._ensure_slot_fits(item)
+                    item.work = PrefillWork(self.engine, item.layout, item.spec, item.kv)
+                w = item.work
+                if not first and not w.chunkable and w.left > budget:
+                    break
+                budget -= self._advance(item, budget)
+                first, worked = False, True
+                if w.seq is None:
+                    break  # a spread prefill keeps its turn: nothing overtakes it
+        return worked
+
+    def _ensure_slot_fits(self, job: Job) -> None:
+        """Inline: grow the one slot to the request (nothing is running when a job is admitted)."""
+        if self.config is INLINE:
+            need = job.layout.n_tokens + job.spec.max_tokens + 1
+            self.engine.reserve_decode(1, need, grow_only=True)
+
+    def _run_side(self, work: SideWork) -> None:
+        with self._cond:
+            self._waiting.remove(work)
+        try:
+            self._finish_side(work, result=work.fn())
+        except Exception as e:  # the caller's to handle; the loop lives
+            self._finish_side(work, error=e)
+
+    @staticmethod
+    def _finish_side(work: SideWork, result=None, error: BaseException | None = None) -> None:
+        work.result, work.error = result, error
+        work.done.set()
+
+    def _advance(self, job: Job, budget: int) -> int:
+        """Spend up to `budget` on the job's prefill; a finished prefill picks its first token and
+        joins the running batch. Returns the tokens spent."""
+        w = job.work
+        try:
+            spent = w.advance(budget)
+        except Exception as e:  # the request's own failure (corrupt KV it could not repair, …)
+            self._unqueue(job)
+            w.close()
+            job.on_error(e)
+            return w.left
+        if w.seq is None:
+            return spent
+        self._unqueue(job)
+        seq = w.seq
+        try:
+            job.on_start(seq)
+            piece = seq.first()
+        except Exception as e:
+            job.on_error(e)
+            return spent
+        if piece:
+            job.on_piece(piece)
+        if seq.done:
+            self._done(job, seq)
+            return spent
+        seq.slot = self.slots.take(seq.result.kv)
+        seq.result.kv = None  # the slot holds it now; the prefill's buffer may be reused
+        self._running[seq.slot] = (job, seq)
+        return spent
+
+    def _unqueue(self, job: Job) -> None:
+        with self._cond:
+            self._waiting.remove(job)
+
+    def _decode(self) -> None:
         t0 = time.perf_counter()
         rows = {slot: seq for slot, (_, seq) in self._running.items()}
-        logits = self.batch.step({slot: seq.tokens[-1] for slot, seq in rows.items()})
-        nxt = self.engine.next_tokens(logits, rows)  # the step's one host sync
+        try:
+            logits = self.engine.decoder.step({slot: seq.tokens[-1] for slot, seq in rows.items()})
+            nxt = self.engine.next_tokens(logits, rows)  # the step's one host sync
+        except Exception:  # a bug of ours in the batched step: every running sequence fails, the loop lives
+            log.exception("decode step failed")
+            for slot, (job, seq) in list(self._running.items()):
+                self.slots.release(slot)
+                self._running.pop(slot, None)
+                job.on_error(RuntimeError("the decode step failed (logged on the server)"))
+            return
         dt = time.perf_counter() - t0
-        self.steps += 1
         self._step_s = 0.9 * self._step_s + 0.1 * dt
         if self.on_step is not None:
             self.on_step(len(rows), dt)

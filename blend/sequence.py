@@ -70,6 +70,12 @@ class SeqState:
         self.t_end: float | None = None
         self.tokens: list[int] = []
         self.text = ""
+        # Incremental detokenization (as vLLM's): only the tokens since `_prefix` are decoded per
+        # token, so a step's host work does not grow with the answer's length (decoding every
+        # answer whole each step costs milliseconds at a batch of hundreds). Text starts being
+        # read at `_read`; the tokens from `_prefix` to it give the context that keeps word
+        # boundaries (a SentencePiece leading space) right.
+        self._prefix = self._read = 0
         self.finish_reason: str | None = None
         self.slot: int | None = None  # in a KVSlots, while decoding
         seed = spec.sampling.seed
@@ -99,12 +105,21 @@ class SeqState:
         self.tokens.append(token)
         piece = ""
         if self.tokenizer is not None:
-            new_text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-            if not new_text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                piece, self.text = new_text[len(self.text):], new_text
+            piece = self._new_text()
         if len(self.tokens) >= self.spec.max_tokens:
             self.finish("length")
             piece += self._flush()
+        return piece
+
+    def _new_text(self) -> str:
+        decode = self.tokenizer.decode
+        before = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        now = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(now) <= len(before) or now.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            return ""
+        piece = now[len(before):]
+        self._prefix, self._read = self._read, len(self.tokens)
+        self.text += piece
         return piece
 
     def finish(self, reason: str) -> None:

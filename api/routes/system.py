@@ -15,18 +15,20 @@ metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /healt
 
 @router.get("/health", response_model=Health, summary="Model loaded, index size, queue depth",
             description="Open even when an API key is set (it shows counts, never content). "
-                        "`status` is `degraded` (and the code 503) when the model worker has stopped.",
-            responses={503: {"model": Health, "description": "the model worker has stopped"}})
+                        "`status` is `warming` (and the code 503) while the server captures its decode graphs at "
+                        "start, `degraded` (503) when the model worker has stopped.",
+            responses={503: {"model": Health, "description": "warming up, or the model worker has stopped"}})
 def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings: SettingsDep,
            response: Response) -> Health:
-    ok = worker.alive
-    if not ok:
+    status = "degraded" if not worker.alive else "warming" if worker.warming else "ok"
+    if status != "ok":
         response.status_code = 503
-    return Health(status="ok" if ok else "degraded", model=service.engine.name, model_loaded=True,
+    config = worker.scheduler.config
+    return Health(status=status, model=service.engine.name, model_loaded=True,
                   device=str(service.engine.device), max_context=service.engine.max_context,
                   max_question_tokens=question_token_limit(service, settings), index_chunks=len(service.corpus),
                   queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending,
-                  threads=torch.get_num_threads())
+                  threads=torch.get_num_threads(), max_batch=config.max_batch, prefill_tokens=config.prefill_tokens)
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
