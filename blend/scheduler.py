@@ -49,7 +49,7 @@ class Job:
     on_start: Callable[[SeqState], None] = lambda seq: None       # prefilled (first token next)
     on_piece: Callable[[str], None] = lambda piece: None          # new text
     on_done: Callable[[Answer], None] = lambda answer: None       # the end (finish_reason says how)
-    on_error: Callable[[BaseException], None] = lambda error: None  # failed before its first token
+    on_error: Callable[[BaseException], None] = lambda error: None  # failed (before or while decoding)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -224,19 +224,46 @@ class Scheduler:
         t0 = time.perf_counter()
         rows = {slot: seq for slot, (_, seq) in self._running.items()}
         logits = self.batch.step({slot: seq.tokens[-1] for slot, seq in rows.items()})
-        nxt = self.engine.next_tokens(logits, rows)  # the step's one host sync
+        nxt = self._next_tokens(logits, rows)  # the step's one host sync
         dt = time.perf_counter() - t0
         self.steps += 1
         self._step_s = 0.9 * self._step_s + 0.1 * dt
         if self.on_step is not None:
             self.on_step(len(rows), dt)
         for slot, seq in rows.items():
+            if slot not in nxt:
+                continue  # it failed picking its token and has left the batch
             job = self._running[slot][0]
-            piece = seq.push(nxt[slot])
-            if piece:
-                job.on_piece(piece)
+            try:
+                piece = seq.push(nxt[slot])
+                if piece:
+                    job.on_piece(piece)
+            except Exception as e:
+                self._fail(slot, job, e)
+                continue
             if seq.done:
                 self._end(slot, job, seq, None)
+
+    def _next_tokens(self, logits, rows: dict[int, SeqState]) -> dict[int, int]:
+        """Every row's next token; a row whose own sampling fails leaves the batch with its error
+        and the others keep decoding (the batched pick is retried row by row only then)."""
+        try:
+            return self.engine.next_tokens(logits, rows)
+        except Exception:
+            nxt = {}
+            for slot, seq in rows.items():
+                try:
+                    nxt[slot] = self.engine.next_tokens(logits, {slot: seq})[slot]
+                except Exception as e:
+                    self._fail(slot, self._running[slot][0], e)
+            return nxt
+
+    def _fail(self, slot: int, job: Job, error: Exception) -> None:
+        """One sequence's own failure: it alone ends, with its error."""
+        log.warning("sequence in slot %d failed alone: %r", slot, error)
+        self.slots.release(slot)
+        self._running.pop(slot, None)
+        job.on_error(error)
 
     def _end(self, slot: int, job: Job, seq: SeqState, reason: str | None) -> None:
         if reason is not None:
