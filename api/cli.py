@@ -87,6 +87,8 @@ def index(
     allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
                                                                           "--max-store-gb, evicting older chunk KV")] = False,
     kv_store: KvStoreOpt = None,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="read file symlinks that point outside "
+                                                                            "the given directories (skipped by default)")] = False,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -103,7 +105,7 @@ def index(
         fail("--index-kind must be flat or hnsw")
     set_threads(threads)
     with collect_skips() as skipped:
-        docs = list(load_roots(paths))
+        docs = list(load_roots(paths, follow_outside=follow_symlinks))
     if not docs:
         if as_json:
             typer.echo(json.dumps({"documents": 0, "skipped": skipped}, ensure_ascii=False))
