@@ -264,6 +264,9 @@ class Health(BaseModel):
     max_queue: int
     index_jobs_pending: int
     threads: int = Field(description="CPU threads torch uses (--threads)")
+    shared_kv: dict[str, Any] | None = Field(None, description=(
+        "with --kv-store: the shared tier's state. `degraded` while its circuit breaker is open (queries "
+        "recompute their chunks instead of waiting on it); the server's `status` then says degraded too"))
 
 
 class ErrorOut(BaseModel):

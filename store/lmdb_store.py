@@ -408,7 +408,7 @@ class KVStore:
         (nothing changed) when `key` already holds a value."""
         if fmt is None:
             fmt = self.kv_format
-        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt), meta, if_absent=if_absent)
+        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt, key), meta, if_absent=if_absent)
 
     def put_encoded(self, key: str, value: bytes, meta: dict[str, Any], if_absent: bool = False) -> bool:
         """put() of an entry already encoded (store.serialize.encode_kv): a tier above copies one in."""
@@ -489,9 +489,9 @@ class KVStore:
             if buf is None:
                 return None
             try:
-                head = read_header(buf)
+                head = read_header(buf, expect_key=key)
                 raw = torch.empty(head.raw_shape(), dtype=torch.uint8)
-                return decode_kv(buf, expect_fingerprint=fingerprint, out=raw, pool=pool), head
+                return decode_kv(buf, expect_fingerprint=fingerprint, out=raw, pool=pool, expect_key=key), head
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
 
@@ -531,7 +531,7 @@ class KVStore:
                     raise CorruptEntry(f"entry {key}: kv present without meta")
                 meta = _load_meta(raw, key)
             try:  # decode copies out while the txn keeps the buffer alive
-                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers, out=out, pool=pool,
+                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers, out=out, pool=pool, expect_key=key,
                                  dtype=dtype), meta
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
@@ -558,7 +558,8 @@ class KVStore:
                     result.append(None)
                     continue
                 try:
-                    result.append(decode_kv(buf, expect_fingerprint=fingerprint, out=out, pool=pool, pending=pending))
+                    result.append(decode_kv(buf, expect_fingerprint=fingerprint, out=out, pool=pool, pending=pending,
+                                                expect_key=key))
                 except BaseException as e:
                     futures_wait(pending)  # the copies already queued read buffers this txn maps
                     if isinstance(e, CorruptEntry):
@@ -584,7 +585,7 @@ class KVStore:
             if buf is None:
                 return None
             try:
-                return read_header(buf)
+                return read_header(buf, expect_key=key)
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
 

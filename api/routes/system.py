@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from api.answering import question_token_limit
 from api.deps import IndexerDep, MetricsDep, ServiceDep, SettingsDep, WorkerDep
 from api.schemas import Health
+from store.redis_store import TieredKVStore
 
 router = APIRouter(tags=["system"])
 metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /health
@@ -15,14 +16,17 @@ metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /healt
 
 @router.get("/health", response_model=Health, summary="Model loaded, index size, queue depth",
             description="Open even when an API key is set (it shows counts, never content). "
-                        "`status` is `degraded` (and the code 503) when the model worker has stopped.",
+                        "`status` is `degraded` (and the code 503) when the model worker has stopped, and `degraded` "
+                        "(code 200: answers still come) while the shared KV tier is unhealthy.",
             responses={503: {"model": Health, "description": "the model worker has stopped"}})
 def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings: SettingsDep,
            response: Response) -> Health:
     ok = worker.alive
     if not ok:
         response.status_code = 503
-    return Health(status="ok" if ok else "degraded", model=service.engine.name, model_loaded=True,
+    shared = service.store.shared.health if isinstance(service.store, TieredKVStore) else None
+    degraded = not ok or (shared is not None and shared["status"] != "ok")  # answers still come: 200
+    return Health(status="degraded" if degraded else "ok", model=service.engine.name, model_loaded=True, shared_kv=shared,
                   device=str(service.engine.device), max_context=service.engine.max_context,
                   max_question_tokens=question_token_limit(service, settings), index_chunks=len(service.corpus),
                   queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending,
