@@ -123,7 +123,8 @@ def decode(data: bytes) -> tuple[str, str]:
 
 def _textual(text: str) -> str:
     if text:
-        controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v")
+        # U+0085 (NEL) is a line break, and JSON allows it raw inside strings
+        controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v\x85")
         if controls / len(text) > MAX_CONTROL_SHARE:
             raise Unreadable(f"binary ({controls} control characters in {len(text)})")
     return text

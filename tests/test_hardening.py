@@ -521,3 +521,21 @@ def test_a_lone_surrogate_in_any_text_field_of_any_route_is_a_422_naming_it(serv
     named = {"question": ("question", "prompt", "messages.0.content"), "question-list": ("prompt.0",),
              "extra-field": ("user", "mode")}[where]
     assert any(r.json()["detail"].startswith(n + ":") for n in named), r.text
+
+
+# -- issue 23, 11: an API key with non-ASCII characters -------------------------------------------------
+def test_an_api_key_with_non_ascii_characters_authenticates_compared_as_utf8_bytes():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from api.middleware import BearerAuth
+
+    key = "clé-ünïcødé-🔑"
+    app = FastAPI()
+    app.get("/v1/x")(lambda: {"ok": True})
+    app.add_middleware(BearerAuth, api_key=key)
+    client = TestClient(app)
+    assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("utf-8")}).status_code == 200
+    assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("latin-1", "replace")}).status_code == 401
+    assert client.get("/v1/x", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/x").status_code == 401
