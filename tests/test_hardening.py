@@ -539,3 +539,12 @@ def test_an_api_key_with_non_ascii_characters_authenticates_compared_as_utf8_byt
     assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("latin-1", "replace")}).status_code == 401
     assert client.get("/v1/x", headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert client.get("/v1/x").status_code == 401
+
+
+def test_a_seeded_fuzz_of_sampling_values_gives_no_5xx_and_batched_answers_equal_alone(server):
+    """The CI-sized run of eval/fuzz_serve.py (the README's run sends 300)."""
+    from eval.fuzz_serve import run
+
+    res = run(server.base, 40, 1, 8, 8)
+    assert res["server_errors_5xx"] == 0 and not res["malformed_accepted"] and not res["well_formed_refused"], res
+    assert res["compared_alone"] >= 15 and res["mismatched"] == [], res
