@@ -156,3 +156,17 @@ def hostile_folder(root: Path, bomb_mb: int = 128, depth: int = 100_000) -> Path
     outside.write_text("root:x:0:0:outside the corpus\n")
     (root / "passwd-link.txt").symlink_to(outside)
     return root
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="write the hostile folder (good files beside bad ones)")
+    p.add_argument("root", type=Path)
+    p.add_argument("--bomb-mb", type=int, default=1024, help="what the PDF bomb inflates to (the DOCX: twice it)")
+    p.add_argument("--depth", type=int, default=200_000, help="nesting of the HTML file")
+    a = p.parse_args()
+    hostile_folder(a.root, a.bomb_mb, a.depth)
+    for f in sorted(a.root.rglob("*")):
+        if f.is_file() or f.is_symlink():
+            print(f"{f.lstat().st_size:>10}  {f.relative_to(a.root)}")
