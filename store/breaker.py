@@ -1,6 +1,7 @@
 """A circuit breaker for the shared KV tier: while the tier is unhealthy (paused, partitioned,
 overloaded), every request would otherwise wait out a socket timeout before recomputing its
-chunks. After `failures` consecutive failures the breaker opens and calls are refused at once
+chunks. After `failures` consecutive failures, or at once when the server cannot be reached
+(a timeout, a refused connection), the breaker opens and calls are refused at once
 (the chunk is recomputed, as for a miss); after `cooldown` seconds one trial call goes through
 (half-open): its success closes the breaker, its failure opens it for another cooldown."""
 from __future__ import annotations
@@ -51,10 +52,12 @@ class CircuitBreaker:
         with self._lock:
             self._consecutive, self._opened_at, self._trial = 0, None, False
 
-    def failure(self) -> None:
+    def failure(self, unreachable: bool = False) -> None:
+        """One failed call; `unreachable` (a timeout, a refused or dropped connection) opens the
+        breaker at once: the next call would only wait out the same timeout."""
         with self._lock:
             self._consecutive += 1
-            if self._trial or self._consecutive >= self.failures:
+            if unreachable or self._trial or self._consecutive >= self.failures:
                 if self._opened_at is None or self._trial:
                     self.opened += 1
                 self._opened_at, self._trial = self._clock(), False

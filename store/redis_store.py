@@ -144,7 +144,7 @@ class RedisKVStore:
         try:
             yield
         except self._redis.RedisError as e:
-            self.breaker.failure()
+            self.breaker.failure(unreachable=isinstance(e, (self._redis.TimeoutError, self._redis.ConnectionError)))
             raise self._fail(what, e) from None
         except BaseException:
             self.breaker.success()  # the server answered; what failed is ours

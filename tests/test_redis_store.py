@@ -340,9 +340,9 @@ def test_a_paused_redis_costs_at_most_its_timeout_then_the_breaker_skips_it_unti
             got = cold.fetch(CHUNKS)
             times.append(time.monotonic() - t0)
             assert all(torch.equal(x.kv, kv_of(ids)) for x, ids in zip(got, CHUNKS))
-        # the first fetch waits out the timeouts that open the breaker (a read, then write-backs);
-        # after that nothing waits on the paused server
-        assert times[0] < 3 * DEFAULT_SOCKET_TIMEOUT_S + 1.5, times
+        # the first fetch waits out one timeout, which opens the breaker (the write-backs after it
+        # are skipped); after that nothing waits on the paused server
+        assert times[0] < DEFAULT_SOCKET_TIMEOUT_S + 0.8, times
         assert max(times[1:]) < 0.5, times
         health = store.shared.health
         assert health["status"] == "degraded" and health["circuit"] == "open" and health["calls_skipped"] > 0
