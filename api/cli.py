@@ -587,7 +587,7 @@ def serve(
 
     # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
-    hot = {} if settings.hot_memory_mb is None else {"hot_bytes": settings.hot_memory_mb << 20}
+    hot = {} if settings.gpu_tier_mb is None else {"hot_bytes": settings.gpu_tier_mb << 20}
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
                        chunk_tokens=asked, kv_store=settings.kv_store, **hot,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py

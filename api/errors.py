@@ -76,16 +76,6 @@ def install_handlers(app: FastAPI) -> None:
         return error_response(request.url.path, exc.status, exc.message, headers=exc.headers, code=exc.code,
                               param=exc.param)
 
-    from retrieval.registry import RegistryDamaged
-    from store.lmdb_store import StoreDamaged
-
-    @app.exception_handler(RegistryDamaged)
-    @app.exception_handler(StoreDamaged)
-    async def _damaged(request: Request, exc: Exception) -> JSONResponse:
-        # the server's data, not the request: 503, and the operator's repair in the log
-        log.error("damaged data on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(request.url.path, 503, "the server's index data is damaged (the repair is in its log)")
-
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)

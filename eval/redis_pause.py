@@ -112,7 +112,7 @@ def swap_pairs(redis_url: str, pairs: int) -> list[tuple[str, str]]:
 
 def run(work: Path, pause: float, before: float, after: float, clients: int, n_swap_queries: int) -> dict:
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAGBLEND_HOT_MEMORY_MB": "0"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "RAGBLEND_GPU_TIER_MB": "0"}
     rport, port = free_port(), free_port()
     redis_proc = subprocess.Popen([redis_binary(), "--port", str(rport), "--bind", "127.0.0.1", "--save", "",
                                    "--appendonly", "no", "--dir", str(work)],
