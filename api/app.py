@@ -130,10 +130,19 @@ def serve(settings: Settings, service: RagService | None = None) -> None:
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         log.warning("serving on %s without an API key: anyone who can reach it can query and change the index",
                     settings.host)
+    from api.connections import ACCEPT_BACKLOG, defer_accept, guarded_protocol, raise_fd_limit, rate_limit_logs
+
     app = create_app(settings, service)
+    max_connections = raise_fd_limit(settings.max_connections)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
+                            backlog=max(ACCEPT_BACKLOG, max_connections),
+                            http=guarded_protocol(max_connections, settings.request_timeout_s))
+    rate_limit_logs("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio")  # after uvicorn set its handlers up
+    sock = config.bind_socket()
+    defer_accept(sock, settings.request_timeout_s)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                    timeout_graceful_shutdown=5)
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         if service is not None:
             service.close()

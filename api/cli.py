@@ -14,8 +14,23 @@ from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOp
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
 from store.quant import DEFAULT_FORMAT
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
+class _App(typer.Typer):
+    """The command line, where damaged data (the LMDB store, the registry) found by any command
+    is one `error:` line naming the file and the repair, and exit code 1, never a traceback."""
+
+    def __call__(self, *args, **kwargs):
+        from retrieval.registry import RegistryDamaged
+        from store.lmdb_store import StoreDamaged
+
+        try:
+            return super().__call__(*args, **kwargs)
+        except (StoreDamaged, RegistryDamaged) as e:
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(1)
+
+
+app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
 
 ModeOpt = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
@@ -88,6 +103,8 @@ def index(
     allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
                                                                           "--max-store-gb, evicting older chunk KV")] = False,
     kv_store: KvStoreOpt = None,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="read file symlinks that point outside "
+                                                                            "the given directories (skipped by default)")] = False,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -104,7 +121,7 @@ def index(
         fail("--index-kind must be flat or hnsw")
     set_threads(threads)
     with collect_skips() as skipped:
-        docs = list(load_roots(paths))
+        docs = list(load_roots(paths, follow_outside=follow_symlinks))
     if not docs:
         if as_json:
             typer.echo(json.dumps({"documents": 0, "skipped": skipped}, ensure_ascii=False))
@@ -207,6 +224,27 @@ def store_stats(data_dir: DataDirOpt = None, kv_store: KvStoreOpt = None) -> Non
                  referenced_keys=len(in_use), unreferenced_entries=len(stored - in_use),
                  missing_entries=len(in_use - stored), path=str(stats["path"]))
     typer.echo(json.dumps(stats, indent=2))
+
+
+@store_app.command("rebuild")
+def store_rebuild(data_dir: DataDirOpt = None) -> None:
+    """Set a damaged KV store aside (kv/ → kv.damaged-<time>/) and start an empty one. Chunk KV is
+    a cache of what the registry's chunk texts give: each chunk's KV is recomputed when a query
+    first needs it (or by `ragblend index` of documents that changed). Delete the old directory
+    once the new store serves."""
+    import time as _time
+
+    from api.service import default_data_dir
+    from store import KVStore
+
+    path = data_dir or default_data_dir()
+    kv = path / "kv"
+    if not kv.exists():
+        fail(f"no index in {path}")
+    aside = path / f"kv.damaged-{_time.strftime('%Y%m%d-%H%M%S')}"
+    kv.rename(aside)
+    KVStore(kv).close()
+    typer.echo(f"moved the old store to {aside}; a new, empty store is at {kv} (chunk KV is recomputed as needed)")
 
 
 @store_app.command("gc")
@@ -648,8 +686,9 @@ def serve(
 
     # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
+    hot = {} if settings.gpu_tier_mb is None else {"hot_bytes": settings.gpu_tier_mb << 20}
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
-                       chunk_tokens=asked, kv_store=settings.kv_store,
+                       chunk_tokens=asked, kv_store=settings.kv_store, **hot,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
     run(settings, service)
 

@@ -22,12 +22,16 @@ class BearerAuth:
     buffer an upload. /health and the OpenAPI docs stay open (they show no content)."""
 
     def __init__(self, app: ASGIApp, api_key: str):
-        self.app, self.key = app, api_key.encode()
+        # Compared as bytes, the key's UTF-8 against the header's raw bytes: a header value is not
+        # text (Starlette decodes it as Latin-1), so a key with non-ASCII characters would
+        # otherwise never match.
+        self.app, self.key = app, api_key.encode("utf-8", "surrogateescape")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not scope["path"].startswith(OPEN_PREFIX):
-            scheme, _, token = Headers(scope=scope).get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.key):
+            raw = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
+            scheme, _, token = raw.partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
                 response = error_response(scope["path"], 401, "missing or wrong API key: send the header "
                                           "`Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)

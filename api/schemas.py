@@ -10,7 +10,8 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from api.settings import MAX_TOKENS_HARD
 from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
                              metadata_problem, text_problem)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
+from blend.spec import (DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION,
+                        MODES, SELECTIONS, BlendConfig, temperature_problem, top_p_problem)
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
 MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
@@ -26,10 +27,38 @@ def _valid_id(value: str) -> str:
     return value
 
 
-def _unicode(value: str | None) -> str | None:
-    if isinstance(value, str) and (problem := text_problem(value)):
-        raise ValueError(problem)
-    return value
+def unencodable_at(value: Any) -> str | None:
+    """Where in a parsed JSON value a string (or key) cannot be UTF-8 encoded (a lone surrogate,
+    which JSON's `\\ud800` escape allows), as a dotted path; None if nowhere. Iterative: bodies
+    may nest as deep as the JSON parser lets them."""
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        path, v = stack.pop()
+        if isinstance(v, str):
+            if text_problem(v):
+                return path
+        elif isinstance(v, dict):
+            for k, item in v.items():
+                sub = f"{path}.{k}" if path else str(k)
+                if isinstance(k, str) and text_problem(k):
+                    return path or "(a key)"
+                stack.append((sub, item))
+        elif isinstance(v, (list, tuple)):
+            stack.extend((f"{path}.{i}" if path else str(i), item) for i, item in enumerate(v))
+    return None
+
+
+class RequestBody(BaseModel):
+    """Every JSON request body: one check, before any field's own, that no text anywhere in it
+    (known fields, extra ones, nested parts, keys) holds a lone surrogate. Such text cannot be
+    tokenized, stored, logged or sent back as UTF-8, so it is a 422 naming where it is."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (where := unencodable_at(data)) is not None:
+            raise ValueError(f"{where or 'body'}: {text_problem(chr(0xD800))}")
+        return data
 
 
 # Opaque: stored and compared, never joined to a path on the server. Control characters, '.' and
@@ -53,13 +82,23 @@ Deviation = Annotated[Literal["value", "key"], Field(
 Guard = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False, description=(
     "blend: quality guard. The check layer estimates the distance to full; while it is over this "
     "bound the ratio is raised (0.15 → 0.3 → 0.5), then everything is recomputed (= full)"))]
-Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
-TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+def _rule(problem_of):
+    """A pydantic check from blend.spec's own rule, so the 422 and the engine agree."""
+    def check(value: float) -> float:
+        if problem := problem_of(value):
+            raise ValueError(problem)
+        return value
+    return AfterValidator(check)
+
+
+Temperature = Annotated[float, Field(allow_inf_nan=False, description="0 = greedy, else in [0.001, 2]"),
+                        _rule(temperature_problem)]
+TopP = Annotated[float, Field(allow_inf_nan=False, description="in [1e-6, 1]"), _rule(top_p_problem)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
 
 
 # -- query ------------------------------------------------------------------------------------
-class BlendFields(BaseModel):
+class BlendFields(RequestBody):
     """The prefill settings every query route takes (for the OpenAI route, as `extra_body`)."""
     mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
     ratio: Ratio = DEFAULT_RATIO
@@ -144,7 +183,7 @@ class QueryResponse(BaseModel):
 
 
 # -- documents and jobs -----------------------------------------------------------------------
-class DocumentIn(BaseModel):
+class DocumentIn(RequestBody):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"id": "notes-1", "text": "The Halvard Bridge was designed by Mira Solberg.", "metadata": {"lang": "en"}}]})
 
@@ -234,6 +273,9 @@ class Health(BaseModel):
     threads: int = Field(description="CPU threads torch uses (--threads)")
     max_batch: int = Field(description="most queries decoded together: the decode slots memory holds, or the cap")
     prefill_tokens: int = Field(description="prefill tokens per scheduler step")
+    shared_kv: dict[str, Any] | None = Field(None, description=(
+        "with --kv-store: the shared tier's state. `degraded` while its circuit breaker is open (queries "
+        "recompute their chunks instead of waiting on it); the server's `status` then says degraded too"))
 
 
 class ErrorOut(BaseModel):
@@ -241,19 +283,19 @@ class ErrorOut(BaseModel):
 
 
 # -- OpenAI-compatible --------------------------------------------------------------------------
-class ContentPart(BaseModel):
+class ContentPart(RequestBody):
     model_config = ConfigDict(extra="allow")
     type: str
-    text: Annotated[str | None, AfterValidator(_unicode)] = None
+    text: str | None = None
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(RequestBody):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: Annotated[str, AfterValidator(_unicode)] | list[ContentPart] | None = None
+    content: str | list[ContentPart] | None = None
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(RequestBody):
     model_config = ConfigDict(extra="allow")
     include_usage: StrictBool = False
 

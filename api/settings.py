@@ -50,6 +50,14 @@ class Settings(BaseModel):
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413), except document uploads")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="POST /v1/documents body limit (413)")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (on CPU, plain memory; "
+                                    "default: 1024 MiB; 0: every query reads the store)")
+    # connection hygiene (api/connections.py)
+    max_connections: int = Field(4096, ge=16, le=1_000_000, description="open client connections; past it the "
+                                                                         "oldest one waiting for a request is closed")
+    request_timeout_s: float = Field(10.0, gt=0, le=3600, description="a request's head must arrive within it, and "
+                                                                       "no part of a request may stall longer")
+    keep_alive_s: float = Field(5.0, gt=0, le=3600, description="an idle connection is closed after it")
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -361,7 +361,7 @@ class Scheduler:
         rows = {slot: seq for slot, (_, seq) in self._running.items()}
         try:
             logits = self.engine.decoder.step({slot: seq.tokens[-1] for slot, seq in rows.items()})
-            nxt = self.engine.next_tokens(logits, rows)  # the step's one host sync
+            nxt = self._next_tokens(logits, rows)  # the step's one host sync
         except Exception:  # a bug of ours in the batched step: every running sequence fails, the loop lives
             log.exception("decode step failed")
             for slot, (job, seq) in list(self._running.items()):
@@ -374,12 +374,39 @@ class Scheduler:
         if self.on_step is not None:
             self.on_step(len(rows), dt)
         for slot, seq in rows.items():
+            if slot not in nxt:
+                continue  # it failed picking its token and has left the batch
             job = self._running[slot][0]
-            piece = seq.push(nxt[slot])
-            if piece:
-                job.on_piece(piece)
+            try:
+                piece = seq.push(nxt[slot])
+                if piece:
+                    job.on_piece(piece)
+            except Exception as e:
+                self._fail(slot, job, e)
+                continue
             if seq.done:
                 self._end(slot, job, seq, None)
+
+    def _next_tokens(self, logits, rows: dict[int, SeqState]) -> dict[int, int]:
+        """Every row's next token; a row whose own sampling fails leaves the batch with its error
+        and the others keep decoding (the batched pick is retried row by row only then)."""
+        try:
+            return self.engine.next_tokens(logits, rows)
+        except Exception:
+            nxt = {}
+            for slot, seq in rows.items():
+                try:
+                    nxt[slot] = self.engine.next_tokens(logits, {slot: seq})[slot]
+                except Exception as e:
+                    self._fail(slot, self._running[slot][0], e)
+            return nxt
+
+    def _fail(self, slot: int, job: Job, error: Exception) -> None:
+        """One sequence's own failure: it alone ends, with its error."""
+        log.warning("sequence in slot %d failed alone: %r", slot, error)
+        self.slots.release(slot)
+        self._running.pop(slot, None)
+        job.on_error(error)
 
     def _end(self, slot: int, job: Job, seq: SeqState, reason: str | None) -> None:
         if reason is not None:

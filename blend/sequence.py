@@ -48,11 +48,14 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     """The next token from one row of logits: greedy, or sampled (temperature, top-p)."""
     if sampling.temperature == 0.0:
         return int(logits.argmax())
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    logits = logits.float()
+    # shifted so the largest is 0: dividing by the temperature can then only underflow, never overflow
+    probs = torch.softmax((logits - logits.max()) / sampling.temperature, dim=-1)
     if sampling.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
-        # keep the smallest head of the distribution whose mass reaches top_p
+        # keep the smallest head of the distribution whose mass reaches top_p (the top token always)
         drop = sorted_p.cumsum(0) - sorted_p >= sampling.top_p
+        drop[0] = False
         sorted_p[drop] = 0.0
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))

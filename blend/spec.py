@@ -51,6 +51,13 @@ DEFAULT_MAX_RATIO = 0.5
 # Prefill tokens per scheduler step (blend/scheduler.py): about one 3k-token prompt's blend, or a
 # third of its full prefill — on an H200 ~30 ms of compute beside a 6-10 ms decode step.
 PREFILL_TOKENS = 1024
+# What the sampler can use. Below MIN_TEMPERATURE sampling is greedy but for rounding, and logits
+# divided by ~1e-37 overflow float32 (a NaN distribution); below MIN_TOP_P the nucleus is the top
+# token whatever the value, and past float32's smallest subnormal (~7e-46) it rounds to 0 and
+# empties the nucleus. Refused when the request is parsed (422 naming the field), never at decode.
+MIN_TEMPERATURE = 1e-3
+MAX_TEMPERATURE = 2.0
+MIN_TOP_P = 1e-6
 
 
 @dataclass(frozen=True)
@@ -85,10 +92,26 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise BadQuery("temperature", "must be ≥ 0")
-        if not 0.0 < self.top_p <= 1.0:
-            raise BadQuery("top_p", "must be in (0, 1]")
+        for name, problem in (("temperature", temperature_problem(self.temperature)),
+                              ("top_p", top_p_problem(self.top_p))):
+            if problem:
+                raise BadQuery(name, problem)
+
+
+def temperature_problem(value: float) -> str | None:
+    """Why the sampler cannot use this temperature, or None (the one rule; api/schemas.py uses it)."""
+    if value == 0.0:
+        return None
+    if not (MIN_TEMPERATURE <= value <= MAX_TEMPERATURE):  # NaN fails this too
+        return f"must be 0 (greedy) or in [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}], got {value}"
+    return None
+
+
+def top_p_problem(value: float) -> str | None:
+    """Why the sampler cannot use this top_p, or None."""
+    if not (MIN_TOP_P <= value <= 1.0):
+        return f"must be in [{MIN_TOP_P}, 1], got {value}"
+    return None
 
 
 @dataclass(frozen=True)

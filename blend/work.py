@@ -37,7 +37,7 @@ class Job:
     on_start: Callable[[SeqState], None] = lambda seq: None       # prefilled (first token next)
     on_piece: Callable[[str], None] = lambda piece: None          # new text
     on_done: Callable[[Answer], None] = lambda answer: None       # the end (finish_reason says how)
-    on_error: Callable[[BaseException], None] = lambda error: None  # failed before its first token
+    on_error: Callable[[BaseException], None] = lambda error: None  # failed (before or while decoding)
     cancelled: threading.Event = field(default_factory=threading.Event)
     enqueued_at: float = field(default_factory=time.perf_counter)
     work: PrefillWork | None = None  # its prefill, once admitted

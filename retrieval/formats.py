@@ -32,6 +32,13 @@ BINARY_SUFFIXES = {
 # these win (charset-normalizer alone reads short French or German as mac_latin2 or cp1250).
 PREFERRED = ("cp1252", "latin_1", "iso8859_15")
 MAX_CONTROL_SHARE = 0.01  # of the characters: more control characters than this is not text
+# Bounds on what a small file may expand to: a hostile PDF or DOCX of a megabyte can hold
+# gigabytes of compressed text (a "zip bomb"), and deeply nested markup makes the parsers
+# quadratic. Each refusal is the file's skip reason. The per-file time and memory budget
+# (retrieval/bounded.py) backs these up for whatever they do not foresee.
+MAX_EXPANDED_BYTES = 64 << 20      # decompressed: one PDF stream, or a DOCX's members together
+MAX_EXPANSION_RATIO = 200          # decompressed / compressed (above 1 MiB of output)
+MAX_MARKUP_DEPTH = 256             # nesting of HTML elements; of reStructuredText blocks
 
 
 class Unreadable(ValueError):
@@ -116,7 +123,8 @@ def decode(data: bytes) -> tuple[str, str]:
 
 def _textual(text: str) -> str:
     if text:
-        controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v")
+        # U+0085 (NEL) is a line break, and JSON allows it raw inside strings
+        controls = sum(1 for c in text if unicodedata.category(c) == "Cc" and c not in "\t\n\r\f\v\x85")
         if controls / len(text) > MAX_CONTROL_SHARE:
             raise Unreadable(f"binary ({controls} control characters in {len(text)})")
     return text
@@ -132,23 +140,42 @@ def tidy(text: str) -> str:
 # -- PDF ---------------------------------------------------------------------------------------
 def pdf_text(data: bytes) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import LimitReachedError, PyPdfError
 
     try:
-        reader = PdfReader(io.BytesIO(data))
-        if reader.is_encrypted:
-            try:  # many PDFs are "encrypted" with an empty user password: readable by anyone
-                if not reader.decrypt(""):
-                    raise Unreadable("encrypted PDF (needs a password)")
-            except Unreadable:
-                raise
-            except Exception:
-                raise Unreadable("encrypted PDF (needs a password, or a cipher pypdf cannot read)") from None
-        pages = [page.extract_text() or "" for page in reader.pages]
+        with _pdf_limits(len(data)):
+            return _pdf_pages(PdfReader(io.BytesIO(data)))
     except Unreadable:
         raise
-    except (PdfReadError, ValueError, KeyError, TypeError, OSError) as e:
-        raise Unreadable(f"not a readable PDF ({e})") from None
+    except LimitReachedError as e:
+        raise Unreadable(f"refused: a PDF stream expands past the limit ({e})") from None
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError, AttributeError, IndexError, RecursionError) as e:
+        raise Unreadable(f"not a readable PDF ({type(e).__name__}: {e})") from None
+
+
+def _pdf_limits(compressed: int):
+    """pypdf's own per-stream output limits, lowered to MAX_EXPANDED_BYTES and the ratio."""
+    import contextlib
+
+    try:
+        from pypdf import apply_configuration
+    except ImportError:  # pypdf < 6.6: its fixed 75 MB limits and the per-file budget only
+        return contextlib.nullcontext()
+    limit = min(MAX_EXPANDED_BYTES, max(1 << 20, MAX_EXPANSION_RATIO * compressed))
+    return apply_configuration(zlib_maximum_output_length=limit, maximum_declared_stream_length=limit,
+                               array_based_stream_maximum_output_length=limit)
+
+
+def _pdf_pages(reader) -> str:
+    if reader.is_encrypted:
+        try:  # many PDFs are "encrypted" with an empty user password: readable by anyone
+            if not reader.decrypt(""):
+                raise Unreadable("encrypted PDF (needs a password)")
+        except Unreadable:
+            raise
+        except Exception:
+            raise Unreadable("encrypted PDF (needs a password, or a cipher pypdf cannot read)") from None
+    pages = [page.extract_text() or "" for page in reader.pages]
     return "\n\n".join(p.strip() for p in pages if p.strip())
 
 
@@ -157,12 +184,14 @@ def docx_text(data: bytes) -> str:
     import zipfile
 
     from docx import Document as Docx
-    from docx.opc.exceptions import PackageNotFoundError
 
     try:
+        _check_archive(data)
         doc = Docx(io.BytesIO(data))
-    except (PackageNotFoundError, zipfile.BadZipFile, KeyError, ValueError) as e:
-        raise Unreadable(f"not a readable DOCX ({e or type(e).__name__})") from None
+    except Unreadable:
+        raise
+    except Exception as e:  # python-docx and lxml raise many kinds on hostile packages
+        raise Unreadable(f"not a readable DOCX ({type(e).__name__}: {e})") from None
     from docx.table import Table
     from docx.text.paragraph import Paragraph
 
@@ -177,6 +206,25 @@ def docx_text(data: bytes) -> str:
     return "\n\n".join(b.strip() for b in blocks if b.strip())
 
 
+def _check_archive(data: bytes) -> None:
+    """Refuse a DOCX (a zip) whose members would expand past the bounds. zipfile reads a member
+    no further than its declared size, so the declared sizes bound what parsing can expand to."""
+    import zipfile
+
+    try:
+        infos = zipfile.ZipFile(io.BytesIO(data)).infolist()
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise Unreadable(f"not a readable DOCX ({e})") from None
+    if not infos:
+        raise Unreadable("not a readable DOCX (an empty zip archive)")
+    expanded = sum(i.file_size for i in infos)
+    if expanded > MAX_EXPANDED_BYTES:
+        raise Unreadable(f"refused: the DOCX expands to {expanded:,} bytes, past the limit of {MAX_EXPANDED_BYTES:,}")
+    if expanded > 1 << 20 and expanded > MAX_EXPANSION_RATIO * max(1, len(data)):
+        raise Unreadable(f"refused: the DOCX expands {expanded / max(1, len(data)):.0f}-fold, past the limit of "
+                         f"{MAX_EXPANSION_RATIO}")
+
+
 # -- HTML --------------------------------------------------------------------------------------
 _DROP = ("script", "style", "noscript", "template", "svg", "canvas", "iframe", "object", "head")
 _BLOCKS = ("p", "div", "section", "article", "main", "header", "footer", "aside", "nav", "li", "dt", "dd",
@@ -188,6 +236,8 @@ def html_text(data: bytes) -> tuple[str, str | None]:
     """Visible text, a paragraph per block element (so chunking keeps to them), the title first."""
     from bs4 import BeautifulSoup
 
+    if (depth := markup_depth(data)) > MAX_MARKUP_DEPTH:
+        raise Unreadable(f"refused: HTML nested {depth} elements deep, past the limit of {MAX_MARKUP_DEPTH}")
     soup = BeautifulSoup(data, "html.parser")  # bs4 detects the encoding (meta charset, BOM, guess)
     title = soup.title.get_text(" ", strip=True) if soup.title else ""
     for tag in soup(_DROP):
@@ -210,10 +260,51 @@ def html_text(data: bytes) -> tuple[str, str | None]:
     return "\n\n".join(paragraphs), soup.original_encoding
 
 
+_TAG = re.compile(rb"<(/?)([a-zA-Z][a-zA-Z0-9:-]*)[^>]*?(/?)>")
+# Elements that never nest (void) or that the next sibling closes implicitly: not counted.
+_FLAT = {b"area", b"base", b"br", b"col", b"embed", b"hr", b"img", b"input", b"link", b"meta", b"source",
+         b"track", b"wbr", b"p", b"li", b"dt", b"dd", b"tr", b"td", b"th", b"option", b"optgroup", b"thead",
+         b"tbody", b"tfoot", b"colgroup", b"rb", b"rt", b"rp", b"param"}
+
+
+def markup_depth(data: bytes) -> int:
+    """The deepest nesting of HTML elements, in one linear scan of the tags (bs4's tree building
+    grows quadratically with depth, so depth is checked before it runs)."""
+    depth = deepest = 0
+    for m in _TAG.finditer(data):
+        name = m.group(2).lower()
+        if name in _FLAT or m.group(3):
+            continue
+        if m.group(1):
+            depth = max(0, depth - 1)
+        else:
+            depth += 1
+            deepest = max(deepest, depth)
+    return deepest
+
+
+def rst_depth(source: str) -> int:
+    """How deep reStructuredText blocks nest, by indentation steps (a bound docutils lacks)."""
+    levels: list[int] = [0]
+    deepest = 0
+    for line in source.splitlines():
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip(" \t"))
+        while levels and indent < levels[-1]:
+            levels.pop()
+        if not levels or indent > levels[-1]:
+            levels.append(indent)
+        deepest = max(deepest, len(levels) - 1)
+    return deepest
+
+
 # -- reStructuredText --------------------------------------------------------------------------
 def rst_text(source: str) -> str:
     """The document's text without its markup; the source itself if docutils cannot parse it.
     File inclusion and raw passthrough are off: a corpus file must not read other files."""
+    if (depth := rst_depth(source)) > MAX_MARKUP_DEPTH:
+        raise Unreadable(f"refused: reStructuredText nested {depth} blocks deep, past the limit of {MAX_MARKUP_DEPTH}")
     try:
         from docutils import nodes
         from docutils.core import publish_doctree

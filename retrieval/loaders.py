@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .formats import Unreadable, decode, extract
+from .bounded import BoundedExtractor
+from .formats import Unreadable, decode, extract, kind_of
 from .rules import id_problem, loads, metadata_problem, text_problem
 
 log = logging.getLogger(__name__)
@@ -73,47 +74,72 @@ def root_labels(roots: list[Path]) -> list[str]:
             return labels
 
 
-def load_roots(paths: list[str | Path]) -> Iterator[Document]:
+def load_roots(paths: list[str | Path], follow_outside: bool = False,
+               extractor: BoundedExtractor | None = None) -> Iterator[Document]:
     """The documents under several roots (files or directories), each id prefixed by its root's
     label (`projA/README.md`, `projB/README.md`; a file root's id is its label), so that the
     roots of one run, or of two runs, do not share ids by accident. A file reached twice (a root
     inside another) is read once. Sources are absolute paths."""
     roots = [Path(p).resolve() for p in paths]
     seen: set[Path] = set()
-    for root, label in zip(roots, root_labels(roots)):
-        yield from load_path(root, label=label, seen=seen)
+    with _extractor(extractor) as ex:
+        for root, label in zip(roots, root_labels(roots)):
+            yield from load_path(root, label=label, seen=seen, follow_outside=follow_outside, extractor=ex)
 
 
-def load_path(path: str | Path, label: str | None = None, seen: set[Path] | None = None) -> Iterator[Document]:
+def load_path(path: str | Path, label: str | None = None, seen: set[Path] | None = None,
+              follow_outside: bool = False, extractor: BoundedExtractor | None = None) -> Iterator[Document]:
     """Yield the documents in a file, or in every non-hidden file under a directory (recursive, sorted).
 
     Ids are paths relative to the given root (the bare file name when a single file is given),
     so the same corpus moved elsewhere keeps its ids; with `label`, `label/relative path` (and
     `label` itself for a file). Files in `seen` are skipped, and files read are added to it.
+    A file symlink under a directory that resolves outside it is skipped unless `follow_outside`:
+    indexing a folder must not read (and make searchable) what lies outside it, such as a link
+    to /etc/passwd. Directory symlinks are not descended into at all.
     """
     root = Path(path)
     seen = set() if seen is None else seen
-    if root.is_file():
-        if root.resolve() not in seen:
-            seen.add(root.resolve())
-            yield from _load_file(root, label or root.name)
+    with _extractor(extractor) as ex:
+        if root.is_file():
+            if root.resolve() not in seen:
+                seen.add(root.resolve())
+                yield from _load_file(root, label or root.name, ex)
+            return
+        if not root.is_dir():
+            raise FileNotFoundError(f"no such file or directory: {root}")
+        inside = root.resolve()
+        # Hidden entries (.git, .DS_Store, editor swap files) are never corpus content.
+        files = [p for p in root.rglob("*")
+                 if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+        # Sorting on the relative posix path makes the order the same on every platform.
+        files.sort(key=lambda p: p.relative_to(root).as_posix())
+        for file in files:
+            target = file.resolve()
+            if not follow_outside and not target.is_relative_to(inside):
+                _skip(file, f"a symlink to {target}, outside the indexed folder {inside} "
+                            "(--follow-symlinks allows it)")
+                continue
+            if target in seen:
+                continue
+            seen.add(target)
+            rel = file.relative_to(root).as_posix()
+            yield from _load_file(file, f"{label}/{rel}" if label else rel, ex)
+
+
+@contextmanager
+def _extractor(given: BoundedExtractor | None) -> Iterator[BoundedExtractor]:
+    """The caller's extractor, or one for this walk (its worker process ends with the walk)."""
+    if given is not None:
+        yield given
         return
-    if not root.is_dir():
-        raise FileNotFoundError(f"no such file or directory: {root}")
-    # Hidden entries (.git, .DS_Store, editor swap files) are never corpus content.
-    files = [p for p in root.rglob("*")
-             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)]
-    # Sorting on the relative posix path makes the order the same on every platform.
-    files.sort(key=lambda p: p.relative_to(root).as_posix())
-    for file in files:
-        if file.resolve() in seen:
-            continue
-        seen.add(file.resolve())
-        rel = file.relative_to(root).as_posix()
-        yield from _load_file(file, f"{label}/{rel}" if label else rel)
+    with BoundedExtractor() as ex:
+        yield ex
 
 
-def _load_file(file: Path, rel: str) -> Iterator[Document]:
+def _load_file(file: Path, rel: str, extractor: BoundedExtractor) -> Iterator[Document]:
+    """The file's documents; any failure to read it, or text that cannot be encoded, skips it
+    with the reason, so one bad file never stops a run."""
     try:
         if file.suffix.lower() in JSONL_SUFFIXES:
             try:
@@ -122,14 +148,29 @@ def _load_file(file: Path, rel: str) -> Iterator[Document]:
                 raise Unreadable(f"cannot read ({e.strerror or e})") from None
             yield from _parse_jsonl(decode(data)[0], file, rel)
             return
-        text = extract(file).text
+        text = (extract(file) if kind_of(file) == "text" else extractor.extract(file)).text
+        if problem := text_problem(text):
+            raise Unreadable(f"its text {problem}")
     except Unreadable as e:
         _skip(file, str(e))
+        return
+    except Exception as e:  # a loader's bug or a library's surprise: this file's reason, not the run's end
+        log.debug("loading %s failed", file, exc_info=True)
+        _skip(file, f"cannot be read ({type(e).__name__}: {e})")
         return
     if problem := id_problem(rel):
         _skip(file, f"its id {rel!r} {problem}")
         return
     yield Document(id=rel, text=text, source=str(file), metadata={})
+
+
+def jsonl_lines(text: str) -> list[str]:
+    """JSON Lines' lines: split at \\n only (a \\r before it dropped). str.splitlines() also splits
+    at U+2028, U+0085, \\v, \\f and more, which JSON allows raw inside a string."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line[:-1] if line.endswith("\r") else line for line in lines]
 
 
 class JsonlError(ValueError):
@@ -147,7 +188,7 @@ def jsonl_objects(text: str, where: str, on_error: Callable[[JsonlError], None] 
     JsonlError naming `where:line` (for files a user hands a command, unlike a corpus scan,
     which skips such lines), raised, or passed to `on_error` and skipped."""
     rows = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
         try:
@@ -169,7 +210,7 @@ def jsonl_objects(text: str, where: str, on_error: Callable[[JsonlError], None] 
 
 
 def _parse_jsonl(text: str, file: Path, rel: str) -> Iterator[Document]:
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

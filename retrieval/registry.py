@@ -7,12 +7,14 @@ WAL mode lets other processes read while one writes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -39,7 +41,27 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 """
 _JOB_COLS = ("job_id", "status", "doc_ids", "created_at", "started_at", "finished_at", "report", "error")
-_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key'
+_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key, text_sum'
+
+
+class RegistryDamaged(RuntimeError):
+    """The registry file, or a row in it, cannot be trusted; the message names it and the repair."""
+
+
+def text_sum(text: str) -> str:
+    """A chunk text's checksum, kept in its row: SQLite's own checks cover its pages' structure,
+    not the bytes of a value, so a flipped bit in a chunk's text would otherwise be served."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _checked(path: Path, row: sqlite3.Row) -> dict:
+    chunk = dict(row)
+    want = chunk.pop("text_sum")
+    if want is not None and text_sum(chunk["text"]) != want:
+        raise RegistryDamaged(f"{path}: chunk {chunk['chunk_id']} of document {chunk['doc_id']!r} fails its "
+                              f"checksum (its text was altered on disk): delete and re-index that document, "
+                              "or re-index into a fresh data dir")
+    return chunk
 _BATCH = 500  # stays far below SQLite's bound-parameter limit
 
 
@@ -54,13 +76,40 @@ class Registry:
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
         self.committed_generation: int | None = None  # set by this object's last write
-        with self._lock:
+        with self._lock, self._damage():
             self._db.execute("PRAGMA journal_mode=WAL")
             # NORMAL under WAL: a power cut may drop the last commits but never corrupts the file;
             # the index's recorded generation then no longer matches and it is rebuilt.
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            self._add_text_sums()
+
+    def _add_text_sums(self) -> None:
+        """Registries written before rows carried a checksum gain the column, filled in once."""
+        cols = {r[1] for r in self._db.execute("PRAGMA table_info(chunks)")}
+        if "text_sum" in cols:
+            return
+        try:
+            self._db.execute("ALTER TABLE chunks ADD COLUMN text_sum TEXT")
+        except sqlite3.OperationalError:  # read-only: rows stay unchecked
+            return
+        self._db.create_function("ragblend_text_sum", 1, text_sum, deterministic=True)
+        self._db.execute("UPDATE chunks SET text_sum = ragblend_text_sum(text)")
+
+    @contextmanager
+    def _damage(self) -> Iterator[None]:
+        """SQLite's corruption errors (and undecodable JSON in a row) as RegistryDamaged, which
+        every interface reports in one line with the repair."""
+        try:
+            yield
+        except RegistryDamaged:
+            raise
+        except (sqlite3.DatabaseError, ValueError) as e:
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            raise RegistryDamaged(f"{self.path} is damaged ({type(e).__name__}: {e}): restore it from a backup, "
+                                  "or re-index into a fresh data dir") from None
 
     def close(self) -> None:
         with self._lock:
@@ -82,14 +131,17 @@ class Registry:
 
     def get_document(self, doc_id: str) -> dict | None:
         row = self._one("SELECT * FROM documents WHERE doc_id = ?", (doc_id,))
-        return _doc_dict(row) if row else None
+        with self._damage():
+            return _doc_dict(row) if row else None
 
     def list_documents(self) -> list[dict]:
-        return [_doc_dict(r) for r in self._all("SELECT * FROM documents ORDER BY doc_id")]
+        rows = self._all("SELECT * FROM documents ORDER BY doc_id")
+        with self._damage():
+            return [_doc_dict(r) for r in rows]
 
     def chunks_of(self, doc_id: str) -> list[dict]:
         rows = self._all(f"SELECT {_CHUNK_COLS} FROM chunks WHERE doc_id = ? ORDER BY idx", (doc_id,))
-        return [dict(r) for r in rows]
+        return [_checked(self.path, r) for r in rows]
 
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[dict]:
         """Chunk rows in the order asked; ids that do not exist are left out."""
@@ -98,7 +150,7 @@ class Registry:
         for b in range(0, len(ids), _BATCH):
             part = ids[b:b + _BATCH]
             q = f"SELECT {_CHUNK_COLS} FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
-            found.update((r["chunk_id"], dict(r)) for r in self._all(q, part))
+            found.update((r["chunk_id"], _checked(self.path, r)) for r in self._all(q, part))
         return [found[i] for i in ids if i in found]
 
     def count_chunks(self) -> int:
@@ -136,9 +188,9 @@ class Registry:
             new = []
             for c, key, vec in zip(chunks, kv_keys, emb):
                 cur = db.execute(
-                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)'
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes()))
+                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding, text_sum)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes(), text_sum(c.text)))
                 new.append(int(cur.lastrowid))
             self.committed_generation = _bump(db)
         return old, new
@@ -192,24 +244,25 @@ class Registry:
 
     def embeddings_snapshot(self) -> tuple[int, np.ndarray, np.ndarray]:
         """`all_embeddings` plus the generation they belong to, read in one transaction."""
-        with self._lock, self._txn("BEGIN") as db:
+        with self._lock, self._damage(), self._txn("BEGIN") as db:
             gen = int(db.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0])
             rows = db.execute("SELECT chunk_id, embedding FROM chunks ORDER BY chunk_id").fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
         if not rows:
             return gen, ids, np.zeros((0, 0), dtype=np.float32)
-        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
+        with self._damage():
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), -1)
         return gen, ids, vecs
 
     def _txn(self, begin: str = "BEGIN IMMEDIATE"):
         return _Transaction(self._db, begin)
 
     def _one(self, q: str, args: Iterable = ()) -> sqlite3.Row | None:
-        with self._lock:
+        with self._lock, self._damage():
             return self._db.execute(q, tuple(args)).fetchone()
 
     def _all(self, q: str, args: Iterable = ()) -> list[sqlite3.Row]:
-        with self._lock:
+        with self._lock, self._damage():
             return self._db.execute(q, tuple(args)).fetchall()
 
 

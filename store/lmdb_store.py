@@ -99,6 +99,54 @@ def _load_meta(raw: memoryview, key: str) -> dict:
         raise CorruptEntry(f"entry {key}: meta is not valid JSON ({e})") from None
 
 
+class StoreDamaged(RuntimeError):
+    """The LMDB file cannot be used as it is; the message names the file and the repair."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path} is damaged ({why}): run `ragblend store rebuild --data-dir "
+                         f"{path.parent.parent}` (chunk KV is recomputed as it is needed) or use a fresh data dir")
+
+
+_META_MAGIC = 0xBEEFC0DE
+# An LMDB meta page (lmdb's mdb.c, 64-bit): a 16-byte page header, then MDB_meta: magic u32,
+# version u32, address, mapsize, two MDB_db of 48 bytes (the first's md_pad is the page size),
+# last page number, txn id.
+_META = struct.Struct("<II8x8xI44x48xQQ")
+
+
+def check_data_file(path: Path) -> None:
+    """Refuse a data.mdb shorter than its own meta pages say, before LMDB maps it: pages past the
+    end of a truncated file are mapped but have no backing, and touching them is a SIGBUS that
+    kills the process without a word. Raises StoreDamaged."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return
+    if size == 0:  # a new environment: LMDB writes the meta pages itself
+        return
+    try:
+        with path.open("rb") as f:
+            head = f.read(16 + _META.size)
+            metas = []
+            if len(head) == 16 + _META.size:
+                metas.append(_META.unpack_from(head, 16))
+                psize = metas[0][2]
+                if psize in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536):
+                    f.seek(psize)
+                    second = f.read(16 + _META.size)
+                    if len(second) == 16 + _META.size:
+                        metas.append(_META.unpack_from(second, 16))
+    except OSError as e:
+        raise StoreDamaged(path, f"cannot be read: {e.strerror or e}") from None
+    valid = [m for m in metas if m[0] == _META_MAGIC and m[2] in (512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)]
+    if not valid:
+        raise StoreDamaged(path, "no valid LMDB meta page")
+    _, _, psize, last_page, _ = max(valid, key=lambda m: m[4])  # the newer transaction's meta
+    need = (last_page + 1) * psize
+    if size < need or size < 2 * psize:
+        raise StoreDamaged(path, f"truncated: {size:,} bytes, its pages need {max(need, 2 * psize):,}")
+
+
 class KVStore:
     """Chunk KV (sub-db `kv`) and its JSON metadata (sub-db `meta`) under one LMDB directory."""
 
@@ -109,9 +157,13 @@ class KVStore:
             self.path.mkdir(parents=True, exist_ok=True)
         elif not (self.path / "data.mdb").is_file():
             raise FileNotFoundError(f"no ragblend store at {self.path}")
-        self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readonly=readonly,
-                              max_dbs=8, max_readers=_MAX_READERS, lock=True, readahead=False,
-                              create=not readonly)
+        check_data_file(self.path / "data.mdb")
+        try:
+            self._env = lmdb.open(str(self.path), map_size=map_size, subdir=True, readonly=readonly,
+                                  max_dbs=8, max_readers=_MAX_READERS, lock=True, readahead=False,
+                                  create=not readonly)
+        except (lmdb.CorruptedError, lmdb.InvalidError, lmdb.VersionMismatchError, lmdb.PageNotFoundError) as e:
+            raise StoreDamaged(self.path / "data.mdb", str(e)) from None
         # A reader killed by SIGKILL keeps its slot, and its snapshot pins old pages, until
         # someone clears it.
         self._env.reader_check()
@@ -356,7 +408,7 @@ class KVStore:
         (nothing changed) when `key` already holds a value."""
         if fmt is None:
             fmt = self.kv_format
-        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt), meta, if_absent=if_absent)
+        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt, key), meta, if_absent=if_absent)
 
     def put_encoded(self, key: str, value: bytes, meta: dict[str, Any], if_absent: bool = False) -> bool:
         """put() of an entry already encoded (store.serialize.encode_kv): a tier above copies one in."""
@@ -437,9 +489,9 @@ class KVStore:
             if buf is None:
                 return None
             try:
-                head = read_header(buf)
+                head = read_header(buf, expect_key=key)
                 raw = torch.empty(head.raw_shape(), dtype=torch.uint8)
-                return decode_kv(buf, expect_fingerprint=fingerprint, out=raw, pool=pool), head
+                return decode_kv(buf, expect_fingerprint=fingerprint, out=raw, pool=pool, expect_key=key), head
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
 
@@ -479,7 +531,7 @@ class KVStore:
                     raise CorruptEntry(f"entry {key}: kv present without meta")
                 meta = _load_meta(raw, key)
             try:  # decode copies out while the txn keeps the buffer alive
-                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers, out=out, pool=pool,
+                return decode_kv(buf, expect_fingerprint=fingerprint, layers=layers, out=out, pool=pool, expect_key=key,
                                  dtype=dtype), meta
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
@@ -506,7 +558,8 @@ class KVStore:
                     result.append(None)
                     continue
                 try:
-                    result.append(decode_kv(buf, expect_fingerprint=fingerprint, out=out, pool=pool, pending=pending))
+                    result.append(decode_kv(buf, expect_fingerprint=fingerprint, out=out, pool=pool, pending=pending,
+                                                expect_key=key))
                 except BaseException as e:
                     futures_wait(pending)  # the copies already queued read buffers this txn maps
                     if isinstance(e, CorruptEntry):
@@ -532,7 +585,7 @@ class KVStore:
             if buf is None:
                 return None
             try:
-                return read_header(buf)
+                return read_header(buf, expect_key=key)
             except CorruptEntry as e:
                 raise CorruptEntry(f"entry {key}: {e}") from None
 

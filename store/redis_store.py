@@ -28,6 +28,7 @@ import logging
 import threading
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -35,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 import torch
 
+from store.breaker import CircuitBreaker
 from store.lmdb_store import KVStore
 from store.serialize import (CorruptEntry, FingerprintMismatch, KVHeader, decode_kv, encode_kv, header_span,
                              open_entry, read_header)
@@ -42,6 +44,11 @@ from store.serialize import (CorruptEntry, FingerprintMismatch, KVHeader, decode
 log = logging.getLogger(__name__)
 _HEAD_READ = 4096  # bytes a ranged header read fetches first (a header is ~100 B + 4 B per layer)
 _BATCH = 512       # keys per pipeline in scans
+# Without a socket timeout a paused or partitioned server stalls every query for as long as it
+# lasts. One attempt per call: the fallback (recompute the chunk) is the retry. A URL's own
+# `socket_timeout=` / `socket_connect_timeout=` override these.
+DEFAULT_SOCKET_TIMEOUT_S = 1.0
+DEFAULT_CONNECT_TIMEOUT_S = 1.0
 
 
 def split_url(url: str) -> tuple[str, bool, str]:
@@ -81,21 +88,28 @@ class RedisKVStore:
 
     zero_copy = False
 
-    def __init__(self, url: str, *, prefix: str = "ragblend:", fmt: str | None = None):
+    def __init__(self, url: str, *, prefix: str = "ragblend:", fmt: str | None = None,
+                 breaker: CircuitBreaker | None = None):
         import redis
 
         self._redis = redis
         parts = urlsplit(url)
         query = dict(parse_qsl(parts.query))
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        limits = {"socket_timeout": DEFAULT_SOCKET_TIMEOUT_S, "socket_connect_timeout": DEFAULT_CONNECT_TIMEOUT_S,
+                  "retry": Retry(NoBackoff(), 0)}
         if query.pop("cluster", "0").lower() in ("1", "true", "yes"):
             from redis.cluster import RedisCluster
 
             clean = urlunsplit(parts._replace(query=urlencode(query)))
-            self.client = RedisCluster.from_url(clean)
+            self.client = RedisCluster.from_url(clean, **limits)
         else:
-            self.client = redis.Redis.from_url(url)
+            self.client = redis.Redis.from_url(url, **limits)  # the URL's own options win
         self.url, self.prefix, self._fmt = redact(url), prefix, fmt
         self._lock = threading.Lock()
+        self.breaker = breaker or CircuitBreaker()
         self.counts = {"hits": 0, "misses": 0, "unusable": 0, "errors": 0, "writes": 0, "write_conflicts": 0}
 
     # -- keys and settings -----------------------------------------------------------------------
@@ -121,6 +135,30 @@ class RedisKVStore:
         self._count(errors=1)
         return StoreUnavailable(f"shared KV store {self.url}: {what} failed ({type(e).__name__}: {e})")
 
+    @contextmanager
+    def _call(self, what: str) -> Iterator[None]:
+        """One round trip to the server, through the circuit breaker: refused at once (as
+        StoreUnavailable, which readers treat as a miss) while the tier is unhealthy."""
+        if not self.breaker.allow():
+            raise StoreUnavailable(f"shared KV store {self.url}: unhealthy, {what} skipped (circuit open)")
+        try:
+            yield
+        except self._redis.RedisError as e:
+            self.breaker.failure(unreachable=isinstance(e, (self._redis.TimeoutError, self._redis.ConnectionError)))
+            raise self._fail(what, e) from None
+        except BaseException:
+            self.breaker.success()  # the server answered; what failed is ours
+            raise
+        self.breaker.success()
+
+    @property
+    def health(self) -> dict[str, Any]:
+        """The tier's state for /health: ok while the breaker is closed, else degraded."""
+        state = self.breaker.state
+        return {"url": self.url, "status": "ok" if state == "closed" else "degraded", "circuit": state,
+                "errors": self.counts["errors"], "circuit_opened": self.breaker.opened,
+                "calls_skipped": self.breaker.refused}
+
     def ping(self) -> None:
         try:
             self.client.ping()
@@ -130,16 +168,14 @@ class RedisKVStore:
     # -- writes ----------------------------------------------------------------------------------
     def put(self, key: str, kv: torch.Tensor, fingerprint: str, meta: dict[str, Any] | None = None,
             fmt: str | None = None, if_absent: bool = False) -> bool:
-        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt or self._fmt), meta, if_absent)
+        return self.put_encoded(key, encode_kv(kv, fingerprint, fmt or self._fmt, key), meta, if_absent)
 
     def put_encoded(self, key: str, value: bytes, meta: dict[str, Any] | None = None, if_absent: bool = False) -> bool:
         """One atomic SET (NX with `if_absent`); True if this call stored the value. `meta` is not
         kept on the shared tier (the header has what reads need)."""
         fmt = read_header(value).fmt.name
-        try:
+        with self._call(f"writing {key[:12]}"):
             stored = bool(self.client.set(self._k(key, fmt), value, nx=if_absent))
-        except self._redis.RedisError as e:
-            raise self._fail(f"writing {key[:12]}", e) from None
         self._count(writes=int(stored), write_conflicts=int(not stored))
         return stored
 
@@ -147,28 +183,25 @@ class RedisKVStore:
         ks = [self._k(k) for k in keys]
         if not ks:
             return 0
-        try:
+        with self._call("deleting"):
             return sum(int(self.client.delete(*ks[i:i + _BATCH])) for i in range(0, len(ks), _BATCH))
-        except self._redis.RedisError as e:
-            raise self._fail("deleting", e) from None
 
     # -- reads -----------------------------------------------------------------------------------
     def values(self, keys: list[str]) -> list[bytes | None]:
         """The entries' bytes as stored, in one pipelined round trip (None: absent or evicted)."""
         if not keys:
             return []
-        try:
+        with self._call(f"reading {len(keys)} entries"):
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.get(self._k(k))
             return list(pipe.execute())
-        except self._redis.RedisError as e:
-            raise self._fail(f"reading {len(keys)} entries", e) from None
 
     @staticmethod
-    def verify(value: bytes, fingerprint: str | None) -> tuple[torch.Tensor, KVHeader]:
-        """Every layer's CRC checked and copied out: (rows uint8 [L, layer_nbytes], header)."""
-        _, head = open_entry(value, fingerprint)
+    def verify(value: bytes, fingerprint: str | None, key: str) -> tuple[torch.Tensor, KVHeader]:
+        """Every layer's CRC checked and copied out: (rows uint8 [L, layer_nbytes], header). A
+        value bound to another key than `key` (WrongKey) is refused like a corrupt one."""
+        _, head = open_entry(value, fingerprint, key)
         raw = torch.empty(head.raw_shape(), dtype=torch.uint8)
         decode_kv(value, expect_fingerprint=fingerprint, out=raw)
         return raw, head
@@ -181,7 +214,7 @@ class RedisKVStore:
                 out.append(None)
                 continue
             try:
-                out.append(self.verify(value, fingerprint))
+                out.append(self.verify(value, fingerprint, key))
             except (CorruptEntry, FingerprintMismatch) as e:
                 out.append(type(e)(f"shared entry {key}: {e}"))
         bad = sum(isinstance(x, Exception) for x in out)
@@ -198,14 +231,12 @@ class RedisKVStore:
         """The entries' verified headers by ranged reads (STRLEN + GETRANGE), one round trip."""
         if not keys:
             return []
-        try:
+        with self._call("reading headers"):
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.strlen(self._k(k))
                 pipe.getrange(self._k(k), 0, _HEAD_READ - 1)
             got = pipe.execute()
-        except self._redis.RedisError as e:
-            raise self._fail("reading headers", e) from None
         out: list = []
         for key, total, prefix in zip(keys, got[0::2], got[1::2]):
             if not total:
@@ -214,8 +245,9 @@ class RedisKVStore:
             try:
                 span = header_span(prefix)
                 if span > len(prefix):  # a header longer than the first read: a model of ~1000 layers
-                    prefix = self.client.getrange(self._k(key), 0, span - 1)
-                out.append(read_header(prefix[:span], total=int(total)))
+                    with self._call("reading a header"):
+                        prefix = self.client.getrange(self._k(key), 0, span - 1)
+                out.append(read_header(prefix[:span], total=int(total), expect_key=key))
             except CorruptEntry as e:
                 out.append(CorruptEntry(f"shared entry {key}: {e}"))
         return out
@@ -241,14 +273,12 @@ class RedisKVStore:
             if fingerprint is not None and head.fingerprint != fingerprint:
                 raise FingerprintMismatch(f"shared entry {key} was computed for {head.fingerprint!r}")
         for i in layers:
-            try:
+            with self._call(f"reading layer {i}"):
                 pipe = self.client.pipeline(transaction=False)
                 for key, head in zip(keys, heads):
                     start = head.payload_offset + i * head.layer_nbytes
                     pipe.getrange(self._k(key), start, start + head.layer_nbytes - 1)
                 spans = pipe.execute()
-            except self._redis.RedisError as e:
-                raise self._fail(f"reading layer {i}", e) from None
             rows = []
             for key, head, span in zip(keys, heads, spans):
                 if len(span) != head.layer_nbytes or zlib.crc32(span) != head.layer_crcs[i]:
@@ -257,39 +287,31 @@ class RedisKVStore:
             yield i, rows
 
     def contains(self, key: str) -> bool:
-        try:
+        with self._call("EXISTS"):
             return bool(self.client.exists(self._k(key)))
-        except self._redis.RedisError as e:
-            raise self._fail("EXISTS", e) from None
 
     __contains__ = contains
 
     def contains_many(self, keys: list[str]) -> list[bool]:
-        try:
+        with self._call("EXISTS"):
             pipe = self.client.pipeline(transaction=False)
             for k in keys:
                 pipe.exists(self._k(k))
             return [bool(x) for x in pipe.execute()]
-        except self._redis.RedisError as e:
-            raise self._fail("EXISTS", e) from None
 
     def keys(self) -> Iterator[str]:
         """The chunk hashes stored in this format (a SCAN: every replica's entries)."""
         start = len(self._k(""))
-        try:
+        with self._call("SCAN"):
             found = [k.decode("ascii")[start:] for k in self.client.scan_iter(match=self._k("*"), count=1000)]
-        except self._redis.RedisError as e:
-            raise self._fail("SCAN", e) from None
         return iter(found)
 
     def __len__(self) -> int:
         return sum(1 for _ in self.keys())
 
     def usage(self) -> dict[str, Any]:
-        try:
+        with self._call("INFO"):
             mem, st = self.client.info("memory"), self.client.info("stats")
-        except self._redis.RedisError as e:
-            raise self._fail("INFO", e) from None
         return {"url": self.url, "kv_format": self._fmt, "used_memory": mem.get("used_memory"),
                 "maxmemory": mem.get("maxmemory") or None, "maxmemory_policy": mem.get("maxmemory_policy"),
                 "evicted_keys": st.get("evicted_keys"), "keyspace_hits": st.get("keyspace_hits"),
@@ -300,14 +322,12 @@ class RedisKVStore:
         memory, cap, policy and evictions, and this process's counts."""
         keys = list(self.keys())
         size = 0
-        try:
+        with self._call("STRLEN"):
             for i in range(0, len(keys), _BATCH):
                 pipe = self.client.pipeline(transaction=False)
                 for k in keys[i:i + _BATCH]:
                     pipe.strlen(self._k(k))
                 size += sum(int(x) for x in pipe.execute())
-        except self._redis.RedisError as e:
-            raise self._fail("STRLEN", e) from None
         return {**self.usage(), "entries": len(keys), "kv_bytes": size, "prefix": self.prefix, **self.counts}
 
     def flush(self) -> None:
@@ -369,7 +389,7 @@ class TieredKVStore:
         """Into Redis (SET NX with `if_absent`), then the local cache. When another replica's value
         won the race, the local cache is left to take that one on its next read, so that every
         replica serves the same bytes."""
-        value = encode_kv(kv, fingerprint, fmt or self.shared.kv_format or self.local.kv_format)
+        value = encode_kv(kv, fingerprint, fmt or self.shared.kv_format or self.local.kv_format, key)
         stored = self.shared.put_encoded(key, value, meta, if_absent=if_absent)
         if stored and self.cache_locally:
             self.local.put_encoded(key, value, meta)
@@ -415,7 +435,7 @@ class TieredKVStore:
                 misses += 1
                 continue
             try:
-                out[i] = self.shared.verify(value, fingerprint)
+                out[i] = self.shared.verify(value, fingerprint, keys[i])
                 hits += 1
             except (CorruptEntry, FingerprintMismatch) as e:
                 out[i] = type(e)(f"shared entry {keys[i]}: {e}")

@@ -3,8 +3,13 @@
 Layout (little-endian):
 
     magic "RBKV" | version u16 | format u8 | reserved u8 | L, H, T, D u32 | fp_len u16
-    | fingerprint utf-8 | crc32 of each layer's bytes, L x u32 | zero pad | header crc32 u32
-    | layer 0 bytes | layer 1 bytes | ... | layer L-1 bytes
+    | key_len u16 | fingerprint utf-8 | key ascii | crc32 of each layer's bytes, L x u32
+    | zero pad | header crc32 u32 | layer 0 bytes | layer 1 bytes | ... | layer L-1 bytes
+
+The key (the chunk hash the entry is stored under) sits inside the checked header since version
+2, so a valid entry found under another chunk's key (swapped, or copied by a careless tool, on a
+shared tier that any replica writes) is refused and recomputed instead of silently answering
+with another chunk's KV. Version 1 entries (no key) are refused the same way and recomputed.
 
 The header is padded to 64 bytes so the payload starts aligned (LMDB stores large values
 page-aligned), which keeps a later zero-copy / pinned read possible. Each layer is one
@@ -32,15 +37,20 @@ import torch
 from store.quant import BY_CODE, KVFormat, kv_format
 
 MAGIC = b"RBKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _ALIGN = 64
-_FIXED = struct.Struct("<4sHBBIIIIH")
+_FIXED_V1 = struct.Struct("<4sHBBIIIIH")   # read only far enough to say what it is
+_FIXED = struct.Struct("<4sHBBIIIIHH")
 _U32 = struct.Struct("<I")
 
 
 
 class CorruptEntry(Exception):
     """The stored bytes are not a valid entry (magic, version, length or checksum)."""
+
+
+class WrongKey(CorruptEntry):
+    """A valid entry bound to another key than the one it was read under (or to none)."""
 
 
 class FingerprintMismatch(Exception):
@@ -54,6 +64,7 @@ class KVHeader(NamedTuple):
     layer_crcs: tuple[int, ...]
     payload_offset: int
     layer_nbytes: int
+    key: str = ""  # the chunk hash the entry was written for
 
     @property
     def dtype(self) -> torch.dtype:
@@ -73,21 +84,24 @@ def _byte_view(buf: bytes | memoryview) -> memoryview:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
-def _header_len(fp_len: int, n_layers: int) -> int:
-    raw = _FIXED.size + fp_len + 4 * n_layers + 4
+def _header_len(fp_len: int, n_layers: int, key_len: int = 0, fixed: int = _FIXED.size) -> int:
+    raw = fixed + fp_len + key_len + 4 * n_layers + 4
     return -(-raw // _ALIGN) * _ALIGN
 
 
 def entry_nbytes(fmt: str | KVFormat, fingerprint: str, n_layers: int, n_kv_heads: int, n_tokens: int,
-                 head_dim: int) -> int:
-    """The exact length of an entry (header and payload): what indexing a chunk will store."""
+                 head_dim: int, key_len: int = 64) -> int:
+    """The exact length of an entry (header and payload): what indexing a chunk will store
+    (`key_len`: a chunk hash's 64 hex digits)."""
     f = kv_format(fmt)
-    return _header_len(len(fingerprint.encode("utf-8")), n_layers) + n_layers * f.layer_nbytes(n_kv_heads, n_tokens, head_dim)
+    return (_header_len(len(fingerprint.encode("utf-8")), n_layers, key_len)
+            + n_layers * f.layer_nbytes(n_kv_heads, n_tokens, head_dim))
 
 
-def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None) -> bytes:
+def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None, key: str = "") -> bytes:
     """Serialize `kv` of shape [L, 2, H_kv, T, D] in `fmt` (default: its own dtype, bit-exactly;
-    bf16, fp16 or fp32). Quantization runs on kv's device; only the encoded rows come back."""
+    bf16, fp16 or fp32), bound to `key` (the chunk hash it is stored under; stores always pass
+    it). Quantization runs on kv's device; only the encoded rows come back."""
     if kv.dim() != 5 or kv.shape[1] != 2:
         raise ValueError(f"kv must have shape [L, 2, H, T, D], got {tuple(kv.shape)}")
     if not kv.dtype.is_floating_point or kv.dtype.itemsize < 2:
@@ -96,16 +110,21 @@ def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = N
     fp = fingerprint.encode("utf-8")
     if len(fp) > 0xFFFF:
         raise ValueError("fingerprint longer than 65535 utf-8 bytes")
+    kb = key.encode("ascii")
+    if len(kb) > 0xFFFF:
+        raise ValueError("key longer than 65535 bytes")
     n_layers, _, n_heads, n_tokens, head_dim = kv.shape
     # Viewing as bytes (not converting) is what makes a float format round-trip bit-exactly.
     payload = f.encode(kv.detach()).to("cpu").contiguous().numpy().reshape(n_layers, -1)
-    head_len = _header_len(len(fp), n_layers)
+    head_len = _header_len(len(fp), n_layers, len(kb))
     out = bytearray(head_len + payload.nbytes)
     _FIXED.pack_into(out, 0, MAGIC, FORMAT_VERSION, f.code, 0,
-                     n_layers, n_heads, n_tokens, head_dim, len(fp))
+                     n_layers, n_heads, n_tokens, head_dim, len(fp), len(kb))
     pos = _FIXED.size
     out[pos:pos + len(fp)] = fp
     pos += len(fp)
+    out[pos:pos + len(kb)] = kb
+    pos += len(kb)
     for i in range(n_layers):
         _U32.pack_into(out, pos + 4 * i, zlib.crc32(payload[i]))
     _U32.pack_into(out, head_len - 4, zlib.crc32(memoryview(out)[:head_len - 4]))
@@ -118,26 +137,32 @@ def header_span(buf: bytes | memoryview) -> int:
     """The length of the header that begins `buf` (at least its fixed part): what a ranged read
     (a remote store's GETRANGE) must fetch before the header can be verified."""
     mv = _byte_view(buf)
+    if len(mv) >= _FIXED_V1.size and _FIXED_V1.unpack_from(mv, 0)[1] == 1:  # read_header says why not
+        fixed = _FIXED_V1.unpack_from(mv, 0)
+        return _header_len(fixed[8], fixed[4], 0, _FIXED_V1.size)
     if len(mv) < _FIXED.size:
         raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than the fixed header")
     fixed = _FIXED.unpack_from(mv, 0)
-    return _header_len(fixed[8], fixed[4])
+    return _header_len(fixed[8], fixed[4], fixed[9])
 
 
-def read_header(buf: bytes | memoryview, total: int | None = None) -> KVHeader:
+def read_header(buf: bytes | memoryview, total: int | None = None, expect_key: str | None = None) -> KVHeader:
     """Parse and verify the header and the total length, without touching the payload. `buf` may
     be only the entry's first bytes (header_span of them) when `total`, the entry's length as the
-    store reports it, is given."""
+    store reports it, is given. With `expect_key`, an entry bound to another key is WrongKey."""
     mv = _byte_view(buf)
+    if len(mv) >= _FIXED_V1.size:
+        magic, version = _FIXED_V1.unpack_from(mv, 0)[:2]
+        if magic == MAGIC and version != FORMAT_VERSION:
+            raise CorruptEntry(f"format version {version}, not {FORMAT_VERSION} (an entry from before they were "
+                               "bound to their key, or from a newer ragblend)")
     if len(mv) < _FIXED.size:
         raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than the fixed header")
-    magic, version, code, _, n_layers, n_heads, n_tokens, head_dim, fp_len = \
+    magic, version, code, _, n_layers, n_heads, n_tokens, head_dim, fp_len, key_len = \
         _FIXED.unpack_from(mv, 0)
     if magic != MAGIC:
         raise CorruptEntry(f"bad magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != FORMAT_VERSION:
-        raise CorruptEntry(f"unsupported format version {version} (reads {FORMAT_VERSION})")
-    head_len = _header_len(fp_len, n_layers)
+    head_len = _header_len(fp_len, n_layers, key_len)
     if len(mv) < head_len:
         raise CorruptEntry(f"entry of {len(mv)} bytes is shorter than its {head_len}-byte header")
     (head_crc,) = _U32.unpack_from(mv, head_len - 4)
@@ -152,20 +177,26 @@ def read_header(buf: bytes | memoryview, total: int | None = None) -> KVHeader:
         raise CorruptEntry(f"entry is {len(mv) if total is None else total} bytes, its header says {expected} "
                            "(truncated or extended)")
     fp_start = _FIXED.size
-    crc_start = fp_start + fp_len
+    key_start = fp_start + fp_len
+    crc_start = key_start + key_len
     try:
-        fingerprint = bytes(mv[fp_start:crc_start]).decode("utf-8")
+        fingerprint = bytes(mv[fp_start:key_start]).decode("utf-8")
+        key = bytes(mv[key_start:crc_start]).decode("ascii")
     except UnicodeDecodeError as e:
-        raise CorruptEntry(f"fingerprint is not utf-8: {e}") from None
+        raise CorruptEntry(f"fingerprint or key is not text: {e}") from None
+    if expect_key is not None and key != expect_key:
+        raise WrongKey(f"entry was written for chunk {key[:16] or '(none)'}…, read under {expect_key[:16]}…")
     crcs = struct.unpack_from(f"<{n_layers}I", mv, crc_start)
     return KVHeader(fmt, (n_layers, 2, n_heads, n_tokens, head_dim), fingerprint, crcs,
-                    head_len, layer_nbytes)
+                    head_len, layer_nbytes, key)
 
 
-def open_entry(buf: bytes | memoryview, expect_fingerprint: str | None = None) -> tuple[memoryview, KVHeader]:
-    """The entry's bytes and its verified header; raises FingerprintMismatch for another model's."""
+def open_entry(buf: bytes | memoryview, expect_fingerprint: str | None = None,
+               expect_key: str | None = None) -> tuple[memoryview, KVHeader]:
+    """The entry's bytes and its verified header; raises FingerprintMismatch for another model's,
+    WrongKey for one bound to another key than `expect_key`."""
     mv = _byte_view(buf)
-    head = read_header(mv)
+    head = read_header(mv, expect_key=expect_key)
     if expect_fingerprint is not None and head.fingerprint != expect_fingerprint:
         raise FingerprintMismatch(
             f"entry was computed for fingerprint {head.fingerprint!r}, "
@@ -228,7 +259,7 @@ def finish(jobs: list[Future]) -> None:
 def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
               layers: range | list[int] | None = None, out: torch.Tensor | None = None,
               pool: Executor | None = None, pending: list[Future] | None = None,
-              dtype: torch.dtype | None = None) -> torch.Tensor:
+              dtype: torch.dtype | None = None, expect_key: str | None = None) -> torch.Tensor:
     """Rebuild [len(layers), 2, H, T, D] from `buf`, verifying only the layers read.
 
     The result owns its memory, so `buf` may be an LMDB buffer that dies with its transaction.
@@ -240,7 +271,7 @@ def decode_kv(buf: bytes | memoryview, *, expect_fingerprint: str | None = None,
     pool at once. Without `out`, the KV comes back decoded to `dtype` (default: the entry's own;
     float32 for a quantized entry).
     """
-    mv, head = open_entry(buf, expect_fingerprint)
+    mv, head = open_entry(buf, expect_fingerprint, expect_key)
     n_layers = head.shape[0]
     wanted = list(range(n_layers)) if layers is None else [int(i) for i in layers]
     for i in wanted:

@@ -483,3 +483,68 @@ def test_every_test_that_loads_the_bundled_tokenizer_is_marked_real():
             if needs and not marked:
                 unmarked.append(f"{file.name}::{fn.name}")
     assert not unmarked, unmarked
+
+
+# -- issue 23, 1: sampling values the sampler cannot use ----------------------------------------------
+def body_for(route: str, question: str | list[str], **extra) -> dict:
+    if route == "/v1/query":
+        return {"question": question, "max_tokens": 2, **extra}
+    if route == "/v1/completions":
+        return {"prompt": question, "max_tokens": 2, **extra}
+    return {"messages": [{"role": "user", "content": question}], "max_tokens": 2, **extra}
+
+
+ROUTES = pytest.mark.parametrize("route", ["/v1/query", "/v1/chat/completions", "/v1/completions"])
+
+
+@ROUTES
+@pytest.mark.parametrize("field,value", [("temperature", 1e-37), ("temperature", 5e-324), ("temperature", 1e-4),
+                                         ("top_p", 1e-300), ("top_p", 7e-46), ("top_p", 0.0)])
+def test_sampling_values_the_sampler_cannot_use_are_a_422_naming_the_field(server, route, field, value):
+    r = server.http.post(route, json=body_for(route, "bridge", **{field: value}))
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"].startswith(f"{field}: must be"), r.text
+
+
+# -- issue 23, 2: lone surrogates anywhere in any body -------------------------------------------------
+@ROUTES
+@pytest.mark.parametrize("where", ["question", "question-list", "extra-field"])
+def test_a_lone_surrogate_in_any_text_field_of_any_route_is_a_422_naming_it(server, route, where):
+    if where == "question-list" and route != "/v1/completions":
+        pytest.skip("only /v1/completions takes a list of prompts")
+    question: str | list[str] = ["a\ud800b"] if where == "question-list" else "a\ud800b"
+    body = body_for(route, question) if where != "extra-field" else body_for(route, "bridge", user="x\udc00")
+    if where == "extra-field" and route == "/v1/query":
+        body = body_for(route, "bridge", mode="bl\ud800end")
+    r = server.http.post(route, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
+    assert r.status_code == 422 and "surrogate" in r.json()["detail"], r.text
+    named = {"question": ("question", "prompt", "messages.0.content"), "question-list": ("prompt.0",),
+             "extra-field": ("user", "mode")}[where]
+    assert any(r.json()["detail"].startswith(n + ":") for n in named), r.text
+
+
+# -- issue 23, 11: an API key with non-ASCII characters -------------------------------------------------
+def test_an_api_key_with_non_ascii_characters_authenticates_compared_as_utf8_bytes():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from api.middleware import BearerAuth
+
+    key = "clé-ünïcødé-🔑"
+    app = FastAPI()
+    app.get("/v1/x")(lambda: {"ok": True})
+    app.add_middleware(BearerAuth, api_key=key)
+    client = TestClient(app)
+    assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("utf-8")}).status_code == 200
+    assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("latin-1", "replace")}).status_code == 401
+    assert client.get("/v1/x", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert client.get("/v1/x").status_code == 401
+
+
+def test_a_seeded_fuzz_of_sampling_values_gives_no_5xx_and_batched_answers_equal_alone(server):
+    """The CI-sized run of eval/fuzz_serve.py (the README's run sends 300)."""
+    from eval.fuzz_serve import run
+
+    res = run(server.base, 40, 1, 8, 8)
+    assert res["server_errors_5xx"] == 0 and not res["malformed_accepted"] and not res["well_formed_refused"], res
+    assert res["compared_alone"] >= 15 and res["mismatched"] == [], res

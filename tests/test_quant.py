@@ -55,7 +55,7 @@ def test_quantized_entries_are_the_promised_fraction_of_float32():
     assert entry_nbytes("bfloat16", FP, L, H, T, D) <= 0.51 * full
     kv = realistic_kv(L, H, T, D)
     for name in FORMATS:
-        assert len(encode_kv(kv, FP, name)) == entry_nbytes(name, FP, L, H, T, D)
+        assert len(encode_kv(kv, FP, name, "k" * 64)) == entry_nbytes(name, FP, L, H, T, D)
 
 
 @pytest.mark.parametrize("name", ["int8", "fp8"])
@@ -165,7 +165,7 @@ def test_a_stream_of_entries_in_different_formats_is_refused_before_any_read(tmp
 
 def test_the_cap_evicts_the_least_recently_used_entry_and_counts_it(tmp_path):
     kv = realistic_kv(L=2, H=2, T=16, D=16)
-    one = entry_nbytes("int8", FP, 2, 2, 16, 16) + 2  # + its meta, "{}"
+    one = entry_nbytes("int8", FP, 2, 2, 16, 16, key_len=1) + 2  # + its meta, "{}"; keys of one letter
     with KVStore(tmp_path / "kv") as store:
         store.configure(kv_format="int8", max_bytes=3 * one)
         for k in ("a", "b", "c"):

@@ -108,7 +108,7 @@ def test_round_trip_is_bit_exact_and_readable_layer_by_layer(url, dtype):
     raw, head = store.get_raw("k1", fingerprint="fp")
     assert torch.equal(raw.view(dtype).view(head.shape).view(torch.uint8), kv.contiguous().view(torch.uint8))
     # the same bytes as the LMDB store keeps
-    assert store.client.get(store._k("k1")) == encode_kv(kv, "fp")
+    assert store.client.get(store._k("k1")) == encode_kv(kv, "fp", key="k1")
     layers = list(store.stream_layers(["k1"], [2, 0], "fp"))
     assert [i for i, _ in layers] == [2, 0]
     for i, rows in layers:
@@ -319,3 +319,74 @@ def test_greedy_answers_over_redis_equal_the_lmdb_stores(tmp_path, url, server):
     finally:
         lmdb.close()
         shared.close()
+
+
+# -- issue 23, 7: a paused tier, the circuit breaker, /health; 8: values bound to their key -----------
+def test_a_paused_redis_costs_at_most_its_timeout_then_the_breaker_skips_it_until_it_is_back(tmp_path):
+    import os
+    import signal
+
+    from store.redis_store import DEFAULT_SOCKET_TIMEOUT_S
+
+    s = Server(tmp_path / "paused")
+    store = tiered(tmp_path, s.url, "a", local_cache=False)  # the default timeouts: none in the URL
+    c, _ = cache_on(store)
+    for ids in CHUNKS:
+        c.ensure(ids)
+    os.kill(s.proc.pid, signal.SIGSTOP)
+    try:
+        times = []
+        for _ in range(4):
+            cold, _ = cache_on(store)
+            t0 = time.monotonic()
+            got = cold.fetch(CHUNKS)
+            times.append(time.monotonic() - t0)
+            assert all(torch.equal(x.kv, kv_of(ids)) for x, ids in zip(got, CHUNKS))
+        # the first fetch waits out one timeout, which opens the breaker (the write-backs after it
+        # are skipped); after that nothing waits on the paused server
+        assert times[0] < DEFAULT_SOCKET_TIMEOUT_S + 0.8, times
+        assert max(times[1:]) < 0.5, times
+        health = store.shared.health
+        assert health["status"] == "degraded" and health["circuit"] == "open" and health["calls_skipped"] > 0
+    finally:
+        os.kill(s.proc.pid, signal.SIGCONT)
+    store.shared.breaker.cooldown = 0.2  # the trial call comes sooner than the default's 5 s
+    time.sleep(0.3)
+    back, computed = cache_on(store)
+    assert all(torch.equal(x.kv, kv_of(ids)) for x, ids in zip(back.fetch(CHUNKS), CHUNKS))
+    assert back.recomputed == 0 and store.shared.health["status"] == "ok"
+    store.close()
+    s.stop()
+
+
+SAME_LENGTH = [[5, 6, 7], [15, 16, 17], [25, 26, 27], [35, 36, 37]]
+
+
+def test_a_valid_value_under_another_chunks_key_is_refused_and_recomputed(tmp_path, url, server):
+    a = tiered(tmp_path, url, "a")
+    ca, _ = cache_on(a)
+    keys = [ca.ensure(ids)[0] for ids in SAME_LENGTH]
+    values = [server.client.get(shared_key(a, k)) for k in keys]
+    for i in (0, 2):  # swap two pairs: each a valid entry of the right shape, under the wrong key
+        server.client.set(shared_key(a, keys[i]), values[i + 1])
+        server.client.set(shared_key(a, keys[i + 1]), values[i])
+    b = tiered(tmp_path, url, "b")  # a replica with nothing local
+    cb, computed = cache_on(b)
+    got = cb.fetch(SAME_LENGTH)
+    assert all(torch.equal(x.kv, kv_of(ids)) for x, ids in zip(got, SAME_LENGTH))  # 0 wrong
+    assert cb.recomputed == 4 and sorted(computed.calls) == sorted(SAME_LENGTH)
+    assert [server.client.get(shared_key(a, k)) for k in keys] == values  # each replaced by its own
+    a.close(), b.close()
+
+
+def test_an_entry_of_the_previous_format_version_is_recomputed(tmp_path, url, server):
+    a = tiered(tmp_path, url, "a", local_cache=False)
+    ca, _ = cache_on(a)
+    key = ca.ensure(CHUNKS[0])[0]
+    old = bytearray(server.client.get(shared_key(a, key)))
+    old[4:6] = (1).to_bytes(2, "little")  # what a version-1 entry (no key in its header) says first
+    server.client.set(shared_key(a, key), bytes(old))
+    cb, computed = cache_on(a)
+    assert torch.equal(cb.fetch([CHUNKS[0]])[0].kv, kv_of(CHUNKS[0]))
+    assert cb.recomputed == 1 and server.client.get(shared_key(a, key))[4] == 2
+    a.close()

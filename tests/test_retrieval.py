@@ -180,3 +180,16 @@ def test_minilm_ranks_the_relevant_sentence_first(minilm: Embedder, tmp_path: Pa
     hits = corpus.search("Which plants turn sunlight into food?", k=3)
     assert hits[0].doc_id == "s1" and hits[0].score > hits[1].score
     assert corpus.search("tallest peak in the world", k=1)[0].doc_id == "s3"
+
+
+def test_jsonl_lines_split_at_newlines_only_so_raw_u2028_and_u0085_in_strings_load(tmp_path: Path):
+    """JSON allows U+2028, U+0085 (and \\v, \\f as escapes only) raw inside strings; str.splitlines()
+    would cut such a line in two and refuse both halves (issue 23, item 11)."""
+    from retrieval.loaders import collect_skips, jsonl_objects, load_path
+
+    text = '{"id": "a", "text": "one\u2028two"}\r\n{"id": "b", "text": "three\u0085four"}\n'
+    (tmp_path / "d.jsonl").write_text(text, encoding="utf-8")
+    with collect_skips() as skipped:
+        docs = {d.id: d.text for d in load_path(tmp_path)}
+    assert not skipped and docs == {"a": "one\u2028two", "b": "three\u0085four"}
+    assert [n for n, _ in jsonl_objects(text, "d.jsonl")] == [1, 2]

@@ -332,3 +332,56 @@ def test_streamed_pieces_join_to_the_whole_answer_decoded_at_once():
                        tok, frozenset(), 0.0, 0.0)
         pieces = "".join(seq.push(t) for t in ids)
         assert pieces == seq.text == tok.decode(ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS[:1])
+def test_a_sequence_whose_sampling_fails_ends_alone_and_the_batch_decodes_on(tiny_engines, arch):
+    """A failure that belongs to one sequence (its own sampling, here its generator broken once it
+    has its first token, so the failure comes inside the batched step) ends that sequence with its
+    error; every other sequence of the batch answers exactly as it does alone."""
+    from blend.spec import Sampling
+
+    engine = tiny_engines[arch]
+    cases = {i: (make_layout(n, seed), spec_of(m, r, t)) for i, (n, seed, m, r, t) in enumerate(MIX[:3])}
+    solo = {i: alone(engine, lay, spec) for i, (lay, spec) in cases.items()}
+    bad_spec = QuerySpec(Mode.FULL, sampling=Sampling(temperature=1.0, seed=1), max_tokens=8)
+
+    def break_after_first_token(seq):
+        first = seq.push
+
+        def push(token):
+            piece = first(token)
+            seq.generator = object()  # not a torch.Generator: its next sampled token raises
+            return piece
+        seq.push = push
+    rec = Recorder()
+    jobs = [rec.job(engine, i, lay, spec) for i, (lay, spec) in cases.items()]
+    bad = rec.job(engine, "bad", make_layout(2, 9), bad_spec)
+    recorded = bad.on_start
+    bad.on_start = lambda seq: (break_after_first_token(seq), recorded(seq))
+    jobs.append(bad)
+    with serving(engine, rec.on_step, prefill_tokens=4096) as sched:
+        for job in jobs:
+            sched.submit(job)
+        sched.start()
+        rec.wait(len(cases) + 1)
+        assert set(rec.errors) == {"bad"}, rec.errors
+        for i, a in rec.answers.items():
+            assert a.token_ids == solo[i].token_ids, i
+        assert sched.slots.free == sched.slots.n_slots
+
+
+def test_pick_survives_temperatures_and_top_p_at_the_edge_of_float32():
+    """Validation keeps these out; the sampler still never produces a NaN distribution."""
+    from blend.sequence import pick
+    from blend.spec import Sampling
+
+    logits = torch.randn(50) * 30
+    for t, p in ((1e-37, 1.0), (1e-3, 1e-300), (2.0, 7e-46)):
+        s = Sampling()
+        object.__setattr__(s, "temperature", t)
+        object.__setattr__(s, "top_p", p)
+        token = pick(logits, s, torch.Generator().manual_seed(0))
+        assert 0 <= token < 50
+        if p < 1e-6:
+            assert token == int(logits.argmax())

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from api.answering import question_token_limit
 from api.deps import IndexerDep, MetricsDep, ServiceDep, SettingsDep, WorkerDep
 from api.schemas import Health
+from store.redis_store import TieredKVStore
 
 router = APIRouter(tags=["system"])
 metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /health
@@ -16,7 +17,8 @@ metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /healt
 @router.get("/health", response_model=Health, summary="Model loaded, index size, queue depth",
             description="Open even when an API key is set (it shows counts, never content). "
                         "`status` is `warming` (and the code 503) while the server captures its decode graphs at "
-                        "start, `degraded` (503) when the model worker has stopped.",
+                        "start, `degraded` (503) when the model worker has stopped, and `degraded` (code 200: "
+                        "answers still come) while the shared KV tier is unhealthy.",
             responses={503: {"model": Health, "description": "warming up, or the model worker has stopped"}})
 def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings: SettingsDep,
            response: Response) -> Health:
@@ -24,7 +26,10 @@ def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings
     if status != "ok":
         response.status_code = 503
     config = worker.scheduler.config
-    return Health(status=status, model=service.engine.name, model_loaded=True,
+    shared = service.store.shared.health if isinstance(service.store, TieredKVStore) else None
+    if status == "ok" and shared is not None and shared["status"] != "ok":
+        status = "degraded"  # answers still come (recomputed): 200
+    return Health(status=status, model=service.engine.name, model_loaded=True, shared_kv=shared,
                   device=str(service.engine.device), max_context=service.engine.max_context,
                   max_question_tokens=question_token_limit(service, settings), index_chunks=len(service.corpus),
                   queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending,
