@@ -9,8 +9,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
-                            load_engine, selection_of, set_threads, unit_floats)
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
+                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
+                            penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -293,6 +294,9 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Optional[int] = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     top_k: Annotated[int, typer.Option(min=1, max=64, help="chunks to retrieve")] = 6,
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
@@ -302,8 +306,10 @@ def ask(
     threads: ThreadsOpt = None,
     kv_store: KvStoreOpt = None,
 ) -> None:
-    """Answer a question from the given chunks (--chunks) or from an indexed corpus."""
-    from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling
+    """Answer a question from the given chunks (--chunks) or from an indexed corpus. With the bundled
+    model, penalties not given default to blend.spec.BUNDLED_PENALTIES (its answers loop without)."""
+    from blend.loader import DEFAULT_MODEL
+    from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling, default_penalties
     from retrieval.rules import text_problem
 
     q = question or question_arg
@@ -312,9 +318,11 @@ def ask(
     if problem := text_problem(q):  # bytes that are not UTF-8 arrive as lone surrogates
         fail(f"the question {problem}")
     set_threads(threads)
+    given = penalties_given(frequency_penalty, presence_penalty, repetition_penalty)
     try:
         spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
-                         Sampling(temperature, top_p, seed), max_tokens)
+                         Sampling(temperature, top_p, seed, **{**default_penalties(model == DEFAULT_MODEL),
+                                                               **given}), max_tokens)
     except BadQuery as e:
         fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
     hits = None

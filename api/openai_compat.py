@@ -36,7 +36,6 @@ MODEL_ALIASES = ("ragblend",)  # besides the served model's own name
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "n": (None, 1), "best_of": (None, 1),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "echo": (None, False), "suffix": (None, ""), "web_search_options": (None,),
 }

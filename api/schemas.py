@@ -10,7 +10,9 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, 
 from api.settings import MAX_TOKENS_HARD
 from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
                              metadata_problem, text_problem)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION, MODES, SELECTIONS, BlendConfig
+from blend.spec import (DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION,
+                        FREQUENCY_PENALTY_RANGE, MAX_REPETITION_PENALTY, MODES, PRESENCE_PENALTY_RANGE, SELECTIONS,
+                        BlendConfig, Sampling)
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
 MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
@@ -54,9 +56,33 @@ Guard = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False, description=
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+FrequencyPenalty = Annotated[float, Field(
+    ge=FREQUENCY_PENALTY_RANGE[0], le=FREQUENCY_PENALTY_RANGE[1], allow_inf_nan=False,
+    description="OpenAI's: each answer token's logit lowered by this × the times it was generated so far")]
+PresencePenalty = Annotated[float, Field(
+    ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1], allow_inf_nan=False,
+    description="OpenAI's: each token already in the answer has its logit lowered by this")]
+RepetitionPenalty = Annotated[float, Field(
+    gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+    description="vLLM's: a token of the prompt or the answer has a positive logit divided by this, "
+                "a negative one multiplied (1 = off)")]
 
 
 # -- query ------------------------------------------------------------------------------------
+class PenaltyFields(BaseModel):
+    """Repetition control, on every query route; absent means off (OpenAI's and vLLM's defaults)."""
+    frequency_penalty: FrequencyPenalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+
+    def sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
+        """The engine's Sampling from these fields and the route's own (None: blend.spec's default)."""
+        given = {"temperature": temperature, "top_p": top_p, "seed": seed,
+                 "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                 "repetition_penalty": self.repetition_penalty}
+        return Sampling(**{k: v for k, v in given.items() if v is not None})
+
+
 class BlendFields(BaseModel):
     """The prefill settings every query route takes (for the OpenAI route, as `extra_body`)."""
     mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
@@ -77,7 +103,7 @@ class BlendFields(BaseModel):
                            self.guard)
 
 
-class QueryRequest(BlendFields):
+class QueryRequest(BlendFields, PenaltyFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"question": "Who designed the Halvard Bridge?", "top_k": 4, "mode": "blend", "ratio": 0.15,
          "max_tokens": 64, "temperature": 0.0, "stream": False}]})
@@ -252,9 +278,9 @@ class StreamOptions(BaseModel):
 Stop = Annotated[str | list[str] | None, Field(None, description="up to 4 strings; the answer ends before the first")]
 
 
-class ChatRequest(BlendFields):
+class ChatRequest(BlendFields, PenaltyFields):
     """OpenAI's chat body. Fields ragblend cannot honour (tools, response_format, n > 1,
-    penalties, logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
+    logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
     that change nothing (user, store, metadata, ...) are accepted. `mode`, `ratio` and `top_k` are
     ragblend's own (the client's `extra_body`)."""
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
@@ -280,7 +306,7 @@ class ChatRequest(BlendFields):
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=20, description="alternatives per token (with logprobs)")
 
 
-class CompletionRequest(BlendFields):
+class CompletionRequest(BlendFields, PenaltyFields):
     """OpenAI's (legacy) completions: the prompt is the question, answered from the retrieved chunks."""
     model_config = ConfigDict(extra="allow")
 

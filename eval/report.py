@@ -10,7 +10,10 @@ from pathlib import Path
 
 import numpy as np
 
-MEANS = ("f1", "rougeL", "kl_vs_full", "agree_with_full", "rougeL_vs_full", "recompute_fraction")
+from eval.metrics import LOOP_NGRAM
+
+MEANS = ("f1", "rougeL", "contains_answer", "loops", "kl_vs_full", "agree_with_full", "rougeL_vs_full",
+         "recompute_fraction")
 _KEY = ("mode", "ratio", "check_layer", "selection", "guard")
 
 
@@ -25,11 +28,17 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         ttft = np.array([r["ttft_ms"] for r in rows])
         out.append(dict(zip(_KEY, key), n=len(rows), ttft_ms_median=float(np.median(ttft)),
                         ttft_ms_p90=float(np.percentile(ttft, 90)),
-                        **{m: float(np.mean([r[m] for r in rows])) for m in MEANS}))
+                        **{m: _mean(rows, m) for m in MEANS}))
     full = next((r["ttft_ms_median"] for r in out if r["mode"] == "full"), None)
     for r in out:
         r["speedup_vs_full"] = full / r["ttft_ms_median"] if full and r["ttft_ms_median"] > 0 else None
     return out
+
+
+def _mean(rows: Sequence[dict], metric: str) -> float | None:
+    """The mean over the rows that have the metric (results from before it existed lack it)."""
+    values = [r[metric] for r in rows if r.get(metric) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def label(row: dict, with_blend_config: bool = False) -> str:
@@ -61,20 +70,28 @@ def markdown(config: dict, summary: Sequence[dict]) -> str:
     n = max((r["n"] for r in summary), default=0)
     lines = [f"# ragblend eval: {config['dataset']}", "",
              f"{n} examples · model `{config['model']}` · {config['device']} {config['dtype']} · "
-             f"max {config['max_tokens']} tokens · greedy · seed {config['seed']}", "",
-             "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | KL vs full | "
-             "agree w/ full | ROUGE-L vs full | recompute |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"max {config['max_tokens']} tokens · greedy{_penalties(config)} · seed {config['seed']}", "",
+             "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | contains answer | loops | "
+             "KL vs full | agree w/ full | ROUGE-L vs full | recompute |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(" | ".join([
             f"| {r['mode']}" + ("" if r.get("guard") is None else f" (guard {r['guard']:.3g})"), fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
             fmt(r["ttft_ms_p90"], ".1f"), fmt(r["speedup_vs_full"], ".2f×"), fmt(r["f1"], ".3f"),
-            fmt(r["rougeL"], ".3f"), fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
+            fmt(r["rougeL"], ".3f"), fmt(r.get("contains_answer"), ".2f"), fmt(r.get("loops"), ".2f"),
+            fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
             fmt(r["rougeL_vs_full"], ".3f"), fmt(r["recompute_fraction"], ".3f")]) + " |")
-    lines += ["", "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement and ROUGE-L vs "
+    lines += ["", "Contains answer: share of answers holding an accepted answer (normalized, whole words). "
+              f"Loops: share of answers in which a run of {LOOP_NGRAM} words occurs twice. "
+              "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement and ROUGE-L vs "
               "full compare greedy token ids. Recompute: chunk tokens whose KV is recomputed / all chunk "
               "tokens. TTFT excludes chunk KV precompute (as when served from the store).", ""]
     return "\n".join(lines)
+
+
+def _penalties(config: dict) -> str:
+    pen = config.get("penalties") or {}
+    return "".join(f", {k.removesuffix('_penalty')} penalty {v:g}" for k, v in pen.items())
 
 
 _KL_NOISE = 1e-10

@@ -20,7 +20,7 @@ from api.routes.query import INTERNAL, QUERY_ERRORS, query_params, query_respons
 from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatRequest, Completion,
                          CompletionChoice, CompletionRequest, ErrorOut, ModelCard, ModelList)
 from api.worker import Started
-from blend.spec import DEFAULT_MAX_TOKENS, Sampling
+from blend.spec import DEFAULT_MAX_TOKENS
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -56,7 +56,7 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     prompted = oa.conversation(body.messages)
     params = query_params(body, prompted.question, body.top_k, max_tokens,
-                          Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed))
     job = await oa.submit(request, service, worker, settings, params, prompted)
     # a stream's headers go out once it is queued (SSE comments while it waits for the model)
     started = None if body.stream else await wait_started(job, request)
@@ -126,7 +126,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     prompted = oa.plain(prompts[0])
     params = query_params(body, prompted.question, body.top_k, max_tokens,
-                          Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed))
     job = await oa.submit(request, service, worker, settings, params, prompted)
     started = None if body.stream else await wait_started(job, request)  # a stream: headers once queued
     cid, model = f"cmpl-{uuid.uuid4().hex}", service.engine.name

@@ -73,7 +73,7 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
                 settings: SettingsDep):
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = query_params(body, body.question, body.top_k, max_tokens,
-                          Sampling(body.temperature, body.top_p, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed))
     if not body.stream:
         job, started = await start(request, service, worker, settings, params)
         return query_response(started, await answer(job, request), max_tokens)
