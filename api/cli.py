@@ -298,6 +298,15 @@ def ask(
     presence_penalty: PresencePenaltyOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
     top_k: Annotated[int, typer.Option(min=1, max=64, help="chunks to retrieve")] = 6,
+    min_score: Annotated[Optional[float], typer.Option(help="least cosine similarity a chunk needs; with none over it "
+                                                            "the answer says the documents do not cover the question")] = None,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="KEY=VALUE, repeatable: doc_id=ID, "
+                                                         "doc_prefix=P, source=GLOB, or a metadata key=value")] = None,
+    retrieval: Annotated[str, typer.Option(help="dense, bm25 or hybrid (both, reciprocal rank fusion)")] = "dense",
+    reranker: Annotated[Optional[Path], typer.Option(help="rerank the candidates with this local CrossEncoder "
+                                                          "directory")] = None,
+    mmr: Annotated[Optional[float], typer.Option(help="maximal marginal relevance λ in (0, 1]: lower = more "
+                                                      "diverse chunks (default: off)")] = None,
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
@@ -310,6 +319,7 @@ def ask(
     model, penalties not given default to blend.spec.BUNDLED_PENALTIES (its answers loop without)."""
     from blend.loader import DEFAULT_MODEL
     from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling, default_penalties
+    from retrieval.search import BadSearch, Filter, SearchOptions
     from retrieval.rules import text_problem
 
     q = question or question_arg
@@ -339,7 +349,16 @@ def ask(
         engine = service.engine
         if len(service.corpus) == 0:
             fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
-        hits = service.retrieve(q, top_k).hits
+        if reranker is not None:
+            service.reranker = _reranker(reranker)
+        try:
+            options = SearchOptions(min_score, Filter.parse(filters or []), retrieval, reranker is not None, mmr)
+            hits = service.retrieve(q, top_k, options).hits
+        except BadSearch as e:
+            fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
+        if not hits:
+            _not_covered(min_score, as_json)
+            return
         texts = [h.text for h in hits]
     try:
         gen = engine.generate(engine.layout(q, texts), spec) if hits is None else service.answer(q, hits, spec)
@@ -359,15 +378,17 @@ def ask(
             "ttft_ms": round(ans.ttft_ms, 3), "recomputed_tokens": ans.recomputed_tokens,
             "cached_tokens": ans.cached_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
-            **({} if hits is None else {"chunks": [
-                {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 5), "text": h.text}
-                for h in hits]}),
+            **({} if hits is None else {"covered": True, "chunks": [
+                {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "chunk": h.index + 1, "doc_chunks": h.doc_chunks,
+                 "page": h.page, "score": round(h.score, 5), "text": h.text} for h in hits]}),
         }, ensure_ascii=False))
     else:
         if hits:  # the sources, under the answer
             typer.echo("sources:")
             for i, h in enumerate(hits, 1):
-                typer.echo(f"  [{i}] {h.doc_id}  chunk {h.chunk_id}  score {h.score:.4f}")
+                page = f"  p. {h.page}" if h.page is not None else ""
+                typer.echo(f"  [{i}] {h.doc_id}  chunk {h.index + 1}/{h.doc_chunks}{page}  score {h.score:.4f}")
+                typer.echo(f"      {_passage(h.text)}")
         how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
         if ans.guard_raised:
             how += f" (guard raised it from {ans.requested_ratio:g})"
@@ -524,6 +545,11 @@ def serve(
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
     threads: ThreadsOpt = None,
     kv_store: KvStoreOpt = None,
+    min_score: Annotated[Optional[float], typer.Option(help="least cosine similarity a chunk needs, unless a request "
+                                                            "gives its own; under it for every chunk, the answer says "
+                                                            "the documents do not cover the question (default: none)")] = None,
+    reranker: Annotated[Optional[Path], typer.Option(help="a local CrossEncoder directory: requests with "
+                                                          "`rerank: true` reorder their candidates with it")] = None,
 ) -> None:
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
 
@@ -550,7 +576,8 @@ def serve(
                                      dtype=dtype, api_key=api_key, max_queue=max_queue, chunk_tokens=chunk_tokens,
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
-                                     max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store)
+                                     max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
+                                     min_score=min_score, reranker=reranker)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     import os
@@ -560,7 +587,34 @@ def serve(
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
                        chunk_tokens=asked, kv_store=settings.kv_store,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
+    if settings.reranker is not None:
+        service.reranker = _reranker(settings.reranker)
     run(settings, service)
+
+
+def _reranker(path: Path):
+    from retrieval.rerank import CrossEncoderReranker
+
+    try:
+        return CrossEncoderReranker(path)
+    except (OSError, ValueError) as e:
+        fail(f"--reranker {path}: {e}")
+
+
+PASSAGE_CHARS = 160  # of each source's text shown under an answer (--json gives it whole)
+
+
+def _passage(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= PASSAGE_CHARS else flat[:PASSAGE_CHARS - 1].rstrip() + "…"
+
+
+def _not_covered(min_score: float | None, as_json: bool) -> None:
+    """What `ask` says when no chunk passes --min-score or --filter: no model call."""
+    from api.answering import not_covered_text
+
+    text = not_covered_text(min_score)
+    typer.echo(json.dumps({"answer": text, "covered": False, "chunks": []}) if as_json else text)
 
 
 def main() -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from api.answering import EMPTY_INDEX, enqueue, finish_reason, pieces, question_token_limit
+from api.answering import EMPTY_INDEX, enqueue, finish_reason, pieces, question_token_limit, retrieve
 from api.errors import ApiError
 from api.service import RagService
 from api.settings import Settings
@@ -141,10 +141,9 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
         raise ApiError(409, EMPTY_INDEX)
 
     def prepare():
-        retrieved = service.retrieve(prompted.retrieval_query, params.top_k)
-        if not retrieved.hits:
-            raise ApiError(409, EMPTY_INDEX)
-        layout = Layout(prompts.prefix_ids, [prompts.chunk_ids(h.text) for h in retrieved.hits],
+        retrieved = retrieve(service, prompted.retrieval_query, params)
+        # best chunk last, nearest the question, as RagService.layout lays them out
+        layout = Layout(prompts.prefix_ids, [prompts.chunk_ids(h.text) for h in reversed(retrieved.hits)],
                         prompts.encode(prompted.question_part + prompts.tail_text))
         return retrieved, layout
 

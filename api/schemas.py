@@ -7,7 +7,9 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator,
                       model_validator)
 
+from api.errors import ApiError
 from api.settings import MAX_TOKENS_HARD
+from retrieval.search import DEFAULT_RETRIEVAL, RETRIEVALS, BadSearch, Filter, SearchOptions
 from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
                              metadata_problem, text_problem)
 from blend.spec import (DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION,
@@ -69,6 +71,47 @@ RepetitionPenalty = Annotated[float, Field(
 
 
 # -- query ------------------------------------------------------------------------------------
+MetaValue = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool
+
+
+class FilterIn(BaseModel):
+    """Which documents a query may draw from; every given condition must hold."""
+    model_config = ConfigDict(extra="forbid")
+    doc_id: DocId | list[DocId] | None = Field(None, description="a document id, or a list of them (any)")
+    doc_prefix: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="ids starting with this (`handbook/`)")
+    source: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        None, description="a glob over the source: the file path for `ragblend index`, `upload:NAME` for uploads")
+    metadata: dict[str, MetaValue] = Field(default_factory=dict, max_length=32,
+                                           description="key → value, each equal to the document's metadata value")
+
+    def filter(self) -> Filter:
+        ids = (self.doc_id,) if isinstance(self.doc_id, str) else tuple(self.doc_id or ())
+        return Filter(ids, self.doc_prefix, self.source, dict(self.metadata))
+
+
+class RetrievalFields(BaseModel):
+    """What every query route takes about retrieval (for the OpenAI routes, as `extra_body`)."""
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description=(
+        "least cosine similarity a chunk needs; when none has it the answer says the documents do not "
+        "cover the question, without a model call (default: the server's --min-score)"))
+    filter: FilterIn | None = None
+    retrieval: Literal[RETRIEVALS] = Field(DEFAULT_RETRIEVAL, description=(
+        "dense (embeddings), bm25 (words, SQLite FTS5) or hybrid (both, reciprocal rank fusion)"))
+    rerank: StrictBool = Field(False, description="reorder the candidates with the server's cross-encoder "
+                                                  "(serve --reranker PATH)")
+    mmr: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description=(
+        "maximal marginal relevance λ: 1 = relevance only, lower = more diverse chunks (default: off)"))
+
+    def search_options(self, default_min_score: float | None) -> SearchOptions:
+        try:
+            return SearchOptions(self.min_score if self.min_score is not None else default_min_score,
+                                 self.filter.filter() if self.filter else Filter(), self.retrieval, self.rerank,
+                                 self.mmr)
+        except BadSearch as e:
+            raise ApiError(422, str(e)) from None
+
+
 class PenaltyFields(BaseModel):
     """Repetition control, on every query route; absent means off (OpenAI's and vLLM's defaults)."""
     frequency_penalty: FrequencyPenalty | None = None
@@ -103,7 +146,7 @@ class BlendFields(BaseModel):
                            self.guard)
 
 
-class QueryRequest(BlendFields, PenaltyFields):
+class QueryRequest(BlendFields, PenaltyFields, RetrievalFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"question": "Who designed the Halvard Bridge?", "top_k": 4, "mode": "blend", "ratio": 0.15,
          "max_tokens": 64, "temperature": 0.0, "stream": False}]})
@@ -118,9 +161,13 @@ class QueryRequest(BlendFields, PenaltyFields):
 
 
 class ChunkOut(BaseModel):
+    """A source: the passage the answer was given, and where it is in its document."""
     doc_id: str
-    chunk_id: int
-    score: float
+    chunk_id: int = Field(description="the registry's id (global, stable)")
+    chunk: int = Field(0, description="the chunk's number in its document, from 1")
+    doc_chunks: int = Field(0, description="its document's chunk count")
+    page: int | None = Field(None, description="PDF: the page the passage starts on")
+    score: float = Field(description="cosine similarity to the question")
     text: str
 
 
@@ -148,7 +195,9 @@ class Usage(BaseModel):
 
 class QueryResponse(BaseModel):
     answer: str
-    chunks: list[ChunkOut]
+    chunks: list[ChunkOut] = Field(description="the sources, best first")
+    covered: bool = Field(True, description="false: no chunk passed min_score or the filter, and the answer says "
+                                            "so without a model call")
     timings: Timings
     mode: Mode
     ratio: float | None = Field(description="blend: the ratio used (above the asked one if the guard raised it)")
@@ -278,7 +327,7 @@ class StreamOptions(BaseModel):
 Stop = Annotated[str | list[str] | None, Field(None, description="up to 4 strings; the answer ends before the first")]
 
 
-class ChatRequest(BlendFields, PenaltyFields):
+class ChatRequest(BlendFields, PenaltyFields, RetrievalFields):
     """OpenAI's chat body. Fields ragblend cannot honour (tools, response_format, n > 1,
     logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
     that change nothing (user, store, metadata, ...) are accepted. `mode`, `ratio` and `top_k` are
@@ -306,7 +355,7 @@ class ChatRequest(BlendFields, PenaltyFields):
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=20, description="alternatives per token (with logprobs)")
 
 
-class CompletionRequest(BlendFields, PenaltyFields):
+class CompletionRequest(BlendFields, PenaltyFields, RetrievalFields):
     """OpenAI's (legacy) completions: the prompt is the question, answered from the retrieved chunks."""
     model_config = ConfigDict(extra="allow")
 

@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blend.engine import Engine, Generation
+from blend.prompt import Layout
 from blend.loader import load_model
 from blend.spec import QuerySpec
 from retrieval import Corpus, Document, Embedder, chunk_text
-from retrieval.corpus import Hit
+from retrieval.corpus import Hit, Reranker
+from retrieval.search import SearchOptions
 from store.backend import open_kv_store
 
 log = logging.getLogger(__name__)
@@ -84,6 +86,7 @@ class RagService:
         self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=hot_bytes, cpu_bytes=pinned_bytes)
         self.model_lock = threading.Lock()
         self.write_lock = threading.Lock()
+        self.reranker: Reranker | None = None  # a cross-encoder (retrieval/rerank.py), when one is given
 
     def close(self) -> None:
         self.kv.close()
@@ -164,12 +167,18 @@ class RagService:
             return remove_document(self.corpus, doc_id, self.kv.drop) is not None
 
     # -- answering -----------------------------------------------------------------------------
-    def retrieve(self, question: str, top_k: int) -> Retrieved:
+    def retrieve(self, question: str, top_k: int, options: SearchOptions | None = None) -> Retrieved:
+        """Raises BadSearch for what the caller must change (a reranker this service lacks)."""
         t0 = time.perf_counter()
-        hits = self.corpus.search(question, top_k)
+        hits = self.corpus.search(question, top_k, options, self.reranker)
         return Retrieved(hits, (time.perf_counter() - t0) * 1e3)
 
     def answer(self, question: str, hits: list[Hit], spec: QuerySpec) -> Generation:
         """The engine's one query path over this service's KV cache. The caller iterates the
         Generation while holding `model_lock`."""
-        return self.engine.generate(self.engine.layout(question, [h.text for h in hits]), spec, self.kv)
+        return self.engine.generate(self.layout(question, hits), spec, self.kv)
+
+    def layout(self, question: str, hits: list[Hit]) -> Layout:
+        """The prompt of `question` over `hits` (best first), which it lists in reverse: the best
+        chunk sits right before the question, where a small model attends to it most."""
+        return self.engine.layout(question, [h.text for h in reversed(hits)])

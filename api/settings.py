@@ -35,6 +35,11 @@ class Settings(BaseModel):
     max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413), except document uploads")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="POST /v1/documents body limit (413)")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description=(
+        "least cosine similarity a chunk needs to be used, unless a request gives its own; with none over it the "
+        "answer says the documents do not cover the question (default: no floor)"))
+    reranker: Path | None = Field(None, description="a local sentence-transformers CrossEncoder directory: requests "
+                                                    "with `rerank: true` reorder their candidates with it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
     @classmethod

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from api.errors import ApiError
 from api.metrics import Metrics
@@ -25,6 +25,7 @@ from blend.prompt import Layout
 from blend.scheduler import Cancelled, Job, Scheduler, SchedulerConfig, SchedulerFull
 from blend.spec import BadQuery, ContextOverflow, QuerySpec
 from retrieval.corpus import Hit
+from retrieval.search import SearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class QueryParams:
     question: str
     top_k: int
     spec: QuerySpec
+    search: SearchOptions = field(default_factory=SearchOptions)
 
 
 @dataclass

@@ -54,6 +54,7 @@ class Document:
     text: str
     source: str
     metadata: dict = field(default_factory=dict)
+    pages: tuple[tuple[int, int], ...] = ()  # PDF: (offset, page number) where each page starts
 
 
 def root_labels(roots: list[Path]) -> list[str]:
@@ -122,14 +123,14 @@ def _load_file(file: Path, rel: str) -> Iterator[Document]:
                 raise Unreadable(f"cannot read ({e.strerror or e})") from None
             yield from _parse_jsonl(decode(data)[0], file, rel)
             return
-        text = extract(file).text
+        extracted = extract(file)
     except Unreadable as e:
         _skip(file, str(e))
         return
     if problem := id_problem(rel):
         _skip(file, f"its id {rel!r} {problem}")
         return
-    yield Document(id=rel, text=text, source=str(file), metadata={})
+    yield Document(id=rel, text=extracted.text, source=str(file), metadata={}, pages=extracted.pages)
 
 
 class JsonlError(ValueError):

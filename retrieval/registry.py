@@ -17,6 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from .chunking import Chunk
+from .formats import page_at
 from .loaders import Document
 
 _SCHEMA = """
@@ -38,8 +39,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL, finished_at REAL, report TEXT, error TEXT);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 """
+# Added after the first release: created on open where an older registry lacks them.
+_CHUNK_PAGE = "ALTER TABLE chunks ADD COLUMN page INTEGER"
+# BM25 over the chunk text (SQLite's FTS5), an external-content index kept in step by triggers.
+_FTS = """
+CREATE VIRTUAL TABLE chunks_fts USING fts5(text, content='chunks', content_rowid='chunk_id');
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts (rowid, text) VALUES (new.chunk_id, new.text); END;
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.chunk_id, old.text); END;
+INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');
+"""
 _JOB_COLS = ("job_id", "status", "doc_ids", "created_at", "started_at", "finished_at", "report", "error")
-_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key'
+_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key, page'
+# A retrieved chunk with what a citation shows of its document.
+_HIT_COLS = ('c.chunk_id, c.doc_id, c.idx, c.text, c.start, c."end", c.n_tokens, c.kv_key, c.page, '
+             'd.n_chunks AS doc_chunks, d.source')
 _BATCH = 500  # stays far below SQLite's bound-parameter limit
 
 
@@ -61,6 +76,20 @@ class Registry:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a registry written by an older release up to this schema (in one transaction)."""
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(chunks)")}
+        has_fts = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
+        if "page" in columns and has_fts:
+            return
+        with self._txn() as db:
+            if "page" not in columns:
+                db.execute(_CHUNK_PAGE)
+            if not has_fts:
+                for statement in _FTS.strip().split(";\n"):
+                    db.execute(statement)
 
     def close(self) -> None:
         with self._lock:
@@ -92,14 +121,39 @@ class Registry:
         return [dict(r) for r in rows]
 
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[dict]:
-        """Chunk rows in the order asked; ids that do not exist are left out."""
+        """Chunk rows in the order asked, with their document's chunk count and source; ids that do
+        not exist are left out."""
         ids = [int(i) for i in chunk_ids]
         found: dict[int, dict] = {}
         for b in range(0, len(ids), _BATCH):
             part = ids[b:b + _BATCH]
-            q = f"SELECT {_CHUNK_COLS} FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
+            q = (f"SELECT {_HIT_COLS} FROM chunks c JOIN documents d USING (doc_id) "
+                 f"WHERE c.chunk_id IN ({','.join('?' * len(part))})")
             found.update((r["chunk_id"], dict(r)) for r in self._all(q, part))
         return [found[i] for i in ids if i in found]
+
+    def chunk_ids_where(self, condition: str, args: list) -> np.ndarray:
+        """Ids of the chunks whose document meets `condition` (SQL over `documents d`, from
+        retrieval.search.Filter.sql)."""
+        rows = self._all(f"SELECT c.chunk_id FROM chunks c JOIN documents d USING (doc_id) WHERE {condition}", args)
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def bm25(self, match: str, n: int, condition: str = "1", args: list | None = None) -> list[int]:
+        """The `n` chunks best matching the FTS5 expression `match` by BM25, best first, among
+        those whose document meets `condition`."""
+        q = ("SELECT f.rowid FROM chunks_fts f JOIN chunks c ON c.chunk_id = f.rowid "
+             "JOIN documents d USING (doc_id) "
+             f"WHERE chunks_fts MATCH ? AND {condition} ORDER BY bm25(chunks_fts) LIMIT ?")
+        return [r[0] for r in self._all(q, [match, *(args or []), n])]
+
+    def embeddings_of(self, chunk_ids: list[int]) -> np.ndarray:
+        """float32 [len(chunk_ids), dim], in the order asked (every id must exist)."""
+        found: dict[int, bytes] = {}
+        for b in range(0, len(chunk_ids), _BATCH):
+            part = chunk_ids[b:b + _BATCH]
+            q = f"SELECT chunk_id, embedding FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
+            found.update((r[0], r[1]) for r in self._all(q, part))
+        return np.stack([np.frombuffer(found[i], dtype=np.float32) for i in chunk_ids])
 
     def count_chunks(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM chunks")[0])
@@ -136,9 +190,10 @@ class Registry:
             new = []
             for c, key, vec in zip(chunks, kv_keys, emb):
                 cur = db.execute(
-                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)'
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes()))
+                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding, page)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes(),
+                     page_at(doc.pages, c.start) if doc.pages else None))
                 new.append(int(cur.lastrowid))
             self.committed_generation = _bump(db)
         return old, new
