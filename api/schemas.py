@@ -219,8 +219,8 @@ class DocumentIn(BaseModel):
         {"id": "notes-1", "text": "The Halvard Bridge was designed by Mira Solberg.", "metadata": {"lang": "en"}}]})
 
     id: DocId | None = Field(None, description="opaque id; when absent, `sha256:` + a hash of the text, so the "
-                                                "same text sent again is not a duplicate. "
-                                                "An existing id is replaced")
+                                                "same text sent again is not a duplicate (an upload's default is "
+                                                "its file name). An existing id is replaced")
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
     metadata: dict[str, Any] = Field(default_factory=dict, description=(
         f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, {MAX_METADATA_KEYS} keys in all and "

@@ -193,16 +193,23 @@ def test_docs_page_and_its_assets_are_served_without_a_cdn(server):
         "<body>")[0]
 
 
-def test_the_same_text_uploaded_twice_without_an_id_is_one_document(server):
+def test_the_same_text_posted_and_uploaded_fills_one_retrieval_slot(server):
+    """JSON without an id is named by its text's hash (sent again: the same document); an upload
+    by its file name. The same text both ways is two documents, but one passage in the answer's
+    sources."""
     http = server.http
-    text = doc_text("dup", 2, "quagga")
+    text = doc_text("dup", 1, "quagga")
     first = http.post("/v1/documents", json={"text": text})
-    again = http.post("/v1/documents", files={"file": ("same.txt", text.encode())})
-    ids = [r.json()["doc_ids"][0] for r in (first, again)]
-    assert ids[0] == ids[1] and ids[0].startswith("sha256:")
-    for r in (first, again):
+    again = http.post("/v1/documents", json={"text": text})
+    upload = http.post("/v1/documents", files={"file": ("same.txt", text.encode())})
+    ids = [r.json()["doc_ids"][0] for r in (first, again, upload)]
+    assert ids[0] == ids[1] and ids[0].startswith("sha256:") and ids[2] == "same.txt"
+    for r in (first, again, upload):
         assert wait_job(http, r.json()["job_id"])["status"] == "succeeded"
     listed = [d["doc_id"] for d in http.get("/v1/documents", params={"limit": 1000}).json()["documents"]]
-    assert listed.count(ids[0]) == 1
+    assert listed.count(ids[0]) == 1 and "same.txt" in listed
+    chunks = http.post("/v1/query", json={"question": "quagga", "top_k": 32, "max_tokens": 1}).json()["chunks"]
+    texts = [c["text"] for c in chunks]
+    assert len(texts) == len(set(texts)) and {c["doc_id"] for c in chunks} & {ids[0], "same.txt"}
     other = http.post("/v1/documents", json={"text": text + " More."}).json()["doc_ids"][0]
     assert other != ids[0]
