@@ -15,6 +15,7 @@ from api.errors import install_handlers
 from api.indexer import Indexer
 from api.metrics import Metrics, RequestMetrics
 from api.middleware import BearerAuth, BodyLimit, CatchAll
+from api.request_log import RequestContext, use_json_logs
 from api.routes import documents, openai, page, query, system
 from api.service import RagService
 from api.settings import Settings
@@ -82,7 +83,7 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     app.state.settings, app.state.metrics = settings, metrics
     install_handlers(app)
     # Declares the scheme in the OpenAPI document (the docs' "Authorize" button); BearerAuth enforces it.
-    secured = [Depends(HTTPBearer(auto_error=False))] if settings.api_key else []
+    secured = [Depends(HTTPBearer(auto_error=False))] if settings.secured else []
     app.include_router(system.router)
     app.include_router(page.router)  # the page is open; the API calls it makes carry the key
     app.include_router(system.metrics_router, dependencies=secured)
@@ -94,9 +95,10 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/documents": settings.max_upload_bytes})
-    if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key_value())
+    if settings.secured:
+        app.add_middleware(BearerAuth, keys=settings.key_ring())
     app.add_middleware(RequestMetrics, metrics=metrics, paths=lambda: app.openapi()["paths"])
+    app.add_middleware(RequestContext, log_access=settings.log_format == "json")  # outermost: every line has the id
     return app
 
 
@@ -111,13 +113,17 @@ def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
 def serve(settings: Settings, service: RagService | None = None) -> None:
     import uvicorn
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.secured:
         log.warning("serving on %s without an API key: anyone who can reach it can query and change the index",
                     settings.host)
     app = create_app(settings, service)
     try:
+        json_logs = settings.log_format == "json"
+        if json_logs:
+            use_json_logs(settings.log_level)
         uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                    timeout_graceful_shutdown=5)
+                    timeout_graceful_shutdown=5, access_log=not json_logs,  # json: RequestContext logs access
+                    **({"log_config": None} if json_logs else {}))
     finally:
         if service is not None:
             service.close()

@@ -9,13 +9,32 @@ from typing import Annotated, Optional
 
 import typer
 
+from api.config_file import ConfigOpt
 from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
                             PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
                             penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ragblend {version('ragblend')}")
+        except PackageNotFoundError:
+            typer.echo("ragblend (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """RAG serving with CacheBlend: reuse precomputed chunk KV caches."""
 
 ModeOpt = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
@@ -88,6 +107,7 @@ def index(
     allow_eviction: Annotated[bool, typer.Option("--allow-eviction", help="index even if the new chunks exceed "
                                                                           "--max-store-gb, evicting older chunk KV")] = False,
     kv_store: KvStoreOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -95,6 +115,7 @@ def index(
     line's `id`. An id that already names a different document (from another file, or added
     through the API) is refused and reported, never overwritten; the exit code is then 1."""
     from api.progress import TokenProgress
+    from api.service import IndexReport
     from retrieval.loaders import collect_skips, load_roots
 
     for p in paths:
@@ -103,8 +124,10 @@ def index(
     if index_kind not in ("flat", "hnsw"):
         fail("--index-kind must be flat or hnsw")
     set_threads(threads)
+    from api.service import default_data_dir
+
     with collect_skips() as skipped:
-        docs = list(load_roots(paths))
+        docs = list(load_roots(paths, exclude=data_dir or default_data_dir()))
     if not docs:
         if as_json:
             typer.echo(json.dumps({"documents": 0, "skipped": skipped}, ensure_ascii=False))
@@ -132,13 +155,22 @@ def index(
         service.close()
         fail(refusal)
     bar = TokenProgress(plan.changed_tokens, "indexing")
+    report = IndexReport()
+    interrupted = False
     try:
         with service.corpus.bulk():
-            report = service.index_documents(docs, bar.update)
+            service.index_documents(docs, bar.update, report)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
         usage = service.store.usage()  # what the cap counts, after: set beside the estimate
         service.close()
+    if interrupted:
+        typer.echo(f"\ninterrupted: {report.committed} of {len(docs)} documents committed ({report.kv_computed} "
+                   "chunk KVs computed). Run the same command again to resume: committed documents are skipped "
+                   "as unchanged, and chunk KV already stored is reused.", err=True)
+        raise typer.Exit(130)
     report.skipped = skipped
     summary = {**report.as_dict(), "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
                "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
@@ -530,8 +562,11 @@ def serve(
                                                         "/health and the docs. Visible in `ps`: prefer --api-key-file "
                                                         "or the environment variable RAGBLEND_API_KEY")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option(
-        envvar="RAGBLEND_API_KEY_FILE", help="read the API key from this file (its first line; env "
-                                             "RAGBLEND_API_KEY_FILE), which keeps it out of `ps`")] = None,
+        envvar="RAGBLEND_API_KEY_FILE", help="API keys, one a line: `NAME KEY` (or a bare KEY); the logs name the "
+                                             "key used, and the file is read again when it changes (delete a line to "
+                                             "revoke a key). Keeps keys out of `ps` (env RAGBLEND_API_KEY_FILE)")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text or json (one object a line, with the request id "
+                                                           "and the API key's name) (default: text)")] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: the data dir's recorded one, else 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
@@ -550,6 +585,9 @@ def serve(
                                                             "the documents do not cover the question (default: none)")] = None,
     reranker: Annotated[Optional[Path], typer.Option(help="a local CrossEncoder directory: requests with "
                                                           "`rerank: true` reorder their candidates with it")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="the model's name on the OpenAI routes "
+                                                                  "(default: --model's value)")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
 
@@ -561,15 +599,14 @@ def serve(
     from api.settings import Settings
 
     if api_key_file is not None:
+        from api.keys import KeyFileError, KeyRing
+
         if api_key is not None:
             fail("give --api-key or --api-key-file, not both")
         try:
-            lines = api_key_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--api-key-file {api_key_file}: cannot read it ({e})")
-        api_key = lines[0].strip() if lines else ""
-        if not api_key:
-            fail(f"--api-key-file {api_key_file}: the file is empty; its first line is the key")
+            KeyRing(path=api_key_file)  # read once now: a bad file is an error before the model loads
+        except KeyFileError as e:
+            fail(f"--api-key-file {api_key_file}: {e}")
     set_threads(threads)
     try:
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
@@ -577,11 +614,14 @@ def serve(
                                      max_tokens=max_tokens, max_batch=max_batch, kv_memory_mb=kv_memory_mb,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
                                      max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
-                                     min_score=min_score, reranker=reranker)
+                                     min_score=min_score, reranker=reranker, served_model_name=served_model_name,
+                                     api_key_file=api_key_file, log_format=log_format)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     import os
 
+    if problem := _port_problem(settings.host, settings.port):  # before the model loads, not after
+        fail(problem)
     # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
@@ -590,6 +630,26 @@ def serve(
     if settings.reranker is not None:
         service.reranker = _reranker(settings.reranker)
     run(settings, service)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found by binding it once (with the
+    SO_REUSEADDR uvicorn sets, so only a port another socket listens on is refused)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host}: cannot resolve it ({e.strerror})"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return (f"cannot listen on {host}:{port} ({e.strerror}): another server may hold it; "
+                    "pick another with --port")
+    return None
 
 
 def _reranker(path: Path):

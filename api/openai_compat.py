@@ -52,9 +52,15 @@ def refuse_unsupported(fields: dict) -> None:
                            code="unsupported_parameter")
 
 
-def check_model(model: str | None, service: RagService) -> None:
-    if model is not None and model not in (service.engine.name, *MODEL_ALIASES):
-        raise ApiError(404, f"The model {model!r} does not exist: this server serves {service.engine.name!r} "
+def served_name(service: RagService, settings: Settings) -> str:
+    """The model's name on the OpenAI surface: --served-model-name, else what --model named."""
+    return settings.served_model_name or service.engine.name
+
+
+def check_model(model: str | None, name: str) -> None:
+    """`name`: served_name(...). The engine's own name stays an alias when another is served."""
+    if model is not None and model not in (name, *MODEL_ALIASES):
+        raise ApiError(404, f"The model {model!r} does not exist: this server serves {name!r} "
                             "(see GET /v1/models)", param="model", code="model_not_found")
 
 

@@ -300,6 +300,8 @@ class Health(BaseModel):
     max_queue: int
     index_jobs_pending: int
     threads: int = Field(description="CPU threads torch uses (--threads)")
+    suggested_sampling: dict[str, float] = Field(default_factory=dict, description=(
+        "penalties the web page starts from for this model (the bundled one loops without them)"))
 
 
 class ErrorOut(BaseModel):

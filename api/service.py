@@ -45,6 +45,7 @@ class IndexReport:
     kv_deleted: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    committed: int = 0  # documents stored or found unchanged: what an interrupted run keeps
 
     def as_dict(self) -> dict:
         return {"documents": self.documents, "unchanged": self.unchanged, "chunks": self.chunks,
@@ -99,12 +100,14 @@ class RagService:
         return f"chunk_tokens={self.chunk_tokens};model={self.engine.fingerprint}"
 
     # -- indexing ------------------------------------------------------------------------------
-    def index_documents(self, docs: Iterable[Document], progress: Callable[[int, int], None] | None = None) -> IndexReport:
+    def index_documents(self, docs: Iterable[Document], progress: Callable[[int, int], None] | None = None,
+                        report: IndexReport | None = None) -> IndexReport:
         """Chunk, precompute KV (only for chunks not stored yet), embed, then commit each document.
+        `report`, when given, is filled as it goes (what an interrupted run had done).
 
         KV entries are written before the registry commit: a crash leaves at most unreferenced KV
         (reused by the next run), never a registry row whose KV is missing."""
-        report = IndexReport()
+        report = report if report is not None else IndexReport()
         t0 = time.perf_counter()
         for doc in docs:
             self.index_document(doc, report, progress)
@@ -118,6 +121,7 @@ class RagService:
             report.documents += 1
             if self.corpus.document_unchanged(doc, self.params):
                 report.unchanged += 1
+                report.committed += 1
                 return report
             chunks = chunk_text(doc.id, doc.text, self.engine.tokenizer, self.chunk_tokens)
             keys = []
@@ -135,6 +139,7 @@ class RagService:
                     progress(1, len(ids))
             embeddings = self.corpus.embedder.encode([c.text for c in chunks])
             stale = self.corpus.upsert(doc, chunks, keys, embeddings, self.params)
+            report.committed += 1
             report.kv_deleted += self.kv.drop(stale)
         return report
 

@@ -18,6 +18,9 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path | None = Field(None, description="index + KV store (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")
     model: str = "default"
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, description=(
+        "the model's name on the OpenAI routes (`model` in requests and responses, GET /v1/models); "
+        "default: --model's value"))
     kv_store: str | None = Field(None, description="a chunk-KV tier shared by every replica: redis://[user:password@]"
                                                   "host:port/db or rediss:// (TLS); default: the data dir's LMDB alone")
     device: str = "cpu"
@@ -25,6 +28,11 @@ class Settings(BaseModel):
     chunk_tokens: int = Field(384, ge=16, le=4096, description="chunk size for documents added through the API")
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and the docs needs "
                                                           "`Authorization: Bearer <key>`")
+    api_key_file: Path | None = Field(None, description="several keys, one a line (`NAME KEY`), each named in the "
+                                                        "logs; read again when it changes, so deleting a line revokes "
+                                                        "that key")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, each with "
+                                                                    "the request id and the API key's name")
     max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
     max_batch: int = Field(16, ge=1, le=256, description="queries decoded together in one batched step (1: one at a time)")
     kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: 30% of free "
@@ -60,3 +68,15 @@ class Settings(BaseModel):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    @property
+    def secured(self) -> bool:
+        return self.api_key is not None or self.api_key_file is not None
+
+    def key_ring(self):
+        """The keys BearerAuth accepts (api/keys.py), or None when the server is open."""
+        from api.keys import KeyRing
+
+        if self.api_key_file is not None:
+            return KeyRing(path=self.api_key_file)
+        return KeyRing(key=self.api_key_value()) if self.api_key else None

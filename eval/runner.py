@@ -130,6 +130,8 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         if not chunks:
             raise ValueError(f"example {ex.id}: the index returned no chunks")
         layout, dropped = fit_to_context(engine, ex, chunks, config["max_tokens"])
+        if ex.chunks is None:  # retrieved: laid out as served, the best chunk nearest the question
+            layout = Layout(layout.prefix, layout.chunks[::-1], layout.suffix)
         source = _chunk_cache(engine, layout, config.get("kv_format"))  # computed once, shared by every variant
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)

@@ -74,13 +74,18 @@ def root_labels(roots: list[Path]) -> list[str]:
             return labels
 
 
-def load_roots(paths: list[str | Path]) -> Iterator[Document]:
+def load_roots(paths: list[str | Path], exclude: str | Path | None = None) -> Iterator[Document]:
     """The documents under several roots (files or directories), each id prefixed by its root's
     label (`projA/README.md`, `projB/README.md`; a file root's id is its label), so that the
     roots of one run, or of two runs, do not share ids by accident. A file reached twice (a root
-    inside another) is read once. Sources are absolute paths."""
+    inside another) is read once. Sources are absolute paths. `exclude`: a directory whose files
+    are never read (ragblend's own data dir placed inside the corpus), listed once as skipped."""
     roots = [Path(p).resolve() for p in paths]
     seen: set[Path] = set()
+    if exclude is not None and (ex := Path(exclude).resolve()).is_dir() and any(
+            ex == r or ex.is_relative_to(r) for r in roots):
+        seen.update(p.resolve() for p in ex.rglob("*") if p.is_file())
+        _skip(ex, "ragblend's data directory (its index and KV store), never indexed")
     for root, label in zip(roots, root_labels(roots)):
         yield from load_path(root, label=label, seen=seen)
 

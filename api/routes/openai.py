@@ -49,7 +49,7 @@ def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                            settings: SettingsDep):
     oa.refuse_unsupported(body.model_dump(exclude_unset=True))
-    oa.check_model(body.model, service)
+    oa.check_model(body.model, oa.served_name(service, settings))
     stops = oa.stops_of(body.stop)
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
@@ -60,7 +60,7 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
     job = await oa.submit(request, service, worker, settings, params, prompted)
     # a stream's headers go out once it is queued (SSE comments while it waits for the model)
     started = None if body.stream else await wait_started(job, request)
-    cid, model = f"chatcmpl-{uuid.uuid4().hex}", service.engine.name
+    cid, model = f"chatcmpl-{uuid.uuid4().hex}", oa.served_name(service, settings)
     want_logprobs = bool(body.logprobs)
     if not body.stream:
         outcome = None
@@ -118,7 +118,7 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                       settings: SettingsDep):
     oa.refuse_unsupported(body.model_dump(exclude_unset=True))
-    oa.check_model(body.model, service)
+    oa.check_model(body.model, oa.served_name(service, settings))
     stops = oa.stops_of(body.stop)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -129,7 +129,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
                           body.sampling(body.temperature, body.top_p, body.seed), settings)
     job = await oa.submit(request, service, worker, settings, params, prompted)
     started = None if body.stream else await wait_started(job, request)  # a stream: headers once queued
-    cid, model = f"cmpl-{uuid.uuid4().hex}", service.engine.name
+    cid, model = f"cmpl-{uuid.uuid4().hex}", oa.served_name(service, settings)
 
     async def legacy_logprobs(outcome: oa.Outcome) -> dict | None:
         if body.logprobs is None:
@@ -202,5 +202,5 @@ def _extras(started: Started, ans: Answer, max_tokens: int) -> dict:
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI format)")
-def models(service: ServiceDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=service.engine.name, created=STARTED_AT)])
+def models(service: ServiceDep, settings: SettingsDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=oa.served_name(service, settings), created=STARTED_AT)])
