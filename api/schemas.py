@@ -172,7 +172,8 @@ class ChunkOut(BaseModel):
 
 
 class Timings(BaseModel):
-    queue_ms: float = Field(description="waiting for the model")
+    queue_ms: float = Field(description="waiting for the model: from the request's arrival in the queue until the "
+                                        "scheduler takes it (its KV load and prefill are not counted here)")
     retrieve_ms: float
     kv_load_ms: float = Field(description="chunk KVs from the hot tier or LMDB")
     prefill_ms: float

@@ -100,3 +100,10 @@ def test_sources_carry_the_passage_its_chunk_number_and_its_pdf_page(server):
     for c in chunks:
         assert ("alpha", "bravo", "charlie")[c["page"] - 1] in c["text"] and c["chunk"] == c["page"]
     assert all("Fleet Manual" not in c["text"] and "Page" not in c["text"] for c in chunks)
+
+
+def test_queue_time_ends_when_the_scheduler_takes_the_request(server):
+    """On an idle server a request barely waits: its KV load and prefill are TTFT's, not queue's."""
+    index(server.http, id="long", text=" ".join(f"word{i}" for i in range(400)))
+    t = ask(server.http, "word7 word9", filter={"doc_id": "long"}, top_k=8)["timings"]
+    assert t["queue_ms"] < t["kv_load_ms"] + t["prefill_ms"], t
