@@ -3,8 +3,8 @@ hybrid (RRF) and, given a local cross-encoder, hybrid + rerank. A question is an
 when the r-th chunk holds its `contains` phrase (whitespace and case aside), so a passage that
 several documents share counts wherever it is found. Prints one table, writes one JSON.
 
-    python -m retrieval.bench_quality CORPUS_DIR QUESTIONS.jsonl --tokenizer DIR [--chunk-tokens 256]
-        [--reranker DIR] [--out results.json]
+    python -m retrieval.bench_quality PATH... --questions QUESTIONS.jsonl --tokenizer DIR
+        [--chunk-tokens 256] [--reranker DIR] [--out results.json]
 
 QUESTIONS.jsonl: `{"question": ..., "contains": "a phrase of the passage that answers it"}` a line.
 """
@@ -28,10 +28,10 @@ def _norm(text: str) -> str:
     return " ".join(text.split()).lower()
 
 
-def build(corpus_dir: Path, data_dir: Path, tokenizer, chunk_tokens: int) -> Corpus:
+def build(paths: list[Path], data_dir: Path, tokenizer, chunk_tokens: int) -> Corpus:
     corpus = Corpus(data_dir, Embedder())
     with corpus.bulk():
-        for doc in load_roots([corpus_dir]):
+        for doc in load_roots(paths):
             chunks = chunk_text(doc.id, doc.text, tokenizer, chunk_tokens)
             corpus.upsert(doc, chunks, [f"{doc.id}#{c.index}" for c in chunks],
                           corpus.embedder.encode([c.text for c in chunks]), params=f"chunk_tokens={chunk_tokens}")
@@ -52,8 +52,8 @@ def score(corpus: Corpus, questions: list[dict], options: SearchOptions, reranke
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("corpus", type=Path)
-    ap.add_argument("questions", type=Path)
+    ap.add_argument("paths", type=Path, nargs="+", help="files or directories, read as `ragblend index` reads them")
+    ap.add_argument("--questions", type=Path, required=True)
     ap.add_argument("--tokenizer", type=Path, required=True, help="a Hugging Face tokenizer directory (the LLM's)")
     ap.add_argument("--chunk-tokens", type=int, default=256)
     ap.add_argument("--reranker", type=Path, help="a local CrossEncoder directory (adds hybrid + rerank)")
@@ -72,15 +72,15 @@ def main() -> None:
         reranker = CrossEncoderReranker(args.reranker)
         modes["hybrid + rerank"] = SearchOptions(retrieval="hybrid", rerank=True)
     with tempfile.TemporaryDirectory() as tmp:
-        corpus = build(args.corpus, Path(tmp), tokenizer, args.chunk_tokens)
+        corpus = build(args.paths, Path(tmp), tokenizer, args.chunk_tokens)
         n_chunks = len(corpus)
         rows = {name: score(corpus, questions, opts, reranker) for name, opts in modes.items()}
         corpus.close()
-    print(f"{len(questions)} questions · {n_chunks} chunks of ≤{args.chunk_tokens} tokens · {args.corpus}\n")
+    print(f"{len(questions)} questions · {len(args.paths)} paths, {n_chunks} chunks of ≤{args.chunk_tokens} tokens\n")
     print("| retrieval | hits@1 | hits@5 | MRR@10 |\n|---|---:|---:|---:|")
     for name, r in rows.items():
         print(f"| {name} | {r['hits@1']:.3f} | {r['hits@5']:.3f} | {r['mrr']:.3f} |")
-    args.out.write_text(json.dumps({"corpus": str(args.corpus), "questions": str(args.questions),
+    args.out.write_text(json.dumps({"paths": [str(p) for p in args.paths], "questions": str(args.questions),
                                     "chunk_tokens": args.chunk_tokens, "n_chunks": n_chunks, "results": rows},
                                    indent=1) + "\n")
 

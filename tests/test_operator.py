@@ -124,3 +124,23 @@ def test_a_data_dir_inside_the_corpus_is_left_out_with_a_note(tmp_path):
     out = json.loads(r.stdout.splitlines()[-1])
     assert set(documents(data)) == {"docs/a.txt"}
     assert [s["reason"] for s in out["skipped"]] == ["ragblend's data directory (its index and KV store), never indexed"]
+
+
+def test_a_local_model_directory_with_its_tokenizer_answers(tmp_path):
+    """The README's recipe for a real instruct model, on the code path: `--model DIR` (what a hub
+    download or `save_pretrained` leaves) with random weights of a real shape and a real tokenizer."""
+    from transformers import AutoTokenizer
+
+    from blend.loader import bundled_model_dir
+    from blend.shapes import random_model
+
+    model_dir = tmp_path / "my-instruct-model"
+    random_model("tiny-smol", seed=0).save_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(model_dir)
+    (tmp_path / "chunks.txt").write_text("The harbour crane lifts forty tonnes.\n\nThe quay is long.\n")
+    r = subprocess.run([sys.executable, "-m", "api.cli", "ask", "--chunks", str(tmp_path / "chunks.txt"),
+                        "--question", "What does the crane lift?", "--model", str(model_dir), "--max-tokens", "4",
+                        "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["mode"] == "blend" and out["total_tokens"] > 0
