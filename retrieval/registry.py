@@ -79,17 +79,24 @@ class Registry:
             self._migrate()
 
     def _migrate(self) -> None:
-        """Bring a registry written by an older release up to this schema (in one transaction)."""
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(chunks)")}
-        has_fts = self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
-        if "page" in columns and has_fts:
+        """Bring a registry written by an older release up to this schema (in one transaction;
+        looked at again inside it, since another process may be migrating the same file)."""
+        if self._current_schema(self._db):
             return
         with self._txn() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+            has_fts = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
             if "page" not in columns:
                 db.execute(_CHUNK_PAGE)
             if not has_fts:
                 for statement in _FTS.strip().split(";\n"):
                     db.execute(statement)
+
+    @staticmethod
+    def _current_schema(db: sqlite3.Connection) -> bool:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+        return "page" in columns and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone() \
+            is not None
 
     def close(self) -> None:
         with self._lock:

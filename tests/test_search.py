@@ -193,3 +193,28 @@ def test_a_local_cross_encoder_reorders_the_candidates_by_its_scores(tmp_path):
     assert len(hits) == 4 and list(scores) == sorted(scores, reverse=True)
     with pytest.raises(FileNotFoundError, match="no cross-encoder"):
         CrossEncoderReranker(tmp_path / "missing")
+
+
+def test_a_registry_of_the_previous_release_gains_pages_and_word_search_on_open(tmp_path):
+    import sqlite3
+
+    from retrieval.registry import Registry
+
+    old = sqlite3.connect(tmp_path / "registry.sqlite")
+    old.executescript("""
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        INSERT INTO meta VALUES ('generation', '1');
+        CREATE TABLE documents (doc_id TEXT PRIMARY KEY, source TEXT, content_hash TEXT NOT NULL,
+            n_chunks INTEGER NOT NULL, metadata TEXT NOT NULL DEFAULT '{}', updated_at REAL NOT NULL);
+        CREATE TABLE chunks (chunk_id INTEGER PRIMARY KEY AUTOINCREMENT, doc_id TEXT NOT NULL, idx INTEGER NOT NULL,
+            text TEXT NOT NULL, start INTEGER NOT NULL, "end" INTEGER NOT NULL, n_tokens INTEGER NOT NULL,
+            kv_key TEXT NOT NULL, embedding BLOB NOT NULL, UNIQUE (doc_id, idx));
+        INSERT INTO documents VALUES ('old', '/x/old.txt', 'h', 1, '{}', 0);
+        INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding)
+            VALUES ('old', 0, 'the walrus sleeps on the ice', 0, 28, 6, 'k', x'00000000');
+    """)
+    old.close()
+    registry = Registry(tmp_path / "registry.sqlite")
+    assert registry.bm25('"walrus"', 5) == [1]
+    assert registry.get_chunks([1])[0]["page"] is None
+    Registry(tmp_path / "registry.sqlite").close()  # opening again finds it current
