@@ -107,3 +107,11 @@ def test_queue_time_ends_when_the_scheduler_takes_the_request(server):
     index(server.http, id="long", text=" ".join(f"word{i}" for i in range(400)))
     t = ask(server.http, "word7 word9", filter={"doc_id": "long"}, top_k=8)["timings"]
     assert t["queue_ms"] < t["kv_load_ms"] + t["prefill_ms"], t
+
+
+def test_the_servers_min_score_applies_unless_the_request_gives_its_own():
+    from api.schemas import QueryRequest
+
+    assert QueryRequest(question="q").search_options(0.3).min_score == 0.3
+    assert QueryRequest(question="q", min_score=0.1).search_options(0.3).min_score == 0.1
+    assert QueryRequest(question="q").search_options(None).min_score is None
