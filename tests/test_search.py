@@ -218,3 +218,13 @@ def test_a_registry_of_the_previous_release_gains_pages_and_word_search_on_open(
     assert registry.bm25('"walrus"', 5) == [1]
     assert registry.get_chunks([1])[0]["page"] is None
     Registry(tmp_path / "registry.sqlite").close()  # opening again finds it current
+
+
+def test_mmr_in_a_search_trades_a_near_copy_for_another_passage(tmp_path):
+    c = Corpus(tmp_path, HashEmbedder())
+    add(c, "a", "red boat sails fast")
+    add(c, "b", "red boat sails fast today")
+    add(c, "c", "blue whale swims deep")
+    query = "red boat sails fast whale"
+    assert {h.doc_id for h in c.search(query, 2)} == {"a", "b"}
+    assert {h.doc_id for h in c.search(query, 2, SearchOptions(mmr=0.3))} == {"a", "c"}
