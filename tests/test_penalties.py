@@ -88,3 +88,25 @@ def test_repetition_penalty_decodes_as_transformers_processor(tiny_engines):
     ref = engine.model.generate(ids, max_new_tokens=20, min_new_tokens=20, do_sample=False, repetition_penalty=1.5,
                                 eos_token_id=None, pad_token_id=0)
     assert ours == ref[0, ids.shape[1]:].tolist()
+
+
+def test_rows_with_different_penalties_decoded_together_answer_as_each_alone(tiny_engines):
+    from blend.spec import Mode
+    from tests.test_blend import make_layout
+    from tests.test_scheduler import Recorder, scheduler
+
+    engine = tiny_engines["tiny-llama"]
+    samplings = [Sampling(), Sampling(frequency_penalty=1.5), Sampling(presence_penalty=-1.0, repetition_penalty=1.4),
+                 Sampling(repetition_penalty=0.7)]
+    cases = {i: (make_layout(3 + i, 20 + i), QuerySpec(Mode.BLEND, BlendConfig(ratio=0.3), s, 16))
+             for i, s in enumerate(samplings)}
+    solo = {i: engine.generate(lay, spec).run().token_ids for i, (lay, spec) in cases.items()}
+    rec = Recorder()
+    sched = scheduler(engine, rec)
+    for i, (lay, spec) in cases.items():
+        sched.submit(rec.job(engine, i, lay, spec))
+    sched.start()
+    rec.wait(len(cases))
+    sched.stop()
+    assert not rec.errors and max(rec.batches) == len(cases)
+    assert {i: a.token_ids for i, a in rec.answers.items()} == solo
