@@ -76,5 +76,5 @@ def _apply(ctx: typer.Context, param: typer.CallbackParam, value: Optional[Path]
 
 
 ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", callback=_apply, is_eager=True, envvar="RAGBLEND_CONFIG",
+    "--config", callback=_apply, is_eager=True,
     help="a TOML or YAML file with this command's options (flag names); flags given override it")]
