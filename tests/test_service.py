@@ -168,7 +168,7 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
         spec = QuerySpec(max_tokens=12)
         svc.kv.gpu.clear()  # read back from LMDB, not the tier that indexing left warm
         from_store = svc.answer(question, hits, spec).run()
-        layout = engine.layout(question, [h.text for h in hits])
+        layout = svc.layout(question, hits)  # the order the service lays them out in
         in_memory = engine.generate(layout, spec).run()
         assert from_store.token_ids == in_memory.token_ids
         assert (from_store.first_logits - in_memory.first_logits).abs().max().item() == 0.0
