@@ -94,23 +94,31 @@ def test_two_named_keys_work_a_revoked_one_does_not_and_json_logs_carry_request_
 
 
 def test_version_and_short_help():
-    for args in (["--version"], ["-h"], ["serve", "-h"]):
-        r = subprocess.run([sys.executable, "-m", "api.cli", *args], cwd=ROOT, env=ENV, capture_output=True,
-                           text=True, timeout=120)
-        assert r.returncode == 0, r.stderr
-    assert r.stdout.count("--served-model-name") == 1
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["--version"]).output.startswith("ragblend ")
+    for args in (["-h"], ["serve", "-h"]):
+        r = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert r.exit_code == 0 and "Usage" in r.output, r.output
+    assert "--served-model-name" in r.output and "--config" in r.output
 
 
 def test_a_taken_port_is_refused_before_the_model_loads(tmp_path):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--model", "default", "--port", str(port),
-                            "--data-dir", str(tmp_path / "d")], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                           timeout=120)
-    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
-    assert not (tmp_path / "d").exists()  # refused before the data dir or the model
+        r = CliRunner().invoke(app, ["serve", "--model", "nobody-org/not-loaded", "--port", str(port),
+                                     "--data-dir", str(tmp_path / "d")])
+    assert r.exit_code == 2 and f"cannot listen on 127.0.0.1:{port}" in r.output, r.output
+    assert not (tmp_path / "d").exists()  # refused before the data dir or the model (which does not exist)
 
 
 def test_a_data_dir_inside_the_corpus_is_left_out_with_a_note(tmp_path):
@@ -131,16 +139,16 @@ def test_a_local_model_directory_with_its_tokenizer_answers(tmp_path):
     download or `save_pretrained` leaves) with random weights of a real shape and a real tokenizer."""
     from transformers import AutoTokenizer
 
+    from api.cli_common import load_engine
     from blend.loader import bundled_model_dir
     from blend.shapes import random_model
+    from blend.spec import QuerySpec
 
     model_dir = tmp_path / "my-instruct-model"
     random_model("tiny-smol", seed=0).save_pretrained(model_dir)
     AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(model_dir)
-    (tmp_path / "chunks.txt").write_text("The harbour crane lifts forty tonnes.\n\nThe quay is long.\n")
-    r = subprocess.run([sys.executable, "-m", "api.cli", "ask", "--chunks", str(tmp_path / "chunks.txt"),
-                        "--question", "What does the crane lift?", "--model", str(model_dir), "--max-tokens", "4",
-                        "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    assert out["mode"] == "blend" and out["total_tokens"] > 0
+    engine = load_engine(str(model_dir), "cpu", "float32")  # what --model DIR does
+    assert engine.tokenizer is not None and engine.name == str(model_dir)
+    layout = engine.layout("What does the crane lift?", ["The harbour crane lifts forty tonnes.", "The quay is long."])
+    answer = engine.generate(layout, QuerySpec(max_tokens=4)).run()
+    assert answer.mode == "blend" and answer.total_tokens == layout.n_tokens and answer.token_ids
