@@ -152,3 +152,35 @@ def test_a_local_model_directory_with_its_tokenizer_answers(tmp_path):
     layout = engine.layout("What does the crane lift?", ["The harbour crane lifts forty tonnes.", "The quay is long."])
     answer = engine.generate(layout, QuerySpec(max_tokens=4)).run()
     assert answer.mode == "blend" and answer.total_tokens == layout.n_tokens and answer.token_ids
+
+
+def test_ctrl_c_while_indexing_says_what_was_committed_and_a_rerun_resumes(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from api.cli import app
+    from api.service import RagService
+    from retrieval.testing import HashEmbedder
+
+    corpus = tmp_path / "docs"
+    corpus.mkdir()
+    for name in ("a", "b", "c"):
+        (corpus / f"{name}.txt").write_text(f"The {name} harbour crane lifts forty tonnes.")
+    real = RagService.index_document
+    calls = []
+
+    def interrupted_on_the_second(self, doc, report=None, progress=None):
+        calls.append(doc.id)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, doc, report, progress)
+
+    monkeypatch.setattr(RagService, "index_document", interrupted_on_the_second)
+    args = ["index", str(corpus), "--data-dir", str(tmp_path / "data"), *TINY]
+    r = CliRunner().invoke(app, args, obj={"embedder": HashEmbedder()})
+    assert r.exit_code == 130 and "interrupted: 1 of 3 documents committed" in r.output, r.output
+    assert "Run the same command again to resume" in r.output
+    monkeypatch.setattr(RagService, "index_document", real)
+    again = CliRunner().invoke(app, [*args, "--json"], obj={"embedder": HashEmbedder()})
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output.strip().splitlines()[-1])["unchanged"] == 1
+    assert set(documents(tmp_path / "data")) == {"docs/a.txt", "docs/b.txt", "docs/c.txt"}
