@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RB := $(VENV)/bin/ragblend
 DATA ?= .data/demo
-QUESTION ?= Who designed the Halvard Bridge, and where was she born?
+QUESTION ?= Who designed the Halvard Bridge, and when did it open?
 
 .PHONY: setup demo test browser bench-tiny clean
 setup: $(VENV)/.installed

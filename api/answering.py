@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import torch
 from fastapi import Request
 
 from api.errors import ApiError
 from api.service import RagService, Retrieved
 from api.settings import Settings
 from api.worker import EMPTY_INDEX, Failed, Finished, ModelWorker, QueryJob, QueryParams, QueueFull, Started
+from retrieval.search import BadSearch
 from blend.engine import Answer
 from blend.prompt import Layout
 
 DISCONNECT_POLL_S = 0.5
 QUEUED_COMMENT_S = 2.0  # a streamed request waiting for the model sends an SSE comment this often
+NOT_COVERED = "The indexed documents do not cover this question"
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never seen by anyone
 
 
@@ -51,14 +54,36 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
 
 
 def enqueue(worker: ModelWorker, params: QueryParams, retrieved: Retrieved, layout: Layout) -> QueryJob:
-    """A retrieved and laid-out query into the worker's queue; a full queue is 503 + Retry-After."""
+    """A retrieved and laid-out query into the worker's queue; a full queue is 503 + Retry-After.
+    With no chunk retrieved (none passed min_score or the filter) the job is answered at once
+    that the documents do not cover the question: no model call, so nothing the model might
+    make up beside sources that do not back it."""
     job = QueryJob(params, asyncio.get_running_loop(), retrieved, layout)
+    if not retrieved.hits:
+        return not_covered(job)
     try:
         worker.submit(job)
     except QueueFull as e:
         raise ApiError(503, f"the model's queue is full ({worker.max_queue} waiting); retry in {e.retry_after} s",
                        headers={"Retry-After": str(e.retry_after)}) from None
     return job
+
+
+def not_covered(job: QueryJob) -> QueryJob:
+    """The job answered with NOT_COVERED, through the events a served job sends."""
+    spec = job.params.spec
+    text = not_covered_text(job.params.search.min_score)
+    job.emit(Started([], job.retrieved.retrieve_ms, 0.0))
+    job.emit(text)
+    job.emit(Finished(Answer(text=text, token_ids=[], mode=spec.mode.value, ratio=None, ttft_ms=0.0, kv_load_ms=0.0,
+                             prefill_ms=0.0, per_token_ms=0.0, recomputed_tokens=0, total_tokens=0, chunk_tokens=0,
+                             first_logits=torch.zeros(0), finish_reason="stop")))
+    return job
+
+
+def not_covered_text(min_score: float | None) -> str:
+    floor = f" scored at least {min_score:g}" if min_score is not None else " matched the filter"
+    return f"{NOT_COVERED} (no passage{floor}; nothing was generated)."
 
 
 async def wait_started(job: QueryJob, request: Request) -> Started:
@@ -89,10 +114,19 @@ async def while_queued(job: QueryJob, request: Request, every_s: float = QUEUED_
 
 
 def prepare(service: RagService, params: QueryParams) -> tuple[Retrieved, Layout]:
-    retrieved = service.retrieve(params.question, params.top_k)
-    if not retrieved.hits:
+    retrieved = retrieve(service, params.question, params)
+    return retrieved, service.layout(params.question, retrieved.hits)
+
+
+def retrieve(service: RagService, query: str, params: QueryParams) -> Retrieved:
+    """The chunks for `query`, best first; none (not covered) unless the index is empty (409)."""
+    try:
+        retrieved = service.retrieve(query, params.top_k, params.search)
+    except BadSearch as e:
+        raise ApiError(422, str(e)) from None
+    if not retrieved.hits and len(service.corpus) == 0:
         raise ApiError(409, EMPTY_INDEX)
-    return retrieved, service.engine.layout(params.question, [h.text for h in retrieved.hits])
+    return retrieved
 
 
 async def next_event(job: QueryJob, request: Request) -> object:

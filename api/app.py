@@ -15,6 +15,7 @@ from api.errors import install_handlers
 from api.indexer import Indexer
 from api.metrics import Metrics, RequestMetrics
 from api.middleware import BearerAuth, BodyLimit, CatchAll
+from api.request_log import RequestContext, use_json_logs
 from api.routes import documents, openai, page, query, system
 from api.service import RagService
 from api.settings import Settings
@@ -96,7 +97,7 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     app.state.settings, app.state.metrics = settings, metrics
     install_handlers(app)
     # Declares the scheme in the OpenAPI document (the docs' "Authorize" button); BearerAuth enforces it.
-    secured = [Depends(HTTPBearer(auto_error=False))] if settings.api_key else []
+    secured = [Depends(HTTPBearer(auto_error=False))] if settings.secured else []
     app.include_router(system.router)
     app.include_router(page.router)  # the page is open; the API calls it makes carry the key
     app.include_router(system.metrics_router, dependencies=secured)
@@ -108,9 +109,10 @@ def create_app(settings: Settings, service: RagService | None = None) -> FastAPI
     app.add_middleware(CatchAll)
     app.add_middleware(BodyLimit, default=settings.max_body_bytes,
                        per_path={"/v1/documents": settings.max_upload_bytes})
-    if settings.api_key:
-        app.add_middleware(BearerAuth, api_key=settings.api_key_value())
+    if settings.secured:
+        app.add_middleware(BearerAuth, keys=settings.key_ring())
     app.add_middleware(RequestMetrics, metrics=metrics, paths=lambda: app.openapi()["paths"])
+    app.add_middleware(RequestContext, log_access=settings.log_format == "json")  # outermost: every line has the id
     return app
 
 
@@ -127,17 +129,22 @@ def _snapshot(svc: RagService, worker: ModelWorker, indexer: Indexer) -> dict:
 def serve(settings: Settings, service: RagService | None = None) -> None:
     import uvicorn
 
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.secured:
         log.warning("serving on %s without an API key: anyone who can reach it can query and change the index",
                     settings.host)
     from api.connections import ACCEPT_BACKLOG, defer_accept, guarded_protocol, raise_fd_limit, rate_limit_logs
 
     app = create_app(settings, service)
     max_connections = raise_fd_limit(settings.max_connections)
+    json_logs = settings.log_format == "json"
+    if json_logs:
+        use_json_logs(settings.log_level)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=5, timeout_keep_alive=settings.keep_alive_s,
                             backlog=max(ACCEPT_BACKLOG, max_connections),
-                            http=guarded_protocol(max_connections, settings.request_timeout_s))
+                            http=guarded_protocol(max_connections, settings.request_timeout_s),
+                            access_log=not json_logs,  # json: RequestContext logs access
+                            **({"log_config": None} if json_logs else {}))
     rate_limit_logs("uvicorn", "uvicorn.error", "uvicorn.access", "asyncio")  # after uvicorn set its handlers up
     sock = config.bind_socket()
     defer_accept(sock, settings.request_timeout_s)

@@ -9,8 +9,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
-                            load_engine, selection_of, set_threads, unit_floats)
+from api.config_file import ConfigOpt
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
+                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
+                            penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
 from store.quant import DEFAULT_FORMAT
 
@@ -30,7 +32,25 @@ class _App(typer.Typer):
 
 
 app = _App(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+           context_settings={"help_option_names": ["-h", "--help"]},
            help="RAG serving with CacheBlend: reuse precomputed chunk KV caches.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"ragblend {version('ragblend')}")
+        except PackageNotFoundError:
+            typer.echo("ragblend (not installed as a package)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="print the version and exit")] = False) -> None:
+    """RAG serving with CacheBlend: reuse precomputed chunk KV caches."""
 
 ModeOpt = Annotated[str, typer.Option(help="prefill mode: full, prefix, reuse or blend")]
 Ratio = Annotated[float, typer.Option(min=0.0, max=1.0, help="blend: share of chunk tokens recomputed")]
@@ -105,6 +125,7 @@ def index(
     kv_store: KvStoreOpt = None,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="read file symlinks that point outside "
                                                                             "the given directories (skipped by default)")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -112,6 +133,7 @@ def index(
     line's `id`. An id that already names a different document (from another file, or added
     through the API) is refused and reported, never overwritten; the exit code is then 1."""
     from api.progress import TokenProgress
+    from api.service import IndexReport
     from retrieval.loaders import collect_skips, load_roots
 
     for p in paths:
@@ -120,8 +142,10 @@ def index(
     if index_kind not in ("flat", "hnsw"):
         fail("--index-kind must be flat or hnsw")
     set_threads(threads)
+    from api.service import default_data_dir
+
     with collect_skips() as skipped:
-        docs = list(load_roots(paths, follow_outside=follow_symlinks))
+        docs = list(load_roots(paths, follow_outside=follow_symlinks, exclude=data_dir or default_data_dir()))
     if not docs:
         if as_json:
             typer.echo(json.dumps({"documents": 0, "skipped": skipped}, ensure_ascii=False))
@@ -149,13 +173,22 @@ def index(
         service.close()
         fail(refusal)
     bar = TokenProgress(plan.changed_tokens, "indexing")
+    report = IndexReport()
+    interrupted = False
     try:
         with service.corpus.bulk():
-            report = service.index_documents(docs, bar.update)
+            service.index_documents(docs, bar.update, report)
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         bar.close()
         usage = service.store.usage()  # what the cap counts, after: set beside the estimate
         service.close()
+    if interrupted:
+        typer.echo(f"\ninterrupted: {report.committed} of {len(docs)} documents committed ({report.kv_computed} "
+                   "chunk KVs computed). Run the same command again to resume: committed documents are skipped "
+                   "as unchanged, and chunk KV already stored is reused.", err=True)
+        raise typer.Exit(130)
     report.skipped = skipped
     summary = {**report.as_dict(), "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
                "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
@@ -332,7 +365,19 @@ def ask(
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
     seed: Optional[int] = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     top_k: Annotated[int, typer.Option(min=1, max=64, help="chunks to retrieve")] = 6,
+    min_score: Annotated[Optional[float], typer.Option(help="least cosine similarity a chunk needs; with none over it "
+                                                            "the answer says the documents do not cover the question")] = None,
+    filters: Annotated[Optional[list[str]], typer.Option("--filter", help="KEY=VALUE, repeatable: doc_id=ID, "
+                                                         "doc_prefix=P, source=GLOB, or a metadata key=value")] = None,
+    retrieval: Annotated[str, typer.Option(help="dense, bm25 or hybrid (both, reciprocal rank fusion)")] = "dense",
+    reranker: Annotated[Optional[Path], typer.Option(help="rerank the candidates with this local CrossEncoder "
+                                                          "directory")] = None,
+    mmr: Annotated[Optional[float], typer.Option(help="maximal marginal relevance λ in (0, 1]: lower = more "
+                                                      "diverse chunks (default: off)")] = None,
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
@@ -341,8 +386,11 @@ def ask(
     threads: ThreadsOpt = None,
     kv_store: KvStoreOpt = None,
 ) -> None:
-    """Answer a question from the given chunks (--chunks) or from an indexed corpus."""
-    from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling
+    """Answer a question from the given chunks (--chunks) or from an indexed corpus. With the bundled
+    model, penalties not given default to blend.spec.BUNDLED_PENALTIES (its answers loop without)."""
+    from blend.loader import DEFAULT_MODEL
+    from blend.spec import BadQuery, BlendConfig, QuerySpec, Sampling, default_penalties
+    from retrieval.search import BadSearch, Filter, SearchOptions
     from retrieval.rules import text_problem
 
     q = question or question_arg
@@ -351,9 +399,11 @@ def ask(
     if problem := text_problem(q):  # bytes that are not UTF-8 arrive as lone surrogates
         fail(f"the question {problem}")
     set_threads(threads)
+    given = penalties_given(frequency_penalty, presence_penalty, repetition_penalty)
     try:
         spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
-                         Sampling(temperature, top_p, seed), max_tokens)
+                         Sampling(temperature, top_p, seed, **{**default_penalties(model == DEFAULT_MODEL),
+                                                               **given}), max_tokens)
     except BadQuery as e:
         fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
     hits = None
@@ -370,7 +420,16 @@ def ask(
         engine = service.engine
         if len(service.corpus) == 0:
             fail(f"the index in {service.data_dir} is empty: run `ragblend index PATH` first")
-        hits = service.retrieve(q, top_k).hits
+        if reranker is not None:
+            service.reranker = _reranker(reranker)
+        try:
+            options = SearchOptions(min_score, Filter.parse(filters or []), retrieval, reranker is not None, mmr)
+            hits = service.retrieve(q, top_k, options).hits
+        except BadSearch as e:
+            fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
+        if not hits:
+            _not_covered(min_score, as_json)
+            return
         texts = [h.text for h in hits]
     try:
         gen = engine.generate(engine.layout(q, texts), spec) if hits is None else service.answer(q, hits, spec)
@@ -390,15 +449,17 @@ def ask(
             "ttft_ms": round(ans.ttft_ms, 3), "recomputed_tokens": ans.recomputed_tokens,
             "cached_tokens": ans.cached_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
-            **({} if hits is None else {"chunks": [
-                {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 5), "text": h.text}
-                for h in hits]}),
+            **({} if hits is None else {"covered": True, "chunks": [
+                {"doc_id": h.doc_id, "chunk_id": h.chunk_id, "chunk": h.index + 1, "doc_chunks": h.doc_chunks,
+                 "page": h.page, "score": round(h.score, 5), "text": h.text} for h in hits]}),
         }, ensure_ascii=False))
     else:
         if hits:  # the sources, under the answer
             typer.echo("sources:")
             for i, h in enumerate(hits, 1):
-                typer.echo(f"  [{i}] {h.doc_id}  chunk {h.chunk_id}  score {h.score:.4f}")
+                page = f"  p. {h.page}" if h.page is not None else ""
+                typer.echo(f"  [{i}] {h.doc_id}  chunk {h.index + 1}/{h.doc_chunks}{page}  score {h.score:.4f}")
+                typer.echo(f"      {_passage(h.text)}")
         how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
         if ans.guard_raised:
             how += f" (guard raised it from {ans.requested_ratio:g})"
@@ -620,8 +681,11 @@ def serve(
                                                         "/health and the docs. Visible in `ps`: prefer --api-key-file "
                                                         "or the environment variable RAGBLEND_API_KEY")] = None,
     api_key_file: Annotated[Optional[Path], typer.Option(
-        envvar="RAGBLEND_API_KEY_FILE", help="read the API key from this file (its first line; env "
-                                             "RAGBLEND_API_KEY_FILE), which keeps it out of `ps`")] = None,
+        envvar="RAGBLEND_API_KEY_FILE", help="API keys, one a line: `NAME KEY` (or a bare KEY); the logs name the "
+                                             "key used, and the file is read again when it changes (delete a line to "
+                                             "revoke a key). Keeps keys out of `ps` (env RAGBLEND_API_KEY_FILE)")] = None,
+    log_format: Annotated[Optional[str], typer.Option(help="text or json (one object a line, with the request id "
+                                                           "and the API key's name) (default: text)")] = None,
     max_queue: Annotated[Optional[int], typer.Option(help="queries waiting for the model before 503 (default: 32)")] = None,
     chunk_tokens: Annotated[Optional[int], typer.Option(help="chunk size of documents added through the API (default: the data dir's recorded one, else 384)")] = None,
     max_tokens: Annotated[Optional[int], typer.Option(help="cap on a request's max_tokens (default: 512)")] = None,
@@ -651,6 +715,14 @@ def serve(
     log_level: Annotated[Optional[str], typer.Option(help="uvicorn's: warning hides the access log (default: info)")] = None,
     threads: ThreadsOpt = None,
     kv_store: KvStoreOpt = None,
+    min_score: Annotated[Optional[float], typer.Option(help="least cosine similarity a chunk needs, unless a request "
+                                                            "gives its own; under it for every chunk, the answer says "
+                                                            "the documents do not cover the question (default: none)")] = None,
+    reranker: Annotated[Optional[Path], typer.Option(help="a local CrossEncoder directory: requests with "
+                                                          "`rerank: true` reorder their candidates with it")] = None,
+    served_model_name: Annotated[Optional[str], typer.Option(help="the model's name on the OpenAI routes "
+                                                                  "(default: --model's value)")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Serve the REST API (FastAPI on uvicorn). Every flag may also come from RAGBLEND_<FLAG>.
 
@@ -662,15 +734,14 @@ def serve(
     from api.settings import Settings
 
     if api_key_file is not None:
+        from api.keys import KeyFileError, KeyRing
+
         if api_key is not None:
             fail("give --api-key or --api-key-file, not both")
         try:
-            lines = api_key_file.read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            fail(f"--api-key-file {api_key_file}: cannot read it ({e})")
-        api_key = lines[0].strip() if lines else ""
-        if not api_key:
-            fail(f"--api-key-file {api_key_file}: the file is empty; its first line is the key")
+            KeyRing(path=api_key_file)  # read once now: a bad file is an error before the model loads
+        except KeyFileError as e:
+            fail(f"--api-key-file {api_key_file}: {e}")
     set_threads(threads)
     try:
         settings = Settings.from_env(host=host, port=port, data_dir=data_dir, model=model, device=device,
@@ -679,18 +750,69 @@ def serve(
                                      kv_memory_share=kv_memory_share, prefill_tokens=prefill_tokens,
                                      slot_tokens=slot_tokens, max_body_bytes=max_body_bytes,
                                      max_upload_bytes=max_upload_bytes, log_level=log_level, kv_store=kv_store,
-                                     max_ratio=max_ratio, gpu_tier_mb=gpu_tier_mb, cpu_tier_mb=cpu_tier_mb)
+                                     max_ratio=max_ratio, gpu_tier_mb=gpu_tier_mb, cpu_tier_mb=cpu_tier_mb,
+                                     min_score=min_score, reranker=reranker, served_model_name=served_model_name,
+                                     api_key_file=api_key_file, log_format=log_format)
     except ValidationError as e:
         fail("; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors(include_url=False)))
     import os
 
+    if problem := _port_problem(settings.host, settings.port):  # before the model loads, not after
+        fail(problem)
     # The data dir's recorded chunk size unless --chunk-tokens (or RAGBLEND_CHUNK_TOKENS) asks for one.
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
     hot = {} if settings.gpu_tier_mb is None else {"hot_bytes": settings.gpu_tier_mb << 20}
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
                        chunk_tokens=asked, kv_store=settings.kv_store, **hot,
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
+    if settings.reranker is not None:
+        service.reranker = _reranker(settings.reranker)
     run(settings, service)
+
+
+def _port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, found by binding it once (with the
+    SO_REUSEADDR uvicorn sets, so only a port another socket listens on is refused)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        return f"--host {host}: cannot resolve it ({e.strerror})"
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            return (f"cannot listen on {host}:{port} ({e.strerror}): another server may hold it; "
+                    "pick another with --port")
+    return None
+
+
+def _reranker(path: Path):
+    from retrieval.rerank import CrossEncoderReranker
+
+    try:
+        return CrossEncoderReranker(path)
+    except (OSError, ValueError) as e:
+        fail(f"--reranker {path}: {e}")
+
+
+PASSAGE_CHARS = 160  # of each source's text shown under an answer (--json gives it whole)
+
+
+def _passage(text: str) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= PASSAGE_CHARS else flat[:PASSAGE_CHARS - 1].rstrip() + "…"
+
+
+def _not_covered(min_score: float | None, as_json: bool) -> None:
+    """What `ask` says when no chunk passes --min-score or --filter: no model call."""
+    from api.answering import not_covered_text
+
+    text = not_covered_text(min_score)
+    typer.echo(json.dumps({"answer": text, "covered": False, "chunks": []}) if as_json else text)
 
 
 def main() -> None:

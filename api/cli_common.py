@@ -25,6 +25,21 @@ GuardOpt = Annotated[Optional[float], typer.Option(
          "distance to full is over this bound; off when absent")]
 
 
+FrequencyPenaltyOpt = Annotated[Optional[float], typer.Option(
+    help="OpenAI's frequency_penalty, in [-2, 2]: an answer token's logit minus this × its count so far")]
+PresencePenaltyOpt = Annotated[Optional[float], typer.Option(
+    help="OpenAI's presence_penalty, in [-2, 2]: minus this for every token already in the answer")]
+RepetitionPenaltyOpt = Annotated[Optional[float], typer.Option(
+    help="vLLM's repetition_penalty, in (0, 2]: tokens of the prompt or answer have positive logits divided by it "
+         "(1 = off)")]
+
+
+def penalties_given(frequency: float | None, presence: float | None, repetition: float | None) -> dict[str, float]:
+    """The penalty options given on the command line, as blend.spec.Sampling's keyword arguments."""
+    return {k: v for k, v in (("frequency_penalty", frequency), ("presence_penalty", presence),
+                              ("repetition_penalty", repetition)) if v is not None}
+
+
 def default_threads() -> int:
     """Half the CPUs this process may run on, between 1 and 4: torch's own default (one thread per
     core) oversubscribes a host that also runs the server's other threads or other processes

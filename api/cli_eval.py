@@ -7,8 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
-                            load_engine, selection_of, set_threads, unit_floats)
+from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
+                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
+                            penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import SELECTIONS
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
@@ -111,9 +112,20 @@ def eval_command(
     threads: ThreadsOpt = None,
     kv_dtype: Annotated[Optional[str], typer.Option(help="serve the chunks' KV as a store in this format would "
                                                          "(int8, fp8, bfloat16, float16, float32); default: unquantized")] = None,
+    frequency_penalty: FrequencyPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
 ) -> None:
-    """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png."""
+    """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png.
+    Decoding is greedy, without penalties unless given."""
     set_threads(threads)
+    from blend.spec import BadQuery, Sampling
+
+    penalties = penalties_given(frequency_penalty, presence_penalty, repetition_penalty)
+    try:
+        Sampling(**penalties)
+    except BadQuery as e:
+        fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
     from blend.spec import MODES
     from eval import report, runner
 
@@ -130,7 +142,8 @@ def eval_command(
     engine = load_engine(model, device, dtype)
     try:
         variants = runner.mode_variants(mode_list, ratio_list, check_layer, selection, guard)
-        config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k)
+        config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k,
+                                   penalties=penalties)
         if kv_dtype is not None:
             from store.quant import kv_format
             config["kv_format"] = kv_format(kv_dtype).name

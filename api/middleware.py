@@ -3,13 +3,14 @@ disconnects): bearer-token auth and request body limits, both decided before rou
 from __future__ import annotations
 
 import logging
-import secrets
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import error_response
+from api.keys import KeyRing
+from api.request_log import KEY_NAME
 
 log = logging.getLogger(__name__)
 INTERNAL = "internal server error (logged on the server)"
@@ -19,23 +20,24 @@ OPEN_PREFIX = "/docs/static/"  # the docs pages' own scripts and styles (api/doc
 
 class BearerAuth:
     """Checked before any body is read, so an unauthenticated client cannot make the server
-    buffer an upload. /health and the OpenAPI docs stay open (they show no content)."""
+    buffer an upload. /health and the OpenAPI docs stay open (they show no content). The key's
+    name (api/keys.py) goes into the request's state and log context, never the key."""
 
-    def __init__(self, app: ASGIApp, api_key: str):
-        # Compared as bytes, the key's UTF-8 against the header's raw bytes: a header value is not
-        # text (Starlette decodes it as Latin-1), so a key with non-ASCII characters would
-        # otherwise never match.
-        self.app, self.key = app, api_key.encode("utf-8", "surrogateescape")
+    def __init__(self, app: ASGIApp, keys: KeyRing):
+        self.app, self.keys = app, keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] not in OPEN_PATHS and not scope["path"].startswith(OPEN_PREFIX):
             raw = next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b"")
             scheme, _, token = raw.partition(b" ")
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+            name = self.keys.name_of(token.strip()) if scheme.lower() == b"bearer" else None
+            if name is None:
                 response = error_response(scope["path"], 401, "missing or wrong API key: send the header "
                                           "`Authorization: Bearer <key>`", headers={"WWW-Authenticate": "Bearer"})
                 await response(scope, receive, send)
                 return
+            scope.setdefault("state", {})["api_key"] = name
+            KEY_NAME.set(name)
         await self.app(scope, receive, send)
 
 

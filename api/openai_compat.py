@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from api.answering import EMPTY_INDEX, enqueue, finish_reason, pieces, question_token_limit
+from api.answering import EMPTY_INDEX, enqueue, finish_reason, pieces, question_token_limit, retrieve
 from api.errors import ApiError
 from api.service import RagService
 from api.settings import Settings
@@ -37,7 +37,6 @@ MODEL_ALIASES = ("ragblend",)  # besides the served model's own name
 UNSUPPORTED = {
     "tools": (None, []), "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
     "response_format": (None, {"type": "text"}), "n": (None, 1), "best_of": (None, 1),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "repetition_penalty": (None, 1, 1.0),
     "logit_bias": (None, {}), "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,),
     "echo": (None, False), "suffix": (None, ""), "web_search_options": (None,),
 }
@@ -54,9 +53,15 @@ def refuse_unsupported(fields: dict) -> None:
                            code="unsupported_parameter")
 
 
-def check_model(model: str | None, service: RagService) -> None:
-    if model is not None and model not in (service.engine.name, *MODEL_ALIASES):
-        raise ApiError(404, f"The model {model!r} does not exist: this server serves {service.engine.name!r} "
+def served_name(service: RagService, settings: Settings) -> str:
+    """The model's name on the OpenAI surface: --served-model-name, else what --model named."""
+    return settings.served_model_name or service.engine.name
+
+
+def check_model(model: str | None, name: str) -> None:
+    """`name`: served_name(...). The engine's own name stays an alias when another is served."""
+    if model is not None and model not in (name, *MODEL_ALIASES):
+        raise ApiError(404, f"The model {model!r} does not exist: this server serves {name!r} "
                             "(see GET /v1/models)", param="model", code="model_not_found")
 
 
@@ -143,10 +148,9 @@ async def submit(request: Request, service: RagService, worker: ModelWorker, set
         raise ApiError(409, EMPTY_INDEX)
 
     def prepare():
-        retrieved = service.retrieve(prompted.retrieval_query, params.top_k)
-        if not retrieved.hits:
-            raise ApiError(409, EMPTY_INDEX)
-        layout = Layout(prompts.prefix_ids, [prompts.chunk_ids(h.text) for h in retrieved.hits],
+        retrieved = retrieve(service, prompted.retrieval_query, params)
+        # best chunk last, nearest the question, as RagService.layout lays them out
+        layout = Layout(prompts.prefix_ids, [prompts.chunk_ids(h.text) for h in reversed(retrieved.hits)],
                         prompts.encode(prompted.question_part + prompts.tail_text))
         return retrieved, layout
 

@@ -7,11 +7,14 @@ from typing import Annotated, Any, Literal
 from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StringConstraints, field_validator,
                       model_validator)
 
+from api.errors import ApiError
 from api.settings import MAX_TOKENS_HARD
+from retrieval.search import DEFAULT_RETRIEVAL, RETRIEVALS, BadSearch, Filter, SearchOptions
 from retrieval.rules import (MAX_ID_CHARS, MAX_METADATA_BYTES, MAX_METADATA_DEPTH, MAX_METADATA_KEYS, id_problem,
                              metadata_problem, text_problem)
 from blend.spec import (DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, DEFAULT_SELECTION,
-                        MODES, SELECTIONS, BlendConfig, temperature_problem, top_p_problem)
+                        FREQUENCY_PENALTY_RANGE, MAX_REPETITION_PENALTY, MODES, PRESENCE_PENALTY_RANGE, SELECTIONS,
+                        BlendConfig, Sampling, temperature_problem, top_p_problem)
 
 MAX_QUESTION_CHARS = 32_000      # cheap guard before tokenizing; the token limit is the real one
 MAX_DOCUMENT_CHARS = 4_000_000   # also bounded by the upload size limit
@@ -95,9 +98,74 @@ Temperature = Annotated[float, Field(allow_inf_nan=False, description="0 = greed
                         _rule(temperature_problem)]
 TopP = Annotated[float, Field(allow_inf_nan=False, description="in [1e-6, 1]"), _rule(top_p_problem)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
+FrequencyPenalty = Annotated[float, Field(
+    ge=FREQUENCY_PENALTY_RANGE[0], le=FREQUENCY_PENALTY_RANGE[1], allow_inf_nan=False,
+    description="OpenAI's: each answer token's logit lowered by this × the times it was generated so far")]
+PresencePenalty = Annotated[float, Field(
+    ge=PRESENCE_PENALTY_RANGE[0], le=PRESENCE_PENALTY_RANGE[1], allow_inf_nan=False,
+    description="OpenAI's: each token already in the answer has its logit lowered by this")]
+RepetitionPenalty = Annotated[float, Field(
+    gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+    description="vLLM's: a token of the prompt or the answer has a positive logit divided by this, "
+                "a negative one multiplied (1 = off)")]
 
 
 # -- query ------------------------------------------------------------------------------------
+MetaValue = Annotated[str, StringConstraints(max_length=1024)] | int | float | bool
+
+
+class FilterIn(BaseModel):
+    """Which documents a query may draw from; every given condition must hold."""
+    model_config = ConfigDict(extra="forbid")
+    doc_id: DocId | list[DocId] | None = Field(None, description="a document id, or a list of them (any)")
+    doc_prefix: Annotated[str, StringConstraints(min_length=1, max_length=MAX_ID_CHARS)] | None = Field(
+        None, description="ids starting with this (`handbook/`)")
+    source: Annotated[str, StringConstraints(min_length=1, max_length=1024)] | None = Field(
+        None, description="a glob over the source: the file path for `ragblend index`, `upload:NAME` for uploads")
+    metadata: dict[str, MetaValue] = Field(default_factory=dict, max_length=32,
+                                           description="key → value, each equal to the document's metadata value")
+
+    def filter(self) -> Filter:
+        ids = (self.doc_id,) if isinstance(self.doc_id, str) else tuple(self.doc_id or ())
+        return Filter(ids, self.doc_prefix, self.source, dict(self.metadata))
+
+
+class RetrievalFields(BaseModel):
+    """What every query route takes about retrieval (for the OpenAI routes, as `extra_body`)."""
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, allow_inf_nan=False, description=(
+        "least cosine similarity a chunk needs; when none has it the answer says the documents do not "
+        "cover the question, without a model call (default: the server's --min-score)"))
+    filter: FilterIn | None = None
+    retrieval: Literal[RETRIEVALS] = Field(DEFAULT_RETRIEVAL, description=(
+        "dense (embeddings), bm25 (words, SQLite FTS5) or hybrid (both, reciprocal rank fusion)"))
+    rerank: StrictBool = Field(False, description="reorder the candidates with the server's cross-encoder "
+                                                  "(serve --reranker PATH)")
+    mmr: float | None = Field(None, gt=0.0, le=1.0, allow_inf_nan=False, description=(
+        "maximal marginal relevance λ: 1 = relevance only, lower = more diverse chunks (default: off)"))
+
+    def search_options(self, default_min_score: float | None) -> SearchOptions:
+        try:
+            return SearchOptions(self.min_score if self.min_score is not None else default_min_score,
+                                 self.filter.filter() if self.filter else Filter(), self.retrieval, self.rerank,
+                                 self.mmr)
+        except BadSearch as e:
+            raise ApiError(422, str(e)) from None
+
+
+class PenaltyFields(BaseModel):
+    """Repetition control, on every query route; absent means off (OpenAI's and vLLM's defaults)."""
+    frequency_penalty: FrequencyPenalty | None = None
+    presence_penalty: PresencePenalty | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+
+    def sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> Sampling:
+        """The engine's Sampling from these fields and the route's own (None: blend.spec's default)."""
+        given = {"temperature": temperature, "top_p": top_p, "seed": seed,
+                 "frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty,
+                 "repetition_penalty": self.repetition_penalty}
+        return Sampling(**{k: v for k, v in given.items() if v is not None})
+
+
 class BlendFields(RequestBody):
     """The prefill settings every query route takes (for the OpenAI route, as `extra_body`)."""
     mode: Mode = Field("blend", description="prefill mode: full, prefix, reuse or blend")
@@ -121,7 +189,7 @@ class BlendFields(RequestBody):
                            self.guard, max_ratio=None if pinned or self.ratio > DEFAULT_MAX_RATIO else DEFAULT_MAX_RATIO)
 
 
-class QueryRequest(BlendFields):
+class QueryRequest(BlendFields, PenaltyFields, RetrievalFields):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"question": "Who designed the Halvard Bridge?", "top_k": 4, "mode": "blend", "ratio": 0.15,
          "max_tokens": 64, "temperature": 0.0, "stream": False}]})
@@ -136,14 +204,19 @@ class QueryRequest(BlendFields):
 
 
 class ChunkOut(BaseModel):
+    """A source: the passage the answer was given, and where it is in its document."""
     doc_id: str
-    chunk_id: int
-    score: float
+    chunk_id: int = Field(description="the registry's id (global, stable)")
+    chunk: int = Field(0, description="the chunk's number in its document, from 1")
+    doc_chunks: int = Field(0, description="its document's chunk count")
+    page: int | None = Field(None, description="PDF: the page the passage starts on")
+    score: float = Field(description="cosine similarity to the question")
     text: str
 
 
 class Timings(BaseModel):
-    queue_ms: float = Field(description="waiting for the model")
+    queue_ms: float = Field(description="waiting for the model: from the request's arrival in the queue until the "
+                                        "scheduler takes it (its KV load and prefill are not counted here)")
     retrieve_ms: float
     kv_load_ms: float = Field(description="chunk KVs from the hot tier or LMDB")
     prefill_ms: float
@@ -166,7 +239,9 @@ class Usage(BaseModel):
 
 class QueryResponse(BaseModel):
     answer: str
-    chunks: list[ChunkOut]
+    chunks: list[ChunkOut] = Field(description="the sources, best first")
+    covered: bool = Field(True, description="false: no chunk passed min_score or the filter, and the answer says "
+                                            "so without a model call")
     timings: Timings
     mode: Mode
     ratio: float | None = Field(description="blend: the ratio used (above the asked one if the guard raised it)")
@@ -188,8 +263,8 @@ class DocumentIn(RequestBody):
         {"id": "notes-1", "text": "The Halvard Bridge was designed by Mira Solberg.", "metadata": {"lang": "en"}}]})
 
     id: DocId | None = Field(None, description="opaque id; when absent, `sha256:` + a hash of the text, so the "
-                                                "same text sent again is not a duplicate. "
-                                                "An existing id is replaced")
+                                                "same text sent again is not a duplicate (an upload's default is "
+                                                "its file name). An existing id is replaced")
     text: Annotated[str, StringConstraints(min_length=1, max_length=MAX_DOCUMENT_CHARS)]
     metadata: dict[str, Any] = Field(default_factory=dict, description=(
         f"a JSON object: at most {MAX_METADATA_DEPTH} levels deep, {MAX_METADATA_KEYS} keys in all and "
@@ -276,6 +351,8 @@ class Health(BaseModel):
     shared_kv: dict[str, Any] | None = Field(None, description=(
         "with --kv-store: the shared tier's state. `degraded` while its circuit breaker is open (queries "
         "recompute their chunks instead of waiting on it); the server's `status` then says degraded too"))
+    suggested_sampling: dict[str, float] = Field(default_factory=dict, description=(
+        "penalties the web page starts from for this model (the bundled one loops without them)"))
 
 
 class ErrorOut(BaseModel):
@@ -303,9 +380,9 @@ class StreamOptions(RequestBody):
 Stop = Annotated[str | list[str] | None, Field(None, description="up to 4 strings; the answer ends before the first")]
 
 
-class ChatRequest(BlendFields):
+class ChatRequest(BlendFields, PenaltyFields, RetrievalFields):
     """OpenAI's chat body. Fields ragblend cannot honour (tools, response_format, n > 1,
-    penalties, logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
+    logit_bias, ...) are refused with a 400 naming them (api/openai_compat.py); those
     that change nothing (user, store, metadata, ...) are accepted. `mode`, `ratio` and `top_k` are
     ragblend's own (the client's `extra_body`)."""
     model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [
@@ -331,7 +408,7 @@ class ChatRequest(BlendFields):
     top_logprobs: int | None = Field(None, strict=True, ge=0, le=20, description="alternatives per token (with logprobs)")
 
 
-class CompletionRequest(BlendFields):
+class CompletionRequest(BlendFields, PenaltyFields, RetrievalFields):
     """OpenAI's (legacy) completions: the prompt is the question, answered from the retrieved chunks."""
     model_config = ConfigDict(extra="allow")
 

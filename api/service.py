@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from blend.engine import Engine, Generation
+from blend.prompt import Layout
 from blend.loader import load_model
 from blend.spec import QuerySpec
 from retrieval import Corpus, Document, Embedder, chunk_text
-from retrieval.corpus import Hit
+from retrieval.corpus import Hit, Reranker
+from retrieval.search import SearchOptions
 from store.backend import open_kv_store
 from store.tiers import tier_budgets
 
@@ -44,6 +46,7 @@ class IndexReport:
     kv_deleted: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    committed: int = 0  # documents stored or found unchanged: what an interrupted run keeps
 
     def as_dict(self) -> dict:
         return {"documents": self.documents, "unchanged": self.unchanged, "chunks": self.chunks,
@@ -87,6 +90,7 @@ class RagService:
         self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=sized[0] if hot_bytes is None else hot_bytes,
                                        cpu_bytes=sized[1] if pinned_bytes is None else pinned_bytes)
         self.write_lock = threading.Lock()
+        self.reranker: Reranker | None = None  # a cross-encoder (retrieval/rerank.py), when one is given
 
     def close(self) -> None:
         self.kv.close()
@@ -99,12 +103,14 @@ class RagService:
         return f"chunk_tokens={self.chunk_tokens};model={self.engine.fingerprint}"
 
     # -- indexing ------------------------------------------------------------------------------
-    def index_documents(self, docs: Iterable[Document], progress: Callable[[int, int], None] | None = None) -> IndexReport:
+    def index_documents(self, docs: Iterable[Document], progress: Callable[[int, int], None] | None = None,
+                        report: IndexReport | None = None) -> IndexReport:
         """Chunk, precompute KV (only for chunks not stored yet), embed, then commit each document.
+        `report`, when given, is filled as it goes (what an interrupted run had done).
 
         KV entries are written before the registry commit: a crash leaves at most unreferenced KV
         (reused by the next run), never a registry row whose KV is missing."""
-        report = IndexReport()
+        report = report if report is not None else IndexReport()
         t0 = time.perf_counter()
         for doc in docs:
             self.index_document(doc, report, progress)
@@ -118,6 +124,7 @@ class RagService:
             report.documents += 1
             if self.corpus.document_unchanged(doc, self.params):
                 report.unchanged += 1
+                report.committed += 1
                 return report
             chunks = chunk_text(doc.id, doc.text, self.engine.tokenizer, self.chunk_tokens)
             keys = []
@@ -134,6 +141,7 @@ class RagService:
                     progress(1, len(ids))
             embeddings = self.corpus.embedder.encode([c.text for c in chunks])
             stale = self.corpus.upsert(doc, chunks, keys, embeddings, self.params)
+            report.committed += 1
             report.kv_deleted += self.kv.drop(stale)
         return report
 
@@ -166,12 +174,18 @@ class RagService:
             return remove_document(self.corpus, doc_id, self.kv.drop) is not None
 
     # -- answering -----------------------------------------------------------------------------
-    def retrieve(self, question: str, top_k: int) -> Retrieved:
+    def retrieve(self, question: str, top_k: int, options: SearchOptions | None = None) -> Retrieved:
+        """Raises BadSearch for what the caller must change (a reranker this service lacks)."""
         t0 = time.perf_counter()
-        hits = self.corpus.search(question, top_k)
+        hits = self.corpus.search(question, top_k, options, self.reranker)
         return Retrieved(hits, (time.perf_counter() - t0) * 1e3)
 
     def answer(self, question: str, hits: list[Hit], spec: QuerySpec) -> Generation:
         """The engine's one query path over this service's KV cache (iterating the Generation
         steps the engine's loop, or waits for it while it serves)."""
-        return self.engine.generate(self.engine.layout(question, [h.text for h in hits]), spec, self.kv)
+        return self.engine.generate(self.layout(question, hits), spec, self.kv)
+
+    def layout(self, question: str, hits: list[Hit]) -> Layout:
+        """The prompt of `question` over `hits` (best first), which it lists in reverse: the best
+        chunk sits right before the question, where a small model attends to it most."""
+        return self.engine.layout(question, [h.text for h in reversed(hits)])

@@ -20,6 +20,9 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path | None = Field(None, description="index + KV store (default: $RAGBLEND_DATA or ~/.local/share/ragblend)")
     model: str = "default"
+    served_model_name: str | None = Field(None, min_length=1, max_length=256, description=(
+        "the model's name on the OpenAI routes (`model` in requests and responses, GET /v1/models); "
+        "default: --model's value"))
     kv_store: str | None = Field(None, description="a chunk-KV tier shared by every replica: redis://[user:password@]"
                                                   "host:port/db or rediss:// (TLS); default: the data dir's LMDB alone")
     device: str = "cpu"
@@ -27,6 +30,11 @@ class Settings(BaseModel):
     chunk_tokens: int = Field(384, ge=16, le=4096, description="chunk size for documents added through the API")
     api_key: SecretStr | None = Field(None, description="when set, every route but /health and the docs needs "
                                                           "`Authorization: Bearer <key>`")
+    api_key_file: Path | None = Field(None, description="several keys, one a line (`NAME KEY`), each named in the "
+                                                        "logs; read again when it changes, so deleting a line revokes "
+                                                        "that key")
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object a line, each with "
+                                                                    "the request id and the API key's name")
     max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
     gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (default: a quarter of "
                                     "the free device memory at start; on CPU, 1024 MiB of plain memory)")
@@ -49,6 +57,11 @@ class Settings(BaseModel):
     max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")
     max_body_bytes: int = Field(1 << 20, ge=1024, description="request body limit (413), except document uploads")
     max_upload_bytes: int = Field(8 << 20, ge=1024, description="POST /v1/documents body limit (413)")
+    min_score: float | None = Field(None, ge=-1.0, le=1.0, description=(
+        "least cosine similarity a chunk needs to be used, unless a request gives its own; with none over it the "
+        "answer says the documents do not cover the question (default: no floor)"))
+    reranker: Path | None = Field(None, description="a local sentence-transformers CrossEncoder directory: requests "
+                                                    "with `rerank: true` reorder their candidates with it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (on CPU, plain memory; "
                                     "default: 1024 MiB; 0: every query reads the store)")
@@ -77,3 +90,15 @@ class Settings(BaseModel):
 
     def api_key_value(self) -> str | None:
         return self.api_key.get_secret_value() if self.api_key else None
+
+    @property
+    def secured(self) -> bool:
+        return self.api_key is not None or self.api_key_file is not None
+
+    def key_ring(self):
+        """The keys BearerAuth accepts (api/keys.py), or None when the server is open."""
+        from api.keys import KeyRing
+
+        if self.api_key_file is not None:
+            return KeyRing(path=self.api_key_file)
+        return KeyRing(key=self.api_key_value()) if self.api_key else None

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from api.errors import ApiError
 from api.metrics import Metrics
@@ -26,6 +26,7 @@ from blend.memory import CPU_KV_BYTES
 from blend.scheduler import Cancelled, Job, SchedulerConfig, SchedulerFull
 from blend.spec import BadQuery, ContextOverflow, QuerySpec
 from retrieval.corpus import Hit
+from retrieval.search import SearchOptions
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class QueryParams:
     question: str
     top_k: int
     spec: QuerySpec
+    search: SearchOptions = field(default_factory=SearchOptions)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class ModelWorker:
         Raises ApiError for what the request must change, QueueFull when the queue is full."""
         p = job.params
         sched_job = Job(job.layout, p.spec, self.service.kv, cancelled=job.cancelled, enqueued_at=job.enqueued_at,
-                        on_start=lambda seq: self._started(job), on_piece=job.emit,
+                        on_start=lambda seq: self._started(job, seq), on_piece=job.emit,
                         on_done=lambda answer: self._finished(job, answer),
                         on_error=lambda e: self._failed(job, e))
         try:
@@ -161,8 +163,10 @@ class ModelWorker:
         self.metrics.batch_size.observe(batch)
         self.metrics.step_time.observe(seconds)
 
-    def _started(self, job: QueryJob) -> None:
-        queue_ms = (time.perf_counter() - job.enqueued_at) * 1e3
+    def _started(self, job: QueryJob, seq) -> None:
+        # Waiting ends when the scheduler takes the job (`seq.t0`, before its KV load and prefill,
+        # which the answer's own timings count), not when the prefill is done.
+        queue_ms = (seq.t0 - job.enqueued_at) * 1e3
         self.metrics.queue_wait.observe(queue_ms / 1e3)
         job.emit(Started(job.retrieved.hits, job.retrieved.retrieve_ms, queue_ms))
 

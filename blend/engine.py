@@ -23,7 +23,7 @@ from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_ful
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
 from blend.scheduler import Scheduler, slot_size
-from blend.sequence import Answer, SeqState, pick
+from blend.sequence import Answer, SeqState, penalized, pick
 from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.serialize import CorruptEntry
@@ -279,6 +279,7 @@ class Engine:
     def next_tokens(self, logits: torch.Tensor, seqs: dict[int, SeqState]) -> dict[int, int]:
         """The next token of every sequence (row → sequence) from a decode step's logits: greedy
         rows in one argmax and one host sync, sampled rows each with its own generator."""
+        logits = penalized(logits, seqs)  # repetition control, every row in one call
         greedy = [r for r, s in seqs.items() if s.spec.sampling.temperature == 0.0]
         out: dict[int, int] = {}
         if greedy:  # every row's argmax (free rows' too): one kernel, one copy to the host

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from blend.penalties import penalize, token_counts
 from blend.prefill import PrefillResult
 from blend.prompt import Layout
 from blend.spec import Mode, QuerySpec, Sampling
@@ -61,6 +62,26 @@ def pick(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | 
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def penalized(logits: torch.Tensor, seqs: dict[int, SeqState]) -> torch.Tensor:
+    """`logits` [B, vocab] (row → sequence in `seqs`) with each sequence's penalties applied to its
+    row, in one batched call; the same tensor when no sequence asks for any."""
+    rows = [r for r, s in seqs.items() if s.spec.sampling.penalized]
+    if not rows:
+        return logits
+    vocab, device = logits.shape[-1], logits.device
+    chosen = [seqs[r] for r in rows]
+    samp = [s.spec.sampling for s in chosen]
+    values = torch.tensor([[p.frequency_penalty, p.presence_penalty, p.repetition_penalty] for p in samp],
+                          dtype=torch.float32, device=device)
+    prompt = (torch.stack([s.prompt_seen(vocab, device) for s in chosen])
+              if any(p.repetition_penalty != 1.0 for p in samp) else None)
+    index = torch.tensor(rows, device=device)
+    out = logits.clone()
+    out[index] = penalize(logits[index], token_counts([s.tokens for s in chosen], vocab, device),
+                          values[:, 0], values[:, 1], values[:, 2], prompt)
+    return out
+
+
 class SeqState:
     """Created once the prompt is prefilled; `push(token)` for every token picked after that."""
 
@@ -81,6 +102,7 @@ class SeqState:
         self._prefix = self._read = 0
         self.finish_reason: str | None = None
         self.slot: int | None = None  # in a KVSlots, while decoding
+        self._prompt_seen: torch.Tensor | None = None
         seed = spec.sampling.seed
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -93,9 +115,17 @@ class SeqState:
         """Where the next fed token goes: after the prompt and the tokens fed so far."""
         return self.layout.n_tokens + len(self.tokens) - 1
 
+    def prompt_seen(self, vocab: int, device: torch.device) -> torch.Tensor:
+        """[vocab] bool: the prompt's tokens (what `repetition_penalty` reads besides the answer)."""
+        if self._prompt_seen is None:
+            ids = torch.tensor(self.layout.ids(), dtype=torch.long, device=device)
+            self._prompt_seen = torch.zeros(vocab, dtype=torch.bool, device=device).index_fill_(0, ids, True)
+        return self._prompt_seen
+
     def first(self) -> str:
         """Pick the first token from the prefill's logits; returns the text it releases."""
-        return self.push(pick(self.result.logits, self.spec.sampling, self.generator))
+        logits = self.result.logits.reshape(1, -1)
+        return self.push(pick(penalized(logits, {0: self})[0], self.spec.sampling, self.generator))
 
     def push(self, token: int) -> str:
         """Take one picked token; returns the new text it releases ('' if none). Ends the sequence

@@ -85,17 +85,47 @@ class BlendConfig:
             raise BadQuery("guard", f"must be a finite number ≥ 0, got {self.guard}")
 
 
+# Repetition control (blend/penalties.py), OpenAI's and vLLM's ranges. The neutral values are the
+# defaults of the API, as in OpenAI's and vLLM's; `ask` and the web page default to
+# BUNDLED_PENALTIES for the bundled model, whose answers loop without them (README, "Answers").
+FREQUENCY_PENALTY_RANGE = (-2.0, 2.0)
+PRESENCE_PENALTY_RANGE = (-2.0, 2.0)
+MAX_REPETITION_PENALTY = 2.0
+BUNDLED_PENALTIES = {"frequency_penalty": 1.0}  # measured: README, "Answers"
+
+
+def default_penalties(bundled: bool) -> dict[str, float]:
+    """The penalties `ask` and the web page start from: BUNDLED_PENALTIES for the bundled model,
+    none for a model of the user's choosing (its own card knows better)."""
+    return dict(BUNDLED_PENALTIES) if bundled else {}
+
+
 @dataclass(frozen=True)
 class Sampling:
     temperature: float = 0.0   # 0 → greedy
     top_p: float = 1.0
     seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def __post_init__(self) -> None:
         for name, problem in (("temperature", temperature_problem(self.temperature)),
                               ("top_p", top_p_problem(self.top_p))):
             if problem:
                 raise BadQuery(name, problem)
+        for name, (lo, hi) in (("frequency_penalty", FREQUENCY_PENALTY_RANGE),
+                               ("presence_penalty", PRESENCE_PENALTY_RANGE)):
+            if not lo <= getattr(self, name) <= hi:
+                raise BadQuery(name, f"must be in [{lo:g}, {hi:g}], got {getattr(self, name)}")
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise BadQuery("repetition_penalty",
+                           f"must be in (0, {MAX_REPETITION_PENALTY:g}], got {self.repetition_penalty}")
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty is on (rows without one skip blend/penalties.py)."""
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 def temperature_problem(value: float) -> str | None:

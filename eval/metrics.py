@@ -72,6 +72,23 @@ def best_over(metric, prediction: str, references: Sequence[str]) -> float:
     return max((metric(prediction, r) for r in references), default=0.0)
 
 
+LOOP_NGRAM = 8  # an answer "loops" when some run of this many words occurs in it twice
+
+
+def contains_answer(prediction: str, references: Sequence[str]) -> float:
+    """1.0 when a normalized reference occurs in the normalized prediction, as whole words: what a
+    reader checks first, and kind to long answers that F1 punishes for their length."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(ref and f" {ref} " in pred for ref in (normalize_answer(r) for r in references)))
+
+
+def loops(text: str, n: int = LOOP_NGRAM) -> float:
+    """1.0 when some n-gram of the answer's words occurs twice (it repeats itself)."""
+    words = normalize_answer(text).split()
+    grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+    return float(len(set(grams)) < len(grams))
+
+
 def kl_first_token(full_logits: torch.Tensor, mode_logits: torch.Tensor) -> float:
     """KL(full ‖ mode) of the first output token's distribution, in nats. In float64: the values
     that matter near r = 1 are ~1e-9, below float32's resolution of log-probabilities."""

@@ -10,8 +10,27 @@ from pathlib import Path
 
 import numpy as np
 
-MEANS = ("f1", "rougeL", "kl_vs_full", "agree_with_full", "rougeL_vs_full", "recompute_fraction")
+from eval.metrics import LOOP_NGRAM
+
+MEANS = ("f1", "rougeL", "contains_answer", "loops", "kl_vs_full", "agree_with_full", "rougeL_vs_full",
+         "recompute_fraction")
 _KEY = ("mode", "ratio", "check_layer", "selection", "guard")
+INTERVALS = ("f1", "rougeL", "contains_answer", "agree_with_full")  # with a bootstrap interval
+BOOTSTRAP_RESAMPLES = 1000
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"  # what the engine calls "default"
+
+
+def bootstrap_ci(values: Sequence[float], resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> list[float]:
+    """The 95% percentile-bootstrap interval of the mean, resampling examples."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) == 0:
+        return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (resamples, len(v)))].mean(axis=1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
+def model_label(config: dict) -> str:
+    return BUNDLED_NAME if config.get("model") == "default" else str(config.get("model"))
 
 
 def summarize(records: Sequence[dict]) -> list[dict]:
@@ -25,11 +44,19 @@ def summarize(records: Sequence[dict]) -> list[dict]:
         ttft = np.array([r["ttft_ms"] for r in rows])
         out.append(dict(zip(_KEY, key), n=len(rows), ttft_ms_median=float(np.median(ttft)),
                         ttft_ms_p90=float(np.percentile(ttft, 90)),
-                        **{m: float(np.mean([r[m] for r in rows])) for m in MEANS}))
+                        **{m: _mean(rows, m) for m in MEANS},
+                        **{f"{m}_ci": bootstrap_ci([r[m] for r in rows if r.get(m) is not None])
+                           for m in INTERVALS if any(r.get(m) is not None for r in rows)}))
     full = next((r["ttft_ms_median"] for r in out if r["mode"] == "full"), None)
     for r in out:
         r["speedup_vs_full"] = full / r["ttft_ms_median"] if full and r["ttft_ms_median"] > 0 else None
     return out
+
+
+def _mean(rows: Sequence[dict], metric: str) -> float | None:
+    """The mean over the rows that have the metric (results from before it existed lack it)."""
+    values = [r[metric] for r in rows if r.get(metric) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def label(row: dict, with_blend_config: bool = False) -> str:
@@ -60,21 +87,29 @@ def fmt(value, spec: str) -> str:
 def markdown(config: dict, summary: Sequence[dict]) -> str:
     n = max((r["n"] for r in summary), default=0)
     lines = [f"# ragblend eval: {config['dataset']}", "",
-             f"{n} examples · model `{config['model']}` · {config['device']} {config['dtype']} · "
-             f"max {config['max_tokens']} tokens · greedy · seed {config['seed']}", "",
-             "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | KL vs full | "
-             "agree w/ full | ROUGE-L vs full | recompute |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             f"{n} examples · model `{model_label(config)}` · {config['device']} {config['dtype']} · "
+             f"max {config['max_tokens']} tokens · greedy{_penalties(config)} · seed {config['seed']}", "",
+             "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | contains answer | loops | "
+             "KL vs full | agree w/ full | ROUGE-L vs full | recompute |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(" | ".join([
             f"| {r['mode']}" + ("" if r.get("guard") is None else f" (guard {r['guard']:.3g})"), fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
             fmt(r["ttft_ms_p90"], ".1f"), fmt(r["speedup_vs_full"], ".2f×"), fmt(r["f1"], ".3f"),
-            fmt(r["rougeL"], ".3f"), fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
+            fmt(r["rougeL"], ".3f"), fmt(r.get("contains_answer"), ".2f"), fmt(r.get("loops"), ".2f"),
+            fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
             fmt(r["rougeL_vs_full"], ".3f"), fmt(r["recompute_fraction"], ".3f")]) + " |")
-    lines += ["", "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement and ROUGE-L vs "
+    lines += ["", "Contains answer: share of answers holding an accepted answer (normalized, whole words). "
+              f"Loops: share of answers in which a run of {LOOP_NGRAM} words occurs twice. "
+              "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement and ROUGE-L vs "
               "full compare greedy token ids. Recompute: chunk tokens whose KV is recomputed / all chunk "
               "tokens. TTFT excludes chunk KV precompute (as when served from the store).", ""]
     return "\n".join(lines)
+
+
+def _penalties(config: dict) -> str:
+    pen = config.get("penalties") or {}
+    return "".join(f", {k.removesuffix('_penalty')} penalty {v:g}" for k, v in pen.items())
 
 
 _KL_NOISE = 1e-10
@@ -92,9 +127,10 @@ def plot(path: str | Path, config: dict, summary: Sequence[dict]) -> None:
     # Log scale has no zero, and KLs below ~1e-10 are float32 rounding of equal logits: full's own
     # 0 and anything that small sit on a floor line, labelled as such.
     floor = max(_KL_NOISE, 10 ** math.floor(math.log10(min(kls))) / 10) if kls else _KL_NOISE
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     panels = ((metric, "F1" if metric == "f1" else "ROUGE-L", "quality vs answers"),
-              ("kl_vs_full", "KL(full ‖ mode), first token [nats]", "distance to full"))
+              ("kl_vs_full", "KL(full ‖ mode), first token [nats]", "distance to full"),
+              ("agree_with_full", "share of answers equal to full's", "agreement with full"))
     for ax, (key, ylabel, title) in zip(axes, panels):
         ys = {id(r): max(r[key], floor) if key == "kl_vs_full" else r[key] for r in summary}
         blend = sorted((r for r in summary if r["mode"] == "blend"), key=lambda r: r["ratio"])
@@ -105,6 +141,10 @@ def plot(path: str | Path, config: dict, summary: Sequence[dict]) -> None:
         for r in summary:
             x, y = r["ttft_ms_median"], ys[id(r)]
             ax.scatter([x], [y], color=_COLORS[r["mode"]], marker=_MARKERS[r["mode"]], s=55, zorder=2)
+            if f"{key}_ci" in r:  # 95% bootstrap interval over the examples
+                lo, hi = r[f"{key}_ci"]
+                ax.errorbar([x], [y], yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], color=_COLORS[r["mode"]],
+                            capsize=3, lw=1, zorder=1)
             text = label(r)
             if key == "kl_vs_full" and r["kl_vs_full"] <= floor:
                 text += " (0)" if r["kl_vs_full"] == 0 else f" (≤{floor:.0e})"
@@ -121,8 +161,8 @@ def plot(path: str | Path, config: dict, summary: Sequence[dict]) -> None:
         ax.set_title(title)
         ax.grid(True, alpha=0.3)
     n = max((r["n"] for r in summary), default=0)
-    fig.suptitle(f"{config['dataset']} · {n} examples · model {config['model']} · {config['device']} "
-                 f"{config['dtype']}", fontsize=11)
+    fig.suptitle(f"{config['dataset']} · {n} examples · model {model_label(config)} · {config['device']} "
+                 f"{config['dtype']} · bars: 95% bootstrap intervals over examples", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -57,9 +57,11 @@ class Variant:
         return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, selection=self.selection,
                            guard=self.guard)
 
-    def spec(self, max_tokens: int) -> QuerySpec:
-        """The query the engine runs for this variant: greedy, like every eval answer."""
-        return QuerySpec(Mode(self.mode), self.blend_config() or BlendConfig(), Sampling(), max_tokens)
+    def spec(self, max_tokens: int, penalties: dict | None = None) -> QuerySpec:
+        """The query the engine runs for this variant: greedy, like every eval answer, with the
+        run's repetition penalties (config `penalties`) if any."""
+        return QuerySpec(Mode(self.mode), self.blend_config() or BlendConfig(), Sampling(**(penalties or {})),
+                         max_tokens)
 
     @property
     def key(self) -> tuple:
@@ -85,7 +87,7 @@ def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: in
 
 
 def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *, max_tokens: int,
-               seed: int, top_k: int) -> dict:
+               seed: int, top_k: int, penalties: dict | None = None) -> dict:
     """Everything that changes the numbers; its hash guards resumption. `--limit` is left out, so a
     run can be resumed with a larger one."""
     if not variants or variants[0] != FULL:
@@ -97,7 +99,8 @@ def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *,
             "model": engine.name, "fingerprint": engine.fingerprint, "device": str(engine.device),
             "dtype": str(engine.parts.dtype).removeprefix("torch."),
             "variants": [asdict(v) for v in variants], "max_tokens": max_tokens, "seed": seed,
-            "top_k": top_k, "decoding": "greedy"}
+            "top_k": top_k, "decoding": "greedy",
+            **({"penalties": dict(penalties)} if penalties else {})}
 
 
 def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, limit: int | None = None,
@@ -127,6 +130,8 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         if not chunks:
             raise ValueError(f"example {ex.id}: the index returned no chunks")
         layout, dropped = fit_to_context(engine, ex, chunks, config["max_tokens"])
+        if ex.chunks is None:  # retrieved: laid out as served, the best chunk nearest the question
+            layout = Layout(layout.prefix, layout.chunks[::-1], layout.suffix)
         source = _chunk_cache(engine, layout, config.get("kv_format"))  # computed once, shared by every variant
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)
@@ -174,7 +179,7 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
     torch.manual_seed(config["seed"])  # per example, so a resumed run draws what an unbroken one would
     answers: list[Answer] = []
     for v in variants:
-        answers.append(engine.generate(layout, v.spec(config["max_tokens"]), source).run())
+        answers.append(engine.generate(layout, v.spec(config["max_tokens"], config.get("penalties")), source).run())
     full = answers[0]
     rows = [{
         "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "selection": v.selection,
@@ -182,6 +187,8 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
         "answer": a.text, "n_output_tokens": len(a.token_ids), "ttft_ms": a.ttft_ms,
         "f1": metrics.best_over(metrics.token_f1, a.text, example.answers),
         "rougeL": metrics.best_over(metrics.rouge_l, a.text, example.answers),
+        "contains_answer": metrics.contains_answer(a.text, example.answers),
+        "loops": metrics.loops(a.text),
         "kl_vs_full": metrics.kl_first_token(full.first_logits, a.first_logits),
         "agree_with_full": metrics.agreement(full.token_ids, a.token_ids),
         # on token ids: defined without a tokenizer, and not blurred by answer normalization

@@ -60,7 +60,7 @@ class BoundedExtractor:
         answer = json.loads(line)
         if "unreadable" in answer:
             raise Unreadable(answer["unreadable"])
-        return Extracted(answer["text"], answer["kind"], answer["encoding"])
+        return Extracted(answer["text"], answer["kind"], answer["encoding"], tuple(map(tuple, answer.get("pages", ()))))
 
     def close(self) -> None:
         self._kill()
@@ -112,7 +112,7 @@ def _serve(memory_bytes: int) -> None:
         path = json.loads(line)["path"]
         try:
             got = extract(path)
-            answer = {"text": got.text, "kind": got.kind, "encoding": got.encoding}
+            answer = {"text": got.text, "kind": got.kind, "encoding": got.encoding, "pages": list(got.pages)}
         except Unreadable as e:
             answer = {"unreadable": str(e)}
         except MemoryError:

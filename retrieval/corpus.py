@@ -15,7 +15,7 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from .embed import Embedder
 from .index import VectorIndex
 from .loaders import Document
 from .registry import Registry
+from .search import BadSearch, SearchOptions, candidates_for, dedupe, fts_query, mmr_order, rrf
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +38,14 @@ class Hit:
 
     chunk_id: int
     doc_id: str
-    score: float
+    score: float      # cosine similarity to the question (whatever ranked the hit)
     text: str
     kv_key: str
     n_tokens: int
+    index: int = 0            # the chunk's number in its document, from 0
+    doc_chunks: int = 0       # its document's chunk count
+    page: int | None = None   # PDF: the page the chunk starts on
+    source: str | None = None
 
 
 _LINE = re.compile(r"(.+\.jsonl):\d+", re.IGNORECASE)
@@ -69,6 +74,18 @@ def _still_there(source: str | None) -> bool:
 def content_hash(text: str, params: str) -> str:
     """Identity of a document's indexed form: its text and how it was chunked (size, tokenizer)."""
     return hashlib.sha256(f"{params}\x00{text}".encode()).hexdigest()
+
+
+class Reranker(Protocol):
+    """Orders candidates by relevance to a query (a cross-encoder: retrieval/rerank.py)."""
+
+    def rank(self, query: str, texts: list[str], ids: list[int]) -> list[int]: ...
+
+
+def _hit(row: dict, score: float) -> Hit:
+    return Hit(chunk_id=row["chunk_id"], doc_id=row["doc_id"], score=score, text=row["text"], kv_key=row["kv_key"],
+               n_tokens=row["n_tokens"], index=row["idx"], doc_chunks=row["doc_chunks"], page=row["page"],
+               source=row["source"])
 
 
 class Corpus:
@@ -148,22 +165,55 @@ class Corpus:
             self._apply(removed, [], np.zeros((0, 0), dtype=np.float32))
             return sorted(keys - self.registry.kv_keys_referenced(keys))
 
-    def search(self, query: str, k: int = 5) -> list[Hit]:
-        """The k chunks most similar to `query`, best first."""
-        vec = self.embedder.encode([query])  # outside the lock: slow and touches no shared state
-        return self.search_vector(vec[0], k)
-
-    def search_vector(self, vec: np.ndarray, k: int = 5) -> list[Hit]:
+    def search(self, query: str, k: int = 5, options: SearchOptions | None = None,
+               reranker: Reranker | None = None) -> list[Hit]:
+        """The k chunks for `query`, best first, as `options` ask (retrieval/search.py): dense
+        (the default), BM25 or both fused; filtered before the cut; one slot per passage;
+        optionally reranked (needs `reranker`) or diversified; none under `min_score`."""
+        options = options or SearchOptions()
+        if options.rerank and reranker is None:
+            raise BadSearch("rerank", "no reranker on this server (serve --reranker PATH)")
+        vec = self.embedder.encode([query])[0]  # outside the lock: slow and touches no shared state
+        n = candidates_for(k)
         with self._lock:
             if self.registry.generation != self._generation:  # another process changed the corpus
+                self._index, self._generation = self._open_index()
+            if self._index is None or k <= 0:
+                return []
+            condition, args = options.filter.sql()
+            allowed = None if options.filter.empty else self.registry.chunk_ids_where(condition, args)
+            rankings = []
+            if options.retrieval in ("dense", "hybrid"):
+                scores, ids = self._index.search(np.asarray(vec, dtype=np.float32).reshape(1, -1), n, allowed)
+                rankings.append([int(i) for i in ids[0] if i >= 0])
+            if options.retrieval in ("bm25", "hybrid"):
+                match = fts_query(query)
+                rankings.append(self.registry.bm25(match, n, condition, args) if match else [])
+            order = rrf(rankings) if len(rankings) > 1 else rankings[0]
+            rows = {r["chunk_id"]: r for r in self.registry.get_chunks(order)}
+            order = dedupe([i for i in order if i in rows], {i: r["text"] for i, r in rows.items()})
+            vectors = self.registry.embeddings_of(order) if order else np.zeros((0, len(vec)), dtype=np.float32)
+        cosine = dict(zip(order, (vectors @ vec).tolist()))
+        if options.rerank:
+            order = reranker.rank(query, [rows[i]["text"] for i in order], order)
+        if options.mmr is not None and order:
+            row_of = {i: j for j, i in enumerate(cosine)}  # the vectors' rows, in fetch order
+            order = [order[j] for j in mmr_order(vec, vectors[[row_of[i] for i in order]], len(order), options.mmr)]
+        if options.min_score is not None:
+            order = [i for i in order if cosine[i] >= options.min_score]
+        return [_hit(rows[i], cosine[i]) for i in order[:k]]
+
+    def search_vector(self, vec: np.ndarray, k: int = 5) -> list[Hit]:
+        """The k chunks nearest `vec` in the dense index alone (no fusion, dedupe or filter)."""
+        with self._lock:
+            if self.registry.generation != self._generation:
                 self._index, self._generation = self._open_index()
             if self._index is None or k <= 0:
                 return []
             scores, ids = self._index.search(np.asarray(vec, dtype=np.float32).reshape(1, -1), k)
             score_of = {int(i): float(s) for i, s in zip(ids[0], scores[0]) if i >= 0}
             rows = self.registry.get_chunks(score_of)
-        return [Hit(chunk_id=r["chunk_id"], doc_id=r["doc_id"], score=score_of[r["chunk_id"]],
-                    text=r["text"], kv_key=r["kv_key"], n_tokens=r["n_tokens"]) for r in rows]
+        return [_hit(r, score_of[r["chunk_id"]]) for r in rows]
 
     @contextmanager
     def bulk(self) -> Iterator["Corpus"]:

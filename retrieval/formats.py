@@ -8,6 +8,7 @@ prefer Windows-1252/Latin-1 among equally plausible readings: short Western text
 the loaders report as the file's skip reason."""
 from __future__ import annotations
 
+import bisect
 import io
 import re
 import unicodedata
@@ -50,6 +51,13 @@ class Extracted:
     text: str
     kind: str          # pdf, html, docx, rst, text
     encoding: str | None = None  # text formats: the encoding read
+    pages: tuple[tuple[int, int], ...] = ()  # PDF: (offset in `text`, page number) where each page starts
+
+
+def page_at(pages: tuple[tuple[int, int], ...] | list, offset: int) -> int | None:
+    """The page number holding character `offset` of a text whose pages start as `pages` says."""
+    i = bisect.bisect_right([start for start, _ in pages], offset) - 1
+    return pages[i][1] if i >= 0 else None
 
 
 def kind_of(path: Path) -> str:
@@ -63,17 +71,25 @@ def kind_of(path: Path) -> str:
 
 def extract(path: str | Path) -> Extracted:
     path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix in BINARY_SUFFIXES:
-        raise Unreadable(f"unsupported binary format {suffix!r}")
+    if path.suffix.lower() in BINARY_SUFFIXES:
+        raise Unreadable(f"unsupported binary format {path.suffix.lower()!r}")
     try:
         data = path.read_bytes()
     except OSError as e:
         raise Unreadable(f"cannot read ({e.strerror or e})") from None
-    kind = kind_of(path)
+    return extract_bytes(data, path.name)
+
+
+def extract_bytes(data: bytes, name: str) -> Extracted:
+    """A file's bytes, read as its name's extension says: the one reader of files on disk and of
+    uploads, so both give the same text and the same skip reasons."""
+    suffix = Path(name).suffix.lower()
+    if suffix in BINARY_SUFFIXES:
+        raise Unreadable(f"unsupported binary format {suffix!r}")
+    kind = kind_of(Path(name))
     if kind == "pdf":
-        text, encoding = pdf_text(data), None
-    elif kind == "docx":
+        return pdf_extracted(data)
+    if kind == "docx":
         text, encoding = docx_text(data), None
     elif kind == "html":
         text, encoding = html_text(data)
@@ -82,7 +98,7 @@ def extract(path: str | Path) -> Extracted:
         text = rst_text(raw) if kind == "rst" else raw
     text = tidy(text)
     if not text.strip():
-        raise Unreadable("no text in it" if kind != "pdf" else "no extractable text (a scanned PDF? OCR is not done)")
+        raise Unreadable("no text in it")
     return Extracted(text, kind, encoding)
 
 
@@ -138,7 +154,8 @@ def tidy(text: str) -> str:
 
 
 # -- PDF ---------------------------------------------------------------------------------------
-def pdf_text(data: bytes) -> str:
+def pdf_text(data: bytes) -> list[str]:
+    """Each page's extracted text."""
     from pypdf import PdfReader
     from pypdf.errors import LimitReachedError, PyPdfError
 
@@ -166,7 +183,7 @@ def _pdf_limits(compressed: int):
                                array_based_stream_maximum_output_length=limit)
 
 
-def _pdf_pages(reader) -> str:
+def _pdf_pages(reader) -> list[str]:
     if reader.is_encrypted:
         try:  # many PDFs are "encrypted" with an empty user password: readable by anyone
             if not reader.decrypt(""):
@@ -175,8 +192,56 @@ def _pdf_pages(reader) -> str:
             raise
         except Exception:
             raise Unreadable("encrypted PDF (needs a password, or a cipher pypdf cannot read)") from None
-    pages = [page.extract_text() or "" for page in reader.pages]
-    return "\n\n".join(p.strip() for p in pages if p.strip())
+    return [page.extract_text() or "" for page in reader.pages]
+
+
+# A header or footer line is one of the first or last RUNNING_EDGE lines of a page that recurs
+# (digits aside: "Page 3 of 9") on at least RUNNING_SHARE of the pages, and on RUNNING_MIN_PAGES.
+RUNNING_EDGE = 2
+RUNNING_SHARE = 0.5
+RUNNING_MIN_PAGES = 3
+
+
+def _shape(line: str) -> str:
+    return re.sub(r"\d+", "#", " ".join(line.split())).lower()
+
+
+def strip_running_lines(pages: list[str]) -> list[str]:
+    """Pages without their running headers and footers, which would otherwise repeat in every
+    chunk and outweigh its own words in retrieval."""
+    lines = [p.split("\n") for p in pages]
+    counts: dict[str, int] = {}
+    for page in lines:
+        edges = {_shape(x) for x in page[:RUNNING_EDGE] + page[-RUNNING_EDGE:] if x.strip()}
+        for shape in edges:
+            counts[shape] = counts.get(shape, 0) + 1
+    need = max(RUNNING_MIN_PAGES, RUNNING_SHARE * len(pages))
+    running = {shape for shape, n in counts.items() if n >= need}
+    if not running:
+        return pages
+    out = []
+    for page in lines:
+        n = len(page)
+        out.append("\n".join(x for i, x in enumerate(page)
+                             if not ((i < RUNNING_EDGE or i >= n - RUNNING_EDGE) and _shape(x) in running)))
+    return out
+
+
+def pdf_extracted(data: bytes) -> Extracted:
+    """The PDF's text, pages apart by a blank line, without running headers, and where each page
+    starts (citations give the page)."""
+    pages = [tidy(p) for p in strip_running_lines(pdf_text(data))]
+    text, starts = "", []
+    for number, page in enumerate(pages, 1):
+        if not page.strip():
+            continue
+        if text:
+            text += "\n\n"
+        starts.append((len(text), number))
+        text += page
+    if not text.strip():
+        raise Unreadable("no extractable text (a scanned PDF? OCR is not done)")
+    return Extracted(text, "pdf", None, tuple(starts))
 
 
 # -- DOCX --------------------------------------------------------------------------------------

@@ -87,20 +87,46 @@ class VectorIndex:
                 self._refresh_selector()
         return len(present)
 
-    def search(self, vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k per query: (scores [n, k] float32, ids [n, k] int64); missing slots are (-inf, -1)."""
+    def search(self, vecs: np.ndarray, k: int, allowed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k per query: (scores [n, k] float32, ids [n, k] int64); missing slots are (-inf, -1).
+        `allowed`: only these ids compete (a filter), inside FAISS's search, so the k are the best
+        allowed ones on the flat and the HNSW index alike."""
         queries = self._as_matrix(vecs)
-        if k <= 0 or len(self._live) == 0:
+        if k <= 0 or len(self._live) == 0 or (allowed is not None and len(allowed) == 0):
             return (np.full((len(queries), max(k, 0)), -np.inf, dtype=np.float32),
                     np.full((len(queries), max(k, 0)), -1, dtype=np.int64))
+        selector, keep = self._selector, []
+        if allowed is not None:
+            batch = faiss.IDSelectorBatch(np.ascontiguousarray(allowed, dtype=np.int64))
+            keep.append(batch)  # the selectors hold raw pointers: keep their operands alive
+            selector = batch if selector is None else faiss.IDSelectorAnd(batch, selector)
         params = None
         if self.kind == "hnsw":
             params = faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
-            if self._selector is not None:
-                params.sel = self._selector
+        elif selector is not None:
+            params = faiss.SearchParameters()
+        if selector is not None:
+            params.sel = selector
         scores, ids = self._index.search(queries, k, params=params)
         scores[ids < 0] = -np.inf
+        if allowed is not None and self.kind == "hnsw":
+            live = np.array(sorted(self._live.intersection(allowed.tolist())), dtype=np.int64)
+            if (ids >= 0).sum(axis=1).min() < min(k, len(live)):
+                # A filter that leaves few ids can cut HNSW's graph walk short: score them exactly.
+                return self._exact(queries, k, live)
         return scores, ids
+
+    def _exact(self, queries: np.ndarray, k: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top-k over `ids` (live ids of this index)."""
+        vecs = np.stack([self._index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, self.dim))
+        sims = queries @ vecs.T
+        order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)
+        out = np.full((len(queries), k), -1, dtype=np.int64)
+        n = order.shape[1]
+        scores[:, :n] = np.take_along_axis(sims, order, axis=1)
+        out[:, :n] = ids[order]
+        return scores, out
 
     def ids(self) -> np.ndarray:
         """All live ids, sorted."""

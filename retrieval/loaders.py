@@ -55,6 +55,7 @@ class Document:
     text: str
     source: str
     metadata: dict = field(default_factory=dict)
+    pages: tuple[tuple[int, int], ...] = ()  # PDF: (offset, page number) where each page starts
 
 
 def root_labels(roots: list[Path]) -> list[str]:
@@ -74,17 +75,22 @@ def root_labels(roots: list[Path]) -> list[str]:
             return labels
 
 
-def load_roots(paths: list[str | Path], follow_outside: bool = False,
-               extractor: BoundedExtractor | None = None) -> Iterator[Document]:
+def load_roots(paths: list[str | Path], follow_outside: bool = False, extractor: BoundedExtractor | None = None,
+               exclude: str | Path | None = None) -> Iterator[Document]:
     """The documents under several roots (files or directories), each id prefixed by its root's
     label (`projA/README.md`, `projB/README.md`; a file root's id is its label), so that the
     roots of one run, or of two runs, do not share ids by accident. A file reached twice (a root
-    inside another) is read once. Sources are absolute paths."""
+    inside another) is read once. Sources are absolute paths. `exclude`: a directory whose files
+    are never read (ragblend's own data dir placed inside the corpus), listed once as skipped."""
     roots = [Path(p).resolve() for p in paths]
     seen: set[Path] = set()
-    with _extractor(extractor) as ex:
+    if exclude is not None and (ex := Path(exclude).resolve()).is_dir() and any(
+            ex == r or ex.is_relative_to(r) for r in roots):
+        seen.update(p.resolve() for p in ex.rglob("*") if p.is_file())
+        _skip(ex, "ragblend's data directory (its index and KV store), never indexed")
+    with _extractor(extractor) as bounded:
         for root, label in zip(roots, root_labels(roots)):
-            yield from load_path(root, label=label, seen=seen, follow_outside=follow_outside, extractor=ex)
+            yield from load_path(root, label=label, seen=seen, follow_outside=follow_outside, extractor=bounded)
 
 
 def load_path(path: str | Path, label: str | None = None, seen: set[Path] | None = None,
@@ -148,8 +154,8 @@ def _load_file(file: Path, rel: str, extractor: BoundedExtractor) -> Iterator[Do
                 raise Unreadable(f"cannot read ({e.strerror or e})") from None
             yield from _parse_jsonl(decode(data)[0], file, rel)
             return
-        text = (extract(file) if kind_of(file) == "text" else extractor.extract(file)).text
-        if problem := text_problem(text):
+        extracted = extract(file) if kind_of(file) == "text" else extractor.extract(file)
+        if problem := text_problem(extracted.text):
             raise Unreadable(f"its text {problem}")
     except Unreadable as e:
         _skip(file, str(e))
@@ -161,7 +167,7 @@ def _load_file(file: Path, rel: str, extractor: BoundedExtractor) -> Iterator[Do
     if problem := id_problem(rel):
         _skip(file, f"its id {rel!r} {problem}")
         return
-    yield Document(id=rel, text=text, source=str(file), metadata={})
+    yield Document(id=rel, text=extracted.text, source=str(file), metadata={}, pages=extracted.pages)
 
 
 def jsonl_lines(text: str) -> list[str]:

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import numpy as np
 
 from .chunking import Chunk
+from .formats import page_at
 from .loaders import Document
 
 _SCHEMA = """
@@ -40,8 +41,22 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at REAL, finished_at REAL, report TEXT, error TEXT);
 CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
 """
+# Added after the first release: created on open where an older registry lacks them.
+_CHUNK_PAGE = "ALTER TABLE chunks ADD COLUMN page INTEGER"
+# BM25 over the chunk text (SQLite's FTS5), an external-content index kept in step by triggers.
+_FTS = """
+CREATE VIRTUAL TABLE chunks_fts USING fts5(text, content='chunks', content_rowid='chunk_id');
+CREATE TRIGGER chunks_fts_insert AFTER INSERT ON chunks BEGIN
+  INSERT INTO chunks_fts (rowid, text) VALUES (new.chunk_id, new.text); END;
+CREATE TRIGGER chunks_fts_delete AFTER DELETE ON chunks BEGIN
+  INSERT INTO chunks_fts (chunks_fts, rowid, text) VALUES ('delete', old.chunk_id, old.text); END;
+INSERT INTO chunks_fts (chunks_fts) VALUES ('rebuild');
+"""
 _JOB_COLS = ("job_id", "status", "doc_ids", "created_at", "started_at", "finished_at", "report", "error")
-_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key, text_sum'
+_CHUNK_COLS = 'chunk_id, doc_id, idx, text, start, "end", n_tokens, kv_key, page, text_sum'
+# A retrieved chunk with what a citation shows of its document.
+_HIT_COLS = ('c.chunk_id, c.doc_id, c.idx, c.text, c.start, c."end", c.n_tokens, c.kv_key, c.page, c.text_sum, '
+             'd.n_chunks AS doc_chunks, d.source')
 
 
 class RegistryDamaged(RuntimeError):
@@ -83,6 +98,7 @@ class Registry:
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute("PRAGMA busy_timeout=10000")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._add_text_sums()
 
     def _add_text_sums(self) -> None:
@@ -110,6 +126,26 @@ class Registry:
                 raise
             raise RegistryDamaged(f"{self.path} is damaged ({type(e).__name__}: {e}): restore it from a backup, "
                                   "or re-index into a fresh data dir") from None
+
+    def _migrate(self) -> None:
+        """Bring a registry written by an older release up to this schema (in one transaction;
+        looked at again inside it, since another process may be migrating the same file)."""
+        if self._current_schema(self._db):
+            return
+        with self._txn() as db:
+            columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+            has_fts = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone()
+            if "page" not in columns:
+                db.execute(_CHUNK_PAGE)
+            if not has_fts:
+                for statement in _FTS.strip().split(";\n"):
+                    db.execute(statement)
+
+    @staticmethod
+    def _current_schema(db: sqlite3.Connection) -> bool:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(chunks)")}
+        return "page" in columns and db.execute("SELECT 1 FROM sqlite_master WHERE name = 'chunks_fts'").fetchone() \
+            is not None
 
     def close(self) -> None:
         with self._lock:
@@ -144,14 +180,39 @@ class Registry:
         return [_checked(self.path, r) for r in rows]
 
     def get_chunks(self, chunk_ids: Iterable[int]) -> list[dict]:
-        """Chunk rows in the order asked; ids that do not exist are left out."""
+        """Chunk rows in the order asked, with their document's chunk count and source; ids that do
+        not exist are left out."""
         ids = [int(i) for i in chunk_ids]
         found: dict[int, dict] = {}
         for b in range(0, len(ids), _BATCH):
             part = ids[b:b + _BATCH]
-            q = f"SELECT {_CHUNK_COLS} FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
+            q = (f"SELECT {_HIT_COLS} FROM chunks c JOIN documents d USING (doc_id) "
+                 f"WHERE c.chunk_id IN ({','.join('?' * len(part))})")
             found.update((r["chunk_id"], _checked(self.path, r)) for r in self._all(q, part))
         return [found[i] for i in ids if i in found]
+
+    def chunk_ids_where(self, condition: str, args: list) -> np.ndarray:
+        """Ids of the chunks whose document meets `condition` (SQL over `documents d`, from
+        retrieval.search.Filter.sql)."""
+        rows = self._all(f"SELECT c.chunk_id FROM chunks c JOIN documents d USING (doc_id) WHERE {condition}", args)
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
+    def bm25(self, match: str, n: int, condition: str = "1", args: list | None = None) -> list[int]:
+        """The `n` chunks best matching the FTS5 expression `match` by BM25, best first, among
+        those whose document meets `condition`."""
+        q = ("SELECT f.rowid FROM chunks_fts f JOIN chunks c ON c.chunk_id = f.rowid "
+             "JOIN documents d USING (doc_id) "
+             f"WHERE chunks_fts MATCH ? AND {condition} ORDER BY bm25(chunks_fts) LIMIT ?")
+        return [r[0] for r in self._all(q, [match, *(args or []), n])]
+
+    def embeddings_of(self, chunk_ids: list[int]) -> np.ndarray:
+        """float32 [len(chunk_ids), dim], in the order asked (every id must exist)."""
+        found: dict[int, bytes] = {}
+        for b in range(0, len(chunk_ids), _BATCH):
+            part = chunk_ids[b:b + _BATCH]
+            q = f"SELECT chunk_id, embedding FROM chunks WHERE chunk_id IN ({','.join('?' * len(part))})"
+            found.update((r[0], r[1]) for r in self._all(q, part))
+        return np.stack([np.frombuffer(found[i], dtype=np.float32) for i in chunk_ids])
 
     def count_chunks(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM chunks")[0])
@@ -188,9 +249,10 @@ class Registry:
             new = []
             for c, key, vec in zip(chunks, kv_keys, emb):
                 cur = db.execute(
-                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding, text_sum)'
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes(), text_sum(c.text)))
+                    'INSERT INTO chunks (doc_id, idx, text, start, "end", n_tokens, kv_key, embedding, page, text_sum)'
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (doc.id, c.index, c.text, c.start, c.end, c.n_tokens, key, vec.tobytes(),
+                     page_at(doc.pages, c.start) if doc.pages else None, text_sum(c.text)))
                 new.append(int(cur.lastrowid))
             self.committed_generation = _bump(db)
         return old, new

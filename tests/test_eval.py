@@ -364,3 +364,23 @@ def test_eval_progress_counts_prompt_tokens_with_rate_and_eta(tmp_path, capsys):
     shown = re.escape(tqdm.format_sizeof(total))  # unit_scale: 672, 1.23k
     assert len(records) == 2
     assert re.search(rf"eval: 100%.* {shown}/{shown} \[[\d:]+<[\d:]+, .*tok/s", final), final
+
+
+def test_contains_answer_and_loops_score_what_a_reader_sees():
+    from eval.metrics import contains_answer, loops
+
+    assert contains_answer("It was designed by Mira Solberg in 1931.", ["mira solberg"]) == 1.0
+    assert contains_answer("Solberg's bridge", ["Mira Solberg"]) == 0.0
+    assert contains_answer("built 19311", ["1931"]) == 0.0  # whole words only
+    once = "the bridge is 412 metres long and carries a railway and a road"
+    assert loops(once) == 0.0 and loops(once + ". " + once) == 1.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_narrows_with_more_examples():
+    from eval.report import bootstrap_ci
+
+    few, many = [0, 1] * 5, [0, 1] * 200
+    lo, hi = bootstrap_ci(few)
+    lo2, hi2 = bootstrap_ci(many)
+    assert lo < 0.5 < hi and lo2 < 0.5 < hi2 and hi2 - lo2 < hi - lo
+    assert bootstrap_ci([1.0] * 7) == [1.0, 1.0]

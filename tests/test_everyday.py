@@ -178,10 +178,12 @@ def test_ask_lists_its_sources_under_the_answer(tmp_path):
     r = cli("ask", "Where does the okapi live?", "--data-dir", str(data), "--top-k", "2", "--max-tokens", "3", *TINY)
     assert r.returncode == 0, r.stderr
     answer, sources = r.stdout.split("sources:\n")
-    lines = sources.rstrip().splitlines()
-    assert len(lines) == 2 and lines[0].startswith("  [1] notes/okapi.md  chunk ")  # best first
-    assert all(re.search(r"chunk \d+  score -?\d\.\d{4}$", line) for line in lines), lines
+    lines = [x for x in sources.rstrip().splitlines() if x.startswith("  [")]
+    passages = [x.strip() for x in sources.rstrip().splitlines() if x.startswith("      ")]
+    assert len(lines) == 2 and lines[0].startswith("  [1] notes/okapi.md  chunk 1/1")  # best first
+    assert all(re.search(r"chunk 1/1  score -?\d\.\d{4}$", line) for line in lines), lines
     assert {line.split()[1] for line in lines} == {"notes/okapi.md", "notes/heron.txt"}
+    assert passages[0] == "The okapi lives in the forest of the Congo."  # each source shows its passage
 
 
 def test_a_missing_local_model_path_is_reported_as_such(tmp_path):

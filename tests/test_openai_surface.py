@@ -138,8 +138,7 @@ def test_an_unknown_model_is_not_found(client):
 
 @pytest.mark.parametrize("field,value", [
     ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    ("response_format", {"type": "json_object"}), ("n", 2), ("presence_penalty", 0.5),
-    ("frequency_penalty", 1.0), ("logit_bias", {"50256": -100})])
+    ("response_format", {"type": "json_object"}), ("n", 2), ("logit_bias", {"50256": -100})])
 def test_fields_ragblend_cannot_honour_are_a_400_naming_them(client, field, value):
     import openai
 
@@ -150,11 +149,36 @@ def test_fields_ragblend_cannot_honour_are_a_400_naming_them(client, field, valu
         with pytest.raises(openai.BadRequestError, match=field):
             client.completions.create(model=MODEL, prompt="x", extra_body={field: value})
     # their neutral values are fine
-    neutral = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {},
+    neutral = {"n": 1, "logit_bias": {},
                "response_format": {"type": "text"}}.get(field)
     if neutral is not None:
         assert client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}], max_tokens=1,
                                               **{field: neutral}).choices
+
+
+PENALTIES = {"frequency_penalty": 1.0, "presence_penalty": 0.5}
+
+
+def test_penalties_are_honoured_on_every_route(client, server):
+    """The same penalties give the same answer through /v1/query and /v1/completions (one prompt),
+    and change what chat answers; vLLM's repetition_penalty comes as extra_body."""
+    body = {"question": QUESTION, "mode": "full", "top_k": 32, "max_tokens": 16}
+    plain = server.http.post("/v1/query", json=body).json()["answer"]
+    rest = server.http.post("/v1/query", json={**body, **PENALTIES, "repetition_penalty": 1.3}).json()["answer"]
+    assert rest != plain
+    done = client.completions.create(model=MODEL, prompt=QUESTION, max_tokens=16, temperature=0, **PENALTIES,
+                                     extra_body={"mode": "full", "top_k": 32, "repetition_penalty": 1.3})
+    assert done.choices[0].text == rest
+    talk = [{"role": "user", "content": QUESTION}]
+    assert (chat(client, talk, max_tokens=16, **PENALTIES, extra_body={"repetition_penalty": 1.3})
+            .choices[0].message.content != chat(client, talk, max_tokens=16).choices[0].message.content)
+
+
+@pytest.mark.parametrize("field,value", [("frequency_penalty", 2.5), ("presence_penalty", -3),
+                                         ("repetition_penalty", 0)])
+def test_out_of_range_penalties_are_refused_naming_the_field(server, field, value):
+    r = server.http.post("/v1/query", json={"question": QUESTION, field: value})
+    assert r.status_code == 422 and field in r.text
 
 
 def test_docs_page_and_its_assets_are_served_without_a_cdn(server):
@@ -169,16 +193,23 @@ def test_docs_page_and_its_assets_are_served_without_a_cdn(server):
         "<body>")[0]
 
 
-def test_the_same_text_uploaded_twice_without_an_id_is_one_document(server):
+def test_the_same_text_posted_and_uploaded_fills_one_retrieval_slot(server):
+    """JSON without an id is named by its text's hash (sent again: the same document); an upload
+    by its file name. The same text both ways is two documents, but one passage in the answer's
+    sources."""
     http = server.http
-    text = doc_text("dup", 2, "quagga")
+    text = doc_text("dup", 1, "quagga")
     first = http.post("/v1/documents", json={"text": text})
-    again = http.post("/v1/documents", files={"file": ("same.txt", text.encode())})
-    ids = [r.json()["doc_ids"][0] for r in (first, again)]
-    assert ids[0] == ids[1] and ids[0].startswith("sha256:")
-    for r in (first, again):
+    again = http.post("/v1/documents", json={"text": text})
+    upload = http.post("/v1/documents", files={"file": ("same.txt", text.encode())})
+    ids = [r.json()["doc_ids"][0] for r in (first, again, upload)]
+    assert ids[0] == ids[1] and ids[0].startswith("sha256:") and ids[2] == "same.txt"
+    for r in (first, again, upload):
         assert wait_job(http, r.json()["job_id"])["status"] == "succeeded"
     listed = [d["doc_id"] for d in http.get("/v1/documents", params={"limit": 1000}).json()["documents"]]
-    assert listed.count(ids[0]) == 1
+    assert listed.count(ids[0]) == 1 and "same.txt" in listed
+    chunks = http.post("/v1/query", json={"question": "quagga", "top_k": 32, "max_tokens": 1}).json()["chunks"]
+    texts = [c["text"] for c in chunks]
+    assert len(texts) == len(set(texts)) and {c["doc_id"] for c in chunks} & {ids[0], "same.txt"}
     other = http.post("/v1/documents", json={"text": text + " More."}).json()["doc_ids"][0]
     assert other != ids[0]

@@ -3,7 +3,9 @@ watch both answers stream in, see the sources and timings. Skipped where no brow
 (`apt-get install chromium chromium-driver`)."""
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,10 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 DRIVER = shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="no chromium + chromedriver on this machine "
                                                                  "(apt-get install chromium chromium-driver)")
+
+
+# RAGBLEND_SCREENSHOTS=DIR keeps the page's screenshot (the README's picture is taken so)
+SCREENSHOT_DIR = Path(os.environ["RAGBLEND_SCREENSHOTS"]) if os.environ.get("RAGBLEND_SCREENSHOTS") else None
 
 
 def browser():
@@ -54,6 +60,50 @@ def test_the_page_streams_blend_and_full_side_by_side_with_sources_and_timings(t
             rows = box.find_elements(By.CLASS_NAME, "source")
             assert rows and "page-doc" in rows[0].text
         assert driver.get_screenshot_as_file(str(tmp_path / "page.png"))
+    finally:
+        driver.quit()
+        s.stop()
+
+
+def test_the_page_uploads_a_pdf_shows_its_cited_passage_and_deletes_a_document(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.docfiles import pdf_pages_bytes
+
+    s = launch(tmp_path, "--max-tokens", "64", "--chunk-tokens", "48")
+    driver = browser()
+    pdf = tmp_path / "fleet.pdf"
+    # each page ~30 tokens: one chunk each at --chunk-tokens 48
+    pdf.write_bytes(pdf_pages_bytes([["Fleet Manual", "The bravo pump needs oil every five days, and its",
+                                      "filter is checked by the crew of the lower deck each month.", "Page 1 of 3"],
+                                     ["Fleet Manual", "The quagga valve opens at noon on every weekday, and the",
+                                      "harbour master logs each opening in the green book.", "Page 2 of 3"],
+                                     ["Fleet Manual", "The galley closes when the last ferry leaves the quay,",
+                                      "and the cook locks the pantry before going ashore.", "Page 3 of 3"]]))
+    try:
+        index(s.http, id="old-notes", text=doc_text("p", 2))
+        driver.get(s.base + "/")
+        driver.find_element(By.ID, "file").send_keys(str(pdf))
+        driver.find_element(By.CSS_SELECTOR, "#upload button").click()
+        listed = lambda d: "fleet.pdf" in d.find_element(By.ID, "documents").text  # noqa: E731
+        WebDriverWait(driver, 60).until(listed)
+        driver.find_element(By.ID, "question").send_keys("When does the quagga valve open?")
+        driver.find_element(By.ID, "max-tokens").clear()
+        driver.find_element(By.ID, "max-tokens").send_keys("8")
+        driver.find_element(By.ID, "go").click()
+        done = lambda d: all(d.find_element(By.ID, f"side-{x}").get_attribute("data-done") == "1" for x in "ab")  # noqa: E731
+        WebDriverWait(driver, 60).until(done)
+        sources = driver.find_element(By.ID, "side-a").find_elements(By.CLASS_NAME, "source")
+        cited = next(r.text for r in sources if "quagga" in r.text)
+        assert "page 2" in cited and "quagga valve opens at noon" in cited and "Fleet Manual" not in cited
+        assert "speedup over full" in driver.find_element(By.ID, "side-a").text
+        driver.get_screenshot_as_file(str(SCREENSHOT_DIR / "page-pdf.png") if SCREENSHOT_DIR else
+                                      str(tmp_path / "page-pdf.png"))
+        driver.find_element(By.CSS_SELECTOR, 'button.delete[data-id="old-notes"]').click()
+        driver.switch_to.alert.accept()
+        WebDriverWait(driver, 30).until(lambda d: "old-notes" not in d.find_element(By.ID, "documents").text)
+        assert s.http.get("/v1/documents/old-notes").status_code == 404
     finally:
         driver.quit()
         s.stop()

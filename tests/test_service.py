@@ -169,7 +169,7 @@ def test_blend_answer_from_lmdb_equals_answer_from_memory(tmp_path):
         spec = QuerySpec(max_tokens=12)
         svc.kv.gpu.clear()  # read back from LMDB, not the tier that indexing left warm
         from_store = svc.answer(question, hits, spec).run()
-        layout = engine.layout(question, [h.text for h in hits])
+        layout = svc.layout(question, hits)  # the order the service lays them out in
         assert svc.kv.format.name == "int8"
         memory = engine.kv_cache(layout.prefix, gpu_bytes=1 << 40, stream=False, kv_format=svc.kv.format)
         in_memory = engine.generate(layout, spec, memory).run()

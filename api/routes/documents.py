@@ -17,12 +17,12 @@ from api.schemas import (ChunkInfo, Deleted, DocumentDetail, DocumentIn, Documen
                          JobOut)
 from api.worker import QueueFull
 from retrieval import Document, rules
+from retrieval.formats import Extracted, Unreadable, extract_bytes
 from retrieval.loaders import JsonlError, jsonl_objects
 from retrieval.registry import Registry
 
 router = APIRouter(prefix="/v1", tags=["documents"])
 
-UPLOAD_SUFFIXES = (".txt", ".md", ".jsonl")
 DocIdPath = Annotated[str, Path(description="the document id (may contain '/')", max_length=256)]
 NOT_FOUND = {404: {"model": ErrorOut, "description": "no such document"}}
 
@@ -30,9 +30,11 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
     "application/json": {"schema": DocumentIn.model_json_schema()},
     "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
         "file": {"type": "string", "format": "binary",
-                 "description": ".txt or .md (one document) or .jsonl (`{\"id\"?, \"text\", ...}` a line), UTF-8"},
-        "id": {"type": "string", "description": "document id for .txt/.md (default: a hash of the text, so a re-upload is no duplicate)"},
-        "metadata": {"type": "string", "description": "a JSON object, for .txt/.md"}}}}}}}
+                 "description": "any format `ragblend index` reads (PDF, DOCX, HTML, RST, Markdown, text of any "
+                                "encoding: one document) or .jsonl (`{\"id\"?, \"text\", ...}` a line)"},
+        "id": {"type": "string", "description": "document id (default: the file's name; an upload of the same "
+                                                "name replaces it)"},
+        "metadata": {"type": "string", "description": "a JSON object, for one-document files"}}}}}}}
 
 
 @router.post("/documents", status_code=202, response_model=JobOut, openapi_extra=_UPLOAD_DOC,
@@ -40,9 +42,11 @@ _UPLOAD_DOC = {"requestBody": {"required": True, "content": {
              description="A JSON document `{id?, text, metadata?}` or a multipart file upload. Answers 202 "
                          "with a job to poll at `GET /v1/jobs/{job_id}` (also in `Location`). A document "
                          "becomes visible to queries all at once, when its job commits it.",
-             responses={400: {"model": ErrorOut, "description": "the file is not UTF-8 text or a line is bad"},
+             responses={400: {"model": ErrorOut, "description": "the file yields no text (the reason `ragblend index` "
+                                                               "would skip it) or a JSONL line is bad"},
                         413: {"model": ErrorOut, "description": "upload too large"},
-                        415: {"model": ErrorOut, "description": "neither JSON nor a .txt/.md/.jsonl upload"},
+                        415: {"model": ErrorOut, "description": "neither JSON nor a file upload, or a binary format "
+                                                               "nothing reads (images, archives)"},
                         422: {"model": ErrorOut, "description": "a field is invalid"},
                         503: {"model": ErrorOut, "description": "too many indexing jobs waiting; see Retry-After"}})
 async def add_documents(request: Request, response: Response, indexer: IndexerDep) -> JobOut:
@@ -55,8 +59,8 @@ async def add_documents(request: Request, response: Response, indexer: IndexerDe
             raise ApiError(422, "a JSON request body is required: {\"text\": ..., \"id\"?: ..., \"metadata\"?: {...}}")
         docs = [_document(_validate_json(body), source="api")]
     else:
-        raise ApiError(415, "send a JSON document {text, id?, metadata?} as application/json, or a .txt/.md/.jsonl "
-                            "file as multipart/form-data in the field `file`")
+        raise ApiError(415, "send a JSON document {text, id?, metadata?} as application/json, or a file "
+                            "as multipart/form-data in the field `file`")
     try:
         job = indexer.submit(docs)
     except QueueFull as e:
@@ -176,11 +180,11 @@ async def _from_upload(request: Request) -> list[Document]:
         file = form.get("file")
         if not isinstance(file, UploadFile):
             raise ApiError(422, "file: a multipart upload needs the document in a field named `file`")
-        name = PurePosixPath((file.filename or "").replace("\\", "/")).name  # for display only
+        name = PurePosixPath((file.filename or "").replace("\\", "/")).name  # never joined to a path
         suffix = PurePosixPath(name).suffix.lower()
-        if suffix not in UPLOAD_SUFFIXES:
-            raise ApiError(415, f"file: {name or 'the upload'!r} is not a .txt, .md or .jsonl file")
-        text = _decode(await file.read(), name)
+        data = await file.read()
+        extracted = None if suffix == ".jsonl" else _extract(data, name)
+        text = _decode(data, name) if suffix == ".jsonl" else extracted.text
         doc_id, meta_field = form.get("id"), form.get("metadata")
     metadata: dict = {}
     if meta_field not in (None, ""):
@@ -194,8 +198,20 @@ async def _from_upload(request: Request) -> list[Document]:
         if doc_id not in (None, "") or metadata:
             raise ApiError(422, "id, metadata: not used with a .jsonl upload, whose lines carry their own")
         return _jsonl_documents(text, name)
-    d = _validate(("file",), id=doc_id or None, text=text, metadata={**metadata, "filename": name})
-    return [_document(d, source=f"upload:{name}")]
+    d = _validate(("file",), id=doc_id or name or None, text=text, metadata={**metadata, "filename": name})
+    doc = _document(d, source=f"upload:{name}")
+    doc.pages = extracted.pages
+    return [doc]
+
+
+def _extract(data: bytes, name: str) -> Extracted:
+    """The upload's text by the loaders `ragblend index` uses, refused with the reason it would
+    give for skipping the file."""
+    try:
+        return extract_bytes(data, name)
+    except Unreadable as e:
+        status = 415 if str(e).startswith("unsupported binary format") else 400
+        raise ApiError(status, f"file: {name or 'the upload'!r}: {e}") from None
 
 
 def _decode(data: bytes, name: str) -> str:

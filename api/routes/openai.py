@@ -16,11 +16,11 @@ from api import openai_compat as oa
 from api.answering import wait_started, while_queued
 from api.deps import ServiceDep, SettingsDep, WorkerDep
 from api.errors import ApiError
-from api.routes.query import INTERNAL, QUERY_ERRORS, query_params, query_response, usage
+from api.routes.query import INTERNAL, QUERY_ERRORS, chunk_out, query_params, query_response, usage
 from api.schemas import (ChatChoice, ChatChoiceMessage, ChatCompletion, ChatRequest, Completion,
                          CompletionChoice, CompletionRequest, ErrorOut, ModelCard, ModelList)
 from api.worker import Started
-from blend.spec import DEFAULT_MAX_TOKENS, Sampling
+from blend.spec import DEFAULT_MAX_TOKENS
 from blend.engine import Answer
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -49,18 +49,18 @@ def _chunk(cid: str, model: str, delta: dict, finish: str | None = None, **extra
 async def chat_completions(body: ChatRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                            settings: SettingsDep):
     oa.refuse_unsupported(body.model_dump(exclude_unset=True))
-    oa.check_model(body.model, service)
+    oa.check_model(body.model, oa.served_name(service, settings))
     stops = oa.stops_of(body.stop)
     if body.top_logprobs and not body.logprobs:
         raise ApiError(400, "top_logprobs: needs logprobs: true", param="top_logprobs")
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     prompted = oa.conversation(body.messages)
     params = query_params(body, prompted.question, body.top_k, max_tokens,
-                          Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed), settings)
     job = await oa.submit(request, service, worker, settings, params, prompted)
     # a stream's headers go out once it is queued (SSE comments while it waits for the model)
     started = None if body.stream else await wait_started(job, request)
-    cid, model = f"chatcmpl-{uuid.uuid4().hex}", service.engine.name
+    cid, model = f"chatcmpl-{uuid.uuid4().hex}", oa.served_name(service, settings)
     want_logprobs = bool(body.logprobs)
     if not body.stream:
         outcome = None
@@ -118,7 +118,7 @@ async def chat_completions(body: ChatRequest, request: Request, service: Service
 async def completions(body: CompletionRequest, request: Request, service: ServiceDep, worker: WorkerDep,
                       settings: SettingsDep):
     oa.refuse_unsupported(body.model_dump(exclude_unset=True))
-    oa.check_model(body.model, service)
+    oa.check_model(body.model, oa.served_name(service, settings))
     stops = oa.stops_of(body.stop)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if len(prompts) != 1:
@@ -126,10 +126,10 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     prompted = oa.plain(prompts[0])
     params = query_params(body, prompted.question, body.top_k, max_tokens,
-                          Sampling(body.temperature or 0.0, body.top_p or 1.0, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed), settings)
     job = await oa.submit(request, service, worker, settings, params, prompted)
     started = None if body.stream else await wait_started(job, request)  # a stream: headers once queued
-    cid, model = f"cmpl-{uuid.uuid4().hex}", service.engine.name
+    cid, model = f"cmpl-{uuid.uuid4().hex}", oa.served_name(service, settings)
 
     async def legacy_logprobs(outcome: oa.Outcome) -> dict | None:
         if body.logprobs is None:
@@ -188,8 +188,7 @@ async def completions(body: CompletionRequest, request: Request, service: Servic
 def _extras_of(started: Started, outcome, max_tokens: int) -> dict:
     if outcome.answer is not None and outcome.answer.text == outcome.text:
         return _extras(started, outcome.answer, max_tokens)
-    return {"chunks": [{"doc_id": h.doc_id, "chunk_id": h.chunk_id, "score": round(h.score, 6), "text": h.text}
-                       for h in started.hits],
+    return {"chunks": [chunk_out(h).model_dump() for h in started.hits], "covered": bool(started.hits),
             "timings": {"queue_ms": round(started.queue_ms, 3), "retrieve_ms": round(started.retrieve_ms, 3)},
             "cut_by_stop": True}
 
@@ -197,11 +196,11 @@ def _extras_of(started: Started, outcome, max_tokens: int) -> dict:
 def _extras(started: Started, ans: Answer, max_tokens: int) -> dict:
     r = query_response(started, ans, max_tokens)
     keep = ("mode", "ratio", "requested_ratio", "selection", "guard_raised", "guard_estimate",
-            "recomputed_tokens", "cached_tokens")
+            "recomputed_tokens", "cached_tokens", "covered")
     return {"chunks": [c.model_dump() for c in r.chunks], "timings": r.timings.model_dump(),
             **{k: getattr(r, k) for k in keep}}
 
 
 @router.get("/models", response_model=ModelList, summary="The served model (OpenAI format)")
-def models(service: ServiceDep) -> ModelList:
-    return ModelList(data=[ModelCard(id=service.engine.name, created=STARTED_AT)])
+def models(service: ServiceDep, settings: SettingsDep) -> ModelList:
+    return ModelList(data=[ModelCard(id=oa.served_name(service, settings), created=STARTED_AT)])

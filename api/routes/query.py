@@ -15,7 +15,9 @@ from api.schemas import (BlendFields, ChunkOut, ErrorOut, PromptTokensDetails, Q
                          QueryResponse, Timings, Usage)
 from api.worker import QueryParams, Started
 from blend.spec import DEFAULT_MAX_TOKENS, QuerySpec, Sampling
+from api.settings import Settings
 from blend.engine import Answer
+from retrieval.corpus import Hit
 
 router = APIRouter(prefix="/v1", tags=["query"])
 log = logging.getLogger(__name__)
@@ -41,8 +43,7 @@ def sse(event: str, data: dict) -> str:
 def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryResponse:
     return QueryResponse(
         answer=ans.text,
-        chunks=[ChunkOut(doc_id=h.doc_id, chunk_id=h.chunk_id, score=round(h.score, 6), text=h.text)
-                for h in started.hits],
+        chunks=[chunk_out(h) for h in started.hits], covered=bool(started.hits),
         timings=Timings(queue_ms=round(started.queue_ms, 3), retrieve_ms=round(started.retrieve_ms, 3),
                         kv_load_ms=round(ans.kv_load_ms, 3), prefill_ms=round(ans.prefill_ms, 3),
                         ttft_ms=round(ans.ttft_ms, 3), per_token_ms=round(ans.per_token_ms, 3)),
@@ -52,6 +53,12 @@ def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryRespo
         completion_tokens=len(ans.token_ids), finish_reason=finish_reason(ans, max_tokens), usage=usage(ans))
 
 
+def chunk_out(hit: Hit) -> ChunkOut:
+    """A source as the responses show it: the passage, its place in its document, its page."""
+    return ChunkOut(doc_id=hit.doc_id, chunk_id=hit.chunk_id, chunk=hit.index + 1, doc_chunks=hit.doc_chunks,
+                    page=hit.page, score=round(hit.score, 6), text=hit.text)
+
+
 def usage(ans: Answer) -> Usage:
     """OpenAI's usage, with the prompt tokens whose KV was reused as `cached_tokens`."""
     return Usage(prompt_tokens=ans.total_tokens, completion_tokens=len(ans.token_ids),
@@ -59,9 +66,12 @@ def usage(ans: Answer) -> Usage:
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=ans.cached_tokens))
 
 
-def query_params(body: BlendFields, question: str, top_k: int, max_tokens: int, sampling: Sampling) -> QueryParams:
-    """The body's settings as the engine's QuerySpec (their defaults are blend.spec's)."""
-    return QueryParams(question, top_k, QuerySpec(body.mode, body.blend_config(), sampling, max_tokens))
+def query_params(body: BlendFields, question: str, top_k: int, max_tokens: int, sampling: Sampling,
+                 settings: Settings) -> QueryParams:
+    """The body's settings as the engine's QuerySpec (their defaults are blend.spec's) and the
+    search's options (the server's --min-score unless the body gives one)."""
+    return QueryParams(question, top_k, QuerySpec(body.mode, body.blend_config(), sampling, max_tokens),
+                       body.search_options(settings.min_score))
 
 
 @router.post("/query", response_model=QueryResponse, summary="Answer a question from the index",
@@ -73,7 +83,7 @@ async def query(body: QueryRequest, request: Request, service: ServiceDep, worke
                 settings: SettingsDep):
     max_tokens = body.max_tokens or min(DEFAULT_MAX_TOKENS, settings.max_tokens)
     params = query_params(body, body.question, body.top_k, max_tokens,
-                          Sampling(body.temperature, body.top_p, body.seed))
+                          body.sampling(body.temperature, body.top_p, body.seed), settings)
     if not body.stream:
         job, started = await start(request, service, worker, settings, params)
         return query_response(started, await answer(job, request), max_tokens)

@@ -9,6 +9,8 @@ from api.answering import question_token_limit
 from api.deps import IndexerDep, MetricsDep, ServiceDep, SettingsDep, WorkerDep
 from api.schemas import Health
 from store.redis_store import TieredKVStore
+from blend.loader import DEFAULT_MODEL
+from blend.spec import default_penalties
 
 router = APIRouter(tags=["system"])
 metrics_router = APIRouter(tags=["system"])  # behind the API key, unlike /health
@@ -33,7 +35,8 @@ def health(service: ServiceDep, worker: WorkerDep, indexer: IndexerDep, settings
                   device=str(service.engine.device), max_context=service.engine.max_context,
                   max_question_tokens=question_token_limit(service, settings), index_chunks=len(service.corpus),
                   queue_depth=worker.depth, max_queue=worker.max_queue, index_jobs_pending=indexer.pending,
-                  threads=torch.get_num_threads(), max_batch=config.max_batch, prefill_tokens=config.prefill_tokens)
+                  threads=torch.get_num_threads(), max_batch=config.max_batch, prefill_tokens=config.prefill_tokens,
+                  suggested_sampling=default_penalties(service.engine.name == DEFAULT_MODEL))
 
 
 @metrics_router.get("/metrics", summary="Prometheus metrics", response_class=Response,
