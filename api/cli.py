@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, GuardOpt, ModelOpt, SelectionOpt, ThreadsOpt, fail,
+from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, ModelOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
                             load_engine, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, Mode
 
@@ -286,9 +286,9 @@ def ask(
     mode: ModeOpt = Mode.BLEND.value,
     ratio: Ratio = DEFAULT_RATIO,
     check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = DEFAULT_CHECK_LAYER,
+    check_layers: CheckLayersOpt = None,
     selection: SelectionOpt = None,
     deviation: DeviationOpt = None,
-    guard: GuardOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = DEFAULT_MAX_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -313,7 +313,8 @@ def ask(
         fail(f"the question {problem}")
     set_threads(threads)
     try:
-        spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
+        spec = QuerySpec(mode, BlendConfig.with_checks(check_layers_of(check_layer, check_layers), ratio=ratio,
+                                                       selection=selection_of(selection, deviation)),
                          Sampling(temperature, top_p, seed), max_tokens)
     except BadQuery as e:
         fail(f"--{e.field.replace('_', '-')}: {str(e).split(': ', 1)[1]}")
@@ -346,8 +347,7 @@ def ask(
         fail(str(e))
     if as_json:
         typer.echo(json.dumps({
-            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "requested_ratio": ans.requested_ratio,
-            "selection": ans.selection, "guard_raised": ans.guard_raised, "guard_estimate": ans.guard_estimate,
+            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "selection": ans.selection,
             "ttft_ms": round(ans.ttft_ms, 3), "recomputed_tokens": ans.recomputed_tokens,
             "cached_tokens": ans.cached_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
@@ -361,8 +361,6 @@ def ask(
             for i, h in enumerate(hits, 1):
                 typer.echo(f"  [{i}] {h.doc_id}  chunk {h.chunk_id}  score {h.score:.4f}")
         how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
-        if ans.guard_raised:
-            how += f" (guard raised it from {ans.requested_ratio:g})"
         typer.echo(f"[{ans.mode}{how}] ttft {ans.ttft_ms:.1f} ms, "
                    f"{ans.recomputed_tokens}/{ans.chunk_tokens} chunk tokens recomputed, "
                    f"{ans.cached_tokens}/{ans.total_tokens} prompt tokens from cached KV", err=True)

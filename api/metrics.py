@@ -39,8 +39,6 @@ class Metrics:
         self.tokens = Counter("ragblend_tokens_generated", "tokens generated", registry=r)
         self.prompt_tokens = Counter("ragblend_prompt_tokens", "prompt tokens of answered queries: KV "
                                      "reused from cache, or computed", ["kv"], registry=r)
-        self.guard_raised = Counter("ragblend_guard_raised", "blend queries whose quality guard raised "
-                                    "the recompute ratio", registry=r)
         self.rejected = Counter("ragblend_queue_rejections", "requests refused because a queue was full",
                                 ["queue"], registry=r)
         self.cancelled = Counter("ragblend_generations_cancelled", "queries stopped because the client left",

@@ -45,12 +45,13 @@ MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
 CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
                                   description="blend: the layer where tokens are selected (< the model's layers)")]
 Selection = Annotated[Literal[SELECTIONS], Field(
-    description="blend: how the recomputed tokens are chosen (hybrid: question attention × value deviation)")]
+    description=f"blend: how the recomputed tokens are chosen ({', '.join(SELECTIONS)}; blend/select.py)")]
 Deviation = Annotated[Literal["value", "key"], Field(
     description="blend: the old name of `selection` (value or key); give one of the two")]
-Guard = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False, description=(
-    "blend: quality guard. The check layer estimates the distance to full; while it is over this "
-    "bound the ratio is raised (0.15 → 0.3 → 0.5), then everything is recomputed (= full)"))]
+CheckLayers = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=255)]], Field(
+    min_length=1, max_length=8, description=(
+        "blend: several check layers, increasing (gradual filtering: a wider set at the first, "
+        "narrowed at the later ones, the same compute budget); replaces check_layer"))]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False, description="0 = greedy")]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]
@@ -64,7 +65,7 @@ class BlendFields(BaseModel):
     check_layer: CheckLayer = DEFAULT_CHECK_LAYER
     selection: Selection | None = Field(None, description=f"default: {DEFAULT_SELECTION}")
     deviation: Deviation | None = None
-    guard: Guard | None = None
+    check_layers: CheckLayers | None = None
 
     @model_validator(mode="after")
     def _one_name(self):
@@ -73,8 +74,8 @@ class BlendFields(BaseModel):
         return self
 
     def blend_config(self) -> BlendConfig:
-        return BlendConfig(self.ratio, self.check_layer, self.selection or self.deviation or DEFAULT_SELECTION,
-                           self.guard)
+        return BlendConfig.with_checks(self.check_layers or [self.check_layer], ratio=self.ratio,
+                                       selection=self.selection or self.deviation or DEFAULT_SELECTION)
 
 
 class QueryRequest(BlendFields):
@@ -125,11 +126,8 @@ class QueryResponse(BaseModel):
     chunks: list[ChunkOut]
     timings: Timings
     mode: Mode
-    ratio: float | None = Field(description="blend: the ratio used (above the asked one if the guard raised it)")
-    requested_ratio: float | None = Field(None, description="blend: the ratio asked for")
+    ratio: float | None = Field(description="blend: the share of chunk tokens recomputed")
     selection: Selection | None = None
-    guard_raised: bool = Field(False, description="blend: the guard recomputed more than asked")
-    guard_estimate: float | None = Field(None, description="blend with a guard: its estimate at the ratio used")
     recomputed_tokens: int = Field(description="chunk tokens recomputed through every layer")
     cached_tokens: int = Field(0, description="prompt tokens whose KV was reused")
     total_tokens: int = Field(description="prompt tokens")

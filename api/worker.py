@@ -168,8 +168,6 @@ class ModelWorker:
             m.tpot.observe(answer.per_token_ms / 1e3)
         m.prompt_tokens.labels("reused").inc(answer.cached_tokens)
         m.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)
-        if answer.guard_raised:
-            m.guard_raised.inc()
         job.emit(Finished(answer))
 
     def _failed(self, job: QueryJob, error: BaseException) -> None:

@@ -143,7 +143,9 @@ class Engine:
         with record_function("rb.load_kv"):
             layers = None
             if self.graphs is not None and mode in (Mode.REUSE, Mode.BLEND):
-                first = (blend or BlendConfig()).check_layer if mode is Mode.BLEND else 0
+                cfg = blend or BlendConfig()
+                # the question selection's pass reads every layer before blending starts
+                first = cfg.check_layer if mode is Mode.BLEND and cfg.selection != "question" else 0
                 layers = list(range(first, self.parts.n_layers))
             return kv.fetch(chunks, layers)
 
