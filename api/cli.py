@@ -386,6 +386,8 @@ def bench(
     profile: Annotated[bool, typer.Option(help="also profile reuse and blend r=0.15 per tier (CUDA)")] = False,
     selections: Annotated[str, typer.Option(help="also time blend r=0.15 with each of these selections "
                                                  "(comma-separated; '' for none)")] = "",
+    gradual: Annotated[Optional[str], typer.Option(help="with --selections: also time each with these check "
+                                                        "layers (gradual filtering, e.g. 1,8)")] = None,
 ) -> None:
     """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape."""
     from blend.bench import BenchConfig, run_bench, write
@@ -408,13 +410,16 @@ def bench(
     sel_list = tuple(x.strip() for x in selections.split(",") if x.strip())
     if bad := [x for x in sel_list if x not in SELECTIONS]:
         fail(f"--selections: unknown {bad[0]!r}; choose from {', '.join(SELECTIONS)}")
+    gradual_layers = check_layers_of(check_layer, gradual) if gradual else ()
+    if gradual and not sel_list:
+        fail("--gradual times the --selections: give those too")
     try:
         sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
     except ValueError:
         fail("--sweep takes comma-separated token counts")
     cfg = BenchConfig(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), chunks,
                       chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list, warmup,
-                      runs, sweep_list, check_layer, sel_list, out / "profile" if profile else None,
+                      runs, sweep_list, check_layer, sel_list, gradual_layers, out / "profile" if profile else None,
                       None if random_weights else model)
     result = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))

@@ -119,11 +119,14 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     check_layer: int = DEFAULT_CHECK_LAYER
     selections: tuple[str, ...] = ()     # also time blend r=0.15 with each of these, in turns
+    gradual: tuple[int, ...] = ()        # and each of them with these check layers (gradual filtering)
     profile_dir: Path | None = None
     model_spec: str | None = None        # a real model instead of random weights of `shape`
 
-    def blend(self, ratio: float = DEFAULT_RATIO, selection: str = DEFAULT_SELECTION) -> QuerySpec:
-        return QuerySpec(Mode.BLEND, BlendConfig(ratio, self.check_layer, selection))
+    def blend(self, ratio: float = DEFAULT_RATIO, selection: str = DEFAULT_SELECTION,
+              checks: tuple[int, ...] = ()) -> QuerySpec:
+        return QuerySpec(Mode.BLEND, BlendConfig.with_checks(checks or (self.check_layer,), ratio=ratio,
+                                                             selection=selection))
 
 
 TIERS = ("gpu", "cpu", "lmdb")
@@ -170,10 +173,12 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 stats = timed(lambda: ttft(engine, layout, spec, caches[tier]), dev, warmup, runs)
                 rows.append({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier, **stats})
         if cfg.selections:  # what each selector costs: blend r=0.15, KV on the first tier, timed in turns
-            fns = {sel: (lambda spec=cfg.blend(selection=sel): ttft(engine, layout, spec, caches[tiers[0]]))
-                   for sel in cfg.selections}
-            for sel, stats in timed_together(fns, dev, warmup, 3 * runs).items():
-                rows.append({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": tiers[0], "selection": sel, **stats})
+            schedules = [()] + ([cfg.gradual] if cfg.gradual else [])
+            fns = {(sel, g): (lambda spec=cfg.blend(selection=sel, checks=g): ttft(engine, layout, spec, caches[tiers[0]]))
+                   for sel in cfg.selections for g in schedules}
+            for (sel, g), stats in timed_together(fns, dev, warmup, 3 * runs).items():
+                rows.append({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": tiers[0], "selection": sel,
+                             **({"check_layers": ",".join(map(str, g))} if g else {}), **stats})
         if streams:  # what streaming the layers buys
             for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
                 stats = timed(lambda: ttft(engine, layout, spec, caches["lmdb-whole"]), dev, warmup, runs)
@@ -266,7 +271,8 @@ def gpu_busy(prof) -> dict:
 
 def _variant(row: dict) -> str:
     if row.get("selection"):
-        return f" (selection {row['selection']})"
+        checks = f", check layers {row['check_layers']}" if row.get("check_layers") else ""
+        return f" (selection {row['selection']}{checks})"
     return " (eager)" if row.get("eager") else " (read whole, then prefill)" if row.get("unstreamed") else ""
 
 
