@@ -17,7 +17,7 @@ from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_ful
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
 from blend.sequence import Answer, SeqState, pick
-from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
+from blend.spec import QUESTION_PASS, BlendConfig, ContextOverflow, Mode, QuerySpec
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.serialize import CorruptEntry
 from store.tiers import ChunkKVCache, ChunkKVSource, KVShape
@@ -145,7 +145,7 @@ class Engine:
             if self.graphs is not None and mode in (Mode.REUSE, Mode.BLEND):
                 cfg = blend or BlendConfig()
                 # the question selection's pass reads every layer before blending starts
-                first = cfg.check_layer if mode is Mode.BLEND and cfg.selection != "question" else 0
+                first = cfg.check_layer if mode is Mode.BLEND and cfg.selection not in QUESTION_PASS else 0
                 layers = list(range(first, self.parts.n_layers))
             return kv.fetch(chunks, layers)
 

@@ -23,7 +23,7 @@ from store.chunkkv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
 from blend.select import CheckLayer, gradual_counts, narrow, score, top_tokens
-from blend.spec import BlendConfig
+from blend.spec import QUESTION_PASS, BlendConfig
 
 
 @dataclass
@@ -310,7 +310,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     need nothing cached but the check layer's values. Chunk KVs still arriving (ArrivingKV) are
     fed in layer by layer as they land, with CUDA graphs and a side stream; otherwise awaited."""
     arriving = chunk_kvs if isinstance(chunk_kvs, ArrivingKV) else None
-    asking = mode == "blend" and (blend or BlendConfig()).selection == "question"
+    asking = mode == "blend" and (blend or BlendConfig()).selection in QUESTION_PASS
     if asking and arriving is not None and len(set(arriving.layers)) < parts.n_layers:
         raise ValueError("the question selection reads every layer's chunk KV: load the chunks with its "
                          "BlendConfig (Engine.load_chunks)")

@@ -11,6 +11,8 @@
 |           | from their cached keys (blend/lookahead.py)                                   |
 | question  | the question's attention on t at the last layers, from a `reuse` pass over the |
 |           | stale KV (InfoFlow-KV, blend/question.py)                                      |
+| question- | that attention × value deviation: lookahead's product with the attention the   |
+| value     | question really pays at the last layers in place of the probe's estimate       |
 
 With several check layers (gradual filtering), the first keeps a wider set and each later one
 keeps the best of the tokens still flowing, rescored where the score can be taken afresh there
@@ -126,10 +128,10 @@ def score(selection: str, check: CheckLayer) -> torch.Tensor:
         if check.ahead is None:
             raise ValueError("lookahead selection needs the probed attention (CheckLayer.ahead)")
         s = check.ahead * check.value_deviation()
-    elif selection == "question":
+    elif selection in ("question", "question-value"):
         if check.asked is None:
-            raise ValueError("question selection needs the question pass's scores (CheckLayer.asked)")
-        s = check.asked
+            raise ValueError(f"{selection} selection needs the question pass's scores (CheckLayer.asked)")
+        s = check.asked if selection == "question" else check.asked * check.value_deviation()
     else:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     exact = check.chunk_lengths[0] if len(check.chunk_lengths) > 1 else 0
@@ -169,7 +171,7 @@ def narrow(selection: str, first: CheckLayer, first_score: torch.Tensor, idx: to
     """At a later check layer: indices into the flowing chunk tokens (chunk indices `idx`, ascending,
     at `positions`; fresh K/V [1, H, n, D] of this layer; `cached` its [2, H, N, D] cache) of the
     `keep` to carry on, ascending. Value and key deviation are measured afresh at this layer, and
-    lookahead's deviation factor (its attention factor stays the first check's probe); the other
+    the deviation factor of lookahead and question-value (their attention factor stays); the other
     selections keep their first check's ranking."""
     if selection == "value":
         s = deviation(fresh_v, cached[1][None, :, positions])
@@ -177,6 +179,8 @@ def narrow(selection: str, first: CheckLayer, first_score: torch.Tensor, idx: to
         s = deviation(fresh_k, cached[0][None, :, positions])
     elif selection == "lookahead":
         s = deviation(fresh_v, cached[1][None, :, positions]) * first.ahead[idx]
+    elif selection == "question-value":
+        s = deviation(fresh_v, cached[1][None, :, positions]) * first.asked[idx]
     else:
         s = first_score[idx]
     exact = first.chunk_lengths[0] if len(first.chunk_lengths) > 1 else 0

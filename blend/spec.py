@@ -38,7 +38,9 @@ class Mode(str, Enum):
 MODES = tuple(m.value for m in Mode)
 # How blend picks the chunk tokens it recomputes (see blend/select.py). The default is the best
 # measured (README, "Token selection").
-SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead", "question")
+SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead", "question", "question-value")
+# The selections that first run the question over the stale KV through every layer (blend/question.py).
+QUESTION_PASS = ("question", "question-value")
 DEFAULT_SELECTION = "lookahead"
 DEFAULT_RATIO = 0.15
 DEFAULT_CHECK_LAYER = 1
