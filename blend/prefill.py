@@ -138,7 +138,6 @@ def keep_after_check(check: CheckLayer, chunk_score: torch.Tensor, count: int) -
     return torch.cat([chosen, torch.arange(check.hi, n_active, device=check.k.device)])
 
 
-
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
     """A small host list on the device without stalling the host: a copy from pageable memory
     waits for the stream to drain, one from pinned memory is queued like a kernel."""
