@@ -4,6 +4,7 @@ several check layers spends exactly the budget of one."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -293,3 +294,30 @@ def test_blend_config_refuses_check_layers_out_of_order_and_a_later_one_past_the
     assert cfg.check_layers == (1, 8)
     with pytest.raises(BadQuery, match="below the model's 4 layers"):
         QuerySpec(blend=cfg).check_model(4)
+
+
+def _split_model_installed(name: str) -> bool:
+    import importlib.util
+
+    from blend.loader import SPLIT_MODELS
+    return all(importlib.util.find_spec(p) is not None for p in SPLIT_MODELS[name].packages)
+
+
+@pytest.mark.skipif(not _split_model_installed("qwen2.5-coder-0.5b"),
+                    reason="Qwen2.5-Coder-0.5B not installed (make qwen)")
+def test_every_selection_at_ratio_one_equals_full_on_qwen_coder():
+    """The second real model (Qwen2: attention bias, 14 query heads over 2 KV heads, 24 layers),
+    with gradual filtering too, on real chunks of the sample corpus."""
+    from blend.engine import Engine
+    from blend.loader import load_model
+
+    engine = Engine(load_model("qwen2.5-coder-0.5b"))
+    corpus = Path(__file__).resolve().parent.parent / "samples" / "corpus"
+    texts = [(corpus / n).read_text()[:400] for n in ("halvard-bridge.md", "mira-solberg.md", "ostmark.txt")]
+    layout = engine.layout("Who designed the Halvard Bridge?", texts)
+    full = run(engine, layout, "full")
+    for selection in SELECTIONS:
+        for later in ((), (8,)):
+            blend = run(engine, layout, "blend", ratio=1.0, selection=selection, later_checks=later)
+            assert (blend.logits - full.logits).abs().max().item() < 1e-4, (selection, later)
+    assert (run(engine, layout, "reuse").logits - full.logits).abs().max().item() > 1e-2
