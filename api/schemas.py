@@ -71,6 +71,9 @@ class BlendFields(BaseModel):
     def _one_name(self):
         if self.selection is not None and self.deviation is not None:
             raise ValueError("selection: give selection or its old name deviation, not both")
+        layers = self.check_layers or []
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"check_layers: must be strictly increasing, got {layers}")
         return self
 
     def blend_config(self) -> BlendConfig:
