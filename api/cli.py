@@ -10,9 +10,9 @@ from typing import Annotated, Optional
 import typer
 
 from api.config_file import ConfigOpt
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
-                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
-                            penalties_given, selection_of, set_threads, unit_floats)
+from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, ModelOpt,
+                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
+                            load_engine, penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
 from store.quant import DEFAULT_FORMAT
 
@@ -358,9 +358,9 @@ def ask(
     mode: ModeOpt = Mode.BLEND.value,
     ratio: Ratio = DEFAULT_RATIO,
     check_layer: Annotated[int, typer.Option(min=0, help="blend: the layer where tokens are selected")] = DEFAULT_CHECK_LAYER,
+    check_layers: CheckLayersOpt = None,
     selection: SelectionOpt = None,
     deviation: DeviationOpt = None,
-    guard: GuardOpt = None,
     max_tokens: Annotated[int, typer.Option(min=1, max=4096)] = DEFAULT_MAX_TOKENS,
     temperature: Annotated[float, typer.Option(min=0.0)] = 0.0,
     top_p: Annotated[float, typer.Option(min=0.0, max=1.0)] = 1.0,
@@ -401,7 +401,8 @@ def ask(
     set_threads(threads)
     given = penalties_given(frequency_penalty, presence_penalty, repetition_penalty)
     try:
-        spec = QuerySpec(mode, BlendConfig(ratio, check_layer, selection_of(selection, deviation), guard),
+        spec = QuerySpec(mode, BlendConfig.with_checks(check_layers_of(check_layer, check_layers), ratio=ratio,
+                                                       selection=selection_of(selection, deviation)),
                          Sampling(temperature, top_p, seed, **{**default_penalties(model == DEFAULT_MODEL),
                                                                **given}), max_tokens)
     except BadQuery as e:
@@ -444,8 +445,7 @@ def ask(
         fail(str(e))
     if as_json:
         typer.echo(json.dumps({
-            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "requested_ratio": ans.requested_ratio,
-            "selection": ans.selection, "guard_raised": ans.guard_raised, "guard_estimate": ans.guard_estimate,
+            "answer": ans.text, "mode": ans.mode, "ratio": ans.ratio, "selection": ans.selection,
             "ttft_ms": round(ans.ttft_ms, 3), "recomputed_tokens": ans.recomputed_tokens,
             "cached_tokens": ans.cached_tokens, "total_tokens": ans.total_tokens,
             "first_token_logprobs": ans.top_logprobs(engine.tokenizer, 20),
@@ -461,8 +461,6 @@ def ask(
                 typer.echo(f"  [{i}] {h.doc_id}  chunk {h.index + 1}/{h.doc_chunks}{page}  score {h.score:.4f}")
                 typer.echo(f"      {_passage(h.text)}")
         how = "" if ans.ratio is None else f" r={ans.ratio:g} {ans.selection}"
-        if ans.guard_raised:
-            how += f" (guard raised it from {ans.requested_ratio:g})"
         typer.echo(f"[{ans.mode}{how}] ttft {ans.ttft_ms:.1f} ms, "
                    f"{ans.recomputed_tokens}/{ans.chunk_tokens} chunk tokens recomputed, "
                    f"{ans.cached_tokens}/{ans.total_tokens} prompt tokens from cached KV", err=True)
@@ -491,6 +489,8 @@ def bench(
     kv_dtypes: Annotated[str, typer.Option("--kv-dtype", help="the LMDB tier in each of these stored formats, "
                                            "comma-separated (int8, fp8, bfloat16, float16, float32); the first "
                                            "row is the default served configuration")] = DEFAULT_FORMAT,
+    gradual: Annotated[Optional[str], typer.Option(help="with --selections: also time each with these check "
+                                                        "layers (gradual filtering, e.g. 1,8)")] = None,
 ) -> None:
     """Measure TTFT of every mode × ratio × KV tier on random weights of a real model shape, every
     cell timed in turns; the headline row is what a default install serves."""
@@ -514,6 +514,9 @@ def bench(
     sel_list = tuple(x.strip() for x in selections.split(",") if x.strip())
     if bad := [x for x in sel_list if x not in SELECTIONS]:
         fail(f"--selections: unknown {bad[0]!r}; choose from {', '.join(SELECTIONS)}")
+    gradual_layers = check_layers_of(check_layer, gradual) if gradual else ()
+    if gradual and not sel_list:
+        fail("--gradual times the --selections: give those too")
     try:
         sweep_list = tuple(int(x) for x in sweep.split(",") if x.strip())
     except ValueError:
@@ -525,7 +528,7 @@ def bench(
         fail(f"--kv-dtype: {e}")
     cfg = BenchConfig(shape, device, dtype or ("bfloat16" if device.startswith("cuda") else "float32"), chunks,
                       chunk_tokens, question_tokens, tuple(unit_floats(ratios, "--ratios")), tier_list,
-                      formats or (DEFAULT_FORMAT,), warmup, runs, sweep_list, check_layer, sel_list,
+                      formats or (DEFAULT_FORMAT,), warmup, runs, sweep_list, check_layer, sel_list, gradual_layers,
                       out / "profile" if profile else None, None if random_weights else model)
     result = run_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))

@@ -7,6 +7,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from blend.spec import DEFAULT_SELECTION, SELECTIONS
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -16,13 +18,12 @@ DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 
 
 SelectionOpt = Annotated[Optional[str], typer.Option(
-    help="blend: how to choose the recomputed tokens: value, key, attention, first or hybrid "
-         "(default hybrid: attention × value deviation, the best measured)")]
+    help=f"blend: how to choose the recomputed tokens: {', '.join(SELECTIONS)} (default {DEFAULT_SELECTION})")]
+CheckLayersOpt = Annotated[Optional[str], typer.Option(
+    help="blend: several check layers, comma-separated (e.g. 1,8): gradual filtering, a wider set at "
+         "the first narrowed at the later ones, same compute budget; replaces --check-layer")]
 DeviationOpt = Annotated[Optional[str], typer.Option(
     help="blend: old name of --selection (value or key); 'both' is retired")]
-GuardOpt = Annotated[Optional[float], typer.Option(
-    help="blend: raise the ratio (0.15 → 0.3 → 0.5 → all) while the check layer's estimate of the "
-         "distance to full is over this bound; off when absent")]
 
 
 FrequencyPenaltyOpt = Annotated[Optional[float], typer.Option(
@@ -67,8 +68,6 @@ def set_threads(threads: int | None) -> int:
 
 def selection_of(selection: str | None, deviation: str | None) -> str:
     """--selection, or the retired --deviation mapped onto it; one of the two at most."""
-    from blend.spec import DEFAULT_SELECTION, SELECTIONS
-
     if selection is not None and deviation is not None:
         fail("give --selection or its old name --deviation, not both")
     if deviation is not None:
@@ -80,6 +79,19 @@ def selection_of(selection: str | None, deviation: str | None) -> str:
     if selection not in SELECTIONS:
         fail(f"--selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     return selection
+
+
+def check_layers_of(check_layer: int, check_layers: str | None) -> tuple[int, ...]:
+    """--check-layers (a list, gradual filtering) when given, else --check-layer alone."""
+    if check_layers is None:
+        return (check_layer,)
+    try:
+        layers = tuple(int(x) for x in check_layers.split(",") if x.strip())
+    except ValueError:
+        fail(f"--check-layers must be comma-separated integers, got {check_layers!r}")
+    if not layers or min(layers) < 0 or any(b <= a for a, b in zip(layers, layers[1:])):
+        fail(f"--check-layers must be increasing layers ≥ 0, got {check_layers!r}")
+    return layers
 
 
 def fail(message: str, code: int = 2) -> None:

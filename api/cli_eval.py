@@ -7,9 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from api.cli_common import (DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, GuardOpt, ModelOpt,
-                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, fail, load_engine,
-                            penalties_given, selection_of, set_threads, unit_floats)
+from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, ModelOpt,
+                            PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
+                            load_engine, penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import SELECTIONS
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
@@ -86,7 +86,6 @@ def _out(out: Path | None) -> Path:
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_command)
     app.command("eval-ablation")(ablation_command)
-    app.command("eval-guard")(guard_command)
 
 
 def eval_command(
@@ -102,9 +101,9 @@ def eval_command(
     max_tokens: MaxTokensOpt = 32,
     seed: SeedOpt = 0,
     check_layer: Annotated[int, typer.Option(help="blend: the layer where tokens are selected")] = 1,
+    check_layers: CheckLayersOpt = None,
     selection: SelectionOpt = None,
     deviation: DeviationOpt = None,
-    guard: GuardOpt = None,
     top_k: TopKOpt = 5,
     chunk_words: ChunkWordsOpt = 200,
     fresh: FreshOpt = False,
@@ -132,16 +131,15 @@ def eval_command(
     mode_list = _names(modes, MODES, "--modes")
     ratio_list = unit_floats(ratios, "--ratios")
     selection = selection_of(selection, deviation)
-    if guard is not None and guard < 0:
-        fail(f"--guard must be ≥ 0, got {guard:g}")
     _positive(limit=limit, max_tokens=max_tokens, top_k=top_k, chunk_words=chunk_words)
     if check_layer < 0:
         fail(f"--check-layer must be ≥ 0, got {check_layer}")
+    checks = check_layers_of(check_layer, check_layers)
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:
-        variants = runner.mode_variants(mode_list, ratio_list, check_layer, selection, guard)
+        variants = runner.mode_variants(mode_list, ratio_list, checks[0], selection, checks[1:])
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k,
                                    penalties=penalties)
         if kv_dtype is not None:
@@ -162,7 +160,9 @@ def ablation_command(
     out: OutOpt = None,
     ratios: RatiosOpt = "0.05,0.15,0.3",
     selections: Annotated[str, typer.Option(help=f"comma-separated: {', '.join(SELECTIONS)}")] = ",".join(SELECTIONS),
-    check_layers: Annotated[str, typer.Option(help="comma-separated check layers")] = "1",
+    check_layers: Annotated[str, typer.Option(help="comma-separated check layers, each a single check")] = "1",
+    gradual: Annotated[Optional[str], typer.Option(
+        help="also these gradual-filtering schedules, ';'-separated lists of check layers (e.g. '1,8;1,4,12')")] = None,
     deviations: Annotated[Optional[str], typer.Option(hidden=True, help="retired: use --selections")] = None,
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
@@ -189,13 +189,16 @@ def ablation_command(
         fail(f"--check-layers must be comma-separated integers, got {check_layers!r}")
     if not layers or min(layers) < 0:
         fail("--check-layers needs at least one layer, each ≥ 0")
+    schedules = [check_layers_of(0, g) for g in (gradual or "").split(";") if g.strip()]
+    if any(len(g) < 2 for g in schedules):
+        fail(f"--gradual: each schedule needs at least two check layers, got {gradual!r}")
     sels = _names(selections, SELECTIONS, "--selections")
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:
-        run_ablation(engine, data, out, ratios=ratio_list, selections=sels, check_layers=layers,
+        run_ablation(engine, data, out, ratios=ratio_list, selections=sels, check_layers=layers, gradual=schedules,
                      max_tokens=max_tokens, seed=seed, limit=limit, retriever=retriever, fresh=fresh,
                      progress=progress)
     except ValueError as e:
@@ -203,37 +206,3 @@ def ablation_command(
     typer.echo((out / "ablation.md").read_text(encoding="utf-8"))
     typer.echo(f"wrote {out}/ablation.json, ablation.md, ablation.png", err=True)
 
-
-def guard_command(
-    dataset: DatasetOpt = None,
-    out: OutOpt = None,
-    ratio: Annotated[float, typer.Option(help="the blend ratio the guard starts from")] = 0.15,
-    selection: SelectionOpt = None,
-    quantile: Annotated[float, typer.Option(help="the bound: this quantile of the calibration half's estimates")] = 0.5,
-    data_dir: DataDirOpt = None,
-    model: ModelOpt = "default",
-    device: DeviceOpt = "cpu",
-    dtype: DtypeOpt = "float32",
-    limit: LimitOpt = None,
-    max_tokens: MaxTokensOpt = 16,
-    chunk_words: ChunkWordsOpt = 200,
-    progress: ProgressOpt = True,
-    threads: ThreadsOpt = None,
-) -> None:
-    """Does the guard's estimate track the KL to full (rank correlation), and what does a bound
-    calibrated on half the examples buy on the other half → guard.json, guard.md."""
-    set_threads(threads)
-    from eval.guard import run_guard_study
-
-    unit_floats(f"{ratio},{quantile}", "--ratio and --quantile")
-    _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
-    out = _out(out)
-    data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
-    engine = load_engine(model, device, dtype)
-    try:
-        run_guard_study(engine, data, out, ratio=ratio, selection=selection_of(selection, None),
-                        quantile=quantile, max_tokens=max_tokens, limit=limit, retriever=retriever,
-                        progress=progress)
-    except ValueError as e:
-        fail(str(e))
-    typer.echo((out / "guard.md").read_text(encoding="utf-8"))

@@ -42,8 +42,6 @@ class Metrics:
         self.ratio = Histogram("ragblend_recompute_ratio", "blend: the share of chunk tokens recomputed (the "
                                "loading controller may raise it above the asked ratio while KV streams)",
                                buckets=(0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0), registry=r)
-        self.guard_raised = Counter("ragblend_guard_raised", "blend queries whose quality guard raised "
-                                    "the recompute ratio", registry=r)
         self.rejected = Counter("ragblend_queue_rejections", "requests refused because a queue was full",
                                 ["queue"], registry=r)
         self.cancelled = Counter("ragblend_generations_cancelled", "queries stopped because the client left",

@@ -79,12 +79,13 @@ MaxTokens = Annotated[int, Field(strict=True, ge=1, le=MAX_TOKENS_HARD,
 CheckLayer = Annotated[int, Field(strict=True, ge=0, le=255,
                                   description="blend: the layer where tokens are selected (< the model's layers)")]
 Selection = Annotated[Literal[SELECTIONS], Field(
-    description="blend: how the recomputed tokens are chosen (hybrid: question attention × value deviation)")]
+    description=f"blend: how the recomputed tokens are chosen ({', '.join(SELECTIONS)}; blend/select.py)")]
 Deviation = Annotated[Literal["value", "key"], Field(
     description="blend: the old name of `selection` (value or key); give one of the two")]
-Guard = Annotated[float, Field(ge=0.0, le=1e6, allow_inf_nan=False, description=(
-    "blend: quality guard. The check layer estimates the distance to full; while it is over this "
-    "bound the ratio is raised (0.15 → 0.3 → 0.5), then everything is recomputed (= full)"))]
+CheckLayers = Annotated[list[Annotated[int, Field(strict=True, ge=0, le=255)]], Field(
+    min_length=1, max_length=8, description=(
+        "blend: several check layers, increasing (gradual filtering: a wider set at the first, "
+        "narrowed at the later ones, the same compute budget); replaces check_layer"))]
 def _rule(problem_of):
     """A pydantic check from blend.spec's own rule, so the 422 and the engine agree."""
     def check(value: float) -> float:
@@ -173,20 +174,24 @@ class BlendFields(RequestBody):
     check_layer: CheckLayer = DEFAULT_CHECK_LAYER
     selection: Selection | None = Field(None, description=f"default: {DEFAULT_SELECTION}")
     deviation: Deviation | None = None
-    guard: Guard | None = None
+    check_layers: CheckLayers | None = None
 
     @model_validator(mode="after")
     def _one_name(self):
         if self.selection is not None and self.deviation is not None:
             raise ValueError("selection: give selection or its old name deviation, not both")
+        layers = self.check_layers or []
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise ValueError(f"check_layers: must be strictly increasing, got {layers}")
         return self
 
     def blend_config(self) -> BlendConfig:
         """A ratio the request names is pinned; left out, it is the default, which the server's
         loading controller may raise while the chunk KV streams (blend/loading.py)."""
         pinned = "ratio" in self.model_fields_set
-        return BlendConfig(self.ratio, self.check_layer, self.selection or self.deviation or DEFAULT_SELECTION,
-                           self.guard, max_ratio=None if pinned or self.ratio > DEFAULT_MAX_RATIO else DEFAULT_MAX_RATIO)
+        return BlendConfig.with_checks(self.check_layers or [self.check_layer], ratio=self.ratio,
+                                       selection=self.selection or self.deviation or DEFAULT_SELECTION,
+                                       max_ratio=None if pinned or self.ratio > DEFAULT_MAX_RATIO else DEFAULT_MAX_RATIO)
 
 
 class QueryRequest(BlendFields, PenaltyFields, RetrievalFields):
@@ -244,11 +249,10 @@ class QueryResponse(BaseModel):
                                             "so without a model call")
     timings: Timings
     mode: Mode
-    ratio: float | None = Field(description="blend: the ratio used (above the asked one if the guard raised it)")
-    requested_ratio: float | None = Field(None, description="blend: the ratio asked for")
+    ratio: float | None = Field(description="blend: the share of chunk tokens recomputed (above the asked one when "
+                                            "the loading controller raised it while the chunk KV streamed)")
+    requested_ratio: float | None = Field(None, description="blend: the ratio asked for, or the default")
     selection: Selection | None = None
-    guard_raised: bool = Field(False, description="blend: the guard recomputed more than asked")
-    guard_estimate: float | None = Field(None, description="blend with a guard: its estimate at the ratio used")
     recomputed_tokens: int = Field(description="chunk tokens recomputed through every layer")
     cached_tokens: int = Field(0, description="prompt tokens whose KV was reused")
     total_tokens: int = Field(description="prompt tokens")

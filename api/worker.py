@@ -183,8 +183,6 @@ class ModelWorker:
         m.prompt_tokens.labels("computed").inc(answer.total_tokens - answer.cached_tokens)
         if answer.ratio is not None:
             m.ratio.observe(answer.ratio)
-        if answer.guard_raised:
-            m.guard_raised.inc()
         job.emit(Finished(answer))
 
     def _failed(self, job: QueryJob, error: BaseException) -> None:

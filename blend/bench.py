@@ -111,11 +111,14 @@ class BenchConfig:
     sweep: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384)
     check_layer: int = DEFAULT_CHECK_LAYER
     selections: tuple[str, ...] = ()     # also time blend r=0.15 with each of these, in turns
+    gradual: tuple[int, ...] = ()        # and each of them with these check layers (gradual filtering)
     profile_dir: Path | None = None
     model_spec: str | None = None        # a real model instead of random weights of `shape`
 
-    def blend(self, ratio: float = DEFAULT_RATIO, selection: str = DEFAULT_SELECTION) -> QuerySpec:
-        return QuerySpec(Mode.BLEND, BlendConfig(ratio, self.check_layer, selection))
+    def blend(self, ratio: float = DEFAULT_RATIO, selection: str = DEFAULT_SELECTION,
+              checks: tuple[int, ...] = ()) -> QuerySpec:
+        return QuerySpec(Mode.BLEND, BlendConfig.with_checks(checks or (self.check_layer,), ratio=ratio,
+                                                             selection=selection))
 
 
 TIERS = ("gpu", "cpu", "lmdb")
@@ -198,8 +201,9 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
             for spec in plans:
                 cell({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier}, spec, tier)
         for sel in cfg.selections:  # what each selector costs: blend r=0.15, KV on the first tier
-            cell({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": first, "selection": sel}, cfg.blend(selection=sel),
-                 first)
+            for g in [()] + ([cfg.gradual] if cfg.gradual else []):
+                cell({"mode": "blend", "ratio": DEFAULT_RATIO, "tier": first, "selection": sel,
+                      **({"check_layers": ",".join(map(str, g))} if g else {})}, cfg.blend(selection=sel, checks=g), first)
         for tier in (t for t in caches if t.startswith("lmdb-whole")):  # what streaming the layers buys
             for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
                 cell({"mode": spec.mode.value, "ratio": spec.describe()["ratio"], "tier": tier.replace("-whole", ""),
@@ -299,7 +303,8 @@ def _variant(row: dict) -> str:
         return (f" (DEFAULT SERVED: selection {row['selection']}, loading controller on: "
                 f"r = {row.get('ratio_used', row['ratio'])} used)")
     if row.get("selection"):
-        return f" (selection {row['selection']})"
+        checks = f", check layers {row['check_layers']}" if row.get("check_layers") else ""
+        return f" (selection {row['selection']}{checks})"
     return " (eager)" if row.get("eager") else " (read whole, then prefill)" if row.get("unstreamed") else ""
 
 

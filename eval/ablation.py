@@ -1,6 +1,6 @@
-"""How should `blend` choose the tokens it recomputes? Every selection × ratio (× check layer) in
+"""How should `blend` choose the tokens it recomputes? Every selection × ratio (× check layers) in
 one run, each scored against `full` on the same examples and the same chunk KVs; a table and a plot
-of KL and agreement against the ratio, one line per selection."""
+of KL and leading agreement against the ratio, one line per selection (and check-layer schedule)."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ from blend.engine import Engine
 from blend.spec import DEFAULT_SELECTION, SELECTIONS
 
 from eval.examples import Dataset
-from eval.report import fmt, summarize
+from eval.report import checks_label, fmt, summarize
 from eval.runner import FULL, Retriever, Variant, run, run_config
 
 RATIOS = (0.05, 0.15, 0.3)
@@ -19,22 +19,26 @@ CHECK_LAYERS = (1,)
 
 
 def ablation_variants(ratios: Sequence[float] = RATIOS, selections: Sequence[str] = SELECTIONS,
-                      check_layers: Sequence[int] = CHECK_LAYERS) -> list[Variant]:
-    """full (the reference), reuse (the floor every selection must beat), then the grid."""
-    return [FULL, Variant("reuse")] + [Variant("blend", float(r), c, s)
-                                       for c in check_layers for s in selections for r in ratios]
+                      check_layers: Sequence[int] = CHECK_LAYERS,
+                      gradual: Sequence[tuple[int, ...]] = ()) -> list[Variant]:
+    """full (the reference), reuse (the floor every selection must beat), then the grid: every
+    single check layer, then every gradual schedule (several check layers)."""
+    schedules = [(c,) for c in check_layers] + [tuple(g) for g in gradual]
+    return [FULL, Variant("reuse")] + [Variant("blend", float(r), g[0], s, g[1:])
+                                       for g in schedules for s in selections for r in ratios]
 
 
 def run_ablation(engine: Engine, dataset: Dataset, out_dir: str | Path, *, ratios: Sequence[float] = RATIOS,
                  selections: Sequence[str] = SELECTIONS, check_layers: Sequence[int] = CHECK_LAYERS,
-                 max_tokens: int = 32, seed: int = 0, limit: int | None = None,
+                 gradual: Sequence[tuple[int, ...]] = (), max_tokens: int = 32, seed: int = 0, limit: int | None = None,
                  retriever: Retriever | None = None, fresh: bool = False, progress: bool = True) -> list[dict]:
     """Runs (resumably, like `eval`) and writes `ablation.json`, `ablation.md` and `ablation.png`;
     returns the summary rows. Check layers the model does not have are left out."""
     layers = [c for c in check_layers if c < engine.parts.n_layers]
-    if not layers:
+    gradual = [g for g in gradual if max(g) < engine.parts.n_layers]
+    if not layers and not gradual:
         raise ValueError(f"no check layer below the model's {engine.parts.n_layers} layers")
-    variants = ablation_variants(ratios, selections, layers)
+    variants = ablation_variants(ratios, selections, layers, gradual)
     config = run_config(engine, dataset, variants, max_tokens=max_tokens, seed=seed, top_k=5)
     records = run(engine, dataset, config, out_dir, limit=limit, retriever=retriever, fresh=fresh,
                   progress=progress)
@@ -54,22 +58,27 @@ def markdown(config: dict, rows: Sequence[dict]) -> str:
     n = max((r["n"] for r in rows), default=0)
     lines = [f"# blend selection ablation: {config['dataset']}", "",
              f"{n} examples · model `{config['model']}` · max {config['max_tokens']} tokens · greedy", "",
-             f"| selection | check layer | ratio | KL vs full | × reuse's KL | × value's KL | agree w/ full | "
-             f"{metric} | TTFT median ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    value = {(r["check_layer"], r["ratio"]): r["kl_vs_full"] for r in blend if r["selection"] == "value"}
+             f"| selection | check layers | ratio | KL vs full | × reuse's KL | × value's KL | agree w/ full | "
+             f"leading tokens = full | first 4 = full | ROUGE-L vs full | {metric} | TTFT median ms |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    # × value's: value deviation with a single check at the schedule's first layer, same ratio
+    value = {(r["check_layer"], r["ratio"]): r["kl_vs_full"] for r in blend
+             if r["selection"] == "value" and not r.get("later_checks")}
     for r in blend:
         mark = " (default)" if r["selection"] == DEFAULT_SELECTION else ""
         base = value.get((r["check_layer"], r["ratio"]))
-        lines.append(f"| {r['selection']}{mark} | {r['check_layer']} | {r['ratio']:g} | {fmt(r['kl_vs_full'], '.4f')} | "
+        lines.append(f"| {r['selection']}{mark} | {checks_label(r)} | {r['ratio']:g} | {fmt(r['kl_vs_full'], '.4f')} | "
                      f"{fmt(_ratio(r['kl_vs_full'], reuse and reuse['kl_vs_full']), '.2f')} | "
                      f"{fmt(_ratio(r['kl_vs_full'], base), '.2f')} | {fmt(r['agree_with_full'], '.2f')} | "
-                     f"{fmt(r[metric], '.3f')} | {fmt(r['ttft_ms_median'], '.1f')} |")
+                     f"{fmt(r['lead_with_full'], '.2f')} | {fmt(r['first4_with_full'], '.2f')} | "
+                     f"{fmt(r['rougeL_vs_full'], '.3f')} | {fmt(r[metric], '.3f')} | {fmt(r['ttft_ms_median'], '.1f')} |")
     if reuse:
-        lines += ["", f"reuse: KL {reuse['kl_vs_full']:.4f}, agreement {reuse['agree_with_full']:.2f}."]
+        lines += ["", f"reuse: KL {reuse['kl_vs_full']:.4f}, agreement {reuse['agree_with_full']:.2f}, "
+                      f"leading tokens {reuse['lead_with_full']:.2f}, first 4 {reuse['first4_with_full']:.2f}."]
     for ratio in sorted({r["ratio"] for r in blend}):
         at = [r for r in blend if r["ratio"] == ratio]
         best = min(at, key=lambda r: (r["kl_vs_full"], -r["agree_with_full"]))
-        lines.append(f"r = {ratio:g}: lowest KL with {best['selection']} (check layer {best['check_layer']}).")
+        lines.append(f"r = {ratio:g}: lowest KL with {best['selection']} (check layers {checks_label(best)}).")
     return "\n".join(lines) + "\n"
 
 
@@ -84,13 +93,15 @@ def plot(path: str | Path, config: dict, rows: Sequence[dict]) -> None:
 
     blend = [r for r in rows if r["mode"] == "blend"]
     reuse = next((r for r in rows if r["mode"] == "reuse"), None)
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.5))
+    schedules = {checks_label(r) for r in blend}
     for ax, key, ylabel in ((axes[0], "kl_vs_full", "KL(full ‖ blend), first token [nats]"),
-                            (axes[1], "agree_with_full", "greedy answer equal to full's")):
-        for sel, c in sorted({(r["selection"], r["check_layer"]) for r in blend}):
-            line = sorted((r for r in blend if (r["selection"], r["check_layer"]) == (sel, c)),
+                            (axes[1], "lead_with_full", "leading tokens equal to full's (mean)"),
+                            (axes[2], "first4_with_full", "share with the first 4 tokens = full's")):
+        for sel, c in sorted({(r["selection"], checks_label(r)) for r in blend}):
+            line = sorted((r for r in blend if (r["selection"], checks_label(r)) == (sel, c)),
                           key=lambda r: r["ratio"])
-            name = sel if len({r["check_layer"] for r in blend}) == 1 else f"{sel} c={c}"
+            name = sel if len(schedules) == 1 else f"{sel} c={c}"
             ax.plot([r["ratio"] for r in line], [r[key] for r in line], "o-",
                     lw=2.5 if sel == DEFAULT_SELECTION else 1.2, label=name)
         if reuse:
@@ -100,8 +111,10 @@ def plot(path: str | Path, config: dict, rows: Sequence[dict]) -> None:
         ax.grid(True, alpha=0.3)
         if key == "kl_vs_full":
             ax.set_yscale("log")
-        else:
+        elif key == "first4_with_full":
             ax.set_ylim(-0.05, 1.05)
+        else:
+            ax.set_ylim(bottom=0)
     axes[0].legend(fontsize=8)
     n = max((r["n"] for r in rows), default=0)
     fig.suptitle(f"selection ablation · {config['dataset']} · {n} examples · {config['model']}", fontsize=11)

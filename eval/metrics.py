@@ -102,5 +102,16 @@ def agreement(full_ids: Sequence[int], mode_ids: Sequence[int]) -> float:
     return float(list(full_ids) == list(mode_ids))
 
 
+def leading_agreement(full_ids: Sequence[int], mode_ids: Sequence[int]) -> int:
+    """How many leading tokens of the greedy answer are `full`'s: a grade where `agreement` is all or
+    nothing (one early token changed makes the rest differ, however close it stays)."""
+    n = 0
+    for a, b in zip(full_ids, mode_ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
 def recompute_fraction(recomputed_tokens: int, chunk_tokens: int) -> float:
     return recomputed_tokens / chunk_tokens if chunk_tokens else 0.0

@@ -12,9 +12,9 @@ import numpy as np
 
 from eval.metrics import LOOP_NGRAM
 
-MEANS = ("f1", "rougeL", "contains_answer", "loops", "kl_vs_full", "agree_with_full", "rougeL_vs_full",
-         "recompute_fraction")
-_KEY = ("mode", "ratio", "check_layer", "selection", "guard")
+MEANS = ("f1", "rougeL", "contains_answer", "loops", "kl_vs_full", "agree_with_full", "lead_with_full",
+         "first4_with_full", "rougeL_vs_full", "recompute_fraction")
+_KEY = ("mode", "ratio", "check_layer", "selection", "later_checks")
 INTERVALS = ("f1", "rougeL", "contains_answer", "agree_with_full")  # with a bootstrap interval
 BOOTSTRAP_RESAMPLES = 1000
 BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"  # what the engine calls "default"
@@ -33,16 +33,20 @@ def model_label(config: dict) -> str:
     return BUNDLED_NAME if config.get("model") == "default" else str(config.get("model"))
 
 
+def _hashable(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
 def summarize(records: Sequence[dict]) -> list[dict]:
     """One row per variant, in run order: TTFT median and p90, speedup over full's median, means."""
     groups: dict[tuple, list[dict]] = {}
     for rec in records:
         for row in rec["results"]:
-            groups.setdefault(tuple(row.get(k) for k in _KEY), []).append(row)
+            groups.setdefault(tuple(_hashable(row.get(k)) for k in _KEY), []).append(row)
     out = []
     for key, rows in groups.items():
         ttft = np.array([r["ttft_ms"] for r in rows])
-        out.append(dict(zip(_KEY, key), n=len(rows), ttft_ms_median=float(np.median(ttft)),
+        out.append(dict(zip(_KEY, (list(k) if isinstance(k, tuple) else k for k in key)), n=len(rows), ttft_ms_median=float(np.median(ttft)),
                         ttft_ms_p90=float(np.percentile(ttft, 90)),
                         **{m: _mean(rows, m) for m in MEANS},
                         **{f"{m}_ci": bootstrap_ci([r[m] for r in rows if r.get(m) is not None])
@@ -63,9 +67,12 @@ def label(row: dict, with_blend_config: bool = False) -> str:
     if row["mode"] != "blend":
         return row["mode"]
     text = f"blend r={row['ratio']:g}"
-    if row.get("guard") is not None:
-        text += f" guard={row['guard']:g}"
-    return text + f" c={row['check_layer']} {row['selection']}" if with_blend_config else text
+    return text + f" c={checks_label(row)} {row['selection']}" if with_blend_config else text
+
+
+def checks_label(row: dict) -> str:
+    """"1", or "1,8" for gradual filtering."""
+    return ",".join(str(c) for c in [row["check_layer"], *(row.get("later_checks") or [])])
 
 
 def write_results(out_dir: str | Path, config: dict, records: Sequence[dict], summary: Sequence[dict]) -> None:
@@ -90,19 +97,22 @@ def markdown(config: dict, summary: Sequence[dict]) -> str:
              f"{n} examples · model `{model_label(config)}` · {config['device']} {config['dtype']} · "
              f"max {config['max_tokens']} tokens · greedy{_penalties(config)} · seed {config['seed']}", "",
              "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | contains answer | loops | "
-             "KL vs full | agree w/ full | ROUGE-L vs full | recompute |",
+             "KL vs full | agree w/ full | leading tokens = full | first 4 = full | ROUGE-L vs full | recompute |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary:
         lines.append(" | ".join([
-            f"| {r['mode']}" + ("" if r.get("guard") is None else f" (guard {r['guard']:.3g})"), fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
+            f"| {r['mode']}" + ("" if not r.get("later_checks") else f" (checks {checks_label(r)})"),
+            fmt(r["ratio"], "g"), str(r["n"]), fmt(r["ttft_ms_median"], ".1f"),
             fmt(r["ttft_ms_p90"], ".1f"), fmt(r["speedup_vs_full"], ".2f×"), fmt(r["f1"], ".3f"),
             fmt(r["rougeL"], ".3f"), fmt(r.get("contains_answer"), ".2f"), fmt(r.get("loops"), ".2f"),
             fmt(r["kl_vs_full"], ".2e"), fmt(r["agree_with_full"], ".2f"),
+            fmt(r["lead_with_full"], ".1f"), fmt(r["first4_with_full"], ".2f"),
             fmt(r["rougeL_vs_full"], ".3f"), fmt(r["recompute_fraction"], ".3f")]) + " |")
     lines += ["", "Contains answer: share of answers holding an accepted answer (normalized, whole words). "
               f"Loops: share of answers in which a run of {LOOP_NGRAM} words occurs twice. "
-              "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement and ROUGE-L vs "
-              "full compare greedy token ids. Recompute: chunk tokens whose KV is recomputed / all chunk "
+              "KL vs full: KL(full ‖ mode) of the first output token, nats. Agreement, leading tokens "
+              "(mean count of the answer's first tokens equal to full's), first 4 (share of answers whose "
+              "first 4 tokens are full's) and ROUGE-L vs full compare greedy token ids. Recompute: chunk tokens whose KV is recomputed / all chunk "
               "tokens. TTFT excludes chunk KV precompute (as when served from the store).", ""]
     return "\n".join(lines)
 

@@ -34,28 +34,29 @@ class Retriever(Protocol):
 @dataclass(frozen=True)
 class Variant:
     """One prefill setting to score: a mode, and for `blend` its ratio, check layer, selection and
-    optional guard bound."""
+    later check layers (gradual filtering)."""
     mode: str
     ratio: float | None = None
     check_layer: int | None = None
     selection: str | None = None
-    guard: float | None = None
+    later_checks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "later_checks", tuple(self.later_checks))  # a list, from a results file
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.mode == "blend":
             if None in (self.ratio, self.check_layer, self.selection):
                 raise ValueError("blend needs a ratio, a check layer and a selection")
             self.blend_config()  # validates their values
-        elif (self.ratio, self.check_layer, self.selection, self.guard) != (None, None, None, None):
-            raise ValueError(f"{self.mode} takes no ratio, check layer, selection or guard")
+        elif (self.ratio, self.check_layer, self.selection, self.later_checks) != (None, None, None, ()):
+            raise ValueError(f"{self.mode} takes no ratio, check layer or selection")
 
     def blend_config(self) -> BlendConfig | None:
         if self.mode != "blend":
             return None
         return BlendConfig(ratio=self.ratio, check_layer=self.check_layer, selection=self.selection,
-                           guard=self.guard)
+                           later_checks=self.later_checks)
 
     def spec(self, max_tokens: int, penalties: dict | None = None) -> QuerySpec:
         """The query the engine runs for this variant: greedy, like every eval answer, with the
@@ -65,20 +66,20 @@ class Variant:
 
     @property
     def key(self) -> tuple:
-        return self.mode, self.ratio, self.check_layer, self.selection, self.guard
+        return self.mode, self.ratio, self.check_layer, self.selection, self.later_checks
 
 
 FULL = Variant("full")
 
 
 def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: int = 1,
-                  selection: str = DEFAULT_SELECTION, guard: float | None = None) -> list[Variant]:
+                  selection: str = DEFAULT_SELECTION, later_checks: Sequence[int] = ()) -> list[Variant]:
     """`full` first, whether asked for or not (every other mode is scored against it); then the
     modes in the order given, `blend` once per ratio."""
     out = [FULL]
     for mode in modes:
         if mode == "blend":
-            out += [Variant("blend", float(r), check_layer, selection, guard) for r in ratios]
+            out += [Variant("blend", float(r), check_layer, selection, tuple(later_checks)) for r in ratios]
         elif mode != "full":
             out.append(Variant(mode))
     if len(set(out)) != len(out):
@@ -93,7 +94,7 @@ def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *,
     if not variants or variants[0] != FULL:
         raise ValueError("the first variant must be full: it is the reference")
     n_layers = engine.parts.n_layers
-    if any(v.check_layer is not None and v.check_layer >= n_layers for v in variants):
+    if any(v.check_layer is not None and max((v.check_layer, *v.later_checks)) >= n_layers for v in variants):
         raise ValueError(f"a check layer must be below the model's {n_layers} layers")
     return {"dataset": dataset.name, "dataset_digest": dataset.digest(), "metric": dataset.metric,
             "model": engine.name, "fingerprint": engine.fingerprint, "device": str(engine.device),
@@ -183,7 +184,7 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
     full = answers[0]
     rows = [{
         "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "selection": v.selection,
-        "guard": v.guard, "guard_estimate": a.guard_estimate, "ratio_used": a.ratio,
+        "later_checks": list(v.later_checks) or None,
         "answer": a.text, "n_output_tokens": len(a.token_ids), "ttft_ms": a.ttft_ms,
         "f1": metrics.best_over(metrics.token_f1, a.text, example.answers),
         "rougeL": metrics.best_over(metrics.rouge_l, a.text, example.answers),
@@ -191,6 +192,8 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
         "loops": metrics.loops(a.text),
         "kl_vs_full": metrics.kl_first_token(full.first_logits, a.first_logits),
         "agree_with_full": metrics.agreement(full.token_ids, a.token_ids),
+        "lead_with_full": metrics.leading_agreement(full.token_ids, a.token_ids),
+        "first4_with_full": metrics.agreement(full.token_ids[:4], a.token_ids[:4]),
         # on token ids: defined without a tokenizer, and not blurred by answer normalization
         "rougeL_vs_full": metrics.lcs_f1(full.token_ids, a.token_ids),
         "recompute_fraction": metrics.recompute_fraction(a.recomputed_tokens, a.chunk_tokens),

@@ -146,14 +146,14 @@ def test_query_takes_the_blend_check_layer_and_deviation(server):
     assert r.json()["recomputed_tokens"] > 0 and r.json()["selection"] == "key"
 
 
-@pytest.mark.parametrize("selection", ["value", "key", "attention", "first", "hybrid"])
+@pytest.mark.parametrize("selection", ["value", "key", "attention", "first", "hybrid", "question"])
 def test_query_reports_its_selection_and_the_reused_prompt_tokens(server, selection):
     r = server.http.post("/v1/query", json={"question": "Which bridge0 crosses the river0?", "top_k": 3,
                                             "ratio": 0.25, "selection": selection, "max_tokens": 4})
     assert r.status_code == 200, r.text
     body = r.json()
     chunk_tokens = body["total_tokens"] - body["cached_tokens"] - body["recomputed_tokens"]
-    assert body["selection"] == selection and body["ratio"] == 0.25 and not body["guard_raised"]
+    assert body["selection"] == selection and body["ratio"] == 0.25
     assert body["recomputed_tokens"] > 0 and chunk_tokens > 0  # the question's tokens are computed
     usage = body["usage"]
     assert usage["prompt_tokens"] == body["total_tokens"]
@@ -161,16 +161,14 @@ def test_query_reports_its_selection_and_the_reused_prompt_tokens(server, select
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
 
 
-def test_query_guard_at_zero_recomputes_everything_and_says_so(server):
+def test_query_with_several_check_layers_at_ratio_one_answers_as_full(server):
     req = {"question": "Which bridge0 crosses the river0?", "top_k": 3, "max_tokens": 4}
     full = server.http.post("/v1/query", json={**req, "mode": "full"}).json()
-    r = server.http.post("/v1/query", json={**req, "ratio": 0.15, "guard": 0})
+    r = server.http.post("/v1/query", json={**req, "ratio": 1.0, "check_layers": [1, 2]})
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["guard_raised"] and body["ratio"] == 1.0 and body["requested_ratio"] == 0.15
-    assert body["answer"] == full["answer"]
-    question = body["total_tokens"] - body["recomputed_tokens"] - body["cached_tokens"]
-    assert full["cached_tokens"] == 0 and question > 0  # past the check layer only the prompt head is reused
+    assert body["answer"] == full["answer"] and body["ratio"] == 1.0
+    assert server.http.post("/v1/query", json={**req, "check_layers": [2, 1]}).status_code == 422
 
 
 @pytest.mark.parametrize("mode", ["full", "prefix", "reuse", "blend"])
@@ -487,7 +485,8 @@ BAD_REQUESTS = [
     ("retired deviation both", "POST", "/v1/query", _q(deviation="both"), 422, "deviation"),
     ("unknown selection", "POST", "/v1/query", _q(selection="random"), 422, "selection"),
     ("selection and deviation", "POST", "/v1/query", _q(selection="key", deviation="value"), 422, "not both"),
-    ("negative guard", "POST", "/v1/query", _q(guard=-1), 422, "guard"),
+    ("check layers out of order", "POST", "/v1/query", _q(check_layers=[3, 1]), 422, "check_layers"),
+    ("later check layer past the model", "POST", "/v1/query", _q(check_layers=[1, 4]), 422, "check_layers"),
     ("check layer past the model", "POST", "/v1/query", _q(check_layer=4), 422, "check_layer"),
     ("unknown mode", "POST", "/v1/query", _q(mode="turbo"), 422, "mode"),
     ("max_tokens zero", "POST", "/v1/query", _q(max_tokens=0), 422, "max_tokens"),
@@ -553,7 +552,7 @@ def test_metrics_count_requests_tokens_and_the_hot_tier(server):
     for name in ("ragblend_ttft_seconds_bucket", "ragblend_http_request_duration_seconds_bucket",
                  "ragblend_tokens_generated_total", "ragblend_hot_tier_hits_total", "ragblend_hot_tier_misses_total",
                  "ragblend_queue_depth", 'ragblend_prompt_tokens_total{kv="reused"}',
-                 'ragblend_prompt_tokens_total{kv="computed"}', "ragblend_guard_raised_total"):
+                 'ragblend_prompt_tokens_total{kv="computed"}'):
         assert name in text, name
 
 

@@ -90,8 +90,7 @@ def test_selection_keeps_exactly_top_deviations_plus_suffix():
     v = torch.randn(1, heads, n - lo, dim)
     cached = torch.randn(2, heads, n, dim)
     check = CheckLayer(q, k, v, cached, 0, hi - lo, lo, [hi - lo], 0.5)
-    keep, selected = keep_after_check(check, BlendConfig(ratio=0.3, selection="value"))
-    assert selected.ratio == 0.3 and selected.estimate is None
+    keep = keep_after_check(check, score("value", check), math.ceil(0.3 * (hi - lo)))
     dev = ((v[0] - cached[1][:, lo:n]) ** 2).sum(dim=(0, 2))[: hi - lo]
     expected_chunk = set(torch.topk(dev, math.ceil(0.3 * (hi - lo))).indices.tolist())
     kept = keep.tolist()

@@ -59,23 +59,48 @@ def test_graph_path_matches_plain_path(arch, mode, ratio):
 
 
 @pytest.mark.parametrize("selection", SELECTIONS)
-def test_every_selection_on_the_graph_path_matches_the_plain_path(selection):
+@pytest.mark.parametrize("later", [(), (2,)])
+def test_every_selection_on_the_graph_path_matches_the_plain_path(selection, later):
+    """With one check layer and with gradual filtering (a second at layer 2); the question
+    selection's pass replays reuse's graphs up to its scored layers."""
     fast = engine_for("tiny-llama", torch.float32, graphs=True)
     plain = engine_for("tiny-llama", torch.float32, graphs=False)
     layout = make_layout()
-    a = prefill(fast, layout, "blend", 0.3, selection=selection)
-    b = prefill(plain, layout, "blend", 0.3, selection=selection)
-    assert a.recomputed_tokens == b.recomputed_tokens
+    a = prefill(fast, layout, "blend", 0.3, selection=selection, later_checks=later)
+    b = prefill(plain, layout, "blend", 0.3, selection=selection, later_checks=later)
+    assert a.recomputed_tokens == b.recomputed_tokens and a.selected.counts == b.selected.counts
     assert (a.logits - b.logits).abs().max().item() < 1e-3 * max(1.0, b.logits.abs().max().item())
-    guarded = prefill(fast, layout, "blend", 0.15, selection=selection, guard=0.0)
+    one = prefill(fast, layout, "blend", 1.0, selection=selection, later_checks=later)
     full = prefill(plain, layout, "full")
-    assert guarded.selected.ratio == 1.0
-    assert (guarded.logits - full.logits).abs().max().item() < 1e-3 * max(1.0, full.logits.abs().max().item())
+    assert (one.logits - full.logits).abs().max().item() < 1e-3 * max(1.0, full.logits.abs().max().item())
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen3"])
+def test_question_pass_on_graphs_scores_as_the_eager_pass(arch):
+    """The question pass with its unscored layers in CUDA graphs (one graph, or one per layer
+    while KV arrives) against the same pass run eagerly."""
+    from blend.prefill import fill_cache, to_device
+    from blend.question import question_pass
+
+    fast = engine_for(arch, torch.float32, graphs=True)
+    layout = make_layout()
+    P, S, N = layout.n_prefix, layout.suffix_start, layout.n_tokens
+    parts = fast.parts
+    kvs = fast.load_chunks(layout, "reuse", fast.memory_cache(layout))
+    ids = to_device(layout.ids(), parts.device)
+    with torch.inference_mode():
+        eager_kv = fill_cache(parts, layout, fast.prefix_kv(layout.prefix), kvs)
+        eager = question_pass(parts, ids, eager_kv, S, P, S)
+        graph_kv = fill_cache(parts, layout, fast.prefix_kv(layout.prefix), kvs, fast.graphs.buffer(N))
+        graphed = question_pass(parts, ids, graph_kv, S, P, S, graphs=fast.graphs)
+    assert torch.allclose(graphed, eager, atol=1e-5, rtol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2"])
 @pytest.mark.parametrize("mode,ratio,selection", [("reuse", None, "value"), ("blend", 0.15, "value"),
-                                                  ("blend", 0.15, "lookahead"), ("blend", 1.0, "lookahead")])
+                                                  ("blend", 0.15, "lookahead"), ("blend", 1.0, "lookahead"),
+                                                  ("blend", 0.15, "question"), ("blend", 1.0, "question"),
+                                                  ("blend", 0.15, "value+gradual")])
 @pytest.mark.parametrize("gpu_waits", [True, False])
 def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ratio, selection, gpu_waits, tmp_path,
                                                                   monkeypatch):
@@ -99,7 +124,9 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     cache = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, read_workers=4)
     for ids in layout.chunks:
         cache.ensure(ids)
-    spec = QuerySpec(mode, BlendConfig(ratio=ratio or 0.0, selection=selection), max_tokens=20)
+    selection, gradual = selection.removesuffix("+gradual"), selection.endswith("+gradual")
+    spec = QuerySpec(mode, BlendConfig(ratio=ratio or 0.0, selection=selection, later_checks=(2,) if gradual else ()),
+                     max_tokens=20)
     g = Sampling()
 
     def answer(source):

@@ -58,6 +58,9 @@ def test_first_token_kl_matches_closed_form():
 def test_agreement_and_recompute_fraction():
     assert metrics.agreement([1, 2, 3], [1, 2, 3]) == 1.0
     assert metrics.agreement([1, 2, 3], [1, 2]) == 0.0
+    assert metrics.leading_agreement([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert metrics.leading_agreement([1, 2, 3], [1, 2, 3, 4]) == 3
+    assert metrics.leading_agreement([5, 2], [1, 2]) == 0
     assert metrics.recompute_fraction(15, 100) == 0.15
 
 
@@ -215,6 +218,7 @@ def test_tiny_run_blend_at_ratio_one_matches_full(tiny_run):
     summary = {(r["mode"], r["ratio"]): r for r in tiny_run[1]["summary"]}
     one, full, reuse = summary["blend", 1.0], summary["full", None], summary["reuse", None]
     assert one["kl_vs_full"] < 1e-4 and one["agree_with_full"] == 1.0 and one["rougeL_vs_full"] == 1.0
+    assert one["first4_with_full"] == 1.0 and one["lead_with_full"] == full["lead_with_full"] > 0
     assert one["recompute_fraction"] == 1.0 and reuse["recompute_fraction"] == 0.0
     assert full["kl_vs_full"] == 0.0 and full["speedup_vs_full"] == 1.0
     assert reuse["kl_vs_full"] > one["kl_vs_full"]  # otherwise the KL column measures nothing
@@ -260,31 +264,17 @@ def test_ablation_covers_selections_ratios_and_check_layers(tiny, tmp_path):
     from eval.ablation import run_ablation
 
     rows = run_ablation(tiny.engine, tiny.data, tmp_path, ratios=(0.05, 0.3), check_layers=(1, 4), max_tokens=2,
-                        limit=1, progress=False)
+                        gradual=[(1, 2), (1, 4)], limit=1, progress=False)
     assert [r["mode"] for r in rows[:2]] == ["full", "reuse"]
-    # random:tiny has 4 layers, so check layer 4 does not exist and is left out
-    assert [(r["check_layer"], r["selection"], r["ratio"]) for r in rows[2:]] == [
-        (1, s, r) for s in SELECTIONS for r in (0.05, 0.3)]
+    # random:tiny has 4 layers, so check layer 4 does not exist and is left out (alone or in a schedule)
+    assert [(r["check_layer"], r["later_checks"], r["selection"], r["ratio"]) for r in rows[2:]] == [
+        (1, later, s, r) for later in (None, [2]) for s in SELECTIONS for r in (0.05, 0.3)]
     assert all(r["recompute_fraction"] > 0 for r in rows[2:])
     table = (tmp_path / "ablation.md").read_text()
     from blend.spec import DEFAULT_SELECTION
     assert f"| {DEFAULT_SELECTION} (default) | 1 | 0.3 |" in table and "r = 0.05: lowest KL with" in table
+    assert f"| {DEFAULT_SELECTION} (default) | 1,2 | 0.3 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
-
-
-def test_guard_study_reports_a_rank_correlation_and_a_calibrated_bound(tiny, tmp_path):
-    from eval.guard import rank_correlation, run_guard_study
-
-    assert rank_correlation([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert rank_correlation([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert rank_correlation([1, 1, 2], [5, 5, 6]) == pytest.approx(1.0)
-    data = load_dataset("synthetic:n=4,chunks=3,chunk_words=30,seed=5")
-    rep = run_guard_study(tiny.engine, data, tmp_path, selection="hybrid", max_tokens=2, progress=False)
-    assert rep["n"] == 4 and rep["calibration"] == 2 and rep["bound"] > 0
-    assert -1.0 <= rep["spearman_estimate_vs_kl"] <= 1.0
-    guarded = next(v for k, v in rep["test"].items() if "guard" in k)
-    assert guarded["recompute_fraction"] >= rep["test"]["blend r=0.15"]["recompute_fraction"]
-    assert "Spearman" in (tmp_path / "guard.md").read_text()
 
 
 def test_pyref_is_real_reference_prose_with_the_target_never_first():
@@ -319,12 +309,18 @@ def cli():
     (["--dataset", "synthetic", "--deviation", "query"], "--deviation 'query' is retired"),
     (["--dataset", "synthetic", "--selection", "query"], "--selection must be one of"),
     (["--dataset", "synthetic", "--selection", "key", "--deviation", "key"], "not both"),
+    (["--dataset", "synthetic", "--check-layers", "4,1"], "--check-layers must be increasing"),
     ([], "--dataset is needed"),
 ])
 def test_cli_rejects_bad_input_with_exit_code_2(cli, tmp_path, args, message):
     result = cli(*args, "--out", str(tmp_path / "out"))
     assert result.exit_code == 2, result.output
     assert result.output.startswith("error: ") and message in result.output
+
+
+def test_the_removed_guard_is_no_option_any_more(cli, tmp_path):
+    result = cli("--dataset", "synthetic", "--guard", "0.5", "--out", str(tmp_path / "out"))
+    assert result.exit_code == 2 and "No such option" in result.output
 
 
 def test_cli_examples_without_chunks_need_an_index(cli, tmp_path):

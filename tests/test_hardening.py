@@ -297,7 +297,7 @@ def rand_value(rng: random.Random, depth: int = 0) -> object:
 VALID = {"/v1/query": {"question": "Which bridge crosses the river?", "top_k": 2, "max_tokens": 4},
          "/v1/chat/completions": {"messages": [{"role": "user", "content": "bridge?"}], "max_tokens": 4},
          "/v1/documents": {"id": "fuzz-doc", "text": "bridge river", "metadata": {"a": 1}}}
-FIELDS = ["question", "top_k", "mode", "ratio", "check_layer", "selection", "guard", "max_tokens", "temperature",
+FIELDS = ["question", "top_k", "mode", "ratio", "check_layer", "check_layers", "selection", "max_tokens", "temperature",
           "top_p", "seed", "stream", "messages", "n", "stream_options", "model", "id", "text", "metadata"]
 
 

@@ -86,7 +86,7 @@ def test_a_streamed_request_reports_the_ratio_the_controller_chose_and_feeds_it_
         assert first.ratio == 0.15 and first.requested_ratio == 0.15  # no load measured before it
         assert ctl.bytes_per_s is not None and ctl.bytes_per_s > 0    # ... but it measured its own
         raised = engine.generate(layout, asked, source).run()
-        assert raised.ratio == 0.4 and raised.requested_ratio == 0.15 and raised.guard_raised
+        assert raised.ratio == 0.4 and raised.requested_ratio == 0.15 and raised.ratio_raised
         n_chunk = layout.n_chunk_tokens
         assert raised.recomputed_tokens == -(-4 * n_chunk // 10) > first.recomputed_tokens
         pinned = engine.generate(layout, QuerySpec("blend", BlendConfig(ratio=0.15), max_tokens=3), source).run()

@@ -1,8 +1,10 @@
 """Token selection as a policy: every selector spends exactly its budget, is exact at r = 1, and
-the attention selector scores what the model's own attention says; the quality guard."""
+the attention selectors score what the model's own attention says; gradual filtering over
+several check layers spends exactly the budget of one."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -139,30 +141,183 @@ def test_lookahead_scores_equal_the_question_attention_over_the_next_layers_cach
     assert torch.allclose(got, expected, atol=1e-4)
 
 
+def question_attention_of_the_model(model, layout, stale: torch.Tensor, n_scored: int) -> torch.Tensor:
+    """The question's attention over the stale KV as transformers' own eager attention computes it:
+    the suffix fed after a DynamicCache holding `stale` [L, 2, H, S, D] (prefix + re-rotated
+    chunks), at its true positions; InfoFlow's score over the last `n_scored` layers."""
+    from transformers import DynamicCache
+
+    P, S, n = layout.n_prefix, layout.suffix_start, layout.n_tokens
+    cache = DynamicCache(config=model.config)
+    for i in range(stale.shape[0]):
+        cache.update(stale[i, 0][None].clone(), stale[i, 1][None].clone(), i)
+    out = model(input_ids=torch.tensor([layout.suffix]), past_key_values=cache, output_attentions=True,
+                position_ids=torch.arange(S, n)[None], use_cache=True)
+    total = torch.zeros(S - P, dtype=torch.float64)
+    for a in out.attentions[-n_scored:]:                      # [1, Hq, Tq, N]
+        total += a[0].double().mean(dim=0)[:, P:S].square().sum(dim=0)
+    return total.sqrt()
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-qwen2", "tiny-qwen3"])
+@pytest.mark.parametrize("n_scored", [1, 2])
+def test_question_scores_equal_the_models_own_attention_over_the_stale_kv(arch, n_scored):
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint
+    from blend.prefill import fill_cache, to_device
+    from blend.question import question_pass
+
+    model = random_model(arch, seed=0, std=0.1)
+    model.set_attn_implementation("eager")
+    engine = Engine(LoadedModel(model, None, arch, fingerprint(model)))
+    parts, layout = engine.parts, make_layout()
+    P, S = layout.n_prefix, layout.suffix_start
+    with torch.inference_mode():
+        kvs = engine.load_chunks(layout, "reuse", engine.memory_cache(layout))
+        kv = fill_cache(parts, layout, engine.prefix_kv(layout.prefix), kvs)
+        stale = kv[:, :, :, :S].clone()
+        got = question_pass(parts, to_device(layout.ids(), parts.device), kv, S, P, S, n_scored)
+        expected = question_attention_of_the_model(model, layout, stale, n_scored)
+    assert got.shape == expected.shape
+    assert torch.allclose(got.double(), expected, atol=1e-5, rtol=1e-4)
+    assert expected.max() > 0.05  # the question does look at the chunks
+
+
+def test_question_selection_recomputes_the_chunk_tokens_the_question_attends_most(tiny_engines):
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout()
+    res = run(engine, layout, "blend", ratio=0.3, selection="question")
+    from blend.prefill import fill_cache, to_device
+    from blend.question import question_pass
+    P, S = layout.n_prefix, layout.suffix_start
+    with torch.inference_mode():
+        kvs = engine.load_chunks(layout, "reuse", engine.memory_cache(layout))
+        kv = fill_cache(engine.parts, layout, engine.prefix_kv(layout.prefix), kvs)
+        s = question_pass(engine.parts, to_device(layout.ids(), engine.parts.device), kv, S, P, S)
+        s[:len(layout.chunks[0])] = float("-inf")  # the exact first chunk is never chosen
+    want = set((torch.topk(s, math.ceil(0.3 * layout.n_chunk_tokens)).indices + P).tolist())
+    last = engine.parts.n_layers - 1
+    reuse = run(engine, layout, "reuse")
+    changed = {P + j for j in range(S - P)
+               if not torch.equal(res.kv[last, 1, :, P + j], reuse.kv[last, 1, :, P + j])}
+    assert changed == want
+
+
+@pytest.fixture(scope="module")
+def deep():
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint
+
+    model = random_model("tiny-deep", seed=0, std=0.1)
+    return Engine(LoadedModel(model, None, "tiny-deep", fingerprint(model)))
+
+
+def chunk_token_layers(engine, layout, monkeypatch, **cfg) -> tuple[list[int], object]:
+    """The chunk tokens each layer computed (attention and MLP), counted where they run."""
+    import blend.prefill as prefill
+
+    seen, real = [], prefill.attend_and_mlp
+    n_suffix = len(layout.suffix)
+
+    def counting(layer, h, *a, **k):
+        seen.append(h.shape[1] - n_suffix)
+        return real(layer, h, *a, **k)
+    kvs = engine.load_chunks(layout, "blend", engine.memory_cache(layout))  # chunk precompute uncounted
+    engine.prefix_kv(layout.prefix)
+    monkeypatch.setattr(prefill, "attend_and_mlp", counting)
+    res = engine.prefill(layout, "blend", kvs, BlendConfig(**cfg))
+    monkeypatch.setattr(prefill, "attend_and_mlp", real)
+    return seen, res
+
+
+@SEL
+@pytest.mark.parametrize("ratio,checks", [(0.05, (2, 5)), (0.15, (1, 4)), (0.3, (1, 3, 6))])
+def test_gradual_filtering_keeps_exactly_its_budget(deep, monkeypatch, selection, ratio, checks):
+    engine, layout = deep, make_layout(n_chunks=6)
+    L, C = engine.parts.n_layers, layout.n_chunk_tokens
+    single, _ = chunk_token_layers(engine, layout, monkeypatch, ratio=ratio, selection=selection,
+                                   check_layer=checks[0])
+    seen, res = chunk_token_layers(engine, layout, monkeypatch, ratio=ratio, selection=selection,
+                                   check_layer=checks[0], later_checks=checks[1:])
+    after = checks[0]  # layers before c₁ compute every token (the prefix too)
+    budget = math.ceil(ratio * C) * (L - after)
+    assert sum(single[after:]) == budget
+    assert sum(seen[after:]) == budget
+    assert seen[:after] == single[:after]
+    counts = res.selected.counts
+    assert len(counts) == len(checks) and counts == sorted(counts, reverse=True)
+    assert res.recomputed_tokens == counts[-1]
+
+
+def test_gradual_filtering_widens_first_where_the_spans_allow(deep, monkeypatch):
+    engine, layout = deep, make_layout(n_chunks=6)
+    seen, res = chunk_token_layers(engine, layout, monkeypatch, ratio=0.15, selection="value",
+                                   check_layer=1, later_checks=(4,))
+    n = math.ceil(0.15 * layout.n_chunk_tokens)
+    assert res.selected.counts[0] > n > res.selected.counts[1]
+    assert seen[1:4] == [res.selected.counts[0]] * 3 and seen[4:] == [res.selected.counts[1]] * 6
+
+
+def test_gradual_counts_are_non_increasing_and_spend_the_single_check_budget():
+    from blend.select import gradual_counts
+    for L in (10, 24, 30, 32):
+        for C in (40, 300, 1000):
+            for r in (0.0, 0.05, 0.15, 0.3, 1.0):
+                for checks in [(1, L // 4), (1, 8, 16), (0, 2), (1, L - 2)]:
+                    counts = gradual_counts(C, r, checks, L)
+                    n = math.ceil(r * C - 1e-9)
+                    spans = [b - a for a, b in zip(checks, [*checks[1:], L])]
+                    assert sum(c * s for c, s in zip(counts, spans)) == n * (L - checks[0])
+                    assert counts == sorted(counts, reverse=True) and counts[0] <= C
+    # as near 2r as the spans allow over layers 1…7, then what is left over layers 8…29
+    assert gradual_counts(1000, 0.15, (1, 8), 30) == [282, 108]
+
+
+@SEL
 @pytest.mark.parametrize("arch", TINY_ARCHS)
-def test_guard_with_bound_zero_falls_back_to_full(tiny_engines, arch):
+def test_gradual_filtering_at_ratio_one_equals_full(tiny_engines, arch, selection):
     engine = tiny_engines[arch]
     layout = make_layout()
     full = run(engine, layout, "full")
-    guarded = run(engine, layout, "blend", ratio=0.15, guard=0.0)
-    assert guarded.selected.ratio == 1.0
-    assert guarded.recomputed_tokens == layout.n_chunk_tokens
-    assert (guarded.logits - full.logits).abs().max().item() < 1e-4
+    blend = run(engine, layout, "blend", ratio=1.0, selection=selection, later_checks=(2,))
+    assert (blend.logits - full.logits).abs().max().item() < 1e-4
 
 
-def test_guard_keeps_the_ratio_when_the_estimate_is_under_its_bound(tiny_engines):
-    engine = tiny_engines["tiny-llama"]
-    layout = make_layout()
-    loose = run(engine, layout, "blend", ratio=0.15, guard=1e9)
-    plain = run(engine, layout, "blend", ratio=0.15)
-    assert loose.selected.ratio == 0.15 and float(loose.selected.estimate) <= 1e9
-    assert torch.equal(loose.logits, plain.logits)
-    # the estimate shrinks as more is recomputed, and is 0 when everything is
-    est = [float(run(engine, layout, "blend", ratio=r, guard=1e9).selected.estimate) for r in (0.05, 0.3, 1.0)]
-    assert est[0] >= est[1] >= est[2] == 0.0
+def test_blend_config_refuses_check_layers_out_of_order_and_a_later_one_past_the_model():
+    from blend.spec import BadQuery, QuerySpec
+    for bad in ("3,1", "1,1", "", "1,x"):
+        with pytest.raises(BadQuery, match="check_layers"):
+            BlendConfig.with_checks(bad)
+    with pytest.raises(BadQuery, match="question_layers"):
+        BlendConfig(question_layers=0)
+    cfg = BlendConfig.with_checks("1,8")
+    assert cfg.check_layers == (1, 8)
+    with pytest.raises(BadQuery, match="below the model's 4 layers"):
+        QuerySpec(blend=cfg).check_model(4)
 
 
-def test_blend_config_refuses_a_negative_or_infinite_guard():
-    for bad in (-0.1, float("inf"), float("nan")):
-        with pytest.raises(ValueError, match="guard"):
-            BlendConfig(guard=bad)
+def _split_model_installed(name: str) -> bool:
+    import importlib.util
+
+    from blend.loader import SPLIT_MODELS
+    return all(importlib.util.find_spec(p) is not None for p in SPLIT_MODELS[name].packages)
+
+
+@pytest.mark.skipif(not _split_model_installed("qwen2.5-coder-0.5b"),
+                    reason="Qwen2.5-Coder-0.5B not installed (make qwen)")
+def test_every_selection_at_ratio_one_equals_full_on_qwen_coder():
+    """The second real model (Qwen2: attention bias, 14 query heads over 2 KV heads, 24 layers),
+    with gradual filtering too, on real chunks of the sample corpus."""
+    from blend.engine import Engine
+    from blend.loader import load_model
+
+    engine = Engine(load_model("qwen2.5-coder-0.5b"))
+    corpus = Path(__file__).resolve().parent.parent / "samples" / "corpus"
+    texts = [(corpus / n).read_text()[:400] for n in ("halvard-bridge.md", "mira-solberg.md", "ostmark.txt")]
+    layout = engine.layout("Who designed the Halvard Bridge?", texts)
+    full = run(engine, layout, "full")
+    for selection in SELECTIONS:
+        for later in ((), (8,)):
+            blend = run(engine, layout, "blend", ratio=1.0, selection=selection, later_checks=later)
+            assert (blend.logits - full.logits).abs().max().item() < 1e-4, (selection, later)
+    assert (run(engine, layout, "reuse").logits - full.logits).abs().max().item() > 1e-2

@@ -195,8 +195,7 @@ def _extras_of(started: Started, outcome, max_tokens: int) -> dict:
 
 def _extras(started: Started, ans: Answer, max_tokens: int) -> dict:
     r = query_response(started, ans, max_tokens)
-    keep = ("mode", "ratio", "requested_ratio", "selection", "guard_raised", "guard_estimate",
-            "recomputed_tokens", "cached_tokens", "covered")
+    keep = ("mode", "ratio", "selection", "recomputed_tokens", "cached_tokens", "covered")
     return {"chunks": [c.model_dump() for c in r.chunks], "timings": r.timings.model_dump(),
             **{k: getattr(r, k) for k in keep}}
 

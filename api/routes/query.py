@@ -48,7 +48,6 @@ def query_response(started: Started, ans: Answer, max_tokens: int) -> QueryRespo
                         kv_load_ms=round(ans.kv_load_ms, 3), prefill_ms=round(ans.prefill_ms, 3),
                         ttft_ms=round(ans.ttft_ms, 3), per_token_ms=round(ans.per_token_ms, 3)),
         mode=ans.mode, ratio=ans.ratio, requested_ratio=ans.requested_ratio, selection=ans.selection,
-        guard_raised=ans.guard_raised, guard_estimate=ans.guard_estimate,
         recomputed_tokens=ans.recomputed_tokens, cached_tokens=ans.cached_tokens, total_tokens=ans.total_tokens,
         completion_tokens=len(ans.token_ids), finish_reason=finish_reason(ans, max_tokens), usage=usage(ans))
 
