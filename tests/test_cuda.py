@@ -148,9 +148,11 @@ def test_kv_streamed_from_the_store_gives_what_kv_in_memory_gives(arch, mode, ra
     with pytest.raises(CorruptEntry, match=f"entry {bad}"):  # the prefill alone reports it
         answer(cache)
     assert answer(mem)[2] == tokens
-    # the one query path recovers: the cache serves the chunks again, recomputing the bad one
+    # the one query path recovers: the cache serves the chunks again, recomputing the bad one, and
+    # answers as the same path over the KV in memory (the engine's decode, not the oracle's: in
+    # bf16 their kernels may part ways after a few greedy tokens)
     again = engine.generate(layout, spec, cache).run()
-    assert again.token_ids == tokens and cache.recomputed == 1
+    assert again.token_ids == engine.generate(layout, spec, mem).run().token_ids and cache.recomputed == 1
     cache.close()
     store.close()
 
