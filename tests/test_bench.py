@@ -16,7 +16,7 @@ def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_serv
     assert result["prompt_tokens"] == 32 + 3 * 32 + 8
     assert result["kv_formats"] == ["int8", "bfloat16"]
     assert result["served"] == {"tier": "lmdb:int8", "mode": "blend", "ratio": 0.15, "check_layer": 1,
-                                "selection": "lookahead", "guard": None, "max_ratio": 0.5}
+                                "selection": "lookahead", "later_checks": [], "max_ratio": 0.5}
     rows = [r for r in result["rows"] if not r.get("served_default")]
     expected = {("full", None, None)} | {(m, r, t) for t in ("cpu", "lmdb:int8", "lmdb:bfloat16")
                                          for m, r in (("prefix", None), ("reuse", None), ("blend", 0.15), ("blend", 0.5))}

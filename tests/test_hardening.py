@@ -528,12 +528,13 @@ def test_an_api_key_with_non_ascii_characters_authenticates_compared_as_utf8_byt
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
+    from api.keys import KeyRing
     from api.middleware import BearerAuth
 
     key = "clé-ünïcødé-🔑"
     app = FastAPI()
     app.get("/v1/x")(lambda: {"ok": True})
-    app.add_middleware(BearerAuth, api_key=key)
+    app.add_middleware(BearerAuth, keys=KeyRing(key))
     client = TestClient(app)
     assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("utf-8")}).status_code == 200
     assert client.get("/v1/x", headers={"Authorization": b"Bearer " + key.encode("latin-1", "replace")}).status_code == 401

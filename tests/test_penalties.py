@@ -93,7 +93,8 @@ def test_repetition_penalty_decodes_as_transformers_processor(tiny_engines):
 def test_rows_with_different_penalties_decoded_together_answer_as_each_alone(tiny_engines):
     from blend.spec import Mode
     from tests.test_blend import make_layout
-    from tests.test_scheduler import Recorder, scheduler
+    from tests.conftest import serving
+    from tests.test_scheduler import Recorder
 
     engine = tiny_engines["tiny-llama"]
     samplings = [Sampling(), Sampling(frequency_penalty=1.5), Sampling(presence_penalty=-1.0, repetition_penalty=1.4),
@@ -102,11 +103,11 @@ def test_rows_with_different_penalties_decoded_together_answer_as_each_alone(tin
              for i, s in enumerate(samplings)}
     solo = {i: engine.generate(lay, spec).run().token_ids for i, (lay, spec) in cases.items()}
     rec = Recorder()
-    sched = scheduler(engine, rec)
-    for i, (lay, spec) in cases.items():
-        sched.submit(rec.job(engine, i, lay, spec))
-    sched.start()
-    rec.wait(len(cases))
-    sched.stop()
+    jobs = [rec.job(engine, i, lay, spec) for i, (lay, spec) in cases.items()]
+    with serving(engine, rec.on_step, prefill_tokens=4096) as sched:
+        for job in jobs:  # all queued before the loop starts: decoded in one batch
+            sched.submit(job)
+        sched.start()
+        rec.wait(len(cases))
     assert not rec.errors and max(rec.batches) == len(cases)
     assert {i: a.token_ids for i, a in rec.answers.items()} == solo
