@@ -121,7 +121,6 @@ class BenchConfig:
                                                              selection=selection))
 
 
-TIERS = ("gpu", "cpu", "lmdb")
 # The configuration a default install serves: `ragblend index` stores DEFAULT_FORMAT in LMDB, and
 # `serve` reads a request's chunks from there (streamed on CUDA) and blends them with QuerySpec's
 # defaults. The bench's headline row is exactly this.

@@ -88,8 +88,6 @@ def calibrate(engine, n_chunks: int = 6, chunk_tokens: int = 512, question_token
     two ratios at one prompt size, and the first ratio at half the size (three points, three
     unknowns). The ratios span the range the controller works in (the selected tokens' layers
     run as CUDA graphs there). A few hundred ms on a 7B model's GPU; the ids need no tokenizer."""
-    from dataclasses import replace
-
     from blend.engine import sync
     from blend.shapes import random_layout
     from blend.spec import BlendConfig, Mode, QuerySpec
@@ -105,7 +103,7 @@ def calibrate(engine, n_chunks: int = 6, chunk_tokens: int = 512, question_token
         for i in range(runs + 1):
             sync(engine.device)
             t0 = time.perf_counter()
-            engine.generate(layout, replace(spec), kv).run()
+            engine.generate(layout, spec, kv).run()
             sync(engine.device)
             if i:  # the first run warms graphs and kernels
                 times.append((time.perf_counter() - t0) * 1e3)

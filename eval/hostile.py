@@ -12,7 +12,8 @@ import zlib
 from pathlib import Path
 
 
-def _pdf(objs: list[bytes]) -> bytes:
+def pdf_file(objs: list[bytes]) -> bytes:
+    """A PDF 1.4 file of these objects (numbered from 1, the first the catalog), with its xref table."""
     out, offsets = bytearray(b"%PDF-1.4\n"), []
     for i, body in enumerate(objs, 1):
         offsets.append(len(out))
@@ -27,7 +28,7 @@ def _pdf(objs: list[bytes]) -> bytes:
 
 def _page(content: bytes, font: bytes = b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
           extra: list[bytes] = (), filter_: bytes = b"") -> bytes:
-    return _pdf([b"<< /Type /Catalog /Pages 2 0 R >>",
+    return pdf_file([b"<< /Type /Catalog /Pages 2 0 R >>",
                  b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
                  b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Resources << /Font << /F1 5 0 R >> >> "
                  b"/Contents 4 0 R >>",

@@ -73,7 +73,6 @@ class LayerStream:
         self.nbytes = sum(head.layer_nbytes for _, _, _, head, _ in plan)
         self._t_first: float | None = None
         self._t_last: float | None = None
-        self._pending = len(plan)
         self._left: dict[int, int] = {}
         self._rank: dict[int, int] = {}
         for layer, *_ in plan:
@@ -113,7 +112,6 @@ class LayerStream:
             self._left[layer] -= 1
             if self._left[layer] == 0 and self._flag_slots is not None:
                 self._flag_slots[layer] = self.seq
-            self._pending -= 1
 
     def wait(self, layer: int) -> None:
         self.start(layer)

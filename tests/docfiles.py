@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from eval.hostile import pdf_file
+
 
 def pdf_bytes(lines: list[str]) -> bytes:
     """A one-page PDF whose page shows `lines` (text a PDF reader extracts)."""
@@ -28,16 +30,7 @@ def pdf_pages_bytes(pages: list[list[str]]) -> bytes:
                     b"/Contents %d 0 R >>" % (font, 4 + 2 * i))
         objs.append(b"<< /Length %d >>\nstream\n" % len(stream) + stream + b"\nendstream")
     objs.append(b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>")
-    out, offsets = bytearray(b"%PDF-1.4\n"), []
-    for i, body in enumerate(objs, 1):
-        offsets.append(len(out))
-        out += b"%d 0 obj\n" % i + body + b"\nendobj\n"
-    xref = len(out)
-    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objs) + 1)
-    for off in offsets:
-        out += b"%010d 00000 n \n" % off
-    out += b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n" % (len(objs) + 1, xref)
-    return bytes(out)
+    return pdf_file(objs)
 
 
 def write_docx(path: Path, heading: str, paragraphs: list[str], table: list[list[str]] | None = None) -> None:
