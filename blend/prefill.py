@@ -89,7 +89,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             break
         if feed is not None:
             # Eager kernels may synchronize (cuDNN planning a new shape): the reads of this layer
-            # must be under way before anything waits on them. The graphs' reads start later.
+            # must be under way before anything waits on them (the source starts them at fetch).
             feed.arriving.start(i)
             feed(i)
         q, k, v = project_qkv(layer, h, cos, sin, parts.head_dim)
@@ -375,8 +375,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
                                     [len(c) for c in layout.chunks], keys_at, asked)
     logits = logits_of(parts, h)
-    if arriving is not None:  # everything is queued (on the flags, where the GPU waits on them):
-        arriving.start()     # now the reads, which would have slowed this thread down before
+    if arriving is not None:  # everything is queued: the reads must be under way (a source that
+        arriving.start()     # did not start them at fetch starts them now)
     recomputed = int(((final >= P) & (final < S)).sum())
     return PrefillResult(logits, kv, N, recomputed, selected)
 

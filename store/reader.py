@@ -7,36 +7,49 @@ from __future__ import annotations
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from contextlib import ExitStack, suppress
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from store.chunkkv import PackedLayers
 from store.lmdb_store import KVStore
-from store.serialize import CorruptEntry, KVHeader, copy_layer, open_entry, to_kv
+from store.serialize import CorruptEntry, KVHeader, crc32, crc32_combine, open_entry, to_kv
 
 
-# One copy job: (layer, entry key, entry bytes, its header, destination bytes).
-Job = tuple[int, str, memoryview, KVHeader, np.ndarray]
+@dataclass
+class LayerJob:
+    """One layer of every chunk of a request: `copy` lands it in staging (one torch op, so the
+    reader takes the GIL once per layer, not once per chunk: with 14 reader threads taking it per
+    chunk, the thread that queues the prefill ran 3× slower, measured on an H100 host);
+    `verify` checks the checksums of what was copied and raises CorruptEntry naming the entry."""
+    layer: int
+    copy: Callable[[], None]
+    verify: Callable[[], None]
+    nbytes: int
 
 
 class LayerStream:
     """A request's chunk KVs landing in staging buffers layer by layer, from one LMDB snapshot
-    that stays open until `close()`. The reads begin at `start()` (or the first `wait()`);
-    `wait(i)` returns once layer i of every chunk is verified and in place (and raises
-    CorruptEntry, naming the entry, if one is not).
+    that stays open until `close()`. The reads begin at `start()` (or the first `wait()`), every
+    layer in plan order; `wait(i)` returns once layer i of every chunk is in place and verified
+    (and raises CorruptEntry, naming the entry, if it is not).
 
-    With `flags` (a pinned int32 tensor, one slot per layer), the arrival of layer i is also
-    announced by writing `seq` to `flags[i]` — a GPU stream can wait for that itself, so the host
-    need not. The flag is written even when the layer failed (nothing may wait forever): `close()`
-    then raises the failure, and whatever was computed from that layer must be thrown away."""
+    Copy first, verify after: a layer is announced as soon as its bytes are in staging, and its
+    checksums are computed on other threads while the GPU already reads it. With `flags` (a
+    pinned int32 tensor, one slot per layer), the arrival of layer i is announced by writing
+    `seq` to `flags[i]`, so a GPU stream can wait for it without the host. A flag is written even
+    when its layer fails (nothing may wait forever): `close()`, which waits for every checksum,
+    then raises the failure, and whatever was computed from the stream must be thrown away."""
 
-    def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], plan: list[Job],
-                 pool: Executor | None, resources: ExitStack, flags: torch.Tensor | None = None, seq: int = 0,
+    def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], jobs: list[LayerJob],
+                 copiers: Executor | None, verifiers: Executor | None, resources: ExitStack,
+                 flags: torch.Tensor | None = None, seq: int = 0,
                  decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None,
                  landing: torch.Tensor | None = None):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
@@ -53,77 +66,91 @@ class LayerStream:
         self.landed: set[int] = set()
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
-        self._plan, self._pool = plan, pool
-        self._jobs: dict[int, list[tuple[str, Future]]] = {}
+        self._jobs = jobs
+        self._copiers, self._verifiers = copiers, verifiers
+        self._copies: dict[int, Future] = {}
+        self._checks: dict[int, Future] = {}
         self._resources = resources
         self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._raised = False
-        self._next = 0  # the first job of the plan not yet queued
+        self._started = False
         self._start_lock = threading.Lock()
         # A last resort against a caller that synchronizes with a device waiting on flags it has
         # not started reading for: after a while the reads start anyway.
-        self._watchdog = threading.Timer(1.0, self.start) if flags is not None and plan else None
+        self._watchdog = threading.Timer(1.0, self.start) if flags is not None and jobs else None
         if self._watchdog is not None:
             self._watchdog.daemon = True
             self._watchdog.start()
         self.waited_s = 0.0  # host time spent blocked in wait() and close()
         # what the reads moved and how long they took, first read to last (the loading
         # controller's measure of the tier)
-        self.nbytes = sum(head.layer_nbytes for _, _, _, head, _ in plan)
+        self.nbytes = sum(job.nbytes for job in jobs)
         self._t_first: float | None = None
         self._t_last: float | None = None
-        self._left: dict[int, int] = {}
-        self._rank: dict[int, int] = {}
-        for layer, *_ in plan:
-            self._left[layer] = self._left.get(layer, 0) + 1
-            self._rank.setdefault(layer, len(self._rank))
+        self._planned = {job.layer for job in jobs}
 
     def start(self, through: int | None = None) -> None:
-        """Queue the copies in plan order: all of them, or those of the layers up to `through`
-        (in that order). A caller that queues GPU work waiting on the flags starts the reads
-        after queuing it, since the reader threads slow that thread down; but before anything
-        that synchronizes with the device, or it would wait forever."""
-        if through is not None and through not in self._rank:
-            return
+        """Queue every layer's copy, in plan order (`through` is accepted for callers that name
+        the first layer they need: the reads start in order, so it is the first to land). A
+        caller whose GPU work waits on the flags must start the reads before anything that
+        synchronizes with the device, or it would wait forever."""
         with self._start_lock:
-            while self._next < len(self._plan):
-                layer, key, mv, head, dst = self._plan[self._next]
-                if through is not None and self._rank[layer] > self._rank[through]:
-                    return
-                if self._t_first is None:
-                    self._t_first = time.perf_counter()
-                job = self._pool.submit(self._copy, mv, head, layer, dst)
-                self._jobs.setdefault(layer, []).append((key, job))
-                job.add_done_callback(lambda job, layer=layer, key=key: self._done(layer, key, job))
-                self._next += 1
+            if self._started or not self._jobs:
+                return
+            self._started = True
+            self._t_first = time.perf_counter()
+            for job in self._jobs:
+                self._copies[job.layer] = self._copiers.submit(self._copy, job)
 
-    def _copy(self, mv: memoryview, head: KVHeader, layer: int, dst) -> None:
-        copy_layer(mv, head, layer, dst)
-        t = time.perf_counter()  # here, not in _done: a waiter may wake before the callbacks run
-        with self._lock:
-            self._t_last = t if self._t_last is None else max(self._t_last, t)
+    def _copy(self, job: LayerJob) -> None:
+        try:
+            with self._lock:
+                failed = self._failure is not None
+            if not failed:  # after a failure, only raise the remaining flags
+                job.copy()
+        except BaseException as e:
+            with self._lock:
+                self._failure = self._failure or e
+            raise
+        finally:
+            t = time.perf_counter()
+            with self._lock:
+                self._t_last = t if self._t_last is None else max(self._t_last, t)
+                self._checks[job.layer] = self._verifiers.submit(self._verify, job)
+            if self._flag_slots is not None:
+                self._flag_slots[job.layer] = self.seq
 
-    def _done(self, layer: int, key: str, job: Future) -> None:
-        error = None if job.cancelled() else job.exception()
+    def _verify(self, job: LayerJob) -> None:
         with self._lock:
-            if error is not None and self._failure is None:
-                self._failure = CorruptEntry(f"entry {key}: {error}") if isinstance(error, CorruptEntry) else error
-            self._left[layer] -= 1
-            if self._left[layer] == 0 and self._flag_slots is not None:
-                self._flag_slots[layer] = self.seq
+            if self._failure is not None:
+                return
+        try:
+            job.verify()
+        except BaseException as e:
+            with self._lock:
+                self._failure = self._failure or e
+            raise
+
+    def _result(self, layer: int) -> None:
+        """Layer `layer` copied and verified, or its failure raised."""
+        self._copies[layer].result()
+        with self._lock:
+            check = self._checks[layer]
+        check.result()
 
     def wait(self, layer: int) -> None:
         self.start(layer)
         t0 = time.perf_counter()
         try:
-            for key, job in self._jobs.get(layer, ()):
-                try:
-                    job.result()
-                except CorruptEntry as e:
-                    self._raised = True
-                    raise CorruptEntry(f"entry {key}: {e}") from None
-            if self._decode is not None and layer not in self._decoded and layer in self._rank:
+            if layer not in self._planned:
+                return
+            try:
+                self._result(layer)
+            except CorruptEntry:
+                self._raised = True
+                raise
+            if self._decode is not None and layer not in self._decoded:
                 self._decode(layer)
                 self._decoded.add(layer)
                 if self.landing is self.block:  # decoded into the device block: landed too
@@ -132,15 +159,18 @@ class LayerStream:
             self.waited_s += time.perf_counter() - t0
 
     def close(self) -> None:
-        """Finish every read (work queued on the flags may be waiting for them), end the
-        snapshot, and raise the first failed layer if wait() has not raised it already."""
+        """Finish every read and checksum (work queued on the flags may be waiting for them), end
+        the snapshot, and raise the first failure if wait() has not raised it already."""
         self.start()
         if self._watchdog is not None:
             self._watchdog.cancel()
         t0 = time.perf_counter()
-        wait_all([job for layer in self._jobs.values() for _, job in layer])
+        wait_all(list(self._copies.values()))
+        with self._lock:
+            checks = list(self._checks.values())
+        wait_all(checks)
         self.waited_s += time.perf_counter() - t0
-        self._jobs = {}
+        self._copies, self._checks = {}, {}
         self._resources.close()
         if self._failure is not None and not self._raised:
             self._raised = True
@@ -157,7 +187,7 @@ class LayerStream:
 
     def loaded(self) -> tuple[int, float] | None:
         """(bytes read, seconds from the first read to the last) once every read is done."""
-        if self._t_first is None or self._t_last is None or self._failure is not None or self._jobs:
+        if self._t_first is None or self._t_last is None or self._failure is not None or self._copies:
             return None
         return self.nbytes, self._t_last - self._t_first
 
@@ -172,15 +202,57 @@ class LayerStream:
                 self.close()
 
 
+def _spans(opened: list, layer: int) -> list[memoryview]:
+    """Layer `layer` of every opened entry, as it lies in the map."""
+    out = []
+    for _, mv, head in opened:
+        start = head.payload_offset + layer * head.layer_nbytes
+        out.append(mv[start:start + head.layer_nbytes])
+    return out
+
+
+def _as_tensors(spans: list[memoryview]) -> list[torch.Tensor]:
+    with warnings.catch_warnings():  # read-only LMDB memory: only ever read from
+        warnings.simplefilter("ignore", UserWarning)
+        return [torch.frombuffer(span, dtype=torch.uint8) for span in spans]
+
+
+def _verify_spans(opened: list, layer: int, spans: list[memoryview]) -> None:
+    for (key, _, head), span in zip(opened, spans):
+        if crc32(span) != head.layer_crcs[layer]:
+            raise CorruptEntry(f"entry {key}: checksum mismatch in layer {layer}")
+
+
+def _verify_row(opened: list, layer: int, row: np.ndarray, spans: list[memoryview]) -> None:
+    """The packed row holds the chunks' layer bytes one after another: one checksum over it,
+    against the chunks' checksums combined; only a mismatch looks for the culprit."""
+    want = None
+    for _, _, head in opened:
+        c = head.layer_crcs[layer]
+        want = c if want is None else crc32_combine(want, c, head.layer_nbytes)
+    if crc32(row) != want:
+        _verify_spans(opened, layer, spans)
+        raise CorruptEntry(f"checksum mismatch in layer {layer} of a packed row, not in the stored entries")
+
+
+# Threads copying a stream's layers into staging. Each layer is one torch op over all its chunks
+# (which runs on torch's intra-op threads), so a few copiers keep the host→device pipe fed while
+# taking the GIL only a few dozen times a request.
+COPIERS = 2
+
+
 class StagedReader:
     """`read(key)` returns a pinned CPU tensor that stays valid for the next `slots - 1` reads:
     enough for one request's chunks, whose copies to the GPU finish before the next request."""
 
-    def __init__(self, store: KVStore, *, workers: int | None = None, slots: int = 64, pin: bool | None = None):
+    def __init__(self, store: KVStore, *, workers: int | None = None, slots: int = 64, pin: bool | None = None,
+                 copiers: int = COPIERS):
         self.store = store
         # Leave two cores to the thread that drives the GPU: it is on the critical path.
         self.pool = ThreadPoolExecutor(max_workers=workers or max(1, min(16, (os.cpu_count() or 1) - 2)),
                                        thread_name_prefix="kv-read")
+        # A stream's layer copies, in plan order (its checksums run on `pool`).
+        self.copiers = ThreadPoolExecutor(max_workers=copiers, thread_name_prefix="kv-copy")
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._next = 0
@@ -280,7 +352,7 @@ class StagedReader:
                     raise CorruptEntry(f"entry {key}: {e}") from None
             if not opened:
                 resources.close()
-                return LayerStream(None, [], [], None, ExitStack())
+                return LayerStream(None, [], [], None, None, ExitStack())
             n_layers, _, heads, _, dim = opened[0][2].shape
             fmt = opened[0][2].fmt
             for key, _, head in opened:
@@ -292,13 +364,12 @@ class StagedReader:
             if direct:
                 n = n_layers * 2 * heads * total * dim * fmt.storage.itemsize
                 block = self._staging(n, 0)[:n].view(fmt.storage).view(n_layers, 2, heads, total, dim)
-                rows = block.view(torch.uint8).numpy()  # [L, 2, H, ΣT, D·bytes]
+                rows = block.view(torch.uint8)  # [L, 2, H, ΣT, D·bytes]
                 spans, at = [], 0
                 for key, mv, head in opened:
                     spans.append((key, mv, head, at, at + head.shape[3]))
                     at += head.shape[3]
-                # layer-major, so that layers arrive in the order they are consumed
-                plan = [(i, key, mv, head, rows[i, :, :, lo:hi]) for i in layers for key, mv, head, lo, hi in spans]
+                plan = [self._direct_job(opened, i, rows[i], heads, dim * fmt.storage.itemsize) for i in layers]
                 decode = None
                 packed = None
                 landing = None
@@ -313,8 +384,17 @@ class StagedReader:
         self.store.touch(keys)
         self._seq += 1
         flags = self.flags if n_layers <= self.flags.numel() else None
-        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.pool, resources,
-                           flags, self._seq, decode, packed, landing)
+        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.copiers, self.pool,
+                           resources, flags, self._seq, decode, packed, landing)
+
+    @staticmethod
+    def _direct_job(opened: list, i: int, row: torch.Tensor, heads: int, width: int) -> LayerJob:
+        """Layer i of entries used as stored: each chunk's [2, H, T, D] bytes into its token span
+        of the block's layer row, one cat along the tokens."""
+        spans = _spans(opened, i)
+        srcs = [t.view(2, heads, -1, width) for t in _as_tensors(spans)]
+        return LayerJob(i, lambda: torch.cat(srcs, dim=2, out=row), lambda: _verify_spans(opened, i, spans),
+                        sum(len(m) for m in spans))
 
     def _packed_plan(self, opened: list, layers: list[int], dtype: torch.dtype | None,
                      device: torch.device | str | None):
@@ -340,7 +420,16 @@ class StagedReader:
             spans.append((key, mv, head, col, at, at + head.shape[3]))
             at += head.shape[3]
             col += head.layer_nbytes
-        plan = [(i, key, mv, head, rows[i, c:c + head.layer_nbytes]) for i in layers for key, mv, head, c, _, _ in spans]
+
+        def job(i: int) -> LayerJob:
+            """Layer i: every chunk's stored row, one after another, into the layer's packed row."""
+            src = _spans(opened, i)
+            srcs = _as_tensors(src)
+            verify = ((lambda: _verify_row(opened, i, rows[i], src)) if crc32_combine is not None
+                      else (lambda: _verify_spans(opened, i, src)))
+            return LayerJob(i, lambda: torch.cat(srcs, out=raw[i]), verify, width)
+
+        plan = [job(i) for i in layers]
         block = torch.empty((n_layers, 2, heads, at, dim), dtype=dtype, device=device)
         index = fmt.packed_index(heads, dim, lengths, device) if len(lengths) > 1 else None
 
@@ -371,3 +460,4 @@ class StagedReader:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
+        self.copiers.shutdown(wait=False)

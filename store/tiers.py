@@ -349,6 +349,10 @@ class ChunkKVCache:
             return None
         with self._count_lock:
             self.store_reads += len(keys)
+        # The reads begin now, under the rest of the request's host work: a layer is one copy and
+        # its checksum runs apart, so they take the GIL too rarely to slow the thread queuing the
+        # prefill (and they land in the order the prefill reads them).
+        s.start()
 
         def close() -> None:
             s.close()  # raises if a layer failed: nothing is kept then
