@@ -153,6 +153,31 @@ def test_a_streamed_read_decodes_each_layer_like_a_whole_read(name, tmp_path):
         reader.close()
 
 
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_a_corrupt_layer_in_a_packed_stream_is_announced_then_fails_naming_its_entry(name, tmp_path):
+    """Copy first, verify after: a packed layer's flag rises once its bytes are in staging, and its
+    checksum (one over the packed row, against the chunks' combined) still catches a flipped byte,
+    naming the entry, at the wait for that layer and, where nobody waited, at close."""
+    with KVStore(tmp_path / "kv") as store:
+        for k, seed in (("good", 0), ("bad", 1)):
+            store.put(k, realistic_kv(L=4, H=2, T=6, D=16, seed=seed), FP, {}, fmt=name)
+        raw = bytearray(store._env.begin(db=store._kv).get(b"bad"))
+        raw[-3] ^= 0x10  # in the last layer
+        with store._env.begin(write=True, db=store._kv) as txn:
+            txn.put(b"bad", bytes(raw))
+        reader = StagedReader(store, workers=2, slots=4, pin=False)
+        with reader.stream(["good", "bad"], range(4), FP, dtype=torch.float32) as s:
+            for i in range(3):
+                s.wait(i)
+            with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
+                s.wait(3)
+        s = reader.stream(["good", "bad"], range(4), FP, dtype=torch.float32)
+        with pytest.raises(CorruptEntry, match="entry bad: checksum mismatch in layer 3"):
+            s.close()
+        assert s.flags[:4].tolist() == [s.seq] * 4
+        reader.close()
+
+
 def test_a_stream_of_entries_in_different_formats_is_refused_before_any_read(tmp_path):
     with KVStore(tmp_path / "kv") as store:
         store.put("a", realistic_kv(L=2, H=2, T=4, D=16), FP, {}, fmt="int8")

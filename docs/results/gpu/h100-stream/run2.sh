@@ -15,6 +15,11 @@ common="--device cuda --sweep '' --runs 10 --warmup 3"
 (cd /tmp/old && eval PYTHONPATH=/tmp/site:/tmp/old python3 -m api.cli bench --shape mistral-7b $common --tiers gpu,lmdb \
   --kv-dtype int8,bfloat16 --ratios 0.15 --out /tmp/b-old > "$OUT/bench-old.log" 2>&1)
 echo "old done at $(( $(date +%s) - t0 )) s"; grep -v '^|---' /tmp/b-old/bench.md | grep -v '^$' | head -14
+# the same new tree with the reads begun after the prefill is queued (as before), for mistral
+mkdir -p /tmp/late && cp -r api blend store retrieval eval /tmp/late/ && sed -i '/^        s.start()$/d' /tmp/late/store/tiers.py
+(cd /tmp/late && eval PYTHONPATH=/tmp/site:/tmp/late python3 -m api.cli bench --shape mistral-7b $common --tiers gpu,lmdb \
+  --kv-dtype int8,bfloat16 --ratios 0.15 --out /tmp/b-late > "$OUT/bench-late.log" 2>&1)
+echo "late done at $(( $(date +%s) - t0 )) s"; grep -v '^|---' /tmp/b-late/bench.md | grep -v '^$' | head -14
 for shape in mistral-7b llama-3.1-8b qwen2.5-7b; do
   extra=""
   [ "$shape" = mistral-7b ] && extra="--selections value,lookahead,question,question-value --gradual 1,8"
