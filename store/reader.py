@@ -75,6 +75,7 @@ class LayerStream:
         self._failure: BaseException | None = None
         self._raised = False
         self._started = False
+        self._closed = False
         self._start_lock = threading.Lock()
         # A last resort against a caller that synchronizes with a device waiting on flags it has
         # not started reading for: after a while the reads start anyway.
@@ -170,7 +171,7 @@ class LayerStream:
             checks = list(self._checks.values())
         wait_all(checks)
         self.waited_s += time.perf_counter() - t0
-        self._copies, self._checks = {}, {}
+        self._closed = True  # every read is done (the futures stay: wait() after close returns at once)
         self._resources.close()
         if self._failure is not None and not self._raised:
             self._raised = True
@@ -187,7 +188,7 @@ class LayerStream:
 
     def loaded(self) -> tuple[int, float] | None:
         """(bytes read, seconds from the first read to the last) once every read is done."""
-        if self._t_first is None or self._t_last is None or self._failure is not None or self._copies:
+        if self._t_first is None or self._t_last is None or self._failure is not None or not self._closed:
             return None
         return self.nbytes, self._t_last - self._t_first
 
