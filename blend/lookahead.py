@@ -49,17 +49,17 @@ def lookahead_attention(parts: ModelParts, hq: torch.Tensor, cos: torch.Tensor, 
     Only the queries are projected (the probe never reads its own K and V), and the scores stay
     in the model's dtype with the softmax accumulated in float32: the probe ranks tokens, and a
     bf16 score is far finer than the gaps that decide the ranking."""
-    total = None
-    for i in layers:
-        layer = parts.layers[i]
-        q = project_q(layer, hq, cos, sin, parts.head_dim)[0]  # [Hq, Tq, D]
-        k = keys_at(i)                                          # [Hkv, S, D]
-        (hq_, tq, d), hkv = q.shape, k.shape[0]
-        # GQA without repeating K: the query heads of one KV head stack into one batch row.
-        scores = torch.bmm(q.reshape(hkv, (hq_ // hkv) * tq, d), k.transpose(1, 2))
-        probs = torch.softmax(scores.mul_(layer.self_attn.scaling), dim=-1, dtype=torch.float32)
-        mass = probs[..., lo:hi].sum(dim=(0, 1))
-        total = mass if total is None else total.add_(mass)
-    if total is None:
+    if not len(layers):
         return hq.new_zeros(hi - lo, dtype=torch.float32)
-    return total
+    # The probed layers' attention in one batch: their queries and keys stacked, one bmm, one
+    # softmax and one sum instead of a handful of launches per layer (the probe runs from the
+    # host thread that queues the prefill, so launches are its cost).
+    qs = [project_q(parts.layers[i], hq, cos, sin, parts.head_dim)[0] for i in layers]  # [Hq, Tq, D] each
+    ks = [keys_at(i) for i in layers]                                                   # [Hkv, S, D] each
+    (hq_, tq, d), hkv = qs[0].shape, ks[0].shape[0]
+    # GQA without repeating K: the query heads of one KV head stack into one batch row.
+    q = torch.stack(qs).reshape(len(qs) * hkv, (hq_ // hkv) * tq, d)
+    k = torch.stack(ks).reshape(len(ks) * hkv, -1, d)
+    scores = torch.bmm(q, k.transpose(1, 2))
+    probs = torch.softmax(scores.mul_(parts.layers[layers[0]].self_attn.scaling), dim=-1, dtype=torch.float32)
+    return probs[..., lo:hi].sum(dim=(0, 1))
