@@ -7,7 +7,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"; t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 # the CUDA cases run2 failed (a wait() after close() in the device-tier promotion), after the fix
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_loading.py -k "streamed" > "$OUT/cuda-tests.log" 2>&1
+timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_loading.py tests/test_cuda.py -k "streamed or lookahead" > "$OUT/cuda-tests.log" 2>&1
 echo "tests rc $? at $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/cuda-tests.log"
 # where blend's time goes when its KV streams from int8 LMDB, with the new reads
 python3 -m api.cli bench --shape mistral-7b --device cuda --sweep '' --tiers gpu,lmdb --kv-dtype int8 --ratios 0.15 \
