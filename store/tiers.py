@@ -178,12 +178,17 @@ class ChunkKVCache:
                 self.cpu.pop(key)
         return self.store.delete_many(keys) if self.store is not None and keys else 0
 
+    def entry_meta(self, ids: Sequence[int], meta: dict) -> dict:
+        """The metadata stored beside a chunk's entry (also by `index --ray`'s driver, which
+        writes entries its workers encoded)."""
+        return {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
+
     def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
         """Into the store in this cache's format (quantized on kv's device; the rows then move).
         `if_absent`: keep a value already there (a shared store's SET NX)."""
         if self.store is not None:
-            meta = {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
-            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name, if_absent=if_absent)
+            self.store.put(key, kv, self.shape.fingerprint, self.entry_meta(ids, meta), fmt=self.format.name,
+                           if_absent=if_absent)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier
