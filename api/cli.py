@@ -262,7 +262,7 @@ def _ray_pool(service, address: str, workers: Optional[int], kv_store: Optional[
 
     t0 = time.perf_counter()
     try:
-        connect(address)
+        connect(address, workers)
         spec = WorkerSpec(model, device, dtype, service.chunk_tokens, service.engine.fingerprint,
                           threads=1 if device == "cpu" else threads,  # a CPU worker is one CPU slot
                           embedder=embedder_recipe(embedder or service.corpus.embedder))

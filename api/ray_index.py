@@ -67,16 +67,21 @@ def import_ray():
     return ray
 
 
-def connect(address: str) -> None:
+def connect(address: str, workers: int | None = None) -> None:
     """Join the cluster at `address` (`auto`: the one RAY_ADDRESS or `ray start` on this machine
-    names; `local`: start one here for this run; else host:port or ray://host:port). Already
-    connected (a test, a notebook): that cluster is used."""
+    names; `local`: start one here for this run, with a CPU slot for each of `workers` even past
+    the machine's cores; else host:port or ray://host:port). Already connected (a test, a
+    notebook): that cluster is used."""
     ray = import_ray()
     if ray.is_initialized():
         return
+    local = address == "local"
+    extra: dict[str, Any] = {}
+    if local:  # this checkout's code, as the driver imports it, in the workers too
+        extra["runtime_env"] = {"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}}
+        extra["num_cpus"] = max(os.cpu_count() or 1, workers or 0)
     try:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}} if address == "local" else None)
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **extra)
     except ConnectionError as e:
         raise ValueError(f"--ray {address}: no Ray cluster there ({e}); start one with `ray start --head`, "
                          "or pass --ray local to start one on this machine for this run") from None
