@@ -232,9 +232,9 @@ def index(
                    "as unchanged, and chunk KV already stored is reused.", err=True)
         raise typer.Exit(130)
     report.skipped = skipped
-    if pool is not None:
-        report_ray = {"workers": pool.n, "restarts": pool.restarts, "startup_s": round(pool.startup_s, 3)}
-    summary = {**report.as_dict(), **({"ray": report_ray} if pool is not None else {}),
+    ray_summary = {} if pool is None else {"ray": {"workers": pool.n, "restarts": pool.restarts,
+                                                    "startup_s": round(pool.startup_s, 3)}}
+    summary = {**report.as_dict(), **ray_summary,
                "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
                "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
     typer.echo(f"store: {summary['store']['grew_bytes'] / 1e9:.4g} GB written (estimated "
@@ -256,11 +256,8 @@ def index(
 def _ray_pool(service, address: str, workers: Optional[int], kv_store: Optional[str], model: str, device: str,
               dtype: str, threads: int, embedder):
     """`index --ray`: the pool of Ray workers (api/ray_index.py), each with the model loaded."""
-    import time
-
     from api.ray_index import WorkerPool, WorkerSpec, connect, default_workers, embedder_recipe
 
-    t0 = time.perf_counter()
     try:
         connect(address, workers)
         spec = WorkerSpec(model, device, dtype, service.chunk_tokens, service.engine.fingerprint,
@@ -270,7 +267,6 @@ def _ray_pool(service, address: str, workers: Optional[int], kv_store: Optional[
     except ValueError as e:
         service.close()
         fail(str(e))
-    pool.startup_s = time.perf_counter() - t0
     typer.echo(f"Ray: {pool.n} workers ({device}) ready in {pool.startup_s:.1f} s; chunk KV "
                + ("written by them to the shared tier" if kv_store else "sent back to this process's LMDB"), err=True)
     return pool

@@ -203,7 +203,10 @@ class WorkerPool:
     """`n` ChunkWorker actors, each holding one GPU (device cuda) or one CPU slot."""
 
     def __init__(self, spec: WorkerSpec, n: int):
+        import time
+
         ray = import_ray()
+        t0 = time.perf_counter()
         self.spec, self.n = spec, n
         gpu = spec.device.startswith("cuda")
         self._actor = ray.remote(num_gpus=1 if gpu else 0, num_cpus=1 if gpu else spec.threads)(ChunkWorker)
@@ -213,6 +216,7 @@ class WorkerPool:
         except ray.exceptions.RayActorError as e:
             self.close()
             raise ValueError(f"a Ray worker could not start: {e}") from None
+        self.startup_s = time.perf_counter() - t0  # until every worker had its model loaded
         self.restarts = 0
         self.starting: dict[int, Any] = {}  # slot → its replacement's ready() call, while it loads the model
 
