@@ -60,9 +60,15 @@ class Cluster:
     """3 masters on loopback, slots split in three, no replicas."""
 
     def __init__(self, workdir: Path, exe: str):
-        self.nodes = [Server(workdir / f"n{i}", "--cluster-enabled", "yes", "--cluster-config-file",
-                             str(workdir / f"n{i}" / "nodes.conf"), "--cluster-node-timeout", "2000", exe=exe,
-                             port=bus_free_port()) for i in range(3)]
+        self.nodes: list[Server] = []
+        try:  # a node that does not start skips the test: the ones started before it must not outlive it
+            for i in range(3):
+                self.nodes.append(Server(workdir / f"n{i}", "--cluster-enabled", "yes", "--cluster-config-file",
+                                         str(workdir / f"n{i}" / "nodes.conf"), "--cluster-node-timeout", "2000",
+                                         exe=exe, port=bus_free_port()))
+        except BaseException:
+            self.stop()
+            raise
         bounds = [0, 5461, 10923, 16384]
         for i, node in enumerate(self.nodes):
             node.client.execute_command("CLUSTER", "ADDSLOTS", *range(bounds[i], bounds[i + 1]))
