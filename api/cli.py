@@ -126,6 +126,13 @@ def index(
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="read file symlinks that point outside "
                                                                             "the given directories (skipped by default)")] = False,
     config: ConfigOpt = None,
+    ray_address: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="spread chunking, chunk-KV "
+                                                       "precompute and embedding over a Ray cluster: auto (the running "
+                                                       "one), local (start one here), or host:port; needs "
+                                                       "pip install 'ragblend[ray]'")] = None,
+    ray_workers: Annotated[Optional[int], typer.Option(min=1, max=4096, help="Ray workers, each loading the model "
+                                                       "once (default: one per GPU with --device cuda, else one per "
+                                                       "CPU of the cluster)")] = None,
 ) -> None:
     """Chunk, embed and index documents, and precompute every chunk's KV into the store.
 
@@ -141,7 +148,16 @@ def index(
             fail(f"no such file or directory: {p}")
     if index_kind not in ("flat", "hnsw"):
         fail("--index-kind must be flat or hnsw")
-    set_threads(threads)
+    if ray_workers is not None and not ray_address:
+        fail("--ray-workers needs --ray ADDRESS")
+    if ray_address:
+        from api.ray_index import RayMissing, import_ray
+
+        try:
+            import_ray()
+        except RayMissing as e:
+            fail(str(e))
+    n_threads = set_threads(threads)
     from api.service import default_data_dir
 
     with collect_skips() as skipped:
@@ -172,25 +188,54 @@ def index(
     if (refusal := plan.refusal(allow_eviction)) is not None:
         service.close()
         fail(refusal)
-    bar = TokenProgress(plan.changed_tokens, "indexing")
+    pool = None
+    if ray_address:  # the workers load the model before the bar starts counting
+        pool = _ray_pool(service, ray_address, ray_workers, kv_store, model, device, dtype, n_threads,
+                         (ctx.obj or {}).get("embedder"))
+    bar = TokenProgress(plan.changed_tokens, "indexing" + (f" on {pool.n} Ray workers" if pool else ""))
     report = IndexReport()
     interrupted = False
+    failed: str | None = None
     try:
         with service.corpus.bulk():
-            service.index_documents(docs, bar.update, report)
+            if pool is not None:
+                from api.ray_index import index_on_ray
+
+                index_on_ray(service, docs, pool, store_url=kv_store, progress=bar.update, report=report)
+            else:
+                service.index_documents(docs, bar.update, report)
     except KeyboardInterrupt:
         interrupted = True
+    except Exception as e:
+        failed = _index_failure(e)
+        if failed is None:
+            raise
     finally:
         bar.close()
-        usage = service.store.usage()  # what the cap counts, after: set beside the estimate
+        if pool is not None:
+            if pool.restarts:
+                typer.echo(f"Ray: {pool.restarts} workers replaced after dying; their documents were sent again",
+                           err=True)
+            pool.close()
+        try:
+            usage = service.store.usage()  # what the cap counts, after: set beside the estimate
+        except OSError:  # the shared tier that just failed
+            usage = None
         service.close()
+    if failed is not None:
+        fail(f"{failed}\n{report.committed} of {len(docs)} documents committed ({report.kv_computed} chunk KVs "
+             "computed). Run the same command again once the store is back: committed documents are skipped as "
+             "unchanged, and chunk KV already stored is reused.", code=1)
     if interrupted:
         typer.echo(f"\ninterrupted: {report.committed} of {len(docs)} documents committed ({report.kv_computed} "
                    "chunk KVs computed). Run the same command again to resume: committed documents are skipped "
                    "as unchanged, and chunk KV already stored is reused.", err=True)
         raise typer.Exit(130)
     report.skipped = skipped
-    summary = {**report.as_dict(), "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
+    ray_summary = {} if pool is None else {"ray": {"workers": pool.n, "restarts": pool.restarts,
+                                                    "startup_s": round(pool.startup_s, 3)}}
+    summary = {**report.as_dict(), **ray_summary,
+               "removed": removed, "collisions": collisions, "estimate": plan.as_dict(),
                "store": {**usage, "grew_bytes": usage["bytes"] - plan.store_bytes}}
     typer.echo(f"store: {summary['store']['grew_bytes'] / 1e9:.4g} GB written (estimated "
                f"{plan.estimated_bytes / 1e9:.4g} GB), {usage['bytes'] / 1e9:.4g} GB held, "
@@ -206,6 +251,41 @@ def index(
         _echo_skipped(skipped)
     if collisions:
         raise typer.Exit(1)
+
+
+def _ray_pool(service, address: str, workers: Optional[int], kv_store: Optional[str], model: str, device: str,
+              dtype: str, threads: int, embedder):
+    """`index --ray`: the pool of Ray workers (api/ray_index.py), each with the model loaded."""
+    from api.ray_index import WorkerPool, WorkerSpec, connect, default_workers, embedder_recipe
+
+    try:
+        connect(address, workers)
+        spec = WorkerSpec(model, device, dtype, service.chunk_tokens, service.engine.fingerprint,
+                          threads=1 if device == "cpu" else threads,  # a CPU worker is one CPU slot
+                          embedder=embedder_recipe(embedder or service.corpus.embedder))
+        pool = WorkerPool(spec, workers or default_workers(device))
+    except ValueError as e:
+        service.close()
+        fail(str(e))
+    typer.echo(f"Ray: {pool.n} workers ({device}) ready in {pool.startup_s:.1f} s; chunk KV "
+               + ("written by them to the shared tier" if kv_store else "sent back to this process's LMDB"), err=True)
+    return pool
+
+
+def _index_failure(e: Exception) -> str | None:
+    """The message for an index run stopped by its KV store (or a document failing on a Ray
+    worker); None for anything else, which is a bug and keeps its traceback."""
+    from api.ray_index import IndexRunFailed
+    from store.redis_store import StoreUnavailable
+
+    if isinstance(e, IndexRunFailed):
+        cause = e.cause
+        if isinstance(cause, StoreUnavailable):
+            return f"the shared KV store failed during the run: {cause}"
+        return f"indexing failed on a Ray worker: {e}"
+    if isinstance(e, StoreUnavailable):
+        return f"the shared KV store failed during the run: {e}"
+    return None
 
 
 def _echo_skipped(skipped: list[dict]) -> None:

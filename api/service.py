@@ -139,11 +139,16 @@ class RagService:
                 report.tokens += len(ids)
                 if progress:
                     progress(1, len(ids))
-            embeddings = self.corpus.embedder.encode([c.text for c in chunks])
-            stale = self.corpus.upsert(doc, chunks, keys, embeddings, self.params)
-            report.committed += 1
-            report.kv_deleted += self.kv.drop(stale)
+            self.commit_document(doc, chunks, keys, self.corpus.embedder.encode([c.text for c in chunks]), report)
         return report
+
+    def commit_document(self, doc: Document, chunks: list, keys: list[str], embeddings, report: IndexReport) -> None:
+        """A document's registry rows and vectors in one commit (its chunks' KV already stored),
+        then the KV its old chunks no longer need dropped. Called under write_lock, by
+        index_document and by `index --ray`'s driver (api/ray_index.py)."""
+        stale = self.corpus.upsert(doc, chunks, keys, embeddings, self.params)
+        report.committed += 1
+        report.kv_deleted += self.kv.drop(stale)
 
     def prune(self, roots: Iterable[str | Path], loaded: Iterable[Document]) -> list[str]:
         """Delete what was indexed from files under `roots` (directories, or files) that this run

@@ -71,6 +71,16 @@ class KVBackend(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class LayerStreaming(Protocol):
+    """A backend that is not memory-mapped but can still hand a request's chunks over layer by
+    layer (the shared tier, store/redis_stream.py): ChunkKVCache streams through its reader."""
+
+    def layer_reader(self, *, workers: int | None = None, pin: bool | None = None) -> Any:
+        """A reader with StagedReader.stream's signature (and `pool`, `close`)."""
+        ...
+
+
 SCHEMES = ("redis://", "rediss://", "unix://")
 
 

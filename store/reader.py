@@ -32,6 +32,7 @@ class LayerJob:
     copy: Callable[[], None]
     verify: Callable[[], None]
     nbytes: int
+    sources: tuple[memoryview, ...] = ()  # the entries' spans it copies (a gate may wait for them)
 
 
 class LayerStream:
@@ -395,7 +396,7 @@ class StagedReader:
         spans = _spans(opened, i)
         srcs = [t.view(2, heads, -1, width) for t in _as_tensors(spans)]
         return LayerJob(i, lambda: torch.cat(srcs, dim=2, out=row), lambda: _verify_spans(opened, i, spans),
-                        sum(len(m) for m in spans))
+                        sum(len(m) for m in spans), tuple(spans))
 
     def _packed_plan(self, opened: list, layers: list[int], dtype: torch.dtype | None,
                      device: torch.device | str | None):
@@ -428,7 +429,7 @@ class StagedReader:
             srcs = _as_tensors(src)
             verify = ((lambda: _verify_row(opened, i, rows[i], src)) if crc32_combine is not None
                       else (lambda: _verify_spans(opened, i, src)))
-            return LayerJob(i, lambda: torch.cat(srcs, out=raw[i]), verify, width)
+            return LayerJob(i, lambda: torch.cat(srcs, out=raw[i]), verify, width, tuple(src))
 
         plan = [job(i) for i in layers]
         block = torch.empty((n_layers, 2, heads, at, dim), dtype=dtype, device=device)

@@ -228,6 +228,20 @@ class RedisKVStore:
 
     def headers(self, keys: list[str]) -> list[KVHeader | None | Exception]:
         """The entries' verified headers by ranged reads (STRLEN + GETRANGE), one round trip."""
+        out: list = []
+        for key, got in zip(keys, self.header_bytes(keys)):
+            if got is None or isinstance(got, Exception):
+                out.append(got)
+                continue
+            try:
+                out.append(read_header(got[1], total=got[0], expect_key=key))
+            except CorruptEntry as e:
+                out.append(CorruptEntry(f"shared entry {key}: {e}"))
+        return out
+
+    def header_bytes(self, keys: list[str]) -> list[tuple[int, bytes] | None | Exception]:
+        """Each entry's (length, header bytes as stored), unverified, by ranged reads (STRLEN +
+        GETRANGE) in one round trip; None when absent, CorruptEntry when too short for a header."""
         if not keys:
             return []
         with self._call("reading headers"):
@@ -246,10 +260,21 @@ class RedisKVStore:
                 if span > len(prefix):  # a header longer than the first read: a model of ~1000 layers
                     with self._call("reading a header"):
                         prefix = self.client.getrange(self._k(key), 0, span - 1)
-                out.append(read_header(prefix[:span], total=int(total), expect_key=key))
+                out.append((int(total), bytes(prefix[:span])))
             except CorruptEntry as e:
                 out.append(CorruptEntry(f"shared entry {key}: {e}"))
         return out
+
+    def layer_spans(self, keys: list[str], heads: list[KVHeader], layer: int) -> list[bytes]:
+        """Layer `layer` of each entry as stored (unverified: the caller checks its CRC), one
+        pipelined GETRANGE per entry in one round trip. A span shorter than the layer means the
+        value changed (evicted, replaced) since its header was read."""
+        with self._call(f"reading layer {layer}"):
+            pipe = self.client.pipeline(transaction=False)
+            for key, head in zip(keys, heads):
+                start = head.payload_offset + layer * head.layer_nbytes
+                pipe.getrange(self._k(key), start, start + head.layer_nbytes - 1)
+            return list(pipe.execute())
 
     def header(self, key: str) -> KVHeader | None:
         got = self.headers([key])[0]
@@ -272,12 +297,7 @@ class RedisKVStore:
             if fingerprint is not None and head.fingerprint != fingerprint:
                 raise FingerprintMismatch(f"shared entry {key} was computed for {head.fingerprint!r}")
         for i in layers:
-            with self._call(f"reading layer {i}"):
-                pipe = self.client.pipeline(transaction=False)
-                for key, head in zip(keys, heads):
-                    start = head.payload_offset + i * head.layer_nbytes
-                    pipe.getrange(self._k(key), start, start + head.layer_nbytes - 1)
-                spans = pipe.execute()
+            spans = self.layer_spans(keys, heads, i)
             rows = []
             for key, head, span in zip(keys, heads, spans):
                 if len(span) != head.layer_nbytes or crc32(span) != head.layer_crcs[i]:
@@ -406,7 +426,11 @@ class TieredKVStore:
                 head = None
             if head is not None:
                 return head
-        return self.shared.header(key)
+        try:
+            return self.shared.header(key)
+        except StoreUnavailable as e:  # as a read that fails: a miss, the chunk is recomputed
+            log.warning("%s; treating chunk %s as absent", e, key[:12])
+            return None
 
     def get_many_raw(self, keys: list[str], fingerprint: str | None = None) -> list:
         out: list = [None] * len(keys)
@@ -454,6 +478,13 @@ class TieredKVStore:
     def keys(self) -> Iterator[str]:
         """The shared tier's keys (in this format): every replica's entries."""
         return self.shared.keys()
+
+    def layer_reader(self, *, workers: int | None = None, pin: bool | None = None):
+        """Streams from the local cache when it holds a request's chunks, else from the shared
+        tier (store/redis_stream.py)."""
+        from store.redis_stream import TieredStreamReader
+
+        return TieredStreamReader(self, workers=workers, pin=pin)
 
     def stats(self) -> dict[str, Any]:
         return {"local_cache": self.local.stats() if self.cache_locally else None, "shared": self.shared.stats()}

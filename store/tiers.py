@@ -36,7 +36,7 @@ import torch
 from store.chunkkv import ArrivingKV, ChunkKV
 from store.hashing import chunk_hash
 from store.hot import HotTier
-from store.backend import KVBackend
+from store.backend import KVBackend, LayerStreaming
 from store.quant import KVFormat
 from store.quant import kv_format as parse_format
 from store.reader import LayerStream, StagedReader
@@ -119,11 +119,13 @@ class ChunkKVCache:
         self.cpu = HotTier(cpu_bytes, device="cpu", pin=True) if cuda and cpu_bytes > 0 else None
         # On CPU the reader's pool verifies a request's entries at once; its staging buffers are
         # only used where a copy to the device follows (CUDA), since cached tensors must own memory.
-        # A store that is not memory-mapped (a shared Redis tier) is read whole, entry by entry,
-        # in one batched round trip per request (get_many_raw), never streamed.
+        # A store that is not memory-mapped (a shared Redis tier) is read whole in one batched
+        # round trip per request (get_many_raw), or streamed through its own layer reader
+        # (store/redis_stream.py: from its local LMDB cache, or layer by layer from the tier).
         mapped = store is not None and store.zero_copy
-        self.reader = StagedReader(store, workers=read_workers, pin=cuda) if mapped else None
-        self.stream = stream and cuda and mapped
+        self.reader = StagedReader(store, workers=read_workers, pin=cuda) if mapped else \
+            store.layer_reader(workers=read_workers, pin=cuda) if isinstance(store, LayerStreaming) and cuda else None
+        self.stream = stream and cuda and self.reader is not None
         self._count_lock = threading.Lock()
         self.recomputed = 0     # entries missing, corrupt, stale or misshapen when a request needed them
         self.store_reads = 0    # entries a request read from LMDB
@@ -178,12 +180,17 @@ class ChunkKVCache:
                 self.cpu.pop(key)
         return self.store.delete_many(keys) if self.store is not None and keys else 0
 
+    def entry_meta(self, ids: Sequence[int], meta: dict) -> dict:
+        """The metadata stored beside a chunk's entry (also by `index --ray`'s driver, which
+        writes entries its workers encoded)."""
+        return {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
+
     def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
         """Into the store in this cache's format (quantized on kv's device; the rows then move).
         `if_absent`: keep a value already there (a shared store's SET NX)."""
         if self.store is not None:
-            meta = {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
-            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name, if_absent=if_absent)
+            self.store.put(key, kv, self.shape.fingerprint, self.entry_meta(ids, meta), fmt=self.format.name,
+                           if_absent=if_absent)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier

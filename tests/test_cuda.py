@@ -350,3 +350,58 @@ def test_a_request_answers_the_same_beside_indexing_on_cuda():
     assert got.token_ids == alone.token_ids
     assert (got.first_logits - alone.first_logits).abs().max().item() < 1e-4
     assert torch.allclose(side["kv"], direct, atol=1e-5)  # the same computation, in the loop's turn
+
+
+@pytest.mark.parametrize("kv_format", ["bfloat16", "int8"])
+def test_kv_streamed_from_the_shared_tier_gives_what_kv_in_memory_gives(kv_format, tmp_path):
+    """Issue 25: chunk KV on a real redis-server streams into the CUDA prefill layer by layer
+    (pinned staging, arrival flags; int8 decoded on the GPU) and answers like the same format held
+    in memory; once copied into the local LMDB cache, the next request streams from it; a damaged
+    layer on the tier voids the prefill and the query path recovers by recomputing it."""
+    from blend.spec import QuerySpec
+    from store import CorruptEntry
+    from store.backend import open_kv_store
+    from store.chunkkv import ArrivingKV
+    from tests.test_redis_store import Server
+
+    server = Server(tmp_path / "redis")
+    engine = engine_for("tiny-llama", torch.bfloat16, graphs=True)
+    layout = make_layout()
+    store = open_kv_store(tmp_path / "kv", server.url)
+    store.configure(kv_format=kv_format)
+    mem = engine.kv_cache(layout.prefix, gpu_bytes=1 << 30, stream=False, kv_format=kv_format)
+    cache = engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0, read_workers=4)
+    for ids in layout.chunks:
+        cache.ensure(ids)
+        mem.ensure(ids)
+    for key in [cache.key(ids) for ids in layout.chunks]:
+        store.local.delete_many([key])  # on the tier only: another replica computed them
+    spec = QuerySpec("blend", BlendConfig(ratio=0.15), max_tokens=12)
+    try:
+        kvs = engine.load_chunks(layout, "blend", cache, spec.blend)
+        assert isinstance(kvs, ArrivingKV) and cache.reader.remote.streams == 1
+        streamed = engine.prefill(layout, "blend", kvs, spec.blend)
+        logits = streamed.logits.clone()
+        in_memory = engine.prefill(layout, "blend", engine.load_chunks(layout, "blend", mem, spec.blend), spec.blend)
+        # the tolerance of the LMDB stream's test above: per-layer graphs against the whole-KV path
+        assert (logits - in_memory.logits).abs().max().item() < 0.02 * max(1.0, in_memory.logits.abs().max().item())
+        # the fetch read the layers the prefill skipped and kept the entries: the next request
+        # streams from the local cache
+        cache.reader.settle()
+        assert all(store.local.contains(cache.key(ids)) for ids in layout.chunks)
+        again = engine.generate(layout, spec, cache).run()
+        assert cache.reader.remote.streams == 1
+        assert again.token_ids == engine.generate(layout, spec, mem).run().token_ids
+        # a damaged layer on the tier (and no local copy)
+        bad = cache.key(layout.chunks[2])
+        store.local.delete_many([bad])
+        name = store.shared._k(bad)
+        server.client.setrange(name, server.client.strlen(name) - 5, b"\xff\x00\xff")
+        with pytest.raises(CorruptEntry, match=bad):
+            engine.prefill(layout, "blend", engine.load_chunks(layout, "blend", cache, spec.blend), spec.blend)
+        recovered = engine.generate(layout, spec, cache).run()
+        assert recovered.token_ids == again.token_ids and cache.recomputed == 1
+    finally:
+        cache.close()
+        store.close()
+        server.stop()

