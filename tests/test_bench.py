@@ -35,11 +35,21 @@ def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_serv
     assert "DEFAULT SERVED" in table[first_row] and "| blend | 0.15 | lmdb:bfloat16 |" in done.stdout
 
 
+def refused(*args: str):
+    """The command run in this process (a refusal needs no fresh interpreter: it comes before any
+    work): its exit code and stderr."""
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
+    return CliRunner().invoke(app, list(args))
+
+
 def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
     for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"], ["--kv-dtype", "int3"]):
-        done = subprocess.run([sys.executable, "-m", "api.cli", "bench", "--device", "cpu", "--out", str(tmp_path),
-                               *extra], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+        done = refused("bench", "--device", "cpu", "--out", str(tmp_path), *extra)
+        assert done.exit_code == 2 and "error:" in done.stderr, (extra, done.stderr)
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
@@ -66,9 +76,9 @@ def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
 
 def test_bench_serve_refuses_bad_rates_and_modes(tmp_path):
     for extra in (["--rates", "0"], ["--modes", "fast"], ["--pool", "2"], ["--step-batches", "x"]):
-        done = subprocess.run([sys.executable, "-m", "api.cli", "bench-serve", "--out", str(tmp_path), *extra],
-                              capture_output=True, text=True, timeout=120)
-        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+        done = refused("bench-serve", "--out", str(tmp_path), *extra)
+        assert done.exit_code == 2 and "error:" in done.stderr, (extra, done.stderr)
+    assert not (tmp_path / "serve.json").exists()
 
 
 def test_goodput_search_brackets_the_highest_rate_that_holds():

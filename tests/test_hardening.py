@@ -225,10 +225,14 @@ def test_serve_help_says_how_to_keep_the_key_out_of_ps():
 
 def test_an_empty_or_missing_key_file_is_refused(tmp_path):
     (tmp_path / "empty").write_text("\n")
+    from typer.testing import CliRunner
+
+    from api.cli import app
+
     for path, fragment in ((tmp_path / "empty", "empty"), (tmp_path / "absent", "cannot read")):
-        r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--api-key-file", str(path), *TINY,
-                            "--data-dir", str(tmp_path / "d")], cwd=ROOT, env=ENV, capture_output=True, text=True)
-        assert r.returncode == 2 and fragment in r.stderr, r.stderr
+        # in this process: the refusal comes before the model loads, so it needs no fresh interpreter
+        r = CliRunner().invoke(app, ["serve", "--api-key-file", str(path), *TINY, "--data-dir", str(tmp_path / "d")])
+        assert r.exit_code == 2 and fragment in r.stderr, r.stderr
     assert not (tmp_path / "d").exists()
 
 
