@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import run_cli
+
 
 def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_served_default_first(tmp_path):
     cmd = [sys.executable, "-m", "api.cli", "bench", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
@@ -35,20 +37,10 @@ def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_serv
     assert "DEFAULT SERVED" in table[first_row] and "| blend | 0.15 | lmdb:bfloat16 |" in done.stdout
 
 
-def refused(*args: str):
-    """The command run in this process (a refusal needs no fresh interpreter: it comes before any
-    work): its exit code and stderr."""
-    from typer.testing import CliRunner
-
-    from api.cli import app
-
-    return CliRunner().invoke(app, list(args))
-
-
 def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
     for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"], ["--kv-dtype", "int3"]):
-        done = refused("bench", "--device", "cpu", "--out", str(tmp_path), *extra)
-        assert done.exit_code == 2 and "error:" in done.stderr, (extra, done.stderr)
+        done = run_cli("bench", "--device", "cpu", "--out", str(tmp_path), *extra)  # refused before any work
+        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
     assert not (tmp_path / "bench.json").exists()
 
 
@@ -76,8 +68,8 @@ def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
 
 def test_bench_serve_refuses_bad_rates_and_modes(tmp_path):
     for extra in (["--rates", "0"], ["--modes", "fast"], ["--pool", "2"], ["--step-batches", "x"]):
-        done = refused("bench-serve", "--out", str(tmp_path), *extra)
-        assert done.exit_code == 2 and "error:" in done.stderr, (extra, done.stderr)
+        done = run_cli("bench-serve", "--out", str(tmp_path), *extra)
+        assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
     assert not (tmp_path / "serve.json").exists()
 
 
