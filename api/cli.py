@@ -13,7 +13,8 @@ from api.config_file import ConfigOpt
 from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, FrequencyPenaltyOpt, ModelOpt,
                             PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
                             load_engine, penalties_given, selection_of, set_threads, unit_floats)
-from blend.spec import DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO, PREFILL_TOKENS, Mode
+from blend.spec import (CPU_KV_MB, DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO,
+                        KV_MEMORY_SHARE, PREFILL_TOKENS, SLOT_TOKENS, Mode)
 from store.quant import DEFAULT_FORMAT
 
 class _App(typer.Typer):
@@ -646,7 +647,7 @@ def bench_serve(
     step_contexts: Annotated[str, typer.Option(help="decode-step context lengths to time")] = "1024,4096",
     prefill_tokens: Annotated[int, typer.Option(min=16, help="prefill tokens per scheduler step")] = PREFILL_TOKENS,
     kv_memory_share: Annotated[float, typer.Option(min=0.01, max=1.0, help="share of the free GPU memory for decode "
-                                                                         "slots")] = 0.9,
+                                                                         "slots")] = KV_MEMORY_SHARE,
     goodput: Annotated[str, typer.Option(help="output lengths to find goodput at, comma-separated (e.g. 32,128; "
                                               "'' for none)")] = "",
     goodput_requests: Annotated[int, typer.Option(min=1, help="requests per run of the goodput search")] = 200,
@@ -775,16 +776,18 @@ def serve(
     max_batch: Annotated[Optional[int], typer.Option(help="cap on the queries decoded together in one batched step; "
                                                           "1 serves one at a time (default: as many as the decode "
                                                           "memory holds)")] = None,
-    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory, preallocated (default: "
-                                                             "--kv-memory-share of the GPU memory left free, 4096 on "
-                                                             "CPU)")] = None,
+    kv_memory_mb: Annotated[Optional[int], typer.Option(help="decode KV memory in MiB, preallocated (default: "
+                                                             "--kv-memory-share of the GPU memory left free, "
+                                                             f"{CPU_KV_MB} on CPU)")] = None,
     kv_memory_share: Annotated[Optional[float], typer.Option(help="share of the GPU memory left once weights, prefill "
-                                                                  "peak and hot tier are counted that goes to decode "
-                                                                  "slots (default: 0.9)")] = None,
+                                                                  "peak, decode graphs and device tier are counted "
+                                                                  "that goes to decode slots (default: "
+                                                                  f"{KV_MEMORY_SHARE})")] = None,
     prefill_tokens: Annotated[Optional[int], typer.Option(help="prefill tokens per scheduler step, after the running "
                                                                "queries' decode step; longer prompts are spread over "
                                                                f"steps (default: {PREFILL_TOKENS})")] = None,
-    slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query (default: 4096)")] = None,
+    slot_tokens: Annotated[Optional[int], typer.Option(help="most prompt + answer tokens per query: one decode "
+                                                            f"slot's length (default: {SLOT_TOKENS})")] = None,
     max_ratio: Annotated[Optional[float], typer.Option(help="on a GPU, how far the loading controller may raise the "
                                                             "recompute ratio of a blend query that names none, while "
                                                             f"its chunk KV streams from disk; 0: never (default: "

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from blend.spec import DEFAULT_MAX_RATIO, PREFILL_TOKENS
+from blend.spec import CPU_KV_MB, DEFAULT_MAX_RATIO, KV_MEMORY_SHARE, PREFILL_TOKENS, SLOT_TOKENS
 
 MAX_TOKENS_HARD = 8192  # no request may ask for more, whatever the settings say
 
@@ -46,12 +46,12 @@ class Settings(BaseModel):
     max_batch: int | None = Field(None, ge=1, le=256, description="cap on the queries decoded together in one batched "
                                   "step (1: one at a time; default: as many as the decode memory holds)")
     kv_memory_mb: int | None = Field(None, ge=1, description="decode KV memory, preallocated (default: kv_memory_share "
-                                                              "of the GPU memory left free, 4096 MiB on CPU)")
-    kv_memory_share: float = Field(0.9, gt=0, le=1, description="share of the GPU memory left once the weights, the "
+                                                              f"of the GPU memory left free, {CPU_KV_MB} MiB on CPU)")
+    kv_memory_share: float = Field(KV_MEMORY_SHARE, gt=0, le=1, description="share of the GPU memory left once the weights, the "
                                    "prefill's peak and the hot tier are counted that goes to decode KV slots")
     prefill_tokens: int = Field(PREFILL_TOKENS, ge=16, le=1 << 20, description="prefill tokens per scheduler step, "
                                 "after every running query's decode step: a longer prompt is spread over steps")
-    slot_tokens: int = Field(4096, ge=64, le=1 << 20, description="most prompt + answer tokens of one query")
+    slot_tokens: int = Field(SLOT_TOKENS, ge=64, le=1 << 20, description="most prompt + answer tokens of one query")
     max_index_jobs: int = Field(64, ge=1, le=10_000, description="indexing jobs waiting; more are refused (503)")
     max_tokens: int = Field(512, ge=1, le=MAX_TOKENS_HARD, description="cap on a request's max_tokens")
     max_question_tokens: int | None = Field(None, ge=1, description="default: a quarter of the model's context")

@@ -29,7 +29,7 @@ from blend.memory import decode_kv_bytes
 from blend.prompt import Layout
 from blend.scheduler import Job, Scheduler, SchedulerConfig
 from blend.sequence import Answer, SeqState
-from blend.spec import PREFILL_TOKENS, BlendConfig, Mode, QuerySpec
+from blend.spec import KV_MEMORY_SHARE, PREFILL_TOKENS, BlendConfig, Mode, QuerySpec
 from store.quant import DEFAULT_FORMAT
 
 
@@ -53,7 +53,7 @@ class ServeBenchConfig:
     step_contexts: tuple[int, ...] = (1024, 4096)
     seed: int = 0
     prefill_tokens: int = PREFILL_TOKENS
-    kv_memory_share: float = 0.9
+    kv_memory_share: float = KV_MEMORY_SHARE
     one_at_a_time: bool = True          # also run every rate row with max batch 1
     goodput_outputs: tuple[int, ...] = ()  # output lengths to find goodput at (none: no search)
     goodput_requests: int = 200         # requests per run of the search

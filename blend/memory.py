@@ -13,9 +13,10 @@ import torch
 
 from blend.batch import BATCH_BUCKETS, KEY_STEP, KVSlots
 from blend.forward import ModelParts
+from blend.spec import CPU_KV_MB
 
 MARGIN = 1 << 30          # allocator fragmentation, cuBLAS/cuDNN workspaces, compiled kernels
-CPU_KV_BYTES = 4 << 30    # decode memory on CPU, where nothing is measured
+CPU_KV_BYTES = CPU_KV_MB << 20  # decode memory on CPU, where nothing is measured
 
 
 def prefill_peak(parts: ModelParts, config, slot_tokens: int) -> int:

@@ -52,6 +52,13 @@ DEFAULT_MAX_RATIO = 0.5
 # Prefill tokens per scheduler step (blend/scheduler.py): about one 3k-token prompt's blend, or a
 # third of its full prefill — on an H200 ~30 ms of compute beside a 6-10 ms decode step.
 PREFILL_TOKENS = 1024
+# Decode slots (blend/batch.py, sized by blend/memory.py): one slot holds one query's prompt and
+# answer. On CUDA the slots get this share of the memory left once the weights, the prefill's peak,
+# the decode graphs' outputs and the device tier are counted (vLLM's gpu_memory_utilization, but of
+# what is left); on CPU, where nothing is measured, CPU_KV_MB. The batch is as large as the slots.
+SLOT_TOKENS = 4096
+KV_MEMORY_SHARE = 0.9
+CPU_KV_MB = 4096
 # What the sampler can use. Below MIN_TEMPERATURE sampling is greedy but for rounding, and logits
 # divided by ~1e-37 overflow float32 (a NaN distribution); below MIN_TOP_P the nucleus is the top
 # token whatever the value, and past float32's smallest subnormal (~7e-46) it rounds to 0 and

@@ -12,7 +12,7 @@ from blend.batch import BATCH_BUCKETS, KEY_STEP, KVSlots
 from blend.prefill_work import PrefillWork, Runner
 from blend.prompt import Layout
 from blend.sequence import Answer, SeqState
-from blend.spec import PREFILL_TOKENS, QuerySpec
+from blend.spec import PREFILL_TOKENS, SLOT_TOKENS, QuerySpec
 from store.tiers import ChunkKVSource
 
 T = TypeVar("T")
@@ -58,7 +58,7 @@ class SideWork(Generic[T]):
 class SchedulerConfig:
     max_batch: int = 32              # sequences decoding together (1: one request at a time)
     slots: int = 32                  # KV slots (≥ max_batch to use it)
-    slot_tokens: int = 4096          # prompt + answer tokens per slot
+    slot_tokens: int = SLOT_TOKENS   # prompt + answer tokens per slot
     max_waiting: int = 32            # queued requests past which submit refuses
     prefill_tokens: int = PREFILL_TOKENS  # prefill tokens per step (at least one piece)
 
@@ -72,7 +72,7 @@ class SchedulerConfig:
         """As many slots as `kv_bytes` of decode KV memory holds, up to `max_batch` (when given)
         or the largest batch bucket: a slot past the batch could never be used. Raises ValueError
         when not even one slot fits."""
-        slot_tokens = min(kw.pop("slot_tokens", None) or 4096, engine.max_context)
+        slot_tokens = min(kw.pop("slot_tokens", None) or SLOT_TOKENS, engine.max_context)
         per_slot = KVSlots.bytes_per_token(engine.parts) * slot_size(slot_tokens)
         slots = kv_bytes // per_slot
         if slots < 1:

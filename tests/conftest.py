@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 
 import pytest
 import torch
@@ -81,3 +83,49 @@ def serving(engine, on_step=None, **config):
         sched.stop()
         sched.on_step = None
         sched.configure(INLINE)
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None):
+    """`ragblend ARGS…` in this process, as tests/cli_for_tests.py runs it in a fresh one (the hash
+    test embedder handed in): for commands that end before any model work, where a new
+    interpreter would cost more than the test. A CompletedProcess like subprocess.run's; an
+    exception that escapes the command is in `stderr` as its traceback, as a process would print
+    it. The torch threads and thread variables a command sets are put back."""
+    import subprocess
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from api.cli import app
+    from retrieval.testing import HashEmbedder
+
+    threads, saved = torch.get_num_threads(), {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    warnings = _StderrLog(logging.WARNING)  # a process without handlers prints warnings to stderr; pytest holds them
+    logging.getLogger().addHandler(warnings)
+    try:
+        result = CliRunner().invoke(app, list(args), obj={"embedder": HashEmbedder()}, env=env)
+    finally:
+        logging.getLogger().removeHandler(warnings)
+        torch.set_num_threads(threads)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(list(args), result.exit_code, result.stdout, stderr)
+
+
+class _StderrLog(logging.StreamHandler):
+    """Log records to whatever sys.stderr is when they are emitted (CliRunner swaps it), as
+    logging's last-resort handler does in a process that configured none."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass

@@ -5,6 +5,8 @@ import json
 import subprocess
 import sys
 
+from tests.conftest import run_cli
+
 
 def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_served_default_first(tmp_path):
     cmd = [sys.executable, "-m", "api.cli", "bench", "--shape", "tiny", "--device", "cpu", "--chunks", "3",
@@ -37,9 +39,9 @@ def test_bench_tiny_on_cpu_writes_every_mode_ratio_tier_and_format_with_the_serv
 
 def test_bench_refuses_unknown_shapes_and_tiers(tmp_path):
     for extra in (["--shape", "gpt-9"], ["--tiers", "disk"], ["--ratios", "1.5"], ["--kv-dtype", "int3"]):
-        done = subprocess.run([sys.executable, "-m", "api.cli", "bench", "--device", "cpu", "--out", str(tmp_path),
-                               *extra], capture_output=True, text=True, timeout=120)
+        done = run_cli("bench", "--device", "cpu", "--out", str(tmp_path), *extra)  # refused before any work
         assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+    assert not (tmp_path / "bench.json").exists()
 
 
 def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
@@ -66,9 +68,9 @@ def test_bench_serve_tiny_on_cpu_writes_every_rate_mode_and_batching(tmp_path):
 
 def test_bench_serve_refuses_bad_rates_and_modes(tmp_path):
     for extra in (["--rates", "0"], ["--modes", "fast"], ["--pool", "2"], ["--step-batches", "x"]):
-        done = subprocess.run([sys.executable, "-m", "api.cli", "bench-serve", "--out", str(tmp_path), *extra],
-                              capture_output=True, text=True, timeout=120)
+        done = run_cli("bench-serve", "--out", str(tmp_path), *extra)
         assert done.returncode == 2 and "error:" in done.stderr, (extra, done.stderr)
+    assert not (tmp_path / "serve.json").exists()
 
 
 def test_goodput_search_brackets_the_highest_rate_that_holds():

@@ -12,6 +12,7 @@ import pytest
 
 from retrieval.formats import Unreadable, decode, extract
 from retrieval.loaders import collect_skips, load_path
+from tests.conftest import run_cli
 from tests.docfiles import FACTS, mixed_folder, pdf_bytes
 from tests.test_hardening import TINY, cli, documents
 
@@ -94,13 +95,13 @@ def test_folder_with_nothing_readable_exits_2_listing_every_skip(tmp_path):
     folder.mkdir()
     (folder / "logo.png").write_bytes(b"\x89PNG")
     (folder / "blob.txt").write_bytes(b"abc\x00\x01\x02")
-    r = cli("index", str(folder), "--data-dir", str(tmp_path / "d"), "--json", *TINY)
+    r = run_cli("index", str(folder), "--data-dir", str(tmp_path / "d"), "--json", *TINY)  # no model work
     assert r.returncode == 2 and "no documents" in r.stderr, r.stderr
     summary = json.loads(r.stdout)
     assert summary["documents"] == 0
     assert {Path(s["path"]).name: s["reason"] for s in summary["skipped"]} == {
         "logo.png": "unsupported binary format '.png'", "blob.txt": "binary (contains NUL bytes)"}
-    r = cli("index", str(folder), "--data-dir", str(tmp_path / "d"), *TINY)
+    r = run_cli("index", str(folder), "--data-dir", str(tmp_path / "d"), *TINY)
     assert r.returncode == 2 and "blob.txt: binary (contains NUL bytes)" in r.stdout, r.stdout
     assert not (tmp_path / "d").exists()
 
@@ -188,8 +189,8 @@ def test_ask_lists_its_sources_under_the_answer(tmp_path):
 
 def test_a_missing_local_model_path_is_reported_as_such(tmp_path):
     (tmp_path / "a.md").write_text("text")
-    r = cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", str(tmp_path / "no-model"))
+    r = run_cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", str(tmp_path / "no-model"))
     assert r.returncode == 2 and f"--model {tmp_path / 'no-model'}: no such file or directory" in r.stderr, r.stderr
-    r = cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", "nobody-org/no-such-model")
+    r = run_cli("index", str(tmp_path / "a.md"), "--data-dir", str(tmp_path / "d"), "--model", "nobody-org/no-such-model")
     assert r.returncode == 2 and "local Hugging Face cache" in r.stderr and "HF_HUB_OFFLINE=0" in r.stderr, r.stderr
     assert not (tmp_path / "d").exists()

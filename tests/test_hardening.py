@@ -18,6 +18,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 
+from tests.conftest import run_cli
 from tests.test_api import API_KEY, doc_text, index, launch, wait_job
 
 pytestmark = pytest.mark.real  # tiny-smol speaks the bundled tokenizer
@@ -150,8 +151,7 @@ def test_other_odd_ids_stay_opaque(server):
 def test_threads_flag_sets_torch_threads_and_bad_values_are_refused(server, tmp_path):
     assert server.http.get("/health").json()["threads"] == 2
     for bad_env, flags in (({}, ["--threads", "0"]), ({"RAGBLEND_THREADS": "many"}, [])):
-        r = subprocess.run([sys.executable, "-m", "api.cli", "ask", "--chunks", str(tmp_path / "c.txt"), "-q", "x",
-                            *TINY, *flags], cwd=ROOT, env={**ENV, **bad_env}, capture_output=True, text=True)
+        r = run_cli("ask", "--chunks", str(tmp_path / "c.txt"), "-q", "x", *TINY, *flags, env=bad_env)
         assert r.returncode == 2 and "threads" in r.stderr.lower(), r.stderr
 
 
@@ -226,8 +226,7 @@ def test_serve_help_says_how_to_keep_the_key_out_of_ps():
 def test_an_empty_or_missing_key_file_is_refused(tmp_path):
     (tmp_path / "empty").write_text("\n")
     for path, fragment in ((tmp_path / "empty", "empty"), (tmp_path / "absent", "cannot read")):
-        r = subprocess.run([sys.executable, "-m", "api.cli", "serve", "--api-key-file", str(path), *TINY,
-                            "--data-dir", str(tmp_path / "d")], cwd=ROOT, env=ENV, capture_output=True, text=True)
+        r = run_cli("serve", "--api-key-file", str(path), *TINY, "--data-dir", str(tmp_path / "d"))  # before the model
         assert r.returncode == 2 and fragment in r.stderr, r.stderr
     assert not (tmp_path / "d").exists()
 
@@ -434,12 +433,12 @@ def documents(data: Path) -> dict[str, dict]:
 def test_index_of_nothing_readable_exits_2_and_leaves_no_data_dir(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "m": ' + deep(3000) + "}\n")
-    r = cli("index", str(bad), "--data-dir", str(tmp_path / "d1"), *TINY)
+    r = run_cli("index", str(bad), "--data-dir", str(tmp_path / "d1"), *TINY)  # nothing to index: no model work
     assert r.returncode == 2 and "bad.jsonl line 1" in r.stderr and "no documents" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "d1").exists()
     good = tmp_path / "good.md"
     good.write_text("text")
-    r = cli("index", str(good), "--data-dir", str(tmp_path / "d2"), "--model", "random:tiny")
+    r = run_cli("index", str(good), "--data-dir", str(tmp_path / "d2"), "--model", "random:tiny")
     assert r.returncode == 2 and "no tokenizer" in r.stderr, r.stderr
     assert not (tmp_path / "d2").exists()
 

@@ -267,6 +267,32 @@ def test_slots_never_exceed_the_memory_bound(tiny_engines):
         assert sched.kv_bytes == kv.numel() * kv.element_size()
 
 
+def test_the_loops_settings_default_to_blend_specs_constants_and_serve_help_says_so():
+    """The token budget, the slot length and the memory share are written once (blend/spec.py):
+    the scheduler, the memory sizing, the server's settings and `serve --help` all read them."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from api.cli import app
+    from api.settings import Settings
+    from blend.memory import CPU_KV_BYTES
+    from blend.spec import CPU_KV_MB, KV_MEMORY_SHARE, PREFILL_TOKENS, SLOT_TOKENS
+
+    settings = Settings()
+    assert (settings.prefill_tokens, settings.slot_tokens, settings.kv_memory_share) == (
+        PREFILL_TOKENS, SLOT_TOKENS, KV_MEMORY_SHARE)
+    assert (SchedulerConfig().prefill_tokens, SchedulerConfig().slot_tokens) == (PREFILL_TOKENS, SLOT_TOKENS)
+    assert CPU_KV_BYTES == CPU_KV_MB << 20
+    out = CliRunner().invoke(app, ["serve", "--help"], env={"COLUMNS": "400"}).output
+    text = " ".join(re.sub(r"[│╭╮╰╯─]", " ", out).split())  # one line, whatever rich wrapped
+    for flag, default in (("--prefill-tokens", PREFILL_TOKENS), ("--slot-tokens", SLOT_TOKENS),
+                          ("--kv-memory-share", KV_MEMORY_SHARE)):
+        own = [part.split(" --", 1)[0] for part in text.split(flag)[1:]]  # the flag's entry, and mentions of it
+        assert any(f"default: {default})" in help_text for help_text in own), (flag, own)
+    assert f"(default: --kv-memory-share of the GPU memory left free, {CPU_KV_MB} on CPU)" in text
+
+
 def test_a_request_longer_than_a_slot_is_refused_at_submit(tiny_engines):
     engine = tiny_engines["tiny-llama"]
     lay = make_layout(4)
