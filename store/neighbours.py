@@ -7,6 +7,8 @@ Rules (measured in README, "Token selection"):
 - `always`: the neighbour-aware entry for every chunk that has one;
 - `retrieved`: only where at least one of the chunk's neighbours is in the same request (the
   context it was computed with is then partly really there); the plain entry otherwise.
+Under either rule the request's first chunk gets its plain entry: right after the prompt head it is
+exact there (blend then never spends budget on it), which no entry computed behind others is.
 
 The entry is found by a key that covers its context (store.hashing.context_chunk_hash), so it is
 never served for another chunk, nor for this chunk behind other neighbours."""
@@ -43,8 +45,8 @@ class NeighbourKV:
         ids = [ChunkRef.of(c).ids for c in chunks]
         present = set(ids)
         out = []
-        for c in ids:
-            context = tuple(tuple(int(t) for t in n) for n in self.neighbours(c))
+        for i, c in enumerate(ids):
+            context = tuple(tuple(int(t) for t in n) for n in self.neighbours(c)) if i else ()
             used = bool(context) and (self.rule == "always" or any(n in present for n in context))
             out.append(ChunkRef(c, context) if used else ChunkRef(c))
         return out

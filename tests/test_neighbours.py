@@ -71,12 +71,13 @@ def test_a_neighbour_aware_entry_is_never_used_for_a_chunk_whose_key_differs(tmp
 
 def test_the_rules_ask_for_the_neighbour_entry_always_or_only_with_a_neighbour_retrieved():
     a, b, c, far = (1, 2), (3, 4), (5, 6), (7, 8)
-    table = {a: [b], b: [far], c: []}
+    table = {a: [b], b: [far], c: [b]}
     cache = ChunkKVCache(SHAPE, PREFIX, Counting(), device=torch.device("cpu"))
-    always = NeighbourKV(cache, lambda ids: table.get(ids, []), "always").refs([a, b, c])
-    assert always == [ChunkRef(a, (b,)), ChunkRef(b, (far,)), ChunkRef(c)]
-    retrieved = NeighbourKV(cache, lambda ids: table.get(ids, []), "retrieved").refs([a, b, c])
-    assert retrieved == [ChunkRef(a, (b,)), ChunkRef(b), ChunkRef(c)]
+    # the first chunk, exact right after the prompt head, keeps its plain entry under both rules
+    always = NeighbourKV(cache, lambda ids: table.get(ids, []), "always").refs([c, a, b])
+    assert always == [ChunkRef(c), ChunkRef(a, (b,)), ChunkRef(b, (far,))]
+    retrieved = NeighbourKV(cache, lambda ids: table.get(ids, []), "retrieved").refs([c, a, b])
+    assert retrieved == [ChunkRef(c), ChunkRef(a, (b,)), ChunkRef(b)]
     with pytest.raises(ValueError, match="neighbour rule"):
         NeighbourKV(cache, lambda ids: [], "sometimes")
 
@@ -129,3 +130,47 @@ def test_a_neighbour_aware_entry_holds_the_chunk_rows_of_a_prefill_behind_its_ne
     whole = compute_kv(engine.parts, engine.prefix_kv(layout.prefix), n + c)
     assert got.start == layout.n_prefix + len(n)
     assert torch.allclose(got.kv, whole[:, :, :, len(n):], atol=1e-6)
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+def test_the_index_option_stores_an_entry_per_chunk_behind_its_neighbours_and_serves_it_by_the_rule(tmp_path):
+    from api.index_plan import plan_index
+    from api.neighbour_index import build, context_keys, recorded
+    from api.service import RagService
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from blend.spec import QuerySpec
+    from retrieval import Document
+    from retrieval.testing import HashEmbedder
+
+    engine = Engine(load_model("random:tiny-smol"))
+    svc = RagService(tmp_path / "data", engine=engine, embedder=HashEmbedder(), chunk_tokens=32,
+                     neighbour_rule="always")
+    try:
+        docs = [Document(f"d{i}", f"The {w} lives in the {p}. " * 6, "api") for i, (w, p) in
+                enumerate([("okapi", "forest"), ("heron", "river"), ("ibex", "mountains")])]
+        plan = plan_index(svc, docs, neighbours=2)
+        assert plan.neighbour_chunks == plan.new_chunks and plan.neighbour_bytes > 0
+        assert "each ~3× a chunk's prefill" in plan.describe()
+        svc.index_documents(docs)
+        before = len(list(svc.store.keys()))
+        report = build(svc, 2)
+        table = recorded(svc.data_dir)
+        n_chunks = svc.corpus.registry.count_chunks()
+        assert report["neighbour_entries"] == len(table) == n_chunks and report["neighbour_kv_computed"] == n_chunks
+        assert len(list(svc.store.keys())) == before + n_chunks
+        assert all(len(v["context"]) == 2 and k not in v["context"] for k, v in table.items())
+        assert context_keys(svc.data_dir) <= set(svc.store.keys())
+        # an unchanged corpus computes nothing the second time
+        assert build(svc, 2)["neighbour_kv_computed"] == 0
+        assert svc.load_neighbours()
+        hits = svc.retrieve("Where does the heron live?", 3).hits
+        layout = svc.layout("Where does the heron live?", hits)
+        refs = svc.source.refs(layout.chunks)
+        assert not refs[0].context and all(r.context for r in refs[1:])
+        assert svc.answer("Where does the heron live?", hits, QuerySpec(max_tokens=2)).run().token_ids
+        # turning it off drops the entries
+        assert build(svc, 0)["neighbour_kv_deleted"] == n_chunks and len(list(svc.store.keys())) == before
+        assert not svc.load_neighbours()
+    finally:
+        svc.close()
