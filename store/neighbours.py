@@ -20,7 +20,7 @@ from store.chunkkv import ArrivingKV, ChunkKV, ChunkRef
 from store.tiers import Chunk, ChunkKVCache
 
 NEIGHBOUR_RULES = ("always", "retrieved")
-DEFAULT_NEIGHBOUR_RULE = "retrieved"
+DEFAULT_NEIGHBOUR_RULE = "always"
 MAX_NEIGHBOURS = 2  # FusionRAG's range; each costs one more chunk's prefill per chunk when indexing
 
 # A chunk's token ids → its neighbours' token ids (nearest first) as recorded at index time, or ().
