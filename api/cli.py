@@ -166,9 +166,10 @@ def index(
     docs, collisions = service.corpus.collisions(docs)
     for c in collisions:
         typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
-    from api.datadir import recorded_index, record_index
+    from api.datadir import DEFAULT_NEIGHBOURS, recorded_index, record_index
     from api.index_plan import apply_store_settings, plan_index
-    n_neighbours = neighbours if neighbours is not None else int(recorded_index(service.data_dir).get("neighbours", 0))
+    n_neighbours = neighbours if neighbours is not None else int(recorded_index(service.data_dir).get("neighbours",
+                                                                                                     DEFAULT_NEIGHBOURS))
     try:
         apply_store_settings(service, kv_dtype, max_store_gb)
         plan = plan_index(service, docs, n_neighbours)
