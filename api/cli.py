@@ -15,6 +15,7 @@ from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, F
                             load_engine, penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import (CPU_KV_MB, DEFAULT_CHECK_LAYER, DEFAULT_MAX_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_RATIO,
                         KV_MEMORY_SHARE, PREFILL_TOKENS, SLOT_TOKENS, Mode)
+from store.neighbours import DEFAULT_NEIGHBOUR_RULE, NEIGHBOUR_RULES
 from store.quant import DEFAULT_FORMAT
 
 class _App(typer.Typer):
@@ -126,6 +127,10 @@ def index(
     kv_store: KvStoreOpt = None,
     follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks", help="read file symlinks that point outside "
                                                                             "the given directories (skipped by default)")] = False,
+    neighbours: Annotated[Optional[int], typer.Option(min=0, max=2, help=(
+        "neighbour-aware chunk KV (FusionRAG-style): also store each chunk's KV computed behind its N most similar "
+        "chunks of the corpus, served by serve's --neighbour-rule; costs ~(N+1)× a chunk's prefill and one more entry "
+        "per chunk (recorded in the data dir; default: the recorded one, else 0 = off)"))] = None,
     config: ConfigOpt = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="spread chunking, chunk-KV "
                                                        "precompute and embedding over a Ray cluster: auto (the running "
@@ -178,10 +183,13 @@ def index(
     docs, collisions = service.corpus.collisions(docs)
     for c in collisions:
         typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
+    from api.datadir import DEFAULT_NEIGHBOURS, recorded_index, record_index
     from api.index_plan import apply_store_settings, plan_index
+    n_neighbours = neighbours if neighbours is not None else int(recorded_index(service.data_dir).get("neighbours",
+                                                                                                     DEFAULT_NEIGHBOURS))
     try:
         apply_store_settings(service, kv_dtype, max_store_gb)
-        plan = plan_index(service, docs)
+        plan = plan_index(service, docs, n_neighbours)
     except ValueError as e:
         service.close()
         fail(str(e))
@@ -205,6 +213,14 @@ def index(
                 index_on_ray(service, docs, pool, store_url=kv_store, progress=bar.update, report=report)
             else:
                 service.index_documents(docs, bar.update, report)
+        if n_neighbours or neighbours == 0:  # 0 asked: the recorded entries are dropped
+            from api.neighbour_index import build
+
+            nb_report = build(service, n_neighbours)
+            record_index(service.data_dir, neighbours=n_neighbours)
+            typer.echo(f"neighbour-aware KV (--neighbours {n_neighbours}): {nb_report['neighbour_entries']} entries, "
+                       f"{nb_report['neighbour_kv_computed']} computed, {nb_report['neighbour_kv_deleted']} dropped",
+                       err=True)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:
@@ -394,8 +410,11 @@ def store_gc(data_dir: DataDirOpt = None,
                    f"by no registry given, {summary['shared_remaining']} remain" +
                    (f"\n{summary['note']}" if "note" in summary else ""))
         return
+    from api.neighbour_index import context_keys
+
     store = KVStore(path / "kv")
-    unreferenced = sorted(set(store.keys()) - Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use())
+    referenced = Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use() | context_keys(path)
+    unreferenced = sorted(set(store.keys()) - referenced)
     removed = store.delete_many(unreferenced) if unreferenced else 0
     summary = {"removed": removed, "remaining": len(store)}
     typer.echo(json.dumps(summary) if as_json else f"removed {removed} unreferenced KV entries, {len(store)} remain")
@@ -806,6 +825,10 @@ def serve(
                                                             "the documents do not cover the question (default: none)")] = None,
     reranker: Annotated[Optional[Path], typer.Option(help="a local CrossEncoder directory: requests with "
                                                           "`rerank: true` reorder their candidates with it")] = None,
+    neighbour_rule: Annotated[str, typer.Option(help=(
+        "where the data dir holds neighbour-aware chunk KV (index --neighbours): serve a chunk's entry computed behind "
+        "its neighbours always, or only when one of them is retrieved too (retrieved); the first chunk always gets "
+        "its plain, exact entry"))] = DEFAULT_NEIGHBOUR_RULE,
     served_model_name: Annotated[Optional[str], typer.Option(help="the model's name on the OpenAI routes "
                                                                   "(default: --model's value)")] = None,
     config: ConfigOpt = None,
@@ -849,11 +872,17 @@ def serve(
     asked = settings.chunk_tokens if chunk_tokens is not None or os.environ.get("RAGBLEND_CHUNK_TOKENS") else None
     hot = {} if settings.gpu_tier_mb is None else {"hot_bytes": settings.gpu_tier_mb << 20}
     service = _service(settings.data_dir, settings.model, settings.device, settings.dtype,
-                       chunk_tokens=asked, kv_store=settings.kv_store, **hot,
+                       chunk_tokens=asked, kv_store=settings.kv_store, **hot, neighbour_rule=check_neighbour_rule(neighbour_rule),
                        embedder=(ctx.obj or {}).get("embedder"))  # handed in by tests/serve_for_tests.py
     if settings.reranker is not None:
         service.reranker = _reranker(settings.reranker)
     run(settings, service)
+
+
+def check_neighbour_rule(rule: str) -> str:
+    if rule not in NEIGHBOUR_RULES:
+        fail(f"--neighbour-rule must be one of {', '.join(NEIGHBOUR_RULES)}, got {rule!r}")
+    return rule
 
 
 def _port_problem(host: str, port: int) -> str | None:

@@ -11,6 +11,7 @@ from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, F
                             PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
                             load_engine, penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import SELECTIONS
+from store.neighbours import MAX_NEIGHBOURS, NEIGHBOUR_RULES
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
@@ -73,6 +74,21 @@ def _retriever(data_dir: Path | None, example_id: str):
     if len(corpus) == 0:
         fail(f"the index in {data_dir} is empty")
     return lambda question, k: [hit.text for hit in corpus.search(question, k)]
+
+
+def _index_corpus(data_dir: Path):
+    """The index's chunks and their stored embeddings: where a retrieving example's neighbours are."""
+    from eval.runner import NeighbourCorpus
+    from retrieval.corpus import REGISTRY_FILE
+    from retrieval.registry import Registry
+
+    reg = Registry(data_dir / "corpus" / REGISTRY_FILE)
+    try:
+        ids, emb = reg.all_embeddings()
+        texts = [r["text"] for r in reg.get_chunks([int(i) for i in ids])]
+    finally:
+        reg.close()
+    return NeighbourCorpus(texts, emb)
 
 
 def _out(out: Path | None) -> Path:
@@ -164,6 +180,11 @@ def ablation_command(
     gradual: Annotated[Optional[str], typer.Option(
         help="also these gradual-filtering schedules, ';'-separated lists of check layers (e.g. '1,8;1,4,12')")] = None,
     deviations: Annotated[Optional[str], typer.Option(hidden=True, help="retired: use --selections")] = None,
+    neighbours: Annotated[int, typer.Option(min=0, max=MAX_NEIGHBOURS, help=(
+        "also every variant over neighbour-aware chunk KV: each chunk's KV computed behind its N nearest chunks of "
+        "the corpus (the dataset's chunks, or the index's for examples that retrieve); 0: off"))] = 0,
+    neighbour_rules: Annotated[str, typer.Option(help=f"with --neighbours: when a chunk is served its neighbour-aware "
+                                                      f"entry, comma-separated: {', '.join(NEIGHBOUR_RULES)}")] = ",".join(NEIGHBOUR_RULES),
     data_dir: DataDirOpt = None,
     model: ModelOpt = "default",
     device: DeviceOpt = "cpu",
@@ -193,14 +214,16 @@ def ablation_command(
     if any(len(g) < 2 for g in schedules):
         fail(f"--gradual: each schedule needs at least two check layers, got {gradual!r}")
     sels = _names(selections, SELECTIONS, "--selections")
+    rules = _names(neighbour_rules, NEIGHBOUR_RULES, "--neighbour-rules") if neighbours else []
     _positive(limit=limit, max_tokens=max_tokens, chunk_words=chunk_words)
     out = _out(out)
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
+    corpus = _index_corpus(data_dir) if neighbours and retriever is not None else None
     engine = load_engine(model, device, dtype)
     try:
         run_ablation(engine, data, out, ratios=ratio_list, selections=sels, check_layers=layers, gradual=schedules,
                      max_tokens=max_tokens, seed=seed, limit=limit, retriever=retriever, fresh=fresh,
-                     progress=progress)
+                     progress=progress, neighbours=neighbours, neighbour_rules=rules, corpus=corpus)
     except ValueError as e:
         fail(str(e))
     typer.echo((out / "ablation.md").read_text(encoding="utf-8"))

@@ -59,6 +59,10 @@ def bind_model(data_dir: Path, name: str, fingerprint: str) -> None:
 # so that forgetting `--chunk-tokens` never re-chunks (and recomputes the KV of) a whole corpus.
 INDEX_SETTINGS = "index.json"
 DEFAULT_CHUNK_TOKENS = 384
+# Neighbour-aware chunk KV (index --neighbours, api/neighbour_index.py) for a data dir that records
+# none. Off: it brings blend far closer to full (README, "Token selection"), but doubles the store
+# and costs ~(N+1)× each chunk's prefill when indexing, so a user turns it on.
+DEFAULT_NEIGHBOURS = 0
 
 
 class SettingsChanged(ValueError):

@@ -42,15 +42,23 @@ class IndexPlan:
     store_bytes: int         # counted against the cap now
     max_bytes: int | None
     free_disk_bytes: int
+    # --neighbours N: a second entry per chunk, computed behind its N nearest chunks (api/neighbour_index.py)
+    neighbours: int = 0
+    neighbour_chunks: int = 0     # chunks that get a neighbour-aware entry this run (at most)
+    neighbour_bytes: int = 0      # their entries, as stored; counted in estimated_bytes
+    neighbour_seconds: float = 0.0  # their compute: each about (N + 1) prefills of the chunk; in estimated_seconds
 
     def as_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         cap = "no cap" if self.max_bytes is None else f"cap {self.max_bytes / GB:.3g} GB"
+        nb = (f" (with neighbour-aware KV, --neighbours {self.neighbours}: up to {self.neighbour_chunks} more "
+              f"entries, {self.neighbour_bytes / GB:.3g} GB, each ~{self.neighbours + 1}× a chunk's prefill, "
+              f"~{self.neighbour_seconds:.0f} s)") if self.neighbours else ""
         return (f"estimate: {self.new_chunks} new chunks, {self.new_tokens} tokens × "
                 f"{self.kv_bytes_per_token:,.0f} B/token ({self.kv_format}) → {self.estimated_bytes / GB:.3g} GB of KV, "
-                f"~{self.estimated_seconds:.0f} s; store {self.store_bytes / GB:.3g} GB used, {cap}; "
+                f"~{self.estimated_seconds:.0f} s{nb}; store {self.store_bytes / GB:.3g} GB used, {cap}; "
                 f"{self.free_disk_bytes / GB:.3g} GB free on disk")
 
     def refusal(self, allow_eviction: bool) -> str | None:
@@ -70,9 +78,12 @@ class IndexPlan:
         return None
 
 
-def plan_index(service, docs: list[Document]) -> IndexPlan:
+def plan_index(service, docs: list[Document], neighbours: int = 0) -> IndexPlan:
     """Chunk what changed exactly as indexing will (tokenizing only), and price the chunks the
-    store lacks in the store's format; the time from computing one chunk's KV and embedding it."""
+    store lacks in the store's format; the time from computing one chunk's KV and embedding it.
+    With `neighbours` N, every new chunk (and, the first time, every chunk already indexed) gets
+    one more entry of its size, computed behind N chunks like it: ~(N + 1)× its prefill. Chunks
+    whose neighbours change because of the new ones are recomputed too; not counted here."""
     engine, kv, store = service.engine, service.kv, service.store
     shape = kv.shape
     new: dict[str, tuple[int, str]] = {}
@@ -98,8 +109,23 @@ def plan_index(service, docs: list[Document]) -> IndexPlan:
     payload = sum(shape.n_layers * kv.format.layer_nbytes(shape.n_kv_heads, n, shape.head_dim) for n, _ in new.values())
     usage = store.usage()
     free = shutil.disk_usage(store.path).free
-    return IndexPlan(kv.format.name, len(docs), changed, changed_tokens, len(new), tokens, est, payload / tokens if tokens else 0.0,
-                     _seconds(service, list(new.values()), tokens), usage["bytes"], usage["max_bytes"], free)
+    seconds = _seconds(service, list(new.values()), tokens)
+    nb_chunks, nb_bytes, nb_seconds = len(new), est, 0.0
+    if neighbours:
+        from api.neighbour_index import recorded
+
+        if not recorded(service.data_dir):  # turned on now: the chunks indexed before get theirs too
+            old = service.corpus.registry.count_chunks()
+            per = est / len(new) if new else entry_nbytes(kv.format, shape.fingerprint, shape.n_layers,
+                                                          shape.n_kv_heads, service.chunk_tokens, shape.head_dim)
+            nb_chunks, nb_bytes = nb_chunks + old, nb_bytes + int(per * old)
+        kv_seconds = seconds / max(1, len(new))  # per new chunk, embedding included: an upper bound
+        nb_seconds = nb_chunks * kv_seconds * (neighbours + 1)
+    else:
+        nb_chunks, nb_bytes = 0, 0
+    return IndexPlan(kv.format.name, len(docs), changed, changed_tokens, len(new), tokens, est + nb_bytes,
+                     payload / tokens if tokens else 0.0, seconds + nb_seconds, usage["bytes"], usage["max_bytes"], free,
+                     neighbours, nb_chunks, nb_bytes, nb_seconds)
 
 
 def _seconds(service, chunks: list[tuple[int, str]], tokens: int) -> float:

@@ -18,7 +18,8 @@ from retrieval import Corpus, Document, Embedder, chunk_text
 from retrieval.corpus import Hit, Reranker
 from retrieval.search import SearchOptions
 from store.backend import open_kv_store
-from store.tiers import tier_budgets
+from store.neighbours import DEFAULT_NEIGHBOUR_RULE, NeighbourKV, check_rule
+from store.tiers import ChunkKVSource, tier_budgets
 
 log = logging.getLogger(__name__)
 DEFAULT_CHUNK_TOKENS = 384
@@ -70,7 +71,8 @@ class RagService:
     def __init__(self, data_dir: str | Path | None = None, *, model: str = "default", device: str = "cpu",
                  dtype: str = "float32", chunk_tokens: int = DEFAULT_CHUNK_TOKENS, index_kind: str = "flat",
                  hot_bytes: int | None = None, pinned_bytes: int | None = None, engine: Engine | None = None,
-                 embedder: Embedder | None = None, kv_store: str | None = None):
+                 embedder: Embedder | None = None, kv_store: str | None = None,
+                 neighbour_rule: str = DEFAULT_NEIGHBOUR_RULE):
         self.data_dir = Path(data_dir) if data_dir else default_data_dir()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.engine = engine or Engine(load_model(model, device=device, dtype=dtype))
@@ -90,7 +92,19 @@ class RagService:
         self.kv = self.engine.kv_cache(store=self.store, gpu_bytes=sized[0] if hot_bytes is None else hot_bytes,
                                        cpu_bytes=sized[1] if pinned_bytes is None else pinned_bytes)
         self.write_lock = threading.Lock()
+        self.neighbour_rule = check_rule(neighbour_rule)
+        self.source: ChunkKVSource = self.kv
+        self.load_neighbours()
         self.reranker: Reranker | None = None  # a cross-encoder (retrieval/rerank.py), when one is given
+
+    def load_neighbours(self) -> bool:
+        """Serve neighbour-aware chunk KV (api/neighbour_index.py) where the data dir records it, by
+        this service's rule; plain entries otherwise. Returns whether it does."""
+        from api.neighbour_index import lookup
+
+        table = lookup(self)
+        self.source = self.kv if table is None else NeighbourKV(self.kv, table, self.neighbour_rule)
+        return table is not None
 
     def close(self) -> None:
         self.kv.close()
@@ -188,7 +202,7 @@ class RagService:
     def answer(self, question: str, hits: list[Hit], spec: QuerySpec) -> Generation:
         """The engine's one query path over this service's KV cache (iterating the Generation
         steps the engine's loop, or waits for it while it serves)."""
-        return self.engine.generate(self.layout(question, hits), spec, self.kv)
+        return self.engine.generate(self.layout(question, hits), spec, self.source)
 
     def layout(self, question: str, hits: list[Hit]) -> Layout:
         """The prompt of `question` over `hits` (best first), which it lists in reverse: the best

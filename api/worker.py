@@ -144,7 +144,7 @@ class ModelWorker:
         """Queue a job whose chunks are retrieved (`job.retrieved`) and laid out (`job.layout`).
         Raises ApiError for what the request must change, QueueFull when the queue is full."""
         p = job.params
-        sched_job = Job(job.layout, p.spec, self.service.kv, cancelled=job.cancelled, enqueued_at=job.enqueued_at,
+        sched_job = Job(job.layout, p.spec, self.service.source, cancelled=job.cancelled, enqueued_at=job.enqueued_at,
                         on_start=lambda seq: self._started(job, seq), on_piece=job.emit,
                         on_done=lambda answer: self._finished(job, answer),
                         on_error=lambda e: self._failed(job, e))

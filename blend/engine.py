@@ -120,15 +120,20 @@ class Engine:
             self._prefix_kv[key] = compute_kv(p, empty, list(prefix_ids))
         return self._prefix_kv[key]
 
-    def compute_chunk(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int]) -> ChunkKV:
-        """A chunk's KV as if it came right after the prefix (its attention sink): work queued in
-        the model's loop, like a request's prefill (indexing never stalls the decoding batch for
-        longer than one step's budget)."""
-        ids = list(chunk_ids)
+    def compute_chunk(self, prefix_ids: Sequence[int], chunk_ids: Sequence[int],
+                      context: Sequence[int] = ()) -> ChunkKV:
+        """A chunk's KV as if it came right after the prefix (its attention sink), or, with
+        `context` (its nearest neighbours' ids, side by side), right after the prefix and the
+        context: only the chunk's own rows are kept, at the positions they had (neighbour-aware
+        KV, FusionRAG-style; it costs the context's prefill too). Work queued in the model's loop,
+        like a request's prefill (indexing never stalls the decoding batch for longer than one
+        step's budget)."""
+        ids, ctx = list(chunk_ids), list(context)
 
         def compute() -> ChunkKV:
-            return ChunkKV(compute_kv(self.parts, self.prefix_kv(prefix_ids), ids), start=len(prefix_ids))
-        return self.scheduler.run_model(compute, cost=len(prefix_ids) + len(ids))
+            kv = compute_kv(self.parts, self.prefix_kv(prefix_ids), ctx + ids)
+            return ChunkKV(kv[:, :, :, len(ctx):].contiguous() if ctx else kv, start=len(prefix_ids) + len(ctx))
+        return self.scheduler.run_model(compute, cost=len(prefix_ids) + len(ctx) + len(ids))
 
     def run_model(self, fn, cost: int):
         """Any other use of the model (a logprob pass): `fn()` run in the loop, in its turn."""
@@ -148,7 +153,8 @@ class Engine:
             prefix_ids = self.prompts.prefix_ids
         prefix = list(prefix_ids)
         return ChunkKVCache(self.kv_shape(), prefix, lambda ids: self.compute_chunk(prefix, ids).kv,
-                            device=self.device, **tiers)
+                            device=self.device,
+                            compute_in_context=lambda ids, ctx: self.compute_chunk(prefix, ids, ctx).kv, **tiers)
 
     def memory_cache(self, layout: Layout) -> ChunkKVCache:
         """Every chunk of `layout` computed now and held in memory (no store): for `ask --chunks`,

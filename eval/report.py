@@ -13,8 +13,8 @@ import numpy as np
 from eval.metrics import LOOP_NGRAM
 
 MEANS = ("f1", "rougeL", "contains_answer", "loops", "kl_vs_full", "agree_with_full", "lead_with_full",
-         "first4_with_full", "rougeL_vs_full", "recompute_fraction")
-_KEY = ("mode", "ratio", "check_layer", "selection", "later_checks")
+         "first4_with_full", "rougeL_vs_full", "recompute_fraction", "neighbour_entries")
+_KEY = ("mode", "ratio", "check_layer", "selection", "later_checks", "neighbours")
 INTERVALS = ("f1", "rougeL", "contains_answer", "agree_with_full")  # with a bootstrap interval
 BOOTSTRAP_RESAMPLES = 1000
 BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"  # what the engine calls "default"

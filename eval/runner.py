@@ -14,7 +14,8 @@ from tqdm import tqdm
 
 from blend.engine import Answer, Engine
 from blend.spec import DEFAULT_SELECTION, MODES, BlendConfig, Mode, QuerySpec, Sampling
-from store.tiers import ChunkKVSource
+from store.neighbours import NeighbourKV, check_rule
+from store.tiers import ChunkKVCache, ChunkKVSource
 from blend.prompt import Layout
 
 from eval import metrics
@@ -40,11 +41,16 @@ class Variant:
     check_layer: int | None = None
     selection: str | None = None
     later_checks: tuple[int, ...] = ()
+    neighbours: str | None = None  # reuse/blend over neighbour-aware chunk KV, by this rule (store/neighbours.py)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "later_checks", tuple(self.later_checks))  # a list, from a results file
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.neighbours is not None:
+            check_rule(self.neighbours)
+            if self.mode not in ("reuse", "blend"):
+                raise ValueError(f"{self.mode} reads no cached chunk KV, so it takes no neighbour rule")
         if self.mode == "blend":
             if None in (self.ratio, self.check_layer, self.selection):
                 raise ValueError("blend needs a ratio, a check layer and a selection")
@@ -66,7 +72,7 @@ class Variant:
 
     @property
     def key(self) -> tuple:
-        return self.mode, self.ratio, self.check_layer, self.selection, self.later_checks
+        return self.mode, self.ratio, self.check_layer, self.selection, self.later_checks, self.neighbours
 
 
 FULL = Variant("full")
@@ -88,7 +94,7 @@ def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: in
 
 
 def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *, max_tokens: int,
-               seed: int, top_k: int, penalties: dict | None = None) -> dict:
+               seed: int, top_k: int, penalties: dict | None = None, neighbours: int = 0) -> dict:
     """Everything that changes the numbers; its hash guards resumption. `--limit` is left out, so a
     run can be resumed with a larger one."""
     if not variants or variants[0] != FULL:
@@ -96,25 +102,33 @@ def run_config(engine: Engine, dataset: Dataset, variants: Sequence[Variant], *,
     n_layers = engine.parts.n_layers
     if any(v.check_layer is not None and max((v.check_layer, *v.later_checks)) >= n_layers for v in variants):
         raise ValueError(f"a check layer must be below the model's {n_layers} layers")
+    if any(v.neighbours for v in variants) != (neighbours > 0):
+        raise ValueError("variants with a neighbour rule need neighbours ≥ 1, and neighbours need such a variant")
     return {"dataset": dataset.name, "dataset_digest": dataset.digest(), "metric": dataset.metric,
             "model": engine.name, "fingerprint": engine.fingerprint, "device": str(engine.device),
             "dtype": str(engine.parts.dtype).removeprefix("torch."),
             "variants": [asdict(v) for v in variants], "max_tokens": max_tokens, "seed": seed,
             "top_k": top_k, "decoding": "greedy",
-            **({"penalties": dict(penalties)} if penalties else {})}
+            **({"penalties": dict(penalties)} if penalties else {}),
+            **({"neighbours": neighbours} if neighbours else {})}
 
 
 def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, limit: int | None = None,
         retriever: Retriever | None = None, fresh: bool = False, progress: bool = True,
-        warmup: bool = True) -> list[dict]:
+        warmup: bool = True, corpus: NeighbourCorpus | None = None) -> list[dict]:
     """Score every selected example, skipping those `out_dir/progress.jsonl` already holds; returns
-    the records of the selected examples in dataset order."""
+    the records of the selected examples in dataset order. With `config["neighbours"]`, each chunk's
+    neighbours are its nearest chunks of `corpus` (default: every chunk of the dataset's examples,
+    embedded here), as `ragblend index --neighbours` finds them in an index."""
     examples = dataset.examples[:limit] if limit is not None else dataset.examples
     missing = next((ex.id for ex in examples if ex.chunks is None), None)
     if missing is not None and retriever is None:
         raise ValueError(f"example {missing} has no chunks, so it retrieves: that needs --data-dir with an index")
     variants = [Variant(**v) for v in config["variants"]]
     saved = Progress(Path(out_dir) / PROGRESS_FILE, config, fresh=fresh)
+    context_of = None
+    if config.get("neighbours"):
+        context_of = neighbour_contexts(engine, corpus or dataset_corpus(dataset), config["neighbours"])
     todo = [ex for ex in examples if ex.id not in saved.done]
     # Progress in prompt tokens prefilled (every variant prefills the example's prompt), with the
     # rate and the time left: examples differ in length many times over. An example that
@@ -134,9 +148,10 @@ def run(engine: Engine, dataset: Dataset, config: dict, out_dir: str | Path, *, 
         if ex.chunks is None:  # retrieved: laid out as served, the best chunk nearest the question
             layout = Layout(layout.prefix, layout.chunks[::-1], layout.suffix)
         source = _chunk_cache(engine, layout, config.get("kv_format"))  # computed once, shared by every variant
+        sources = _neighbour_sources(source, layout, variants, context_of)
         if warmup and i == 0:
             _warm_up(engine, layout, source, variants)
-        saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped))
+        saved.add(score_example(engine, ex, chunks, layout, source, variants, config, dropped, sources))
         if sizes[ex.id] is None and bar.total is not None:  # its real size, now that it is known
             bar.total = int(bar.total - mean * per + layout.n_tokens * per)
         bar.update(layout.n_tokens * per)
@@ -164,6 +179,53 @@ def _chunk_cache(engine: Engine, layout: Layout, kv_format: str | None) -> Chunk
     return cache
 
 
+@dataclass(frozen=True)
+class NeighbourCorpus:
+    """The chunks neighbours are looked for among: their texts and normalized embeddings."""
+    texts: list[str]
+    embeddings: object  # np.ndarray [N, d]
+
+
+def dataset_corpus(dataset: Dataset) -> NeighbourCorpus:
+    """Every distinct chunk of the dataset's examples (all of them, whatever `--limit`), embedded
+    with the index's default embedding model."""
+    from retrieval import Embedder
+
+    texts = list(dict.fromkeys(c for ex in dataset.examples for c in ex.chunks or ()))
+    if not texts:
+        raise ValueError("neighbours need chunks: this dataset's examples retrieve, so pass the index's corpus")
+    return NeighbourCorpus(texts, Embedder().encode(texts))
+
+
+def neighbour_contexts(engine: Engine, corpus: NeighbourCorpus, n: int) -> dict[tuple[int, ...], list[list[int]]]:
+    """Each corpus chunk's token ids → the token ids of its n nearest other chunks, in the order
+    they sit in front of it (the nearest last, right before the chunk)."""
+    from retrieval.neighbours import nearest
+
+    ids = [tuple(engine.prompts.chunk_ids(t)) for t in corpus.texts]
+    near = nearest(corpus.embeddings, n, keys=[str(i) for i in ids])
+    return {ids[i]: [list(ids[j]) for j in reversed(js)] for i, js in enumerate(near)}
+
+
+def _neighbour_sources(cache: ChunkKVSource, layout: Layout, variants: Sequence[Variant],
+                       context_of: dict | None) -> dict[str, ChunkKVSource]:
+    """A NeighbourKV per rule the variants use, over the example's cache, every entry it will ask
+    for computed now (out of the TTFT, as an index computes them)."""
+    rules = {v.neighbours for v in variants if v.neighbours}
+    if not rules:
+        return {}
+    if context_of is None or not isinstance(cache, ChunkKVCache):
+        raise ValueError("variants with a neighbour rule need neighbour contexts and a chunk-KV cache")
+    out = {}
+    for rule in sorted(rules):
+        src = NeighbourKV(cache, lambda ids: context_of.get(ids, ()), rule)
+        for ref in src.refs(layout.chunks):
+            if ref.context:
+                cache.ensure(ref)
+        out[rule] = src
+    return out
+
+
 def _warm_up(engine: Engine, layout: Layout, source: ChunkKVSource, variants: Sequence[Variant]) -> None:
     """One untimed pass per mode, so the first example's TTFTs do not carry one-off costs
     (allocator growth, lazy kernel selection)."""
@@ -175,16 +237,19 @@ def _warm_up(engine: Engine, layout: Layout, source: ChunkKVSource, variants: Se
 
 
 def score_example(engine: Engine, example: Example, chunks: Sequence[str], layout: Layout, source: ChunkKVSource,
-                  variants: Sequence[Variant], config: dict, dropped: int = 0) -> dict:
-    """Every variant on one layout, scored; `full` (the first) is the reference."""
+                  variants: Sequence[Variant], config: dict, dropped: int = 0,
+                  sources: dict[str, ChunkKVSource] | None = None) -> dict:
+    """Every variant on one layout, scored; `full` (the first) is the reference. `sources`: the
+    chunk KV of the variants with a neighbour rule, by rule."""
     torch.manual_seed(config["seed"])  # per example, so a resumed run draws what an unbroken one would
     answers: list[Answer] = []
     for v in variants:
-        answers.append(engine.generate(layout, v.spec(config["max_tokens"], config.get("penalties")), source).run())
+        kv = (sources or {})[v.neighbours] if v.neighbours else source
+        answers.append(engine.generate(layout, v.spec(config["max_tokens"], config.get("penalties")), kv).run())
     full = answers[0]
     rows = [{
         "mode": v.mode, "ratio": v.ratio, "check_layer": v.check_layer, "selection": v.selection,
-        "later_checks": list(v.later_checks) or None,
+        "later_checks": list(v.later_checks) or None, "neighbours": v.neighbours,
         "answer": a.text, "n_output_tokens": len(a.token_ids), "ttft_ms": a.ttft_ms,
         "f1": metrics.best_over(metrics.token_f1, a.text, example.answers),
         "rougeL": metrics.best_over(metrics.rouge_l, a.text, example.answers),
@@ -197,8 +262,14 @@ def score_example(engine: Engine, example: Example, chunks: Sequence[str], layou
         # on token ids: defined without a tokenizer, and not blurred by answer normalization
         "rougeL_vs_full": metrics.lcs_f1(full.token_ids, a.token_ids),
         "recompute_fraction": metrics.recompute_fraction(a.recomputed_tokens, a.chunk_tokens),
+        **({"neighbour_entries": _neighbour_entries(sources[v.neighbours], layout)} if v.neighbours else {}),
     } for v, a in zip(variants, answers)]
     digest = hashlib.blake2b("\x00".join(chunks).encode(), digest_size=8).hexdigest()
     return {"id": example.id, "question": example.question, "answers": example.answers,
             "n_chunks": len(layout.chunks), "dropped_chunks": dropped, "chunks_digest": digest,
             "n_tokens": layout.n_tokens, "n_chunk_tokens": layout.n_chunk_tokens, "results": rows}
+
+
+def _neighbour_entries(source: ChunkKVSource, layout: Layout) -> int:
+    """How many of the layout's chunks the rule served from a neighbour-aware entry."""
+    return sum(bool(r.context) for r in source.refs(layout.chunks))

@@ -1,7 +1,7 @@
 """The value a chunk's precomputed KV travels as, between the KV cache's tiers and the engine."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,3 +68,26 @@ class ArrivingKV:
         for i in self.layers:
             self.wait(i)
         return self.chunks
+
+
+@dataclass(frozen=True)
+class ChunkRef:
+    """A chunk as a request asks for it: its token ids, and the chunks (token ids, in order) its
+    KV was computed behind, between the prompt head and itself (neighbour-aware entries,
+    FusionRAG-style); no context is the plain entry. The context is part of the store key, so an
+    entry computed behind other chunks is never served for this one."""
+    ids: tuple[int, ...]
+    context: tuple[tuple[int, ...], ...] = ()
+
+    @classmethod
+    def of(cls, chunk: "ChunkRef | Sequence[int]") -> "ChunkRef":
+        return chunk if isinstance(chunk, ChunkRef) else cls(tuple(int(t) for t in chunk))
+
+    @property
+    def context_ids(self) -> list[int]:
+        """The context chunks' ids side by side, as they sat in front of the chunk."""
+        return [t for ids in self.context for t in ids]
+
+    @property
+    def n_context(self) -> int:
+        return sum(len(ids) for ids in self.context)

@@ -46,3 +46,28 @@ def chunk_hash(fingerprint: str, prefix_ids: Sequence[int], chunk_ids: Sequence[
     h.update(_ids_bytes(prefix_ids, "prefix_ids"))
     h.update(_ids_bytes(chunk_ids, "chunk_ids"))
     return h.hexdigest()
+
+
+# Another personalization: a chunk's KV computed behind other chunks (neighbour-aware entries) can
+# never share a digest with its plain entry, nor with the plain entry of any other chunk.
+_PERSON_CONTEXT = b"ragblend.ctxkv"
+
+
+def context_chunk_hash(fingerprint: str, prefix_ids: Sequence[int], context: Sequence[Sequence[int]],
+                       chunk_ids: Sequence[int]) -> str:
+    """Hex blake2b-256 of (version, fingerprint, prefix ids, each context chunk's ids, chunk ids):
+    the key of a chunk's KV computed with `context` (its nearest neighbours, in order) between the
+    prefix and itself. Each context chunk is length-prefixed and their count is encoded, so
+    ([a, b], c) and ([a], b + c) differ; an empty context is refused (that is the plain key)."""
+    if not context:
+        raise ValueError("a context key needs at least one context chunk; use chunk_hash")
+    fp = fingerprint.encode("utf-8")
+    h = hashlib.blake2b(digest_size=32, person=_PERSON_CONTEXT)
+    h.update(struct.pack("<H", _HASH_VERSION))
+    h.update(struct.pack("<Q", len(fp)) + fp)
+    h.update(_ids_bytes(prefix_ids, "prefix_ids"))
+    h.update(struct.pack("<Q", len(context)))
+    for ids in context:
+        h.update(_ids_bytes(ids, "context ids"))
+    h.update(_ids_bytes(chunk_ids, "chunk_ids"))
+    return h.hexdigest()

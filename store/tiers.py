@@ -33,8 +33,8 @@ from typing import Protocol
 
 import torch
 
-from store.chunkkv import ArrivingKV, ChunkKV
-from store.hashing import chunk_hash
+from store.chunkkv import ArrivingKV, ChunkKV, ChunkRef
+from store.hashing import chunk_hash, context_chunk_hash
 from store.hot import HotTier
 from store.backend import KVBackend, LayerStreaming
 from store.quant import KVFormat
@@ -47,6 +47,19 @@ log = logging.getLogger(__name__)
 # A chunk's token ids → its KV [L, 2, H_kv, T, D] computed right after the prompt head, on the
 # device. Called with the model already held by the caller (the cache takes no model lock).
 ComputeKV = Callable[[list[int]], torch.Tensor]
+# (chunk ids, context ids) → the KV [L, 2, H_kv, T, D] of the chunk's own T tokens computed with the
+# context between the prompt head and the chunk (neighbour-aware entries; ChunkRef).
+ComputeInContext = Callable[[list[int], list[int]], torch.Tensor]
+# A chunk as fetch and ensure take it: its token ids (the plain entry) or a ChunkRef.
+Chunk = Sequence[int] | ChunkRef
+
+
+def sliced_context(compute: ComputeKV) -> ComputeInContext:
+    """ComputeInContext from a plain ComputeKV: the context and the chunk computed as one run of
+    tokens behind the prompt head, the chunk's own rows kept (exact: that is what the entry means)."""
+    def in_context(ids: list[int], context: list[int]) -> torch.Tensor:
+        return compute(list(context) + list(ids))[:, :, :, len(context):].contiguous()
+    return in_context
 
 
 @dataclass(frozen=True)
@@ -88,12 +101,12 @@ def tier_budgets(device: torch.device | str) -> tuple[int, int]:
 class ChunkKVSource(Protocol):
     """What the engine reads chunk KV through."""
 
-    def fetch(self, chunks: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
-        """The chunks' KV, in order. With `layers` (the order a prefill reads them in), a source
+    def fetch(self, chunks: Sequence[Chunk], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
+        """The chunks' KV, in order (token ids, or ChunkRefs for neighbour-aware entries). With `layers` (the order a prefill reads them in), a source
         may hand them over still arriving (ArrivingKV); otherwise they are complete."""
         ...
 
-    def refetch(self, chunks: Sequence[Sequence[int]]) -> list[ChunkKV]:
+    def refetch(self, chunks: Sequence[Chunk]) -> list[ChunkKV]:
         """After a streamed fetch failed mid-way: every chunk verified whole, bad ones recomputed."""
         ...
 
@@ -104,12 +117,16 @@ class ChunkKVCache:
     device and pinned-CPU tiers (the pinned tier exists on CUDA only). `stream`: on CUDA, let a
     prefill consume LMDB reads layer by layer. `kv_format`: the format chunk KV is written and
     served in where the store records none (without a store: the precision the tiers hold, e.g.
-    for eval to measure a format); default the model's dtype, lossless."""
+    for eval to measure a format); default the model's dtype, lossless. `compute_in_context`:
+    how a chunk's KV behind other chunks is computed (ChunkRef.context; default: through
+    `compute`, see sliced_context)."""
 
     def __init__(self, shape: KVShape, prefix_ids: Sequence[int], compute: ComputeKV, *, device: torch.device,
                  store: KVBackend | None = None, gpu_bytes: int = 1 << 30, cpu_bytes: int = 0,
-                 stream: bool = True, read_workers: int | None = None, kv_format: str | KVFormat | None = None):
+                 stream: bool = True, read_workers: int | None = None, kv_format: str | KVFormat | None = None,
+                 compute_in_context: ComputeInContext | None = None):
         self.shape, self.prefix_ids, self.compute = shape, list(prefix_ids), compute
+        self.compute_in_context = compute_in_context or sliced_context(compute)
         recorded = store.kv_format if store is not None else None
         self.device, self.store = torch.device(device), store
         self.format: KVFormat = parse_format(recorded or kv_format or shape.dtype)
@@ -148,23 +165,38 @@ class ChunkKVCache:
             self.reader.close()
 
     # -- keys and writes -------------------------------------------------------------------------
-    def key(self, ids: Sequence[int]) -> str:
-        return chunk_hash(self.shape.fingerprint, self.prefix_ids, ids)
+    def key(self, chunk: Chunk) -> str:
+        """The store key: the plain one for bare ids, one that covers the context for a ChunkRef
+        with one (so an entry is found only for the exact chunk behind the exact context)."""
+        ref = ChunkRef.of(chunk)
+        if ref.context:
+            return context_chunk_hash(self.shape.fingerprint, self.prefix_ids, ref.context, ref.ids)
+        return chunk_hash(self.shape.fingerprint, self.prefix_ids, ref.ids)
 
-    def ensure(self, ids: Sequence[int], meta: dict | None = None) -> tuple[str, bool]:
+    def start_of(self, ref: ChunkRef) -> int:
+        """The position the chunk's first token had when its KV was computed."""
+        return self.start + ref.n_context
+
+    def _compute(self, ref: ChunkRef) -> torch.Tensor:
+        if ref.context:
+            return self.compute_in_context(list(ref.ids), ref.context_ids)
+        return self.compute(list(ref.ids))
+
+    def ensure(self, chunk: Chunk, meta: dict | None = None) -> tuple[str, bool]:
         """Make sure a chunk's KV exists (indexing, warming): computed and written if absent.
         Returns its key and whether it was computed. With a store, the tiers are left alone (a
         corpus is larger than memory); without one, the device tier keeps it."""
-        ids, key = list(ids), self.key(ids)
+        ref = ChunkRef.of(chunk)
+        key = self.key(ref)
         if self.store is None:
             if key in self.gpu or (self.cpu is not None and key in self.cpu):
                 return key, False
-            self._keep(key, self.format.roundtrip(self.compute(ids)))
+            self._keep(key, self.format.roundtrip(self._compute(ref)))
             return key, True
         if self.store.contains(key):
             return key, False
         # if_absent: another replica that computed the chunk meanwhile keeps its value (one value)
-        self._write(key, ids, self.compute(ids), meta or {}, if_absent=True)
+        self._write(key, ref, self._compute(ref), meta or {}, if_absent=True)
         return key, True
 
     def contains(self, key: str) -> bool:
@@ -180,16 +212,20 @@ class ChunkKVCache:
                 self.cpu.pop(key)
         return self.store.delete_many(keys) if self.store is not None and keys else 0
 
-    def entry_meta(self, ids: Sequence[int], meta: dict) -> dict:
+    def entry_meta(self, ref: ChunkRef | Sequence[int], meta: dict) -> dict:
         """The metadata stored beside a chunk's entry (also by `index --ray`'s driver, which
         writes entries its workers encoded)."""
-        return {**meta, "n_tokens": len(ids), "position": self.start, "fingerprint": self.shape.fingerprint}
+        ref = ChunkRef.of(ref)
+        out = {**meta, "n_tokens": len(ref.ids), "position": self.start_of(ref), "fingerprint": self.shape.fingerprint}
+        if ref.context:
+            out["context_tokens"] = ref.n_context
+        return out
 
-    def _write(self, key: str, ids: list[int], kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
+    def _write(self, key: str, ref: ChunkRef, kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
         """Into the store in this cache's format (quantized on kv's device; the rows then move).
         `if_absent`: keep a value already there (a shared store's SET NX)."""
         if self.store is not None:
-            self.store.put(key, kv, self.shape.fingerprint, self.entry_meta(ids, meta), fmt=self.format.name,
+            self.store.put(key, kv, self.shape.fingerprint, self.entry_meta(ref, meta), fmt=self.format.name,
                            if_absent=if_absent)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
@@ -200,49 +236,51 @@ class ChunkKVCache:
             return kept
         return self.gpu.put(key, kept)
 
-    def _recompute(self, key: str, ids: list[int], why: str, replace: bool = True) -> torch.Tensor:
+    def _recompute(self, key: str, ref: ChunkRef, why: str, replace: bool = True) -> torch.Tensor:
         """`replace`: the stored value is unusable, overwrite it; otherwise (it was missing) write
         only if nobody has meanwhile. A failed write-back is logged: the answer does not need it."""
         log.warning("chunk %s %s; recomputing", key[:12], why)
         with self._count_lock:
             self.recomputed += 1
-        kv = self.compute(ids)
+        kv = self._compute(ref)
         try:
-            self._write(key, ids, kv, {"recomputed_at_query": True}, if_absent=not replace)
+            self._write(key, ref, kv, {"recomputed_at_query": True}, if_absent=not replace)
         except OSError as e:  # a shared tier that went away (StoreUnavailable), a full disk
             log.warning("could not store the recomputed chunk %s: %s", key[:12], e)
         return self.format.roundtrip(kv)  # what the store now holds, so the answer is the same as from it
 
     # -- reads ------------------------------------------------------------------------------------
-    def fetch(self, chunks: Sequence[Sequence[int]], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
-        chunks = [list(ids) for ids in chunks]
-        keys = [self.key(ids) for ids in chunks]
+    def fetch(self, chunks: Sequence[Chunk], layers: Sequence[int] | None = None) -> list[ChunkKV] | ArrivingKV:
+        """The chunks' KV (bare ids: plain entries; ChunkRefs: the entry behind their context),
+        each with the position it was computed at, which the prefill re-rotates from."""
+        refs = [ChunkRef.of(c) for c in chunks]
+        keys = [self.key(r) for r in refs]
         found: list[torch.Tensor | None] = [self.gpu.get(k) for k in keys]
         if all(t is not None for t in found):
-            return [ChunkKV(t, self.start) for t in found]
+            return [ChunkKV(t, self.start_of(r)) for t, r in zip(found, refs)]
         if self.stream and layers is not None:
-            arriving = self._stream(keys, chunks, list(layers))
+            arriving = self._stream(keys, refs, list(layers))
             if arriving is not None:
                 return arriving
         if self.cpu is not None:
             found = [t if t is not None else self._from_cpu(k) for k, t in zip(keys, found)]
         cold = [i for i, t in enumerate(found) if t is None]
         if cold:
-            for i, kv in zip(cold, self._read_cold([keys[i] for i in cold], [chunks[i] for i in cold])):
+            for i, kv in zip(cold, self._read_cold([keys[i] for i in cold], [refs[i] for i in cold])):
                 found[i] = kv
-        return [ChunkKV(t, self.start) for t in found]
+        return [ChunkKV(t, self.start_of(r)) for t, r in zip(found, refs)]
 
-    def refetch(self, chunks: Sequence[Sequence[int]]) -> list[ChunkKV]:
+    def refetch(self, chunks: Sequence[Chunk]) -> list[ChunkKV]:
         out = []
-        for ids in chunks:
-            ids = list(ids)
-            key = self.key(ids)
+        for chunk in chunks:
+            ref = ChunkRef.of(chunk)
+            key = self.key(ref)
             kv = self.gpu.get(key)
             if kv is None and self.cpu is not None:
                 kv = self._from_cpu(key)
             if kv is None:
-                kv = self._keep(key, self._read_one(key, ids))
-            out.append(ChunkKV(kv, self.start))
+                kv = self._keep(key, self._read_one(key, ref))
+            out.append(ChunkKV(kv, self.start_of(ref)))
         return out
 
     def _from_cpu(self, key: str) -> torch.Tensor | None:
@@ -258,28 +296,28 @@ class ChunkKVCache:
             return raw.view(head.fmt.storage).view(head.shape)
         return to_kv(raw, head, self.shape.dtype, self.device)
 
-    def _read_one(self, key: str, ids: list[int]) -> torch.Tensor:
+    def _read_one(self, key: str, ref: ChunkRef) -> torch.Tensor:
         """One entry from the store, verified whole; recomputed when absent or unusable."""
         if self.store is None:
-            return self._recompute(key, ids, "is in no tier")
+            return self._recompute(key, ref, "is in no tier")
         try:
             got = self.store.get_raw(key, fingerprint=self.shape.fingerprint)
         except (CorruptEntry, FingerprintMismatch) as e:
-            return self._recompute(key, ids, f"unusable ({e})")
+            return self._recompute(key, ref, f"unusable ({e})")
         if got is None:
-            return self._recompute(key, ids, "is missing", replace=False)
+            return self._recompute(key, ref, "is missing", replace=False)
         with self._count_lock:
             self.store_reads += 1
         raw, head = got
-        if not self.shape.fits(head.shape, len(ids)):
-            return self._recompute(key, ids, f"stored as {head.shape}, unlike the model")
+        if not self.shape.fits(head.shape, len(ref.ids)):
+            return self._recompute(key, ref, f"stored as {head.shape}, unlike the model")
         return self._decode(raw, head)
 
-    def _read_cold(self, keys: list[str], chunks: list[list[int]]) -> list[torch.Tensor]:
+    def _read_cold(self, keys: list[str], chunks: list[ChunkRef]) -> list[torch.Tensor]:
         """Entries in no memory tier: one wave of verified reads; whatever is absent or bad is then
         recomputed (one bad entry sends the wave's chunks through the per-entry path)."""
         if self.store is None:
-            return [self._keep(k, self._recompute(k, ids, "is in no tier")) for k, ids in zip(keys, chunks)]
+            return [self._keep(k, self._recompute(k, ref, "is in no tier")) for k, ref in zip(keys, chunks)]
         if not self.store.zero_copy:
             return self._read_cold_batched(keys, chunks)
         try:
@@ -292,13 +330,13 @@ class ChunkKVCache:
                 got = [None if h is None or r is None else (r, h) for h, r in zip(heads, raws)]
         except (CorruptEntry, FingerprintMismatch, ValueError) as e:  # ValueError: replaced since its header was read
             log.warning("a chunk KV read failed (%s); reading chunk by chunk", e)
-            return [self._keep(k, self._read_one(k, ids)) for k, ids in zip(keys, chunks)]
+            return [self._keep(k, self._read_one(k, ref)) for k, ref in zip(keys, chunks)]
         out = []
-        for key, ids, entry in zip(keys, chunks, got):
+        for key, ref, entry in zip(keys, chunks, got):
             if entry is None:
-                kv = self._recompute(key, ids, "is missing", replace=False)
-            elif not self.shape.fits(entry[1].shape, len(ids)):
-                kv = self._recompute(key, ids, f"stored as {entry[1].shape}, unlike the model")
+                kv = self._recompute(key, ref, "is missing", replace=False)
+            elif not self.shape.fits(entry[1].shape, len(ref.ids)):
+                kv = self._recompute(key, ref, f"stored as {entry[1].shape}, unlike the model")
             else:
                 with self._count_lock:
                     self.store_reads += 1
@@ -306,17 +344,17 @@ class ChunkKVCache:
             out.append(self._keep(key, kv))
         return out
 
-    def _read_cold_batched(self, keys: list[str], chunks: list[list[int]]) -> list[torch.Tensor]:
+    def _read_cold_batched(self, keys: list[str], chunks: list[ChunkRef]) -> list[torch.Tensor]:
         """A store read over the network: one batched read of every entry (each verified whole),
         then whatever is absent, corrupt, another model's or misshapen is recomputed."""
         out = []
-        for key, ids, entry in zip(keys, chunks, self.store.get_many_raw(keys, self.shape.fingerprint)):
+        for key, ref, entry in zip(keys, chunks, self.store.get_many_raw(keys, self.shape.fingerprint)):
             if entry is None:
-                kv = self._recompute(key, ids, "is missing", replace=False)
+                kv = self._recompute(key, ref, "is missing", replace=False)
             elif isinstance(entry, Exception):
-                kv = self._recompute(key, ids, f"unusable ({entry})")
-            elif not self.shape.fits(entry[1].shape, len(ids)):
-                kv = self._recompute(key, ids, f"stored as {entry[1].shape}, unlike the model")
+                kv = self._recompute(key, ref, f"unusable ({entry})")
+            elif not self.shape.fits(entry[1].shape, len(ref.ids)):
+                kv = self._recompute(key, ref, f"stored as {entry[1].shape}, unlike the model")
             else:
                 with self._count_lock:
                     self.store_reads += 1
@@ -324,25 +362,25 @@ class ChunkKVCache:
             out.append(self._keep(key, kv))
         return out
 
-    def _stream(self, keys: list[str], chunks: list[list[int]], layers: list[int]) -> ArrivingKV | None:
+    def _stream(self, keys: list[str], chunks: list[ChunkRef], layers: list[int]) -> ArrivingKV | None:
         """Every entry's header checked (bad or absent ones recomputed into the store first), then
         the reads planned; None when an entry changed in between (the caller reads it whole).
         Entries in the model's dtype stream into pinned memory; quantized ones (or another float
         format) stream as stored, packed per layer, and are dequantized on the GPU. Both announce
         each layer on arrival flags, which the prefill's side stream waits on (see
         StagedReader.stream)."""
-        for key, ids in zip(keys, chunks):
+        for key, ref in zip(keys, chunks):
             try:
                 head = self.store.header(key)
             except CorruptEntry as e:
-                self._recompute(key, ids, f"has a bad header ({e})")
+                self._recompute(key, ref, f"has a bad header ({e})")
                 continue
             if head is None:
-                self._recompute(key, ids, "is missing")
+                self._recompute(key, ref, "is missing")
             elif head.fingerprint != self.shape.fingerprint:
-                self._recompute(key, ids, "was computed by another model")
-            elif not self.shape.fits(head.shape, len(ids)):
-                self._recompute(key, ids, f"stored as {head.shape}, unlike the model")
+                self._recompute(key, ref, "was computed by another model")
+            elif not self.shape.fits(head.shape, len(ref.ids)):
+                self._recompute(key, ref, f"stored as {head.shape}, unlike the model")
         # With a device tier, the layers the prefill does not read are read too, last, so that the
         # whole chunks can stay on the device after the request (see _promote).
         promote = self.gpu.max_bytes > 0
@@ -366,7 +404,7 @@ class ChunkKVCache:
             if s.landing is not None:
                 self._promote(keys, s)
 
-        return ArrivingKV([ChunkKV(t, self.start) for t in s.tensors], layers, s.wait, close, s.start,
+        return ArrivingKV([ChunkKV(t, self.start_of(r)) for t, r in zip(s.tensors, chunks)], layers, s.wait, close, s.start,
                           s.block, s.flags, s.seq, packed=s.packed, nbytes=s.nbytes, loaded=s.loaded,
                           landing=s.landing, land=s.land)
 

@@ -272,8 +272,8 @@ def test_ablation_covers_selections_ratios_and_check_layers(tiny, tmp_path):
     assert all(r["recompute_fraction"] > 0 for r in rows[2:])
     table = (tmp_path / "ablation.md").read_text()
     from blend.spec import DEFAULT_SELECTION
-    assert f"| {DEFAULT_SELECTION} (default) | 1 | 0.3 |" in table and "r = 0.05: lowest KL with" in table
-    assert f"| {DEFAULT_SELECTION} (default) | 1,2 | 0.3 |" in table
+    assert f"| {DEFAULT_SELECTION} (default) | 1 | — | 0.3 |" in table and "r = 0.05: lowest KL with" in table
+    assert f"| {DEFAULT_SELECTION} (default) | 1,2 | — | 0.3 |" in table
     assert (tmp_path / "ablation.png").stat().st_size > 10_000
 
 

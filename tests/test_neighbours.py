@@ -1,0 +1,176 @@
+"""Neighbour-aware chunk KV (FusionRAG-style): a chunk's KV computed behind its nearest
+neighbours is its own entry under a key that covers that context, is never served for another
+chunk or context, and changes nothing of blend's exactness (r = 1 equals full)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from blend.select import SELECTIONS
+from blend.shapes import TINY_ARCHS
+from blend.spec import BlendConfig
+from retrieval.neighbours import nearest
+from store import KVStore
+from store.chunkkv import ChunkRef
+from store.hashing import chunk_hash, context_chunk_hash
+from store.neighbours import NeighbourKV
+from store.tiers import ChunkKVCache
+
+from tests.test_blend import make_layout
+from tests.test_tiers import PREFIX, SHAPE, Counting, kv_of
+
+
+def test_the_context_key_differs_from_the_plain_key_and_from_every_other_context():
+    c, a, b = [5, 6, 7], [1, 2], [3]
+    plain = chunk_hash("fp", PREFIX, c)
+    keys = {plain, context_chunk_hash("fp", PREFIX, [a, b], c), context_chunk_hash("fp", PREFIX, [a + b], c),
+            context_chunk_hash("fp", PREFIX, [b, a], c), context_chunk_hash("fp", PREFIX, [a], b + c),
+            context_chunk_hash("fp", PREFIX, [a], c), context_chunk_hash("fp2", PREFIX, [a], c)}
+    assert len(keys) == 7
+    # nor does a context key equal the plain key of the context and the chunk laid end to end
+    assert context_chunk_hash("fp", PREFIX, [a], c) != chunk_hash("fp", PREFIX + a, c)
+    with pytest.raises(ValueError, match="at least one context chunk"):
+        context_chunk_hash("fp", PREFIX, [], c)
+
+
+class InContext:
+    """A compute-in-context callback that records its calls; the KV depends on the context."""
+
+    def __init__(self):
+        self.calls: list[tuple[list[int], list[int]]] = []
+
+    def __call__(self, ids: list[int], context: list[int]) -> torch.Tensor:
+        self.calls.append((list(ids), list(context)))
+        return kv_of(list(context) + list(ids))[:, :, :, len(context):] + 1000.0
+
+
+def test_a_neighbour_aware_entry_is_never_used_for_a_chunk_whose_key_differs(tmp_path):
+    store = KVStore(tmp_path / "kv")
+    plain, ctx = Counting(), InContext()
+    cache = ChunkKVCache(SHAPE, PREFIX, plain, device=torch.device("cpu"), store=store, compute_in_context=ctx)
+    c, n1, n2 = (5, 6, 7), (8, 9), (10, 11, 12)
+    key, computed = cache.ensure(ChunkRef(c, (n1,)))
+    assert computed and ctx.calls == [(list(c), list(n1))] and store.contains(key)
+    assert store.get_meta(key)["context_tokens"] == 2 and store.get_meta(key)["position"] == len(PREFIX) + 2
+    # the plain chunk is not served the neighbour-aware entry: its own is computed
+    got = cache.fetch([list(c)])[0]
+    assert plain.calls == [list(c)] and got.start == len(PREFIX) and torch.equal(got.kv, kv_of(list(c)))
+    # nor is the chunk behind another neighbour, nor another chunk behind the same one
+    other = cache.fetch([ChunkRef(c, (n2,)), ChunkRef((5, 6, 8), (n1,))])
+    assert ctx.calls[1:] == [(list(c), list(n2)), ([5, 6, 8], list(n1))]
+    assert not torch.equal(other[0].kv, cache.fetch([ChunkRef(c, (n1,))])[0].kv)
+    # the exact chunk behind the exact context is read from the store, at the position it had
+    fresh = ChunkKVCache(SHAPE, PREFIX, Counting(), device=torch.device("cpu"), store=store,
+                         compute_in_context=InContext())
+    back = fresh.fetch([ChunkRef(c, (n1,))])[0]
+    assert fresh.compute_in_context.calls == [] and fresh.compute.calls == []
+    assert back.start == len(PREFIX) + len(n1)
+    assert torch.equal(back.kv, kv_of(list(n1) + list(c))[:, :, :, 2:] + 1000.0)
+
+
+def test_the_rules_ask_for_the_neighbour_entry_always_or_only_with_a_neighbour_retrieved():
+    a, b, c, far = (1, 2), (3, 4), (5, 6), (7, 8)
+    table = {a: [b], b: [far], c: [b]}
+    cache = ChunkKVCache(SHAPE, PREFIX, Counting(), device=torch.device("cpu"))
+    # the first chunk, exact right after the prompt head, keeps its plain entry under both rules
+    always = NeighbourKV(cache, lambda ids: table.get(ids, []), "always").refs([c, a, b])
+    assert always == [ChunkRef(c), ChunkRef(a, (b,)), ChunkRef(b, (far,))]
+    retrieved = NeighbourKV(cache, lambda ids: table.get(ids, []), "retrieved").refs([c, a, b])
+    assert retrieved == [ChunkRef(c), ChunkRef(a, (b,)), ChunkRef(b)]
+    with pytest.raises(ValueError, match="neighbour rule"):
+        NeighbourKV(cache, lambda ids: [], "sometimes")
+
+
+def test_nearest_neighbours_are_the_most_similar_other_chunks_never_itself_or_a_copy():
+    emb = np.array([[1, 0], [0.9, 0.1], [0.9, 0.1], [0, 1], [0.6, 0.8]], dtype=np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    got = nearest(emb, 2, keys=["a", "b", "b", "d", "e"])
+    assert got[0] == [1, 4]        # b once (its copy skipped), then e
+    assert got[1] == [0, 4]        # never its own copy (row 2)
+    assert got[3] == [4, 1]
+    assert nearest(emb, 0) == [[]] * 5
+
+
+def _neighbour_source(engine, layout, rule="always"):
+    """Every chunk of `layout` behind the next one (the last behind a chunk from outside it)."""
+    outside = [7, 8, 9, 10]
+    table = {tuple(c): [layout.chunks[i + 1] if i + 1 < len(layout.chunks) else outside]
+             for i, c in enumerate(layout.chunks)}
+    cache = engine.memory_cache(layout)
+    return NeighbourKV(cache, lambda ids: table.get(ids, []), rule)
+
+
+def _run(engine, layout, mode, kv, ratio=1.0, **cfg):
+    return engine.prefill(layout, mode, engine.load_chunks(layout, mode, kv), BlendConfig(ratio=ratio, **cfg))
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_blend_at_ratio_one_with_neighbour_kv_equals_full(tiny_engines, arch):
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = _run(engine, layout, "full", engine.memory_cache(layout))
+    kv = _neighbour_source(engine, layout)
+    for selection in SELECTIONS:
+        for later in ((), (2,)):
+            blend = _run(engine, layout, "blend", kv, selection=selection, later_checks=later)
+            assert (blend.logits - full.logits).abs().max().item() < 1e-4, (selection, later)
+    # the option changes the stale KV: reuse over it is not reuse over the plain entries
+    plain = _run(engine, layout, "reuse", engine.memory_cache(layout))
+    assert (_run(engine, layout, "reuse", kv).logits - plain.logits).abs().max().item() > 1e-4
+
+
+def test_a_neighbour_aware_entry_holds_the_chunk_rows_of_a_prefill_behind_its_neighbours(tiny_engines):
+    from blend.prefill import compute_kv
+
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout()
+    c, n = layout.chunks[2], layout.chunks[1] + layout.chunks[0]
+    got = engine.compute_chunk(layout.prefix, c, n)
+    whole = compute_kv(engine.parts, engine.prefix_kv(layout.prefix), n + c)
+    assert got.start == layout.n_prefix + len(n)
+    assert torch.allclose(got.kv, whole[:, :, :, len(n):], atol=1e-6)
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+def test_the_index_option_stores_an_entry_per_chunk_behind_its_neighbours_and_serves_it_by_the_rule(tmp_path):
+    from api.index_plan import plan_index
+    from api.neighbour_index import build, context_keys, recorded
+    from api.service import RagService
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from blend.spec import QuerySpec
+    from retrieval import Document
+    from retrieval.testing import HashEmbedder
+
+    engine = Engine(load_model("random:tiny-smol"))
+    svc = RagService(tmp_path / "data", engine=engine, embedder=HashEmbedder(), chunk_tokens=32,
+                     neighbour_rule="always")
+    try:
+        docs = [Document(f"d{i}", f"The {w} lives in the {p}. " * 6, "api") for i, (w, p) in
+                enumerate([("okapi", "forest"), ("heron", "river"), ("ibex", "mountains")])]
+        plan = plan_index(svc, docs, neighbours=2)
+        assert plan.neighbour_chunks == plan.new_chunks and plan.neighbour_bytes > 0
+        assert "each ~3× a chunk's prefill" in plan.describe()
+        svc.index_documents(docs)
+        before = len(list(svc.store.keys()))
+        report = build(svc, 2)
+        table = recorded(svc.data_dir)
+        n_chunks = svc.corpus.registry.count_chunks()
+        assert report["neighbour_entries"] == len(table) == n_chunks and report["neighbour_kv_computed"] == n_chunks
+        assert len(list(svc.store.keys())) == before + n_chunks
+        assert all(len(v["context"]) == 2 and k not in v["context"] for k, v in table.items())
+        assert context_keys(svc.data_dir) <= set(svc.store.keys())
+        # an unchanged corpus computes nothing the second time
+        assert build(svc, 2)["neighbour_kv_computed"] == 0
+        assert svc.load_neighbours()
+        hits = svc.retrieve("Where does the heron live?", 3).hits
+        layout = svc.layout("Where does the heron live?", hits)
+        refs = svc.source.refs(layout.chunks)
+        assert not refs[0].context and all(r.context for r in refs[1:])
+        assert svc.answer("Where does the heron live?", hits, QuerySpec(max_tokens=2)).run().token_ids
+        # turning it off drops the entries
+        assert build(svc, 0)["neighbour_kv_deleted"] == n_chunks and len(list(svc.store.keys())) == before
+        assert not svc.load_neighbours()
+    finally:
+        svc.close()
