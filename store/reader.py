@@ -19,7 +19,7 @@ import torch
 
 from store.chunkkv import PackedLayers
 from store.lmdb_store import KVStore
-from store.serialize import CorruptEntry, KVHeader, crc32, crc32_combine, open_entry, to_kv
+from store.serialize import CorruptEntry, KVHeader, crc32, crc32_combine, layer_ok, layer_span, open_entry, to_kv
 
 
 @dataclass
@@ -206,11 +206,7 @@ class LayerStream:
 
 def _spans(opened: list, layer: int) -> list[memoryview]:
     """Layer `layer` of every opened entry, as it lies in the map."""
-    out = []
-    for _, mv, head in opened:
-        start = head.payload_offset + layer * head.layer_nbytes
-        out.append(mv[start:start + head.layer_nbytes])
-    return out
+    return [layer_span(mv, head, layer) for _, mv, head in opened]
 
 
 def _as_tensors(spans: list[memoryview]) -> list[torch.Tensor]:
@@ -221,7 +217,7 @@ def _as_tensors(spans: list[memoryview]) -> list[torch.Tensor]:
 
 def _verify_spans(opened: list, layer: int, spans: list[memoryview]) -> None:
     for (key, _, head), span in zip(opened, spans):
-        if crc32(span) != head.layer_crcs[layer]:
+        if not layer_ok(span, head, layer):
             raise CorruptEntry(f"entry {key}: checksum mismatch in layer {layer}")
 
 

@@ -37,7 +37,7 @@ import torch
 
 from store.breaker import CircuitBreaker
 from store.lmdb_store import KVStore
-from store.serialize import (CorruptEntry, crc32, FingerprintMismatch, KVHeader, decode_kv, encode_kv, header_span,
+from store.serialize import (CorruptEntry, FingerprintMismatch, KVHeader, decode_kv, encode_kv, header_span, layer_ok,
                              open_entry, read_header)
 
 log = logging.getLogger(__name__)
@@ -300,7 +300,7 @@ class RedisKVStore:
             spans = self.layer_spans(keys, heads, i)
             rows = []
             for key, head, span in zip(keys, heads, spans):
-                if len(span) != head.layer_nbytes or crc32(span) != head.layer_crcs[i]:
+                if not layer_ok(span, head, i):
                     raise CorruptEntry(f"shared entry {key}: layer {i} changed or failed its checksum")
                 rows.append(torch.from_numpy(np.frombuffer(span, dtype=np.uint8).copy()))
             yield i, rows

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 
 from store.reader import LayerJob, LayerStream, StagedReader
-from store.serialize import CorruptEntry, KVHeader, crc32, read_header
+from store.serialize import CorruptEntry, KVHeader, layer_ok, layer_span, read_header
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,7 @@ class _Fetch:
         for key, entry in zip(self.keys, self.entries):
             head = entry.head
             view = memoryview(entry)
-            ok = all(crc32(view[head.payload_offset + i * head.layer_nbytes:
-                                     head.payload_offset + (i + 1) * head.layer_nbytes]) == head.layer_crcs[i]
-                     for i in range(head.shape[0]))
+            ok = all(layer_ok(layer_span(view, head, i), head, i) for i in range(head.shape[0]))
             if not ok:
                 continue
             try:

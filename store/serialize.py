@@ -238,13 +238,23 @@ def to_kv(raw: torch.Tensor, head: KVHeader, dtype: torch.dtype | None = None,
     return head.fmt.decode(raw, H, T, D, head.dtype if dtype is None else dtype)
 
 
+def layer_span(mv: memoryview, head: KVHeader, i: int) -> memoryview:
+    """Layer i's bytes within an entry's buffer."""
+    start = head.payload_offset + i * head.layer_nbytes
+    return mv[start:start + head.layer_nbytes]
+
+
+def layer_ok(span: memoryview | bytes, head: KVHeader, i: int) -> bool:
+    """Whether `span` is layer i's bytes as written: its length and its checksum."""
+    return len(span) == head.layer_nbytes and crc32(span) == head.layer_crcs[i]
+
+
 def copy_layer(mv: memoryview, head: KVHeader, i: int, dst: np.ndarray | Callable[[np.ndarray], None]) -> None:
     """Verify layer i's checksum and copy its bytes to `dst`, any byte array of the layer's size,
     strided or not, or hand them (uint8, read-only) to `dst` to place (crc32 and the copy release
     the GIL, so layers copy in parallel on a pool)."""
-    start = head.payload_offset + i * head.layer_nbytes
-    span = mv[start:start + head.layer_nbytes]
-    if crc32(span) != head.layer_crcs[i]:
+    span = layer_span(mv, head, i)
+    if not layer_ok(span, head, i):
         raise CorruptEntry(f"checksum mismatch in layer {i}")
     src = np.frombuffer(span, dtype=np.uint8)
     if callable(dst):

@@ -21,20 +21,8 @@ from store.redis_stream import SharedStreamReader, TieredStreamReader  # noqa: E
 from store.serialize import CorruptEntry, to_kv  # noqa: E402
 from tests.test_blend import make_layout  # noqa: E402
 from tests.test_quant import FP, realistic_kv  # noqa: E402
-from tests.test_redis_store import Server  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    s = Server(tmp_path_factory.mktemp("redis"))
-    yield s
-    s.stop()
-
-
-@pytest.fixture()
-def url(server):
-    server.client.flushall()
-    return server.url
+# the real redis-server of the tier's own tests, one per module, emptied for each test
+from tests.test_redis_store import Server, server, url  # noqa: E402,F401
 
 
 @pytest.mark.parametrize("fmt", ["float32", "int8", "bfloat16"])
