@@ -37,7 +37,8 @@ class Settings(BaseModel):
                                                                     "the request id and the API key's name")
     max_queue: int = Field(32, ge=1, le=10_000, description="queries waiting for the model; more are refused (503)")
     gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (default: a quarter of "
-                                    "the free device memory at start; on CPU, 1024 MiB of plain memory)")
+                                    "the free device memory at start; on CPU, 1024 MiB of plain memory; 0: every query "
+                                    "reads the store)")
     cpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in pinned host memory, on CUDA (default: a "
                                     "quarter of the available host memory, at most 64 GiB)")
     max_ratio: float = Field(DEFAULT_MAX_RATIO, ge=0.0, le=1.0, description="on a GPU, how far the loading controller "
@@ -63,8 +64,6 @@ class Settings(BaseModel):
     reranker: Path | None = Field(None, description="a local sentence-transformers CrossEncoder directory: requests "
                                                     "with `rerank: true` reorder their candidates with it")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
-    gpu_tier_mb: int | None = Field(None, ge=0, description="chunk KV kept in device memory (on CPU, plain memory; "
-                                    "default: 1024 MiB; 0: every query reads the store)")
     # connection hygiene (api/connections.py)
     max_connections: int = Field(4096, ge=16, le=1_000_000, description="open client connections; past it the "
                                                                          "oldest one waiting for a request is closed")
