@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -24,9 +23,8 @@ from store.serialize import CorruptEntry, KVHeader, crc32, crc32_combine, layer_
 
 @dataclass
 class LayerJob:
-    """One layer of every chunk of a request: `copy` lands it in staging (one torch op, so the
-    reader takes the GIL once per layer, not once per chunk: with 14 reader threads taking it per
-    chunk, the thread that queues the prefill ran 3× slower, measured on an H100 host);
+    """One layer of every chunk of a request: `copy` lands it in staging (one call on one
+    thread, see _join_into: the reads must not starve the thread that queues the prefill);
     `verify` checks the checksums of what was copied and raises CorruptEntry naming the entry."""
     layer: int
     copy: Callable[[], None]
@@ -209,10 +207,21 @@ def _spans(opened: list, layer: int) -> list[memoryview]:
     return [layer_span(mv, head, layer) for _, mv, head in opened]
 
 
-def _as_tensors(spans: list[memoryview]) -> list[torch.Tensor]:
-    with warnings.catch_warnings():  # read-only LMDB memory: only ever read from
-        warnings.simplefilter("ignore", UserWarning)
-        return [torch.frombuffer(span, dtype=torch.uint8) for span in spans]
+def _as_arrays(spans: list[memoryview]) -> list[np.ndarray]:
+    """The spans as read-only uint8 arrays over the map (no copy)."""
+    return [np.frombuffer(span, dtype=np.uint8) for span in spans]
+
+
+def _join_into(srcs: list[np.ndarray], out: np.ndarray, axis: int = 0) -> None:
+    """Copy `srcs` side by side along `axis` into `out`, on the calling thread alone.
+
+    Not torch.cat: a CPU torch op fans out over the intra-op OpenMP team of the thread that calls
+    it, and those threads spin after each op. Two copier threads thus kept ~30 threads runnable
+    on a 16-core H100 host, and the thread that queues the prefill ran ~3× slower while a stream
+    was read: blend from int8 LMDB queued its first graph layer at 38 ms against 10 ms with the
+    KV on the GPU (profile of 2026-12-07, docs/results/gpu/dec07/run1). numpy copies on one
+    thread and releases the GIL while it copies."""
+    np.concatenate(srcs, axis=axis, out=out)
 
 
 def _verify_spans(opened: list, layer: int, spans: list[memoryview]) -> None:
@@ -233,10 +242,10 @@ def _verify_row(opened: list, layer: int, row: np.ndarray, spans: list[memoryvie
         raise CorruptEntry(f"checksum mismatch in layer {layer} of a packed row, not in the stored entries")
 
 
-# Threads copying a stream's layers into staging. Each layer is one torch op over all its chunks
-# (which runs on torch's intra-op threads), so a few copiers keep the host→device pipe fed while
-# taking the GIL only a few dozen times a request.
-COPIERS = 2
+# Threads copying a stream's layers into staging, each on one core (_join_into). A request's six
+# int8 entries of the mistral-7b shape are 25 MB: at a few GB/s a core, four copiers keep the
+# layers ahead of a GPU that computes one in ~0.6 ms.
+COPIERS = 4
 
 
 class StagedReader:
@@ -390,8 +399,9 @@ class StagedReader:
         """Layer i of entries used as stored: each chunk's [2, H, T, D] bytes into its token span
         of the block's layer row, one cat along the tokens."""
         spans = _spans(opened, i)
-        srcs = [t.view(2, heads, -1, width) for t in _as_tensors(spans)]
-        return LayerJob(i, lambda: torch.cat(srcs, dim=2, out=row), lambda: _verify_spans(opened, i, spans),
+        srcs = [a.reshape(2, heads, -1, width) for a in _as_arrays(spans)]
+        out = row.numpy()
+        return LayerJob(i, lambda: _join_into(srcs, out, axis=2), lambda: _verify_spans(opened, i, spans),
                         sum(len(m) for m in spans), tuple(spans))
 
     def _packed_plan(self, opened: list, layers: list[int], dtype: torch.dtype | None,
@@ -422,10 +432,10 @@ class StagedReader:
         def job(i: int) -> LayerJob:
             """Layer i: every chunk's stored row, one after another, into the layer's packed row."""
             src = _spans(opened, i)
-            srcs = _as_tensors(src)
+            srcs = _as_arrays(src)
             verify = ((lambda: _verify_row(opened, i, rows[i], src)) if crc32_combine is not None
                       else (lambda: _verify_spans(opened, i, src)))
-            return LayerJob(i, lambda: torch.cat(srcs, out=raw[i]), verify, width, tuple(src))
+            return LayerJob(i, lambda: _join_into(srcs, rows[i]), verify, width, tuple(src))
 
         plan = [job(i) for i in layers]
         block = torch.empty((n_layers, 2, heads, at, dim), dtype=dtype, device=device)

@@ -7,6 +7,6 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 OUT=${OUT:-out/gpu}; mkdir -p "$OUT"; t0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader
 python3 -m api.cli bench-serve --shape mistral-7b --device cuda --rates '' --goodput 32,128 --modes blend,full \
-  --goodput-requests 200 --goodput-runs 4 --step-batches 1,32,128 --step-contexts 4096 --time-budget 520 --out /tmp/serve \
+  --goodput-requests 200 --goodput-runs 4 --step-batches 1,32 --step-contexts 4096 --time-budget 420 --out /tmp/serve \
   > "$OUT/serve.log" 2>&1
 echo "serve rc $? at $(( $(date +%s) - t0 )) s"; cp /tmp/serve/serve.* "$OUT/" 2>/dev/null; cat /tmp/serve/serve.md; tail -30 "$OUT/serve.log"
