@@ -82,6 +82,37 @@ def test_rerotated_cached_layer0_keys_equal_recomputed_keys(tiny_engines, arch):
     assert torch.equal(cached.kv[0, 1], at_place[0, 1]) or (cached.kv[0, 1] - at_place[0, 1]).abs().max() < 1e-6
 
 
+@ARCHS
+def test_prefix_and_first_chunk_kv_equal_full_prefill(tiny_engines, arch):
+    """The premise of every selection (select.score ranks the first chunk last): before any
+    compute, the fused cache already holds full prefill's KV for the prompt head and the first
+    chunk (issue 21 asked whether a Qwen floor came from there; it did not)."""
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = run(engine, layout, "full")
+    kvs = engine.load_chunks(layout, "reuse", engine.memory_cache(layout))
+    stale = fill_cache(engine.parts, layout, engine.prefix_kv(layout.prefix), kvs)
+    exact = layout.chunk_starts[0] + len(layout.chunks[0])
+    assert (stale[:, :, :, :exact] - full.kv[:, :, :, :exact]).abs().max().item() < 1e-5
+    later = slice(exact, layout.suffix_start)
+    assert (stale[:, :, :, later] - full.kv[:, :, :, later]).abs().max().item() > 1e-3  # the rest is stale
+
+
+@ARCHS
+def test_blend_recomputing_every_chunk_but_the_first_equals_full(tiny_engines, arch):
+    """At the ratio that spends the budget on exactly the chunks after the first, nothing stale is
+    left: blend is full prefill. So what a ratio below 1 leaves is only in chunks 2…k."""
+    engine = tiny_engines[arch]
+    layout = make_layout()
+    full = run(engine, layout, "full")
+    n_first, n_chunk = len(layout.chunks[0]), layout.n_chunk_tokens
+    for selection in ("value", "lookahead"):
+        res = run(engine, layout, "blend", ratio=(n_chunk - n_first) / n_chunk, check_layer=1, selection=selection)
+        assert res.recomputed_tokens == n_chunk - n_first
+        assert (res.logits - full.logits).abs().max().item() < 1e-4, selection
+        assert (res.kv - full.kv).abs().max().item() < 1e-4, selection
+
+
 def test_selection_keeps_exactly_top_deviations_plus_suffix():
     torch.manual_seed(0)
     heads, dim, lo, hi, n = 2, 4, 5, 25, 30  # positions: prefix 0-4, chunks 5-24, suffix 25-29
