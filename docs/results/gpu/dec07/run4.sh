@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fourth GPU command of 2026-12-07. Issue 20: the stream's copies on one thread each (numpy)
 # against the torch.cat copies of before (the tree with .old/reader.py), both benched in this
-# command; the CUDA stream tests. Issue 25: Redis vs LMDB TTFT with hiredis. Issue 22: the HTTP goodput run (fastapi-offline now carried).
+# command; the CUDA stream tests. Issue 25: Redis vs LMDB TTFT with hiredis.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=/tmp/site:$PWD || exit 1
@@ -19,7 +19,3 @@ timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/te
 echo "tests rc $? at $(( $(date +%s) - t0 )) s"; tail -2 "$OUT/cuda-tests.log"
 timeout 70 python3 -m api.bench_fleet ttft --shape mistral-7b --device cuda --dtype bfloat16 --runs 8 --warmup 2 \
   --out "$OUT/ttft_redis.json" > "$OUT/fleet.log" 2>&1; echo "ttft (hiredis) rc $? at $(( $(date +%s) - t0 )) s"; grep "^|" "$OUT/fleet.log"
-export RAGBLEND_CACHE=$PWD/.tok
-timeout 150 python3 -m api.cli bench-http --model random:mistral-7b-smol --device cuda --goodput 128 --modes blend \
-  --time-budget 120 --server-module tests.serve_for_tests --out /tmp/http -- --slot-tokens 3584 --max-ratio 0 > "$OUT/http.log" 2>&1
-echo "http rc $? at $(( $(date +%s) - t0 )) s"; cp /tmp/http/*.json /tmp/http/*.md "$OUT/" 2>/dev/null; cat /tmp/http/*.md 2>/dev/null; tail -6 "$OUT/http.log"

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Issue 22's HTTP goodput run, left from 2026-12-07 (run3 lacked the fastapi-offline wheel; then the
+# device time ran out). Needs .whl (with fastapi-offline) and .tok (the bundled tokenizer's files) carried;
+# compare with run3's in-process figure on the same card.
+set -u
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD || exit 1
+OUT=${OUT:-out/gpu}; mkdir -p "$OUT"; t0=$(date +%s)
+export RAGBLEND_CACHE=$PWD/.tok
+timeout 330 python3 -m api.cli bench-http --model random:mistral-7b-smol --device cuda --goodput 128 --modes blend \
+  --time-budget 300 --server-module tests.serve_for_tests --out /tmp/http -- --slot-tokens 3584 --max-ratio 0 > "$OUT/http.log" 2>&1
+echo "http rc $? at $(( $(date +%s) - t0 )) s"; cp /tmp/http/*.json /tmp/http/*.md "$OUT/" 2>/dev/null; cat /tmp/http/*.md 2>/dev/null; tail -6 "$OUT/http.log"
