@@ -41,10 +41,16 @@ def test_a_queued_stream_gets_its_headers_and_comments_before_the_model_is_free(
     s = launch(tmp_path, "--max-batch", "1", "--max-tokens", "2048")
     try:
         index(s.http, id="queued-doc", text=doc_text("q", 2))
-        busy = threading.Thread(target=lambda: httpx.post(f"{s.base}/v1/query", timeout=120, json={
-            "question": "bridge", "max_tokens": 2000, "temperature": 1.0, "seed": 0}))
+        busy_reply: list[httpx.Response] = []
+        busy = threading.Thread(target=lambda: busy_reply.append(httpx.post(f"{s.base}/v1/query", timeout=120, json={
+            "question": "bridge", "max_tokens": 2000, "temperature": 1.0, "seed": 0})))
         busy.start()
-        time.sleep(0.5)  # the long one holds the only batch slot
+        # the long one holds the only batch slot before the stream is sent (a fixed sleep raced its
+        # admission on a loaded 2-core CI machine, and the stream was admitted first)
+        deadline = time.monotonic() + 30
+        while "ragblend_sequences_running 1.0" not in s.http.get("/metrics").text:
+            assert time.monotonic() < deadline and busy.is_alive(), "the long request never started decoding"
+            time.sleep(0.02)
         t0 = time.monotonic()
         lines = []
         with s.http.stream("POST", "/v1/query", json={"question": "bridge", "max_tokens": 4, "stream": True}) as r:
@@ -55,6 +61,7 @@ def test_a_queued_stream_gets_its_headers_and_comments_before_the_model_is_free(
                 if line.startswith("event: done"):
                     break
         busy.join()
+        assert busy_reply[0].status_code == 200, busy_reply[0].text
         assert headers_s < 1.5, headers_s  # not held back until the long request ends (~6 s)
         first_token = next(i for i, x in enumerate(lines) if x.startswith("event: token") or x.startswith("event: done"))
         assert ": queued" in lines[:first_token]
