@@ -12,10 +12,15 @@
   blend with the default selection, the loading controller calibrated as `serve` does), with the
   KV cold in a local LMDB against cold on a redis-server on loopback (streamed, and read whole),
   timed in turns (blend/bench.py's timed_together).
+- `stream --shape mistral-7b`: the read alone, no model (so it measures on any machine): a request's
+  chunk KV streamed from a redis-server on loopback against a local LMDB, in turns; per cell the
+  median planning time (headers and buffers, before any layer is read), time to layer 0 landed
+  and verified, and time to every layer, with the GB/s that makes.
 
     python -m api.bench_fleet index samples/corpus … --workers 0,1,2,4 --chunk-tokens 128
     python -m api.bench_fleet precompute --model random:mistral-7b --device cuda --dtype bfloat16
-    python -m api.bench_fleet ttft --shape mistral-7b --device cuda --runs 15"""
+    python -m api.bench_fleet ttft --shape mistral-7b --device cuda --runs 15
+    python -m api.bench_fleet stream --shape mistral-7b --runs 15"""
 from __future__ import annotations
 
 import argparse
@@ -234,7 +239,86 @@ def ttft_main(argv: list[str]) -> None:
     write(args, {"device": device, "times": times, "recomputed": recomputed, "streamed": streamed})
 
 
-COMMANDS = {"index": index_main, "precompute": precompute_main, "ttft": ttft_main}
+def stream_main(argv: list[str]) -> None:
+    import statistics
+
+    import torch
+
+    from blend.shapes import SHAPES
+    from store import KVStore
+    from store.quant import DEFAULT_FORMAT
+    from store.reader import StagedReader
+    from store.redis_store import RedisKVStore
+    from store.redis_stream import SharedStreamReader
+    from store.serialize import encode_kv
+
+    p = argparse.ArgumentParser(prog="bench_fleet stream", description="a request's chunk KV read, Redis vs LMDB")
+    p.add_argument("--shape", default="mistral-7b")
+    p.add_argument("--chunks", type=int, default=6)
+    p.add_argument("--chunk-tokens", type=int, default=512)
+    p.add_argument("--kv-dtype", default=DEFAULT_FORMAT)
+    p.add_argument("--runs", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    cfg = SHAPES[args.shape].config()
+    n_layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    g = torch.Generator().manual_seed(0)
+    proc = None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            url = args.redis
+            if url == "auto":
+                proc, url = start_redis(Path(tmp))
+            shared = RedisKVStore(url, fmt=args.kv_dtype)
+            lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 34)
+            lmdb.configure(kv_format=args.kv_dtype)
+            keys = []
+            for c in range(args.chunks):
+                kv = torch.randn(n_layers, 2, heads, args.chunk_tokens, dim, generator=g).to(torch.bfloat16)
+                key = f"{c:064x}"
+                value = encode_kv(kv, "bench", args.kv_dtype, key)
+                shared.put_encoded(key, value)
+                lmdb.put_encoded(key, value, {"n_tokens": args.chunk_tokens})
+                keys.append(key)
+            readers = {"lmdb": StagedReader(lmdb), "redis": SharedStreamReader(shared)}
+            cells: dict[str, dict[str, list[float]]] = {n: {"plan": [], "layer 0": [], "all": []} for n in readers}
+            nbytes = 0
+            for run in range(args.warmup + args.runs):
+                for name, reader in readers.items():
+                    t0 = time.perf_counter()
+                    s = reader.stream(keys, range(n_layers), "bench", dtype=torch.bfloat16, device="cpu")
+                    t1 = time.perf_counter()
+                    s.start()
+                    s.arrived(0)
+                    t2 = time.perf_counter()
+                    s.close()  # every layer copied into staging and its CRC checked (no decode)
+                    t3 = time.perf_counter()
+                    nbytes = s.nbytes
+                    if run >= args.warmup:
+                        for cell, v in (("plan", t1 - t0), ("layer 0", t2 - t0), ("all", t3 - t0)):
+                            cells[name][cell].append(v * 1e3)
+            for reader in readers.values():
+                reader.close()
+            lmdb.close()
+            shared.close()
+        finally:
+            if proc is not None:
+                proc.kill()
+    med = {n: {c: round(statistics.median(v), 2) for c, v in cs.items()} for n, cs in cells.items()}
+    print(f"{args.shape}: {args.chunks}×{args.chunk_tokens} tokens, {args.kv_dtype}, {nbytes / 1e6:.0f} MB a request, "
+          f"{args.runs} runs in turns, medians")
+    print("| tier | plan ms | layer 0 ms | all layers ms | GB/s | × LMDB (all) |")
+    print("|---|---|---|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m['plan']:.1f} | {m['layer 0']:.1f} | {m['all']:.1f} | {nbytes / m['all'] / 1e6:.2f} | "
+              f"{m['all'] / med['lmdb']['all']:.2f} |")
+    write(args, {"nbytes": nbytes, "medians_ms": med, "runs_ms": cells})
+
+
+COMMANDS = {"index": index_main, "precompute": precompute_main, "ttft": ttft_main, "stream": stream_main}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -132,6 +132,12 @@ class LayerStream:
                 self._failure = self._failure or e
             raise
 
+    def arrived(self, layer: int) -> None:
+        """Return once layer `layer` is in staging and verified (raise its failure if not),
+        without decoding it: what the host side of a read costs (api/bench_fleet.py stream)."""
+        self.start()
+        self._result(layer)
+
     def _result(self, layer: int) -> None:
         """Layer `layer` copied and verified, or its failure raised."""
         self._copies[layer].result()

@@ -6,7 +6,10 @@ It is the LMDB stream itself (store/reader.py's StagedReader.stream and LayerStr
 pinned staging block or packed rows, the same arrival flags, the same CRC per layer and the same
 failure rules), fed from entries that are still arriving instead of memory-mapped ones:
 - the entries' headers are read first (one round trip); each entry gets a host buffer of its
-  length (`ArrivingEntry`) with the header in place, which is what the stream plans from;
+  length (`ArrivingEntry`) with the header in place, which is what the stream plans from. Those
+  buffers are kept for later streams (`EntryBuffers`): a request's entries are ~200 MB for a 7B
+  model, and a fresh buffer pays its page faults on first touch (~90 ms per 34 MB entry measured
+  on the dev machine, most of a stream's planning time), every request;
 - a fetch thread then reads the layers in the order the prefill consumes them, one pipelined
   GETRANGE of a layer across every chunk per round trip, into those buffers;
 - the stream's layer copies (into pinned staging) run on a pool that holds a layer's job until
@@ -31,6 +34,7 @@ from concurrent.futures import Executor, Future
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
 import torch
 
 from store.reader import LayerJob, LayerStream, StagedReader
@@ -38,30 +42,77 @@ from store.serialize import CorruptEntry, KVHeader, layer_ok, layer_span, read_h
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BUFFER_BYTES = 1 << 30  # idle arriving-entry buffers kept for the next streams (EntryBuffers)
+
 
 class ArrivingEntry(bytearray):
     """One entry's bytes as they arrive: its header from the start, each layer once fetched.
-    `wait(i)` returns once layer i is in (or will never be: its bytes then fail their CRC)."""
+    `wait(i)` returns once layer i is in (or will never be: its bytes are then zeros, which fail
+    its CRC). A buffer is reused for a later entry of the same length (`reset`), so a layer that
+    does not arrive is zeroed rather than left as what the last entry had there."""
 
-    def __init__(self, total: int, head_bytes: bytes, head: KVHeader):
+    def __init__(self, total: int):
         super().__init__(total)
+        self._np = np.frombuffer(self, dtype=np.uint8)  # copies through numpy run without the GIL
+
+    def reset(self, head_bytes: bytes, head: KVHeader) -> "ArrivingEntry":
         self[:len(head_bytes)] = head_bytes
         self.head = head
         self._arrived = [threading.Event() for _ in range(head.shape[0])]
+        return self
+
+    def _span(self, layer: int) -> np.ndarray:
+        start = self.head.payload_offset + layer * self.head.layer_nbytes
+        return self._np[start:start + self.head.layer_nbytes]
 
     def arrive(self, layer: int, span: bytes | None) -> None:
-        if span is not None and len(span) == self.head.layer_nbytes:
-            start = self.head.payload_offset + layer * self.head.layer_nbytes
-            self[start:start + len(span)] = span
+        dst = self._span(layer)
+        if span is not None and len(span) == len(dst):
+            np.copyto(dst, np.frombuffer(span, dtype=np.uint8))
+        else:  # the value changed since its header was read: this layer must fail its CRC
+            dst.fill(0)
         self._arrived[layer].set()
 
     def give_up(self) -> None:
-        """No more layers will come: let every waiter go (what is missing fails its CRC)."""
-        for e in self._arrived:
-            e.set()
+        """No more layers will come: zero the missing ones and let every waiter go."""
+        for i, e in enumerate(self._arrived):
+            if not e.is_set():
+                self._span(i).fill(0)
+                e.set()
 
     def wait(self, layer: int) -> None:
         self._arrived[layer].wait()
+
+
+class EntryBuffers:
+    """ArrivingEntry buffers kept between streams, by length (a corpus chunked to one token
+    budget has few distinct entry lengths), up to `max_bytes` idle; more are allocated when
+    streams overlap, and dropped past the bound."""
+
+    def __init__(self, max_bytes: int = DEFAULT_BUFFER_BYTES):
+        self.max_bytes = max_bytes
+        self._free: dict[int, list[ArrivingEntry]] = {}
+        self._idle = 0
+        self._lock = threading.Lock()
+        self.reused = self.allocated = 0
+
+    def take(self, total: int, head_bytes: bytes, head: KVHeader) -> ArrivingEntry:
+        with self._lock:
+            free = self._free.get(total)
+            buf = free.pop() if free else None
+            if buf is not None:
+                self._idle -= total
+                self.reused += 1
+            else:
+                self.allocated += 1
+        return (buf or ArrivingEntry(total)).reset(head_bytes, head)
+
+    def give(self, entries: Iterable[ArrivingEntry]) -> None:
+        with self._lock:
+            for e in entries:
+                if self._idle + len(e) <= self.max_bytes:
+                    self._free.setdefault(len(e), []).append(e)
+                    self._idle += len(e)
 
 
 class GatedPool(Executor):
@@ -95,11 +146,16 @@ class _Fetch:
     """One stream's entries and the thread that reads their layers: the stream's, in its order;
     then, when the entries are to be kept in a local cache, the layers the stream did not ask for,
     after which every entry whose layers all pass their CRC is copied there. That tail runs after
-    the stream's own layers, off the request's path (the stream's close does not wait for it)."""
+    the stream's own layers, off the request's path (the stream's close does not wait for it).
+    The entries' buffers go back to `buffers` once both the stream and the thread are done with
+    them (`release`, called by each)."""
 
-    def __init__(self, shared, keys: list[str], entries: list[ArrivingEntry], layers: list[int], cache_into=None):
+    def __init__(self, shared, keys: list[str], entries: list[ArrivingEntry], layers: list[int], cache_into=None,
+                 buffers: EntryBuffers | None = None):
         self.shared, self.keys, self.entries, self.layers = shared, keys, entries, layers
-        self.cache_into = cache_into
+        self.cache_into, self.buffers = cache_into, buffers
+        self._holders = 2  # the stream (its snapshot) and the fetch thread
+        self._holders_lock = threading.Lock()
         n = entries[0].head.shape[0] if entries else 0
         wanted = set(layers)
         self.rest = [i for i in range(n) if i not in wanted] if cache_into is not None else []
@@ -108,7 +164,20 @@ class _Fetch:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="kv-fetch", daemon=True)
 
+    def release(self) -> None:
+        with self._holders_lock:
+            self._holders -= 1
+            last = self._holders == 0
+        if last and self.buffers is not None:
+            self.buffers.give(self.entries)
+
     def _run(self) -> None:
+        try:
+            self._fetch()
+        finally:
+            self.release()
+
+    def _fetch(self) -> None:
         heads = [e.head for e in self.entries]
         try:
             for i in self.layers + self.rest:
@@ -135,7 +204,7 @@ class _Fetch:
             if not ok:
                 continue
             try:
-                self.cache_into.put_encoded(key, bytes(entry), {"from_shared": True, "n_tokens": head.shape[3]})
+                self.cache_into.put_encoded(key, memoryview(entry), {"from_shared": True, "n_tokens": head.shape[3]})
             except OSError as e:  # a full disk must not fail anything: the tier still has it
                 log.warning("could not copy chunk %s into the local cache: %s", key[:12], e)
 
@@ -160,6 +229,8 @@ class _ArrivingSource:
         except BaseException:  # planning failed: nothing will read the buffers
             fetch.stop.set()
             raise
+        finally:  # the stream is closed (every copy and checksum done) or was never planned
+            fetch.release()
 
     @staticmethod
     def raw(fetch: _Fetch, key: str) -> memoryview | None:
@@ -180,6 +251,7 @@ class SharedStreamReader:
         self._reader = StagedReader(self._source, workers=workers, pin=pin)
         self._reader.copiers = GatedPool(self._reader.copiers)
         self._lock = threading.Lock()  # one stream planned at a time (the source holds its fetch)
+        self.buffers = EntryBuffers()
         self.streams = 0
 
     @property
@@ -209,9 +281,9 @@ class SharedStreamReader:
                 head = read_header(head_bytes, total=total, expect_key=key)
             except CorruptEntry as e:
                 raise CorruptEntry(f"shared entry {key}: {e}") from None
-            entries.append(ArrivingEntry(total, head_bytes, head))
+            entries.append(self.buffers.take(total, head_bytes, head))
         with self._lock:
-            self._source.pending = _Fetch(self.shared, list(keys), entries, layers, self.cache_into)
+            self._source.pending = _Fetch(self.shared, list(keys), entries, layers, self.cache_into, self.buffers)
             try:
                 s = self._reader.stream(keys, layers, fingerprint, dtype=dtype, device=device, land=land)
             finally:

@@ -73,6 +73,33 @@ def test_a_damaged_shared_layer_fails_at_its_wait_and_an_absent_entry_before_any
     shared.close()
 
 
+def test_streams_reuse_their_entry_buffers_and_a_reused_buffer_never_shows_the_last_entry(url):
+    """The second stream's entries (other bytes, the same lengths) land in the first one's
+    buffers, bit-exact; a layer that does not arrive in a reused buffer is zeros, so it fails its
+    CRC instead of passing off what the last entry had there."""
+    shared = RedisKVStore(url, fmt="int8")
+    for name, seed in (("a", 1), ("b", 2)):
+        shared.put(name, realistic_kv(L=4, H=2, T=7, D=16, seed=seed), FP)
+    reader = SharedStreamReader(shared, workers=2, pin=False)
+    for key in ("a", "b"):
+        whole = shared.get_raw(key, fingerprint=FP)[0]
+        with reader.stream([key], range(4), FP, dtype=torch.float32) as s:
+            for i in range(4):
+                s.arrived(i)
+            assert torch.equal(s.packed.rows[:, :whole.shape[1]], whole)
+        reader.settle()
+    assert (reader.buffers.allocated, reader.buffers.reused) == (1, 1)
+
+    head_bytes, head = shared.header_bytes(["a"])[0][1], shared.header("a")
+    entry = reader.buffers.take(len(shared.values(["a"])[0]), head_bytes, head)  # holds b's layers
+    entry.arrive(0, b"short")  # the value changed since its header was read
+    entry.give_up()            # layers 1-3 never came
+    payload = memoryview(entry)[head.payload_offset:]
+    assert not any(payload)
+    reader.close()
+    shared.close()
+
+
 def test_an_unreachable_tier_streams_nothing_and_reads_as_absent(tmp_path):
     s = Server(tmp_path / "gone")
     shared = RedisKVStore(s.url, fmt="float32")
