@@ -4,9 +4,12 @@ full DMA speed and asynchronously, instead of through pageable memory). `stream`
 chunks over layer by layer, so that the GPU computes layer i while layer i+1 is still being read."""
 from __future__ import annotations
 
+import heapq
+import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
@@ -31,6 +34,50 @@ class LayerJob:
     verify: Callable[[], None]
     nbytes: int
     sources: tuple[memoryview, ...] = ()  # the entries' spans it copies (a gate may wait for them)
+
+
+class Watchdog:
+    """Calls made after a delay unless cancelled, all on one thread: every stream arms one (its
+    last-resort start, below), and a threading.Timer per stream cost its planning ~1.5 ms of host
+    time on the dev machine (Thread.start waits until the new thread runs), before any layer was
+    read. The callback is held weakly for a bound method, so an abandoned stream is not kept."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._due: list[list] = []  # heap of [deadline, n, callback ref, cancelled]
+        self._n = 0
+        self._thread: threading.Thread | None = None
+
+    def call_later(self, delay_s: float, fn: Callable[[], object]) -> list:
+        ref = weakref.WeakMethod(fn) if hasattr(fn, "__self__") else (lambda: fn)
+        with self._cv:
+            self._n += 1
+            item = [time.monotonic() + delay_s, self._n, ref, False]
+            heapq.heappush(self._due, item)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kv-watchdog", daemon=True)
+                self._thread.start()
+            self._cv.notify()
+        return item
+
+    def cancel(self, item: list) -> None:
+        item[3] = True
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._cv.wait(None if not self._due else max(0.0, self._due[0][0] - time.monotonic()))
+                _, _, ref, cancelled = heapq.heappop(self._due)
+            fn = None if cancelled else ref()
+            if fn is not None:
+                try:
+                    fn()
+                except Exception:  # a last resort must not end the watchdog
+                    logging.getLogger(__name__).exception("a stream's last-resort start failed")
+
+
+WATCHDOG = Watchdog()
 
 
 class LayerStream:
@@ -78,10 +125,7 @@ class LayerStream:
         self._start_lock = threading.Lock()
         # A last resort against a caller that synchronizes with a device waiting on flags it has
         # not started reading for: after a while the reads start anyway.
-        self._watchdog = threading.Timer(1.0, self.start) if flags is not None and jobs else None
-        if self._watchdog is not None:
-            self._watchdog.daemon = True
-            self._watchdog.start()
+        self._watchdog = WATCHDOG.call_later(1.0, self.start) if flags is not None and jobs else None
         self.waited_s = 0.0  # host time spent blocked in wait() and close()
         # what the reads moved and how long they took, first read to last (the loading
         # controller's measure of the tier)
@@ -169,7 +213,7 @@ class LayerStream:
         the snapshot, and raise the first failure if wait() has not raised it already."""
         self.start()
         if self._watchdog is not None:
-            self._watchdog.cancel()
+            WATCHDOG.cancel(self._watchdog)
         t0 = time.perf_counter()
         wait_all(list(self._copies.values()))
         with self._lock:

@@ -421,6 +421,34 @@ def test_layer_stream_hands_over_layers_in_order_bit_exact(tmp_path):
     store.close()
 
 
+def test_a_stream_nobody_starts_reads_by_itself_after_a_second_and_a_closed_one_is_left_alone(tmp_path):
+    """The last resort for a caller whose device waits on the flags before it started the reads:
+    the shared watchdog starts them; a stream closed (or already started) before then is not
+    touched again, and the watchdog keeps serving later streams."""
+    from store import StagedReader
+
+    store = KVStore(tmp_path / "kv")
+    kv = random_bits(torch.bfloat16, (3, 2, 2, 4, 8))
+    store.put("k", kv, "fp", {})
+    reader = StagedReader(store, workers=2, slots=4, pin=False)
+    for _ in range(2):
+        closed = reader.stream(["k"], range(3), "fp")
+        closed.close()
+        s = reader.stream(["k"], range(3), "fp")
+        time.sleep(0.3)
+        assert not (s.flags[:3] == s.seq).any()  # nothing read yet: nobody started it
+        deadline = time.monotonic() + 5
+        while not (s.flags[:3] == s.seq).all():
+            assert time.monotonic() < deadline, "the watchdog never started the stream"
+            time.sleep(0.02)
+        for i in range(3):
+            s.wait(i)
+            assert bits_equal(s.tensors[0][i], kv[i])
+        s.close()
+    reader.close()
+    store.close()
+
+
 def test_layer_stream_reports_bad_entries(tmp_path):
     """Absent and foreign entries fail before anything is queued; a corrupt layer fails at the
     wait for that layer (naming the entry), and the layers before it were usable."""
