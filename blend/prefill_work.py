@@ -101,6 +101,9 @@ class PrefillWork:
             next(self._pieces)  # the cache is set up: nothing computed yet
         spent = self._pieces.send(max(1, budget))
         self.spent += spent
+        if self.seq is not None:  # the last piece: its suspended frame still holds the prefill's
+            self._pieces.close()  # cache (one prompt's KV), which the sequence's slot now copies
+            self._pieces = None
         return spent
 
     def close(self) -> None:

@@ -111,6 +111,30 @@ def test_a_prefill_spread_over_steps_answers_as_it_does_whole(tiny_engines, arch
     assert got.recomputed_tokens == whole.recomputed_tokens
 
 
+@pytest.mark.parametrize("budget", [8, 4096], ids=["spread", "whole"])
+def test_a_prefills_cache_is_freed_once_its_sequence_joins_the_batch(tiny_engines, budget):
+    """The running sequence's KV lives in its slot; the prefill's own cache [L, 2, H, N, D] must
+    not outlive the prefill (a spread prefill's suspended pieces once held it for the sequence's
+    whole decode: one prompt's KV per running sequence, an OOM under load on a 7B model)."""
+    import weakref
+
+    engine = tiny_engines["tiny-llama"]
+    caches = {}
+    with serving(engine, prefill_tokens=budget) as sched:
+        rec = Recorder()
+        job = rec.job(engine, "long", make_layout(6, 3), spec_of("full", None, 40))
+        on_start = job.on_start
+        job.on_start = lambda seq: (caches.__setitem__("kv", weakref.ref(seq.result.kv)), on_start(seq))
+        sched.submit(job)
+        while "long" not in rec.started:
+            sched.step()
+        sched.step()
+        assert sched.running == 1 and "long" not in rec.answers  # decoding, from its slot
+        assert caches["kv"]() is None, "the prefill's cache is still alive"
+        while "long" not in rec.answers:
+            sched.step()
+
+
 def test_running_sequences_decode_every_step_while_a_long_prompt_prefills(tiny_engines):
     """Decodes first: a long prefill under a small budget costs each running sequence one step's
     budget of waiting per token, never the whole prefill."""
