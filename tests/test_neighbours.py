@@ -174,3 +174,18 @@ def test_the_index_option_stores_an_entry_per_chunk_behind_its_neighbours_and_se
         assert not svc.load_neighbours()
     finally:
         svc.close()
+
+
+def test_nearest_of_some_rows_is_what_the_full_computation_gives_them():
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((300, 24)).astype(np.float32)
+    emb[17] = emb[3]  # an exact tie, broken by index either way
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [str(i) for i in range(300)]
+    keys[40] = keys[41]  # the same chunk text twice
+    full = nearest(emb, 2, keys=keys)
+    rows = [299, 0, 3, 40, 41, 150]
+    assert nearest(emb, 2, keys=keys, rows=rows) == [full[r] for r in rows]
+    assert nearest(emb, 2, keys=keys, rows=[]) == [] and nearest(emb, 0, rows=[1, 2]) == [[], []]
+    with pytest.raises(IndexError):
+        nearest(emb, 2, rows=[300])
