@@ -189,3 +189,84 @@ def test_nearest_of_some_rows_is_what_the_full_computation_gives_them():
     assert nearest(emb, 2, keys=keys, rows=[]) == [] and nearest(emb, 0, rows=[1, 2]) == [[], []]
     with pytest.raises(IndexError):
         nearest(emb, 2, rows=[300])
+
+
+def animal_doc(doc_id: str, animal: str, place: str, paragraphs: int = 2):
+    """One chunk a paragraph at chunk_tokens 32. By the hash embedder a chunk is nearest the same
+    sentence about other animals, and the third sentence (only a 3-paragraph document has it)
+    nearest its own document's other two: an upload's chunks have neighbours in both."""
+    from retrieval import Document
+
+    lines = [f"The {animal} lives in the {place}; the {place} is home to the {animal} all year.",
+             f"Every morning the {animal} leaves the {place}, and the {animal} comes back to the {place} at night.",
+             f"Old stories say the {animal} found the {place}, and no {animal} ever left the {place} again."]
+    return Document(doc_id, "\n\n".join(lines[:paragraphs]), "api")
+
+
+ANIMALS = [("okapi", "forest"), ("heron", "river"), ("ibex", "mountains"), ("puffin", "cliffs")]
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_behind_a_gone_chunk(tmp_path):
+    """RagService's upload step (index_neighbours, api/neighbour_index.extend) and forget, in process:
+    cheaper than through a server."""
+    from api.datadir import record_index
+    from api.neighbour_index import build, context_keys, recorded
+    from api.service import IndexReport, RagService
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from retrieval.testing import HashEmbedder
+
+    svc = RagService(tmp_path / "data", engine=Engine(load_model("random:tiny-smol")), embedder=HashEmbedder(),
+                     chunk_tokens=32)
+    try:
+        reg = svc.corpus.registry
+        keys_of = lambda doc_id: [c["kv_key"] for c in reg.chunks_of(doc_id)]  # noqa: E731
+        svc.index_documents([animal_doc(f"d{i}", *a) for i, a in enumerate(ANIMALS[:3])])
+        # N = 0 recorded (the default): the upload step does nothing
+        nothing = IndexReport()
+        svc.index_neighbours(nothing)
+        assert (nothing.neighbour_chunks, nothing.neighbour_kv_computed) == (0, 0) and recorded(svc.data_dir) == {}
+        build(svc, 2)
+        record_index(svc.data_dir, neighbours=2)
+        assert svc.load_neighbours()
+        before, n_entries = recorded(svc.data_dir), len(svc.store)
+        # an upload: its chunks get entries behind their nearest of the corpus (its own chunks
+        # included), every other record is kept as it was, and the running service serves them
+        report = IndexReport()
+        svc.index_document(animal_doc("d3", *ANIMALS[3], paragraphs=3), report)
+        svc.index_neighbours(report)
+        table, new = recorded(svc.data_dir), keys_of("d3")
+        assert report.neighbour_chunks == report.neighbour_kv_computed == len(new) == 3
+        assert {k: v for k, v in table.items() if k not in new} == before
+        assert all(len(table[k]["context"]) == 2 and svc.store.contains(table[k]["key"]) for k in new)
+        assert any(set(table[k]["context"]) & set(new) for k in new)  # its own chunks are in the pool
+        assert len(svc.store) == n_entries + 2 * len(new) and svc.neighbours.table == table
+        # again: nothing to compute
+        again = IndexReport()
+        svc.index_neighbours(again)
+        assert (again.neighbour_chunks, again.neighbour_kv_computed, again.neighbour_kv_deleted) == (0, 0, 0)
+        # a delete un-records the gone chunks and every chunk computed behind one of them, and
+        # drops their entries, before the next upload step gives those chunks new ones
+        victim = next(k for k in table if k not in new and any(k in v["context"] for v in table.values()))
+        doc_id = next(d["doc_id"] for d in reg.list_documents() if victim in keys_of(d["doc_id"]))
+        gone = keys_of(doc_id)
+        behind = {k for k, v in table.items() if set(v["context"]) & set(gone)} - set(gone)
+        assert behind
+        assert svc.delete_document(doc_id)
+        after = recorded(svc.data_dir)
+        assert not set(after) & (set(gone) | behind)
+        assert all(not set(v["context"]) & set(gone) for v in after.values())
+        assert svc.neighbours.table == after and not any(svc.store.contains(table[k]["key"]) for k in set(gone) | behind)
+        assert context_keys(svc.data_dir) <= set(svc.store.keys())
+        refill = IndexReport()
+        svc.index_neighbours(refill)
+        final = recorded(svc.data_dir)
+        assert refill.neighbour_chunks == len(behind) and set(final) == set(svc.corpus.registry.kv_keys_in_use())
+        assert all(set(v["context"]) <= set(final) for v in final.values())
+        # replacing a document forgets its old chunks the same way
+        replaced = IndexReport()
+        svc.index_document(animal_doc("d3", "walrus", "ice", paragraphs=2), replaced)
+        assert replaced.neighbour_kv_deleted >= 3 and not set(recorded(svc.data_dir)) & set(new)
+    finally:
+        svc.close()
