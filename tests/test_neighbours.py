@@ -3,6 +3,8 @@ neighbours is its own entry under a key that covers that context, is never serve
 chunk or context, and changes nothing of blend's exactness (r = 1 equals full)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -209,7 +211,7 @@ ANIMALS = [("okapi", "forest"), ("heron", "river"), ("ibex", "mountains"), ("puf
 @pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_behind_a_gone_chunk(tmp_path):
     """RagService's upload step (index_neighbours, api/neighbour_index.extend) and forget, in process:
-    cheaper than through a server."""
+    the REST test below checks the same through a server."""
     from api.datadir import record_index
     from api.neighbour_index import build, context_keys, recorded
     from api.service import IndexReport, RagService
@@ -270,3 +272,103 @@ def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_be
         assert replaced.neighbour_kv_deleted >= 3 and not set(recorded(svc.data_dir)) & set(new)
     finally:
         svc.close()
+
+
+def _complete(http, question: str) -> dict:
+    """A greedy answer over the 3 chunks `question` retrieves, with its first token's top 5 (the
+    engine's own distribution: blend's prefill over the served chunk KV)."""
+    r = http.post("/v1/completions", json={"prompt": question, "top_k": 3, "max_tokens": 4, "temperature": 0,
+                                           "logprobs": 5, "mode": "blend", "ratio": 0.15})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return {"text": choice["text"], "first": choice["logprobs"]["top_logprobs"][0]}
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+@pytest.mark.slow  # two `ragblend index` runs and two servers: ~25 s
+def test_an_api_upload_gets_the_neighbour_entries_a_cli_index_gives_its_chunks(tmp_path):
+    """A data dir indexed with --neighbours 2, then a document uploaded through the REST API: a
+    failed neighbour step records nothing and leaves only entries `store gc` drops; the job that
+    succeeds records its chunks' entries and the server serves them at once; and those records
+    (so the answers over them) are what `ragblend index` of the same documents gives."""
+    from api.neighbour_index import context_keys, recorded, temp_path
+    from retrieval.registry import Registry
+    from store import KVStore
+    from tests.conftest import run_cli
+    from tests.test_api import index, launch, wait_job
+    from tests.test_hardening import TINY, cli
+
+    old, both = tmp_path / "old", tmp_path / "both"
+    for folder, n in ((old, 3), (both, 4)):
+        folder.mkdir()
+        for i, a in enumerate(ANIMALS[:n]):
+            (folder / f"d{i}.txt").write_text(animal_doc("-", *a, paragraphs=3 if i == 3 else 2).text)
+    upload = {"id": "d3", "text": (both / "d3.txt").read_text()}
+    args = [*TINY, "--chunk-tokens", "32", "--neighbours", "2"]
+    A, B = tmp_path / "A" / "data", tmp_path / "B" / "data"
+    done = cli("index", str(old), "--data-dir", str(A), *args)
+    assert done.returncode == 0, done.stderr
+    before = recorded(A)
+    question = "Where does the puffin live?"
+
+    def store_keys() -> set[str]:
+        with KVStore(A / "kv", readonly=True) as store:
+            return set(store.keys())
+
+    def registry_keys(doc_id: str | None = None) -> list[str]:
+        reg = Registry(A / "corpus" / "registry.sqlite")
+        try:
+            return [c["kv_key"] for c in reg.chunks_of(doc_id)] if doc_id else sorted(reg.kv_keys_in_use())
+        finally:
+            reg.close()
+
+    server = launch(tmp_path / "A")
+    try:
+        http = server.http
+        # (c) the neighbour step fails at its last write (its temp file's path is taken by a directory,
+        # as a full disk would fail it): the job fails, neighbours.json is as it was, the document is
+        # committed (one commit per document, as ever) and served plain, its computed entries are
+        # unreferenced, and `store gc` drops exactly those
+        blocker = temp_path(A, server.proc.pid)
+        blocker.mkdir()
+        failed = wait_job(http, http.post("/v1/documents", json=upload).json()["job_id"])
+        assert failed["status"] == "failed" and "neighbour-aware entries" in failed["error"], failed
+        assert failed["report"]["neighbour_chunks"] == 0 and recorded(A) == before
+        new = registry_keys("d3")
+        assert len(new) == 3 and http.get("/v1/documents/d3").json()["n_chunks"] == 3
+        unreferenced = store_keys() - set(registry_keys()) - context_keys(A)
+        assert len(unreferenced) == 3 and context_keys(A) <= store_keys()
+        hits = http.post("/v1/query", json={"question": question, "top_k": 3, "max_tokens": 1}).json()["chunks"]
+        assert {h["doc_id"] for h in hits} == {"d3"}  # the query is over the new chunks
+        plain = _complete(http, question)
+        gc = run_cli("store", "gc", "--data-dir", str(A), "--json")
+        assert gc.returncode == 0 and json.loads(gc.stdout)["removed"] == 3, gc.stderr
+        assert store_keys() == set(registry_keys()) | context_keys(A)
+        blocker.rmdir()
+        # (a) submitted again: the document is unchanged, and its chunks get their entries, recorded
+        # and in the store; the records of the chunks indexed before are kept as they were
+        rep = index(http, **upload)["report"]
+        assert rep["unchanged"] == 1 and rep["neighbour_chunks"] == rep["neighbour_kv_computed"] == 3
+        table = recorded(A)
+        assert set(table) == set(before) | set(new) and {k: table[k] for k in before} == before
+        assert {table[k]["key"] for k in new} <= store_keys() and store_keys() == set(registry_keys()) | context_keys(A)
+        # served without a restart: the same query, two of its three chunks now neighbour-aware
+        served = _complete(http, question)
+        assert served["first"] != pytest.approx(plain["first"], abs=1e-4)
+    finally:
+        server.stop()
+    # (b) `ragblend index` of the four documents with the same N records the same entries for the
+    # upload's chunks (it found their neighbours in the same corpus, by the same computation), so
+    # the answer over them is the same. Its records of the older chunks may differ (a new chunk can
+    # be nearer than one of their neighbours): an upload leaves those as they are, by design.
+    done = cli("index", str(both), "--data-dir", str(B), *args)
+    assert done.returncode == 0, done.stderr
+    by_cli = recorded(B)
+    assert {k: by_cli[k] for k in new} == {k: table[k] for k in new}
+    assert set(by_cli) == set(table)
+    server = launch(tmp_path / "B")
+    try:
+        again = _complete(server.http, question)
+    finally:
+        server.stop()
+    assert again["text"] == served["text"] and again["first"] == pytest.approx(served["first"], abs=1e-5)
