@@ -2,6 +2,9 @@
 
 Prints indexing throughput, stored bytes per token against 2·L·H_kv·D·sizeof(dtype), and the time
 to load one chunk's KV from LMDB (page cache; checksums verified) and from the hot tier.
+`--neighbours N --upload FILE`: the index gets neighbour-aware KV (as `ragblend index --neighbours
+N`), then FILE is indexed as an API upload's job does it (its documents, then its neighbour step),
+timed in two parts.
 """
 from __future__ import annotations
 
@@ -33,6 +36,8 @@ def main(
     model: str = "default",
     chunk_tokens: int = 256,
     out: Annotated[Optional[Path], typer.Option(help="write the figures as JSON here")] = None,
+    neighbours: Annotated[int, typer.Option(min=0, max=2, help="--neighbours N for the index (0: off)")] = 0,
+    upload: Annotated[Optional[Path], typer.Option(help="then index this file as an API upload's job, timed")] = None,
 ) -> None:
     # Imported here so that --help answers at once, without loading torch and the model stack.
     from api.service import RagService
@@ -48,6 +53,25 @@ def main(
         report = svc.index_documents(docs)
     report.seconds = time.perf_counter() - t0
     idx = report.as_dict()
+    uploaded = None
+    if neighbours or upload:
+        from api.datadir import record_index
+        from api.neighbour_index import build
+        from api.service import IndexReport
+
+        t0 = time.perf_counter()
+        idx["neighbour_build"] = {**build(svc, neighbours), "seconds": round(time.perf_counter() - t0, 3)}
+        record_index(svc.data_dir, neighbours=neighbours)
+        svc.load_neighbours()
+    if upload:
+        job = IndexReport()  # what api/indexer.py's job runs, in its order
+        t0 = time.perf_counter()
+        for doc in load_path(upload):
+            svc.index_document(doc, job)
+        t1 = time.perf_counter()
+        svc.index_neighbours(job)
+        t2 = time.perf_counter()
+        uploaded = {**job.as_dict(), "documents_s": round(t1 - t0, 3), "neighbour_step_s": round(t2 - t1, 3)}
     p = svc.engine.parts
     keys = list(svc.store.keys())
     tokens = {k: svc.store.get_meta(k)["n_tokens"] for k in keys}
@@ -76,6 +100,7 @@ def main(
         "lmdb_staged_parallel_load_ms_median": round(statistics.median(staged), 3),
         "hot_load_ms_median": round(statistics.median(hot), 5),
         "chunk_kv_bytes_mean": int(stats["kv_bytes"] / len(keys)),
+        "neighbours": neighbours, "upload": uploaded,
     }
     print(f"indexed {idx['documents']} documents, {idx['chunks']} chunks, {idx['tokens']} tokens in "
           f"{idx['seconds']:.1f} s: {idx['chunks_per_s']:.2f} chunks/s, {idx['tokens_per_s']:.0f} tokens/s "
@@ -85,6 +110,10 @@ def main(
     print(f"load one chunk KV ({result['mean_chunk_tokens']} tokens avg): LMDB {result['lmdb_load_ms_median']:.3f} ms"
           f" median from the page cache (first pass {result['lmdb_first_read_ms_median']:.3f} ms) ({result['lmdb_staged_parallel_load_ms_median']:.3f} ms with the parallel staged reader),"
           f" hot tier {result['hot_load_ms_median']:.4f} ms median")
+    if uploaded:
+        print(f"upload of {upload} (--neighbours {neighbours}): {uploaded['chunks']} chunks, {uploaded['tokens']} tokens; "
+              f"documents {uploaded['documents_s']:.2f} s, neighbour step {uploaded['neighbour_step_s']:.2f} s "
+              f"({uploaded['neighbour_kv_computed']} neighbour-aware entries computed)")
     if out:
         out.write_text(json.dumps(result, indent=2))
     svc.close()

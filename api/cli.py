@@ -183,10 +183,9 @@ def index(
     docs, collisions = service.corpus.collisions(docs)
     for c in collisions:
         typer.echo(f"error: {c['source']}: the id {c['id']!r} is taken by {c['taken_by']}; not indexed", err=True)
-    from api.datadir import DEFAULT_NEIGHBOURS, recorded_index, record_index
+    from api.datadir import record_index, recorded_neighbours
     from api.index_plan import apply_store_settings, plan_index
-    n_neighbours = neighbours if neighbours is not None else int(recorded_index(service.data_dir).get("neighbours",
-                                                                                                     DEFAULT_NEIGHBOURS))
+    n_neighbours = neighbours if neighbours is not None else recorded_neighbours(service.data_dir)
     try:
         apply_store_settings(service, kv_dtype, max_store_gb)
         plan = plan_index(service, docs, n_neighbours)
@@ -218,6 +217,9 @@ def index(
 
             nb_report = build(service, n_neighbours)
             record_index(service.data_dir, neighbours=n_neighbours)
+            report.neighbour_chunks += nb_report["neighbour_chunks"]
+            report.neighbour_kv_computed += nb_report["neighbour_kv_computed"]
+            report.neighbour_kv_deleted += nb_report["neighbour_kv_deleted"]
             typer.echo(f"neighbour-aware KV (--neighbours {n_neighbours}): {nb_report['neighbour_entries']} entries, "
                        f"{nb_report['neighbour_kv_computed']} computed, {nb_report['neighbour_kv_deleted']} dropped",
                        err=True)
@@ -435,7 +437,8 @@ def docs_list(data_dir: DataDirOpt = None, as_json: Annotated[bool, typer.Option
 @docs_app.command("delete")
 def docs_delete(doc_id: Annotated[str, typer.Argument(help="the document id (for files: path relative to the indexed root)")],
                 data_dir: DataDirOpt = None) -> None:
-    """Remove a document: its vectors, registry rows and KV entries."""
+    """Remove a document: its vectors, registry rows and KV entries (neighbour-aware ones included)."""
+    from api.neighbour_index import forget
     from api.service import default_data_dir, remove_document
     from retrieval import Corpus, Embedder
     from store import KVStore
@@ -443,7 +446,9 @@ def docs_delete(doc_id: Annotated[str, typer.Argument(help="the document id (for
     path = data_dir or default_data_dir()
     if not (path / "corpus").exists():
         fail(f"no index in {path}")
-    removed = remove_document(Corpus(path / "corpus", Embedder()), doc_id, KVStore(path / "kv").delete_many)
+    store = KVStore(path / "kv")
+    removed = remove_document(Corpus(path / "corpus", Embedder()), doc_id, store.delete_many,
+                              lambda gone: store.delete_many(list(forget(path, gone).values())))
     if removed is None:
         fail(f"no document {doc_id!r}", code=1)
     typer.echo(f"deleted {doc_id} ({removed} KV entries removed)")

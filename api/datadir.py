@@ -101,6 +101,12 @@ def check_embedder(data_dir: Path, name: str) -> None:
                               "model's. Use that embedding model with it, or index into a new --data-dir")
 
 
+def recorded_neighbours(data_dir: Path) -> int:
+    """The data dir's --neighbours N: the one `ragblend index` last recorded, else the default. An
+    upload through the API (RagService.index_neighbours) follows it as `index` does."""
+    return int(recorded_index(data_dir).get("neighbours", DEFAULT_NEIGHBOURS))
+
+
 def record_index(data_dir: Path, **settings) -> dict:
     """Write the index settings (merged over the recorded ones) when they change; returns them."""
     path = Path(data_dir) / INDEX_SETTINGS

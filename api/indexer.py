@@ -3,7 +3,11 @@ queries keep being answered: the service's write_lock serializes writers, and th
 taken only chunk by chunk while KV is computed, so a query waits at most one chunk's prefill.
 
 Each document commits atomically (a query sees all of its chunks or none); a job of several
-documents (a JSONL upload) commits them one by one. Job records are kept in the registry as
+documents (a JSONL upload) commits them one by one. Where the data dir records `--neighbours N`
+(N ≥ 1), a job whose documents are all committed then gives their chunks neighbour-aware entries
+(RagService.index_neighbours) and succeeds only once those are recorded and served; a job that
+fails or is interrupted records none (its chunks are served plain, and the next job that
+succeeds, or `ragblend index`, gives them theirs). Job records are kept in the registry as
 well (status, report so far), without the texts: a job that a stop or a crash cut short is
 `interrupted` after the restart, its report counting the documents it had committed, and its
 client resubmits it.
@@ -27,6 +31,8 @@ log = logging.getLogger(__name__)
 KEEP_FINISHED = 1000  # finished job records kept for polling; older ones are forgotten
 INTERRUPTED = ("the server stopped before this job finished; the documents its report counts were "
                "committed, submit the others again")
+NEIGHBOURS_FAILED = ("; the documents were committed and are served with their plain chunk KV, but their "
+                     "neighbour-aware entries (--neighbours) were not recorded: submit the job again to compute them")
 
 
 @dataclass
@@ -123,6 +129,7 @@ class Indexer:
             self._save(job)
             report = IndexReport()
             t0 = time.perf_counter()
+            committed = False
             try:
                 for i, doc in enumerate(job.documents):
                     if self._stop.is_set():
@@ -134,10 +141,14 @@ class Indexer:
                         job.report = report.as_dict()
                         self._save(job)
                 else:
+                    committed = True
+                    self.service.index_neighbours(report)  # --neighbours N recorded: the entries too
                     job.status = "succeeded"
             except Exception as e:
                 log.exception("indexing job %s failed", job.job_id)
                 job.status, job.error = "failed", f"{type(e).__name__}: {e}"
+                if committed:
+                    job.error += NEIGHBOURS_FAILED
             finally:
                 report.seconds = time.perf_counter() - t0
                 job.report, job.finished_at = report.as_dict(), time.time()

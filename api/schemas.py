@@ -299,7 +299,9 @@ class JobOut(BaseModel):
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
-    report: dict[str, Any] | None = Field(None, description="chunks, tokens, KVs computed, seconds")
+    report: dict[str, Any] | None = Field(None, description=(
+        "chunks, tokens, KVs computed and deleted, seconds; with the data dir's --neighbours N, the chunks given a "
+        "neighbour-aware entry (neighbour_chunks) and those entries computed and deleted"))
     error: str | None = None
 
 

@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from api.datadir import recorded_neighbours
+from api.neighbour_index import Lookup, extend, forget, lookup
 from blend.engine import Engine, Generation
 from blend.prompt import Layout
 from blend.loader import load_model
@@ -30,11 +32,16 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("RAGBLEND_DATA", Path(base) / "ragblend"))
 
 
-def remove_document(corpus: Corpus, doc_id: str, drop_kv: Callable[[list[str]], int]) -> int | None:
-    """Registry rows and vectors first (one commit), then the KV no chunk references any more:
-    a crash in between leaves only unreferenced KV, never a chunk without its KV."""
+def remove_document(corpus: Corpus, doc_id: str, drop_kv: Callable[[list[str]], int],
+                    forget_neighbours: Callable[[list[str]], int] | None = None) -> int | None:
+    """Registry rows and vectors first (one commit), then the KV no chunk references any more,
+    then the neighbour-aware entries of those chunks and of the chunks computed behind them
+    (`forget_neighbours`, api/neighbour_index.forget): a crash in between leaves only unreferenced
+    KV, never a chunk without its KV. Returns the entries dropped."""
     stale = corpus.delete(doc_id)
-    return None if stale is None else drop_kv(stale)
+    if stale is None:
+        return None
+    return drop_kv(stale) + (forget_neighbours(stale) if forget_neighbours and stale else 0)
 
 
 @dataclass
@@ -45,6 +52,12 @@ class IndexReport:
     tokens: int = 0
     kv_computed: int = 0
     kv_deleted: int = 0
+    # --neighbours N (api/neighbour_index.py): chunks this run recorded a neighbour-aware entry for
+    # (new, or behind other neighbours), the entries it computed for them (the rest were stored),
+    # and those it dropped (of chunks gone, or computed behind one)
+    neighbour_chunks: int = 0
+    neighbour_kv_computed: int = 0
+    neighbour_kv_deleted: int = 0
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     committed: int = 0  # documents stored or found unchanged: what an interrupted run keeps
@@ -52,6 +65,8 @@ class IndexReport:
     def as_dict(self) -> dict:
         return {"documents": self.documents, "unchanged": self.unchanged, "chunks": self.chunks,
                 "tokens": self.tokens, "kv_computed": self.kv_computed, "kv_deleted": self.kv_deleted,
+                "neighbour_chunks": self.neighbour_chunks, "neighbour_kv_computed": self.neighbour_kv_computed,
+                "neighbour_kv_deleted": self.neighbour_kv_deleted,
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "chunks_per_s": round(self.chunks / self.seconds, 3) if self.seconds else None,
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None}
@@ -94,17 +109,46 @@ class RagService:
         self.write_lock = threading.Lock()
         self.neighbour_rule = check_rule(neighbour_rule)
         self.source: ChunkKVSource = self.kv
+        self.neighbours: Lookup | None = None
         self.load_neighbours()
         self.reranker: Reranker | None = None  # a cross-encoder (retrieval/rerank.py), when one is given
 
     def load_neighbours(self) -> bool:
         """Serve neighbour-aware chunk KV (api/neighbour_index.py) where the data dir records it, by
         this service's rule; plain entries otherwise. Returns whether it does."""
-        from api.neighbour_index import lookup
+        return self._serve_neighbours(lookup(self))
 
-        table = lookup(self)
+    def _serve_neighbours(self, table: Lookup | None) -> bool:
+        # a query reads `source` once: it is served by the old table or the new one, whole
+        self.neighbours = table
         self.source = self.kv if table is None else NeighbourKV(self.kv, table, self.neighbour_rule)
         return table is not None
+
+    def index_neighbours(self, report: IndexReport) -> None:
+        """An upload's neighbour step (api/indexer.py, once its documents are committed): where the
+        data dir records --neighbours N ≥ 1, the chunks without a neighbour-aware entry (the
+        upload's) get theirs behind their N nearest chunks of the corpus as it stands, computed in
+        the model's loop like their plain KV, written to the store, then recorded in
+        neighbours.json and served from then on (api/neighbour_index.extend). N = 0: nothing."""
+        n = recorded_neighbours(self.data_dir)
+        if not n:
+            return
+        with self.write_lock:
+            done = extend(self, n, self._serve_neighbours)
+        report.neighbour_chunks += done.recorded
+        report.neighbour_kv_computed += done.computed
+        report.neighbour_kv_deleted += done.deleted
+
+    def forget_neighbours(self, gone: list[str]) -> int:
+        """The neighbour-aware entries of chunks that left the corpus (plain keys `gone`) and of the
+        chunks computed behind one: un-recorded, no longer served, then dropped. Returns how many
+        entries the store held."""
+        removed = forget(self.data_dir, gone)
+        if not removed:
+            return 0
+        if self.neighbours is not None:
+            self.neighbours.forget(removed)
+        return self.kv.drop(list(removed.values()))
 
     def close(self) -> None:
         self.kv.close()
@@ -163,6 +207,8 @@ class RagService:
         stale = self.corpus.upsert(doc, chunks, keys, embeddings, self.params)
         report.committed += 1
         report.kv_deleted += self.kv.drop(stale)
+        if stale:  # a replaced document's old chunks: no entry behind them is served any more
+            report.neighbour_kv_deleted += self.forget_neighbours(stale)
 
     def prune(self, roots: Iterable[str | Path], loaded: Iterable[Document]) -> list[str]:
         """Delete what was indexed from files under `roots` (directories, or files) that this run
@@ -190,7 +236,7 @@ class RagService:
 
     def delete_document(self, doc_id: str) -> bool:
         with self.write_lock:
-            return remove_document(self.corpus, doc_id, self.kv.drop) is not None
+            return remove_document(self.corpus, doc_id, self.kv.drop, self.forget_neighbours) is not None
 
     # -- answering -----------------------------------------------------------------------------
     def retrieve(self, question: str, top_k: int, options: SearchOptions | None = None) -> Retrieved:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from api.neighbour_index import context_keys
 from retrieval.registry import Registry
 from store.backend import open_kv_store
 from store.redis_store import TieredKVStore
@@ -22,9 +23,11 @@ NOTE = ("shared entries no registry given references were left in place: other r
 
 
 def _registry_keys(path: Path) -> set[str]:
+    """The keys a data dir references: its registry's chunks, and their neighbour-aware entries
+    (neighbours.json), which no registry row names."""
     reg = Registry(path / "corpus" / "registry.sqlite")
     try:
-        return reg.kv_keys_in_use()
+        return reg.kv_keys_in_use() | context_keys(path)
     finally:
         reg.close()
 

@@ -208,7 +208,11 @@ def test_document_lifecycle_json_and_uploads(server):
                                          "metadata": {"lang": "en"}})
     assert r.status_code == 202 and r.headers["location"] == f"/v1/jobs/{r.json()['job_id']}"
     assert r.json()["status"] in ("queued", "running", "succeeded") and r.json()["doc_ids"] == ["notes/lifecycle"]
-    assert wait_job(http, r.json()["job_id"])["report"]["chunks"] >= 1
+    report = wait_job(http, r.json()["job_id"])["report"]
+    assert report["chunks"] >= 1
+    # the data dir records no --neighbours (the default): an upload computes no neighbour-aware entry
+    assert report["neighbour_chunks"] == report["neighbour_kv_computed"] == 0
+    assert not (server.data_dir / "neighbours.json").exists()
 
     up = http.post("/v1/documents", files={"file": ("notes.md", "# Notes\n\nThe okapi lives in the forest.".encode())})
     assert up.status_code == 202

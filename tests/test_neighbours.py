@@ -3,6 +3,8 @@ neighbours is its own entry under a key that covers that context, is never serve
 chunk or context, and changes nothing of blend's exactness (r = 1 equals full)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,199 @@ def test_the_index_option_stores_an_entry_per_chunk_behind_its_neighbours_and_se
         assert not svc.load_neighbours()
     finally:
         svc.close()
+
+
+def test_nearest_of_some_rows_is_what_the_full_computation_gives_them():
+    rng = np.random.default_rng(7)
+    emb = rng.standard_normal((300, 24)).astype(np.float32)
+    emb[17] = emb[3]  # an exact tie, broken by index either way
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    keys = [str(i) for i in range(300)]
+    keys[40] = keys[41]  # the same chunk text twice
+    full = nearest(emb, 2, keys=keys)
+    rows = [299, 0, 3, 40, 41, 150]
+    assert nearest(emb, 2, keys=keys, rows=rows) == [full[r] for r in rows]
+    assert nearest(emb, 2, keys=keys, rows=[]) == [] and nearest(emb, 0, rows=[1, 2]) == [[], []]
+    with pytest.raises(IndexError):
+        nearest(emb, 2, rows=[300])
+
+
+def animal_doc(doc_id: str, animal: str, place: str, paragraphs: int = 2):
+    """One chunk a paragraph at chunk_tokens 32. By the hash embedder a chunk is nearest the same
+    sentence about other animals, and the third sentence (only a 3-paragraph document has it)
+    nearest its own document's other two: an upload's chunks have neighbours in both."""
+    from retrieval import Document
+
+    lines = [f"The {animal} lives in the {place}; the {place} is home to the {animal} all year.",
+             f"Every morning the {animal} leaves the {place}, and the {animal} comes back to the {place} at night.",
+             f"Old stories say the {animal} found the {place}, and no {animal} ever left the {place} again."]
+    return Document(doc_id, "\n\n".join(lines[:paragraphs]), "api")
+
+
+ANIMALS = [("okapi", "forest"), ("heron", "river"), ("ibex", "mountains"), ("puffin", "cliffs")]
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_behind_a_gone_chunk(tmp_path):
+    """RagService's upload step (index_neighbours, api/neighbour_index.extend) and forget, in process:
+    the REST test below checks the same through a server."""
+    from api.datadir import record_index
+    from api.neighbour_index import build, context_keys, recorded
+    from api.service import IndexReport, RagService
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from retrieval.testing import HashEmbedder
+
+    svc = RagService(tmp_path / "data", engine=Engine(load_model("random:tiny-smol")), embedder=HashEmbedder(),
+                     chunk_tokens=32)
+    try:
+        reg = svc.corpus.registry
+        keys_of = lambda doc_id: [c["kv_key"] for c in reg.chunks_of(doc_id)]  # noqa: E731
+        svc.index_documents([animal_doc(f"d{i}", *a) for i, a in enumerate(ANIMALS[:3])])
+        # N = 0 recorded (the default): the upload step does nothing
+        nothing = IndexReport()
+        svc.index_neighbours(nothing)
+        assert (nothing.neighbour_chunks, nothing.neighbour_kv_computed) == (0, 0) and recorded(svc.data_dir) == {}
+        build(svc, 2)
+        record_index(svc.data_dir, neighbours=2)
+        assert svc.load_neighbours()
+        before, n_entries = recorded(svc.data_dir), len(svc.store)
+        # an upload: its chunks get entries behind their nearest of the corpus (its own chunks
+        # included), every other record is kept as it was, and the running service serves them
+        report = IndexReport()
+        svc.index_document(animal_doc("d3", *ANIMALS[3], paragraphs=3), report)
+        svc.index_neighbours(report)
+        table, new = recorded(svc.data_dir), keys_of("d3")
+        assert report.neighbour_chunks == report.neighbour_kv_computed == len(new) == 3
+        assert {k: v for k, v in table.items() if k not in new} == before
+        assert all(len(table[k]["context"]) == 2 and svc.store.contains(table[k]["key"]) for k in new)
+        assert any(set(table[k]["context"]) & set(new) for k in new)  # its own chunks are in the pool
+        assert len(svc.store) == n_entries + 2 * len(new) and svc.neighbours.table == table
+        # again: nothing to compute
+        again = IndexReport()
+        svc.index_neighbours(again)
+        assert (again.neighbour_chunks, again.neighbour_kv_computed, again.neighbour_kv_deleted) == (0, 0, 0)
+        # a delete un-records the gone chunks and every chunk computed behind one of them, and
+        # drops their entries, before the next upload step gives those chunks new ones
+        victim = next(k for k in table if k not in new and any(k in v["context"] for v in table.values()))
+        doc_id = next(d["doc_id"] for d in reg.list_documents() if victim in keys_of(d["doc_id"]))
+        gone = keys_of(doc_id)
+        behind = {k for k, v in table.items() if set(v["context"]) & set(gone)} - set(gone)
+        assert behind
+        assert svc.delete_document(doc_id)
+        after = recorded(svc.data_dir)
+        assert not set(after) & (set(gone) | behind)
+        assert all(not set(v["context"]) & set(gone) for v in after.values())
+        assert svc.neighbours.table == after and not any(svc.store.contains(table[k]["key"]) for k in set(gone) | behind)
+        assert context_keys(svc.data_dir) <= set(svc.store.keys())
+        refill = IndexReport()
+        svc.index_neighbours(refill)
+        final = recorded(svc.data_dir)
+        assert refill.neighbour_chunks == len(behind) and set(final) == set(svc.corpus.registry.kv_keys_in_use())
+        assert all(set(v["context"]) <= set(final) for v in final.values())
+        # replacing a document forgets its old chunks the same way
+        replaced = IndexReport()
+        svc.index_document(animal_doc("d3", "walrus", "ice", paragraphs=2), replaced)
+        assert replaced.neighbour_kv_deleted >= 3 and not set(recorded(svc.data_dir)) & set(new)
+    finally:
+        svc.close()
+
+
+def _complete(http, question: str) -> dict:
+    """A greedy answer over the 3 chunks `question` retrieves, with its first token's top 5 (the
+    engine's own distribution: blend's prefill over the served chunk KV)."""
+    r = http.post("/v1/completions", json={"prompt": question, "top_k": 3, "max_tokens": 4, "temperature": 0,
+                                           "logprobs": 5, "mode": "blend", "ratio": 0.15})
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    return {"text": choice["text"], "first": choice["logprobs"]["top_logprobs"][0]}
+
+
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+@pytest.mark.slow  # two `ragblend index` runs and two servers: ~25 s
+def test_an_api_upload_gets_the_neighbour_entries_a_cli_index_gives_its_chunks(tmp_path):
+    """A data dir indexed with --neighbours 2, then a document uploaded through the REST API: a
+    failed neighbour step records nothing and leaves only entries `store gc` drops; the job that
+    succeeds records its chunks' entries and the server serves them at once; and those records
+    (so the answers over them) are what `ragblend index` of the same documents gives."""
+    from api.neighbour_index import context_keys, recorded, temp_path
+    from retrieval.registry import Registry
+    from store import KVStore
+    from tests.conftest import run_cli
+    from tests.test_api import index, launch, wait_job
+    from tests.test_hardening import TINY, cli
+
+    old, both = tmp_path / "old", tmp_path / "both"
+    for folder, n in ((old, 3), (both, 4)):
+        folder.mkdir()
+        for i, a in enumerate(ANIMALS[:n]):
+            (folder / f"d{i}.txt").write_text(animal_doc("-", *a, paragraphs=3 if i == 3 else 2).text)
+    upload = {"id": "d3", "text": (both / "d3.txt").read_text()}
+    args = [*TINY, "--chunk-tokens", "32", "--neighbours", "2"]
+    A, B = tmp_path / "A" / "data", tmp_path / "B" / "data"
+    done = cli("index", str(old), "--data-dir", str(A), *args)
+    assert done.returncode == 0, done.stderr
+    before = recorded(A)
+    question = "Where does the puffin live?"
+
+    def store_keys() -> set[str]:
+        with KVStore(A / "kv", readonly=True) as store:
+            return set(store.keys())
+
+    def registry_keys(doc_id: str | None = None) -> list[str]:
+        reg = Registry(A / "corpus" / "registry.sqlite")
+        try:
+            return [c["kv_key"] for c in reg.chunks_of(doc_id)] if doc_id else sorted(reg.kv_keys_in_use())
+        finally:
+            reg.close()
+
+    server = launch(tmp_path / "A")
+    try:
+        http = server.http
+        # (c) the neighbour step fails at its last write (its temp file's path is taken by a directory,
+        # as a full disk would fail it): the job fails, neighbours.json is as it was, the document is
+        # committed (one commit per document, as ever) and served plain, its computed entries are
+        # unreferenced, and `store gc` drops exactly those
+        blocker = temp_path(A, server.proc.pid)
+        blocker.mkdir()
+        failed = wait_job(http, http.post("/v1/documents", json=upload).json()["job_id"])
+        assert failed["status"] == "failed" and "neighbour-aware entries" in failed["error"], failed
+        assert failed["report"]["neighbour_chunks"] == 0 and recorded(A) == before
+        new = registry_keys("d3")
+        assert len(new) == 3 and http.get("/v1/documents/d3").json()["n_chunks"] == 3
+        unreferenced = store_keys() - set(registry_keys()) - context_keys(A)
+        assert len(unreferenced) == 3 and context_keys(A) <= store_keys()
+        hits = http.post("/v1/query", json={"question": question, "top_k": 3, "max_tokens": 1}).json()["chunks"]
+        assert {h["doc_id"] for h in hits} == {"d3"}  # the query is over the new chunks
+        plain = _complete(http, question)
+        gc = run_cli("store", "gc", "--data-dir", str(A), "--json")
+        assert gc.returncode == 0 and json.loads(gc.stdout)["removed"] == 3, gc.stderr
+        assert store_keys() == set(registry_keys()) | context_keys(A)
+        blocker.rmdir()
+        # (a) submitted again: the document is unchanged, and its chunks get their entries, recorded
+        # and in the store; the records of the chunks indexed before are kept as they were
+        rep = index(http, **upload)["report"]
+        assert rep["unchanged"] == 1 and rep["neighbour_chunks"] == rep["neighbour_kv_computed"] == 3
+        table = recorded(A)
+        assert set(table) == set(before) | set(new) and {k: table[k] for k in before} == before
+        assert {table[k]["key"] for k in new} <= store_keys() and store_keys() == set(registry_keys()) | context_keys(A)
+        # served without a restart: the same query, two of its three chunks now neighbour-aware
+        served = _complete(http, question)
+        assert served["first"] != pytest.approx(plain["first"], abs=1e-4)
+    finally:
+        server.stop()
+    # (b) `ragblend index` of the four documents with the same N records the same entries for the
+    # upload's chunks (it found their neighbours in the same corpus, by the same computation), so
+    # the answer over them is the same. Its records of the older chunks may differ (a new chunk can
+    # be nearer than one of their neighbours): an upload leaves those as they are, by design.
+    done = cli("index", str(both), "--data-dir", str(B), *args)
+    assert done.returncode == 0, done.stderr
+    by_cli = recorded(B)
+    assert {k: by_cli[k] for k in new} == {k: table[k] for k in new}
+    assert set(by_cli) == set(table)
+    server = launch(tmp_path / "B")
+    try:
+        again = _complete(server.http, question)
+    finally:
+        server.stop()
+    assert again["text"] == served["text"] and again["first"] == pytest.approx(served["first"], abs=1e-5)

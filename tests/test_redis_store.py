@@ -263,15 +263,15 @@ def test_two_replicas_by_the_cli_second_index_computes_no_kv_and_answers_alike(t
     for i in range(3):
         (corpus / f"d{i}.txt").write_text("\n\n".join(f"The bridge {i} over river {j} was built in {1900 + i * 7 + j}."
                                                      for j in range(6)))
-    args = [*TINY, "--chunk-tokens", "32", "--kv-dtype", "float32", "--json", "--kv-store", url]
+    args = [*TINY, "--chunk-tokens", "32", "--kv-dtype", "float32", "--json", "--kv-store", url, "--neighbours", "1"]
     first = cli("index", str(corpus), "--data-dir", str(tmp_path / "A"), *args)
     assert first.returncode == 0, first.stderr
     a = json.loads(first.stdout.splitlines()[-1])
     second = cli("index", str(corpus), "--data-dir", str(tmp_path / "B"), *args)
     assert second.returncode == 0, second.stderr
     b = json.loads(second.stdout.splitlines()[-1])
-    assert a["kv_computed"] == a["chunks"] > 3
-    assert b["kv_computed"] == 0 and b["chunks"] == a["chunks"]
+    assert a["kv_computed"] == a["chunks"] > 3 and a["neighbour_kv_computed"] == a["chunks"]
+    assert b["kv_computed"] == b["neighbour_kv_computed"] == 0 and b["chunks"] == a["chunks"]
     # each replica has its own registry and vectors
     assert (tmp_path / "A" / "corpus").is_dir() and (tmp_path / "B" / "corpus").is_dir()
     q = ["ask", "When was bridge 1 built?", *TINY, "--json", "--max-tokens", "8", "--mode", "reuse"]
@@ -280,10 +280,10 @@ def test_two_replicas_by_the_cli_second_index_computes_no_kv_and_answers_alike(t
     assert on_a.returncode == on_b.returncode == 0, on_b.stderr
     ans_a, ans_b = json.loads(on_a.stdout), json.loads(on_b.stdout)
     assert ans_a["answer"] == ans_b["answer"] and ans_a["first_token_logprobs"] == ans_b["first_token_logprobs"]
-    # stats and gc understand the shared tier
+    # stats and gc understand the shared tier, and keep the neighbour-aware entries neighbours.json names
     stats = cli("store", "stats", "--data-dir", str(tmp_path / "B"), "--kv-store", url)
     st = json.loads(stats.stdout)
-    assert st["shared"]["entries"] == a["chunks"] and st["missing_entries"] == 0
+    assert st["shared"]["entries"] == 2 * a["chunks"] and st["missing_entries"] == 0
     server.client.set("ragblend:kv:float32:" + "0" * 64, b"another replica's")
     gc = cli("store", "gc", "--data-dir", str(tmp_path / "B"), "--kv-store", url, "--json")
     g = json.loads(gc.stdout)
@@ -291,7 +291,7 @@ def test_two_replicas_by_the_cli_second_index_computes_no_kv_and_answers_alike(t
     gc = cli("store", "gc", "--data-dir", str(tmp_path / "B"), "--kv-store", url, "--json", "--shared",
              "--replica", str(tmp_path / "A"))
     g = json.loads(gc.stdout)
-    assert g["shared_removed"] == 1 and g["shared_remaining"] == a["chunks"]
+    assert g["shared_removed"] == 1 and g["shared_remaining"] == 2 * a["chunks"]
 
 
 @pytest.mark.real
