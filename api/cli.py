@@ -130,7 +130,8 @@ def index(
     neighbours: Annotated[Optional[int], typer.Option(min=0, max=2, help=(
         "neighbour-aware chunk KV (FusionRAG-style): also store each chunk's KV computed behind its N most similar "
         "chunks of the corpus, served by serve's --neighbour-rule; costs ~(N+1)× a chunk's prefill and one more entry "
-        "per chunk (recorded in the data dir; default: the recorded one, else 0 = off)"))] = None,
+        "per chunk (recorded in the data dir; default: the recorded one, else api.datadir.DEFAULT_NEIGHBOURS = 2; "
+        "0 = off)"))] = None,
     config: ConfigOpt = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray", metavar="ADDRESS", help="spread chunking, chunk-KV "
                                                        "precompute and embedding over a Ray cluster: auto (the running "
@@ -348,13 +349,17 @@ def store_stats(data_dir: DataDirOpt = None, kv_store: KvStoreOpt = None) -> Non
         except (ValueError, OSError) as e:
             fail(str(e))
         return
+    from api.neighbour_index import context_keys
+
     path, kv, registry = _open_readonly(data_dir)
     stats = kv.stats()
-    in_use = registry.kv_keys_in_use()
+    neighbour = context_keys(path)  # referenced by neighbours.json, as `store gc` keeps them
+    in_use = registry.kv_keys_in_use() | neighbour
     stored = set(kv.keys())
     stats.update(documents=len(registry.list_documents()), chunks=registry.count_chunks(),
-                 referenced_keys=len(in_use), unreferenced_entries=len(stored - in_use),
-                 missing_entries=len(in_use - stored), path=str(stats["path"]))
+                 referenced_keys=len(in_use), neighbour_entries=len(neighbour & stored),
+                 unreferenced_entries=len(stored - in_use), missing_entries=len(in_use - stored),
+                 path=str(stats["path"]))
     typer.echo(json.dumps(stats, indent=2))
 
 

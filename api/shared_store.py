@@ -49,9 +49,10 @@ def stats(path: Path, url: str) -> dict:
     try:
         reg = Registry(path / "corpus" / "registry.sqlite")
         try:
-            in_use, documents, chunks = reg.kv_keys_in_use(), len(reg.list_documents()), reg.count_chunks()
+            documents, chunks = len(reg.list_documents()), reg.count_chunks()
         finally:
             reg.close()
+        in_use = _registry_keys(path)  # the registry's and neighbours.json's, as gc keeps them
         shared_keys = set(store.shared.keys())
         local = store.local.stats() if store.cache_locally else None
         local_keys = set(store.local.keys()) if store.cache_locally else set()

@@ -225,7 +225,8 @@ def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_be
         reg = svc.corpus.registry
         keys_of = lambda doc_id: [c["kv_key"] for c in reg.chunks_of(doc_id)]  # noqa: E731
         svc.index_documents([animal_doc(f"d{i}", *a) for i, a in enumerate(ANIMALS[:3])])
-        # N = 0 recorded (the default): the upload step does nothing
+        # N = 0 recorded: the upload step does nothing
+        record_index(svc.data_dir, neighbours=0)
         nothing = IndexReport()
         svc.index_neighbours(nothing)
         assert (nothing.neighbour_chunks, nothing.neighbour_kv_computed) == (0, 0) and recorded(svc.data_dir) == {}
