@@ -16,6 +16,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from api.datadir import DEFAULT_NEIGHBOURS
+
 
 def _timed_pass(keys: list[str], read) -> list[float]:
     times = []
@@ -36,7 +38,8 @@ def main(
     model: str = "default",
     chunk_tokens: int = 256,
     out: Annotated[Optional[Path], typer.Option(help="write the figures as JSON here")] = None,
-    neighbours: Annotated[int, typer.Option(min=0, max=2, help="--neighbours N for the index (0: off)")] = 0,
+    neighbours: Annotated[int, typer.Option(min=0, max=2, help="--neighbours N for the index, as `ragblend index` "
+                                            "gives a new data dir by default (0: off)")] = DEFAULT_NEIGHBOURS,
     upload: Annotated[Optional[Path], typer.Option(help="then index this file as an API upload's job, timed")] = None,
 ) -> None:
     # Imported here so that --help answers at once, without loading torch and the model stack.
@@ -45,6 +48,7 @@ def main(
     from blend.loader import load_model
     from retrieval import load_path
     from store import StagedReader
+    from store.quant import bytes_per_token, kv_format
 
     svc = RagService(data_dir, engine=Engine(load_model(model)), chunk_tokens=chunk_tokens)
     docs = [d for p in paths for d in load_path(p)]
@@ -76,8 +80,12 @@ def main(
     keys = list(svc.store.keys())
     tokens = {k: svc.store.get_meta(k)["n_tokens"] for k in keys}
     stats = svc.store.stats()
-    elem = p.dtype.itemsize
-    theory = 2 * p.n_layers * p.n_kv_heads * p.head_dim * elem
+    # the payload the store's format needs (int8 by default: values and their scales), against
+    # what was stored: the rest is the entries' headers
+    fmt = kv_format(svc.store.kv_format or p.dtype)
+    mean_tokens = statistics.mean(tokens.values())
+    theory = round(sum(bytes_per_token(fmt, p.n_layers, p.n_kv_heads, p.head_dim, n) * n for n in tokens.values())
+                   / sum(tokens.values()), 1)
     per_token = stats["kv_bytes"] / sum(tokens.values())
     fp = svc.engine.fingerprint
     # Each read path twice over all chunks: the first pass may fault pages in from disk, the
@@ -94,7 +102,7 @@ def main(
         "model": model, "chunk_tokens": chunk_tokens, "indexing": idx,
         "bytes_per_token": round(per_token, 1), "theoretical_bytes_per_token": theory,
         "overhead": round(per_token / theory - 1, 5),
-        "mean_chunk_tokens": round(statistics.mean(tokens.values()), 1),
+        "mean_chunk_tokens": round(mean_tokens, 1), "kv_format": fmt.name,
         "lmdb_first_read_ms_median": round(statistics.median(get_first), 3),
         "lmdb_load_ms_median": round(statistics.median(get_warm), 3),
         "lmdb_staged_parallel_load_ms_median": round(statistics.median(staged), 3),
@@ -105,8 +113,8 @@ def main(
     print(f"indexed {idx['documents']} documents, {idx['chunks']} chunks, {idx['tokens']} tokens in "
           f"{idx['seconds']:.1f} s: {idx['chunks_per_s']:.2f} chunks/s, {idx['tokens_per_s']:.0f} tokens/s "
           f"(KV computed: {idx['kv_computed']})")
-    print(f"stored {per_token:.1f} bytes/token vs 2·L·H·D·sizeof = 2·{p.n_layers}·{p.n_kv_heads}·{p.head_dim}·{elem}"
-          f" = {theory} (+{100 * result['overhead']:.3f}% header)")
+    print(f"stored {per_token:.1f} bytes/token vs the {fmt.name} payload of L·2·H·D = {p.n_layers}·2·{p.n_kv_heads}·"
+          f"{p.head_dim} values with their scales, {theory} (+{100 * result['overhead']:.3f}% header)")
     print(f"load one chunk KV ({result['mean_chunk_tokens']} tokens avg): LMDB {result['lmdb_load_ms_median']:.3f} ms"
           f" median from the page cache (first pass {result['lmdb_first_read_ms_median']:.3f} ms) ({result['lmdb_staged_parallel_load_ms_median']:.3f} ms with the parallel staged reader),"
           f" hot tier {result['hot_load_ms_median']:.4f} ms median")
