@@ -11,7 +11,8 @@ from api.cli_common import (CheckLayersOpt, DeviationOpt, DeviceOpt, DtypeOpt, F
                             PresencePenaltyOpt, RepetitionPenaltyOpt, SelectionOpt, ThreadsOpt, check_layers_of, fail,
                             load_engine, penalties_given, selection_of, set_threads, unit_floats)
 from blend.spec import SELECTIONS
-from store.neighbours import MAX_NEIGHBOURS, NEIGHBOUR_RULES
+from api.datadir import DEFAULT_NEIGHBOURS
+from store.neighbours import DEFAULT_NEIGHBOUR_RULE, MAX_NEIGHBOURS, NEIGHBOUR_RULES
 
 DatasetOpt = Annotated[Optional[str], typer.Option(
     help="a JSONL file (ragblend or LongBench format), 2wikimqa|musique|samsum|multi_news (a file in "
@@ -130,9 +131,16 @@ def eval_command(
     frequency_penalty: FrequencyPenaltyOpt = None,
     presence_penalty: PresencePenaltyOpt = None,
     repetition_penalty: RepetitionPenaltyOpt = None,
+    neighbours: Annotated[Optional[int], typer.Option(min=0, max=MAX_NEIGHBOURS, help=(
+        "reuse and blend over neighbour-aware chunk KV, each chunk's computed behind its N nearest chunks (the "
+        "dataset's, or the index's for examples that retrieve), as a data dir indexed with the default serves it; "
+        f"0: plain per-chunk KV. Default: {DEFAULT_NEIGHBOURS} (api.datadir.DEFAULT_NEIGHBOURS) for a model with a "
+        "tokenizer, 0 for a random-weight one without"))] = None,
+    neighbour_rule: Annotated[str, typer.Option(help=f"with --neighbours: {', '.join(NEIGHBOUR_RULES)}")] = DEFAULT_NEIGHBOUR_RULE,
 ) -> None:
     """TTFT against quality: every mode × ratio on a dataset → results.json, results.md, plot.png.
-    Decoding is greedy, without penalties unless given."""
+    Decoding is greedy, without penalties unless given. reuse and blend read chunk KV as `serve`
+    does by default (neighbour-aware entries, --neighbours 2); --neighbours 0 for plain entries."""
     set_threads(threads)
     from blend.spec import BadQuery, Sampling
 
@@ -155,14 +163,22 @@ def eval_command(
     data, retriever = _dataset(dataset, data_dir, chunk_words, limit)
     engine = load_engine(model, device, dtype)
     try:
-        variants = runner.mode_variants(mode_list, ratio_list, checks[0], selection, checks[1:])
+        if neighbours and engine.prompts is None:
+            raise ValueError(f"--neighbours {neighbours}: {model} has no tokenizer to find a chunk's neighbours by "
+                             "text; use --neighbours 0")
+        if neighbours is None:  # as `serve` reads a data dir indexed with the default
+            neighbours = DEFAULT_NEIGHBOURS if engine.prompts is not None else 0
+        rule = _names(neighbour_rule, NEIGHBOUR_RULES, "--neighbour-rule")[0] if neighbours else None
+        uses = rule is not None and any(m in ("reuse", "blend") for m in mode_list)
+        variants = runner.mode_variants(mode_list, ratio_list, checks[0], selection, checks[1:], rule if uses else None)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k,
-                                   penalties=penalties)
+                                   penalties=penalties, neighbours=neighbours if uses else 0)
         if kv_dtype is not None:
             from store.quant import kv_format
             config["kv_format"] = kv_format(kv_dtype).name
+        corpus = _index_corpus(data_dir) if uses and retriever is not None else None
         records = runner.run(engine, data, config, out, limit=limit, retriever=retriever, fresh=fresh,
-                             progress=progress)
+                             progress=progress, corpus=corpus)
     except ValueError as e:
         fail(str(e))
     summary = report.summarize(records)

@@ -91,11 +91,19 @@ def fmt(value, spec: str) -> str:
     return format(value, spec.removesuffix(unit)) + unit
 
 
+def _neighbour_kv(config: dict) -> str:
+    rules = sorted({v["neighbours"] for v in config.get("variants", []) if v.get("neighbours")})
+    if not config.get("neighbours") or not rules:
+        return " · plain chunk KV"
+    return f" · reuse and blend over neighbour-aware chunk KV (N = {config['neighbours']}, {', '.join(rules)})"
+
+
 def markdown(config: dict, summary: Sequence[dict]) -> str:
     n = max((r["n"] for r in summary), default=0)
     lines = [f"# ragblend eval: {config['dataset']}", "",
              f"{n} examples · model `{model_label(config)}` · {config['device']} {config['dtype']} · "
-             f"max {config['max_tokens']} tokens · greedy{_penalties(config)} · seed {config['seed']}", "",
+             f"max {config['max_tokens']} tokens · greedy{_penalties(config)} · seed {config['seed']}"
+             f"{_neighbour_kv(config)}", "",
              "| mode | ratio | n | TTFT median ms | TTFT p90 ms | speedup | F1 | ROUGE-L | contains answer | loops | "
              "KL vs full | agree w/ full | leading tokens = full | first 4 = full | ROUGE-L vs full | recompute |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

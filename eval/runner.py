@@ -79,13 +79,18 @@ FULL = Variant("full")
 
 
 def mode_variants(modes: Sequence[str], ratios: Sequence[float], check_layer: int = 1,
-                  selection: str = DEFAULT_SELECTION, later_checks: Sequence[int] = ()) -> list[Variant]:
+                  selection: str = DEFAULT_SELECTION, later_checks: Sequence[int] = (),
+                  neighbour_rule: str | None = None) -> list[Variant]:
     """`full` first, whether asked for or not (every other mode is scored against it); then the
-    modes in the order given, `blend` once per ratio."""
+    modes in the order given, `blend` once per ratio. `neighbour_rule`: reuse and blend read
+    neighbour-aware chunk KV by it, as a data dir with --neighbours N serves them."""
     out = [FULL]
     for mode in modes:
         if mode == "blend":
-            out += [Variant("blend", float(r), check_layer, selection, tuple(later_checks)) for r in ratios]
+            out += [Variant("blend", float(r), check_layer, selection, tuple(later_checks), neighbour_rule)
+                    for r in ratios]
+        elif mode == "reuse":
+            out.append(Variant(mode, neighbours=neighbour_rule))
         elif mode != "full":
             out.append(Variant(mode))
     if len(set(out)) != len(out):

@@ -340,6 +340,30 @@ def test_cli_eval_runs_on_a_tiny_model(cli, tmp_path):
     assert "| prefix | — | 3 |" in result.output
 
 
+@pytest.mark.real  # tiny-smol speaks the bundled tokenizer: chunks have neighbours by text
+def test_cli_eval_reads_chunk_kv_as_a_default_data_dir_serves_it(cli, tmp_path):
+    """reuse and blend over neighbour-aware chunk KV by default (what `serve` reads from a data dir
+    indexed with the default), plain with --neighbours 0; blend at r = 1 equals full either way. A
+    model with no tokenizer cannot find neighbours: asked for, that is a clear error."""
+    from api.datadir import DEFAULT_NEIGHBOURS
+
+    args = ["--dataset", str(FIXTURES / "qa.jsonl"), "--model", "random:tiny-smol", "--modes", "full,reuse,blend",
+            "--ratios", "1.0", "--max-tokens", "2", "--no-progress"]
+    for extra, want in (([], DEFAULT_NEIGHBOURS), (["--neighbours", "0"], 0)):
+        out = tmp_path / f"out{want}"
+        result = cli(*args, *extra, "--out", str(out))
+        assert result.exit_code == 0, result.output
+        saved = json.loads((out / "results.json").read_text())
+        assert saved["config"].get("neighbours", 0) == want
+        assert [v["neighbours"] for v in saved["config"]["variants"]] == [None, *(["always"] * 2 if want else [None] * 2)]
+        blend = next(r for r in saved["summary"] if r["mode"] == "blend")
+        assert blend["kl_vs_full"] < 1e-6 and blend["agree_with_full"] == 1.0
+        assert ("neighbour-aware chunk KV (N = 2" in result.output) == bool(want)
+    bad = cli("--dataset", str(FIXTURES / "qa.jsonl"), "--model", "random:tiny", "--neighbours", "1",
+              "--max-tokens", "2", "--no-progress", "--out", str(tmp_path / "bad"))
+    assert bad.exit_code != 0 and "has no tokenizer" in bad.output
+
+
 @pytest.mark.real  # tiny-smol speaks the bundled tokenizer, so prompts are measured before the run
 def test_eval_progress_counts_prompt_tokens_with_rate_and_eta(tmp_path, capsys):
     from blend.engine import Engine
