@@ -29,6 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -165,6 +167,20 @@ def start_redis(workdir: Path):
     raise SystemExit("error: redis-server did not start")
 
 
+@contextmanager
+def redis_at(url: str, workdir: Path) -> Iterator[str]:
+    """The server at `url`, or with "auto" one started here on loopback (start_redis) and killed
+    on the way out."""
+    proc = None
+    if url == "auto":
+        proc, url = start_redis(workdir)
+    try:
+        yield url
+    finally:
+        if proc is not None:
+            proc.kill()
+
+
 def ttft_main(argv: list[str]) -> None:
     import torch
 
@@ -197,36 +213,28 @@ def ttft_main(argv: list[str]) -> None:
     if engine.graphs is not None:  # as `serve` does (and blend/bench.py's served row)
         engine.loading = LoadingController(calibrate(engine, args.chunks, args.chunk_tokens, args.question_tokens))
     spec = served_spec(BenchConfig(shape=args.shape))
-    proc = None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            url = args.redis
-            if url == "auto":
-                proc, url = start_redis(Path(tmp))
-            lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 33)
-            lmdb.configure(kv_format=args.kv_dtype)
-            shared = open_kv_store(Path(tmp) / "tiered", url + "?local_cache=0")
-            shared.configure(kv_format=args.kv_dtype)
-            caches = {"lmdb": engine.kv_cache(layout.prefix, store=lmdb, gpu_bytes=0, cpu_bytes=0),
-                      "redis": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0),
-                      "redis-whole": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0,
-                                                     stream=False)}
-            for cache in caches.values():
-                for ids in layout.chunks:
-                    cache.ensure(ids)
-            fns = {"full": lambda: ttft(engine, layout, QuerySpec(Mode.FULL), caches["lmdb"])}
-            fns.update({f"served from {name}": (lambda c=c: ttft(engine, layout, spec, c))
-                        for name, c in caches.items()})
-            times = timed_together(fns, engine.device, args.warmup, args.runs)
-            recomputed = {name: c.recomputed for name, c in caches.items()}
-            streamed = {name: c.stream for name, c in caches.items()}
-            for cache in caches.values():
-                cache.close()
-            lmdb.close()
-            shared.close()
-        finally:
-            if proc is not None:
-                proc.kill()
+    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp)) as url:
+        lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 33)
+        lmdb.configure(kv_format=args.kv_dtype)
+        shared = open_kv_store(Path(tmp) / "tiered", url + "?local_cache=0")
+        shared.configure(kv_format=args.kv_dtype)
+        caches = {"lmdb": engine.kv_cache(layout.prefix, store=lmdb, gpu_bytes=0, cpu_bytes=0),
+                  "redis": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0),
+                  "redis-whole": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0,
+                                                 stream=False)}
+        for cache in caches.values():
+            for ids in layout.chunks:
+                cache.ensure(ids)
+        fns = {"full": lambda: ttft(engine, layout, QuerySpec(Mode.FULL), caches["lmdb"])}
+        fns.update({f"served from {name}": (lambda c=c: ttft(engine, layout, spec, c))
+                    for name, c in caches.items()})
+        times = timed_together(fns, engine.device, args.warmup, args.runs)
+        recomputed = {name: c.recomputed for name, c in caches.items()}
+        streamed = {name: c.stream for name, c in caches.items()}
+        for cache in caches.values():
+            cache.close()
+        lmdb.close()
+        shared.close()
     base = times["served from lmdb"]["median_ms"]
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
     print(f"{args.shape} on {device}, {args.chunks}×{args.chunk_tokens} chunk tokens + {args.question_tokens}, "
@@ -266,47 +274,38 @@ def stream_main(argv: list[str]) -> None:
     n_layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator().manual_seed(0)
-    proc = None
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            url = args.redis
-            if url == "auto":
-                proc, url = start_redis(Path(tmp))
-            shared = RedisKVStore(url, fmt=args.kv_dtype)
-            lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 34)
-            lmdb.configure(kv_format=args.kv_dtype)
-            keys = []
-            for c in range(args.chunks):
-                kv = torch.randn(n_layers, 2, heads, args.chunk_tokens, dim, generator=g).to(torch.bfloat16)
-                key = f"{c:064x}"
-                value = encode_kv(kv, "bench", args.kv_dtype, key)
-                shared.put_encoded(key, value)
-                lmdb.put_encoded(key, value, {"n_tokens": args.chunk_tokens})
-                keys.append(key)
-            readers = {"lmdb": StagedReader(lmdb), "redis": SharedStreamReader(shared)}
-            cells: dict[str, dict[str, list[float]]] = {n: {"plan": [], "layer 0": [], "all": []} for n in readers}
-            nbytes = 0
-            for run in range(args.warmup + args.runs):
-                for name, reader in readers.items():
-                    t0 = time.perf_counter()
-                    s = reader.stream(keys, range(n_layers), "bench", dtype=torch.bfloat16, device="cpu")
-                    t1 = time.perf_counter()
-                    s.start()
-                    s.arrived(0)
-                    t2 = time.perf_counter()
-                    s.close()  # every layer copied into staging and its CRC checked (no decode)
-                    t3 = time.perf_counter()
-                    nbytes = s.nbytes
-                    if run >= args.warmup:
-                        for cell, v in (("plan", t1 - t0), ("layer 0", t2 - t0), ("all", t3 - t0)):
-                            cells[name][cell].append(v * 1e3)
-            for reader in readers.values():
-                reader.close()
-            lmdb.close()
-            shared.close()
-        finally:
-            if proc is not None:
-                proc.kill()
+    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp)) as url:
+        shared = RedisKVStore(url, fmt=args.kv_dtype)
+        lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 34)
+        lmdb.configure(kv_format=args.kv_dtype)
+        keys = []
+        for c in range(args.chunks):
+            kv = torch.randn(n_layers, 2, heads, args.chunk_tokens, dim, generator=g).to(torch.bfloat16)
+            key = f"{c:064x}"
+            value = encode_kv(kv, "bench", args.kv_dtype, key)
+            shared.put_encoded(key, value)
+            lmdb.put_encoded(key, value, {"n_tokens": args.chunk_tokens})
+            keys.append(key)
+        readers = {"lmdb": StagedReader(lmdb), "redis": SharedStreamReader(shared)}
+        cells: dict[str, dict[str, list[float]]] = {n: {"plan": [], "layer 0": [], "all": []} for n in readers}
+        nbytes = 0
+        for run in range(args.warmup + args.runs):
+            for name, reader in readers.items():
+                t0 = time.perf_counter()
+                s = reader.stream(keys, range(n_layers), "bench", dtype=torch.bfloat16, device="cpu")
+                t1 = time.perf_counter()
+                s.arrived(0)  # starts the reads
+                t2 = time.perf_counter()
+                s.close()  # every layer copied into staging and its CRC checked (no decode)
+                t3 = time.perf_counter()
+                nbytes = s.nbytes
+                if run >= args.warmup:
+                    for cell, v in (("plan", t1 - t0), ("layer 0", t2 - t0), ("all", t3 - t0)):
+                        cells[name][cell].append(v * 1e3)
+        for reader in readers.values():
+            reader.close()
+        lmdb.close()
+        shared.close()
     med = {n: {c: round(statistics.median(v), 2) for c, v in cs.items()} for n, cs in cells.items()}
     print(f"{args.shape}: {args.chunks}×{args.chunk_tokens} tokens, {args.kv_dtype}, {nbytes / 1e6:.0f} MB a request, "
           f"{args.runs} runs in turns, medians")

@@ -349,12 +349,12 @@ def store_stats(data_dir: DataDirOpt = None, kv_store: KvStoreOpt = None) -> Non
         except (ValueError, OSError) as e:
             fail(str(e))
         return
-    from api.neighbour_index import context_keys
+    from api.neighbour_index import context_keys, referenced_keys
 
     path, kv, registry = _open_readonly(data_dir)
     stats = kv.stats()
-    neighbour = context_keys(path)  # referenced by neighbours.json, as `store gc` keeps them
-    in_use = registry.kv_keys_in_use() | neighbour
+    neighbour = context_keys(path)
+    in_use = referenced_keys(path)  # neighbours.json's entries too, as `store gc` keeps them
     stored = set(kv.keys())
     stats.update(documents=len(registry.list_documents()), chunks=registry.count_chunks(),
                  referenced_keys=len(in_use), neighbour_entries=len(neighbour & stored),
@@ -397,7 +397,6 @@ def store_gc(data_dir: DataDirOpt = None,
     when queried. With --kv-store: the local cache's, and on the shared tier only with --shared
     (other replicas may reference what this registry does not)."""
     from api.service import default_data_dir
-    from retrieval.registry import Registry
     from store import KVStore
 
     path = data_dir or default_data_dir()
@@ -417,10 +416,10 @@ def store_gc(data_dir: DataDirOpt = None,
                    f"by no registry given, {summary['shared_remaining']} remain" +
                    (f"\n{summary['note']}" if "note" in summary else ""))
         return
-    from api.neighbour_index import context_keys
+    from api.neighbour_index import referenced_keys
 
     store = KVStore(path / "kv")
-    referenced = Registry(path / "corpus" / "registry.sqlite").kv_keys_in_use() | context_keys(path)
+    referenced = referenced_keys(path)
     unreferenced = sorted(set(store.keys()) - referenced)
     removed = store.delete_many(unreferenced) if unreferenced else 0
     summary = {"removed": removed, "remaining": len(store)}

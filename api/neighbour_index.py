@@ -68,6 +68,19 @@ def context_keys(data_dir: Path) -> set[str]:
     return {v["key"] for v in recorded(data_dir).values()}
 
 
+def referenced_keys(data_dir: Path) -> set[str]:
+    """Every KV key the data dir references: its registry's chunks and their neighbour-aware
+    entries. What `store gc` keeps and `store stats` counts as referenced, locally and on the
+    shared tier."""
+    from retrieval.registry import Registry
+
+    reg = Registry(Path(data_dir) / "corpus" / "registry.sqlite")
+    try:
+        return reg.kv_keys_in_use() | context_keys(data_dir)
+    finally:
+        reg.close()
+
+
 def temp_path(data_dir: Path, pid: int | None = None) -> Path:
     """Where a process writes the table before it replaces neighbours.json (one per process)."""
     return Path(data_dir) / f".{NEIGHBOURS_FILE}.{os.getpid() if pid is None else pid}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from api.neighbour_index import context_keys
+from api.neighbour_index import referenced_keys
 from retrieval.registry import Registry
 from store.backend import open_kv_store
 from store.redis_store import TieredKVStore
@@ -20,16 +20,6 @@ from store.redis_store import TieredKVStore
 NOTE = ("shared entries no registry given references were left in place: other replicas may reference them. "
         "Redis evicts by its maxmemory-policy (e.g. allkeys-lru); `store gc --shared --replica DIR …` removes "
         "the entries that none of the given data dirs (this one and every --replica) references")
-
-
-def _registry_keys(path: Path) -> set[str]:
-    """The keys a data dir references: its registry's chunks, and their neighbour-aware entries
-    (neighbours.json), which no registry row names."""
-    reg = Registry(path / "corpus" / "registry.sqlite")
-    try:
-        return reg.kv_keys_in_use() | context_keys(path)
-    finally:
-        reg.close()
 
 
 def open_tiered(path: Path, url: str) -> TieredKVStore:
@@ -52,7 +42,7 @@ def stats(path: Path, url: str) -> dict:
             documents, chunks = len(reg.list_documents()), reg.count_chunks()
         finally:
             reg.close()
-        in_use = _registry_keys(path)  # the registry's and neighbours.json's, as gc keeps them
+        in_use = referenced_keys(path)  # the registry's and neighbours.json's, as gc keeps them
         shared_keys = set(store.shared.keys())
         local = store.local.stats() if store.cache_locally else None
         local_keys = set(store.local.keys()) if store.cache_locally else set()
@@ -72,11 +62,11 @@ def stats(path: Path, url: str) -> dict:
 def gc(path: Path, url: str, shared: bool = False, replicas: list[Path] | None = None) -> dict:
     store = open_tiered(path, url)
     try:
-        in_use = _registry_keys(path)
+        in_use = referenced_keys(path)
         for r in replicas or []:
             if not (Path(r) / "corpus" / "registry.sqlite").exists():
                 raise ValueError(f"--replica {r}: no registry there (corpus/registry.sqlite)")
-            in_use |= _registry_keys(Path(r))
+            in_use |= referenced_keys(Path(r))
         local_removed = 0
         if store.cache_locally:
             local_removed = store.local.delete_many(sorted(set(store.local.keys()) - in_use))

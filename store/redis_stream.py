@@ -105,7 +105,7 @@ class EntryBuffers:
                 self.reused += 1
             else:
                 self.allocated += 1
-        return (buf or ArrivingEntry(total)).reset(head_bytes, head)
+        return (ArrivingEntry(total) if buf is None else buf).reset(head_bytes, head)
 
     def give(self, entries: Iterable[ArrivingEntry]) -> None:
         with self._lock:
