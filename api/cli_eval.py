@@ -168,7 +168,9 @@ def eval_command(
                              "text; use --neighbours 0")
         if neighbours is None:  # as `serve` reads a data dir indexed with the default
             neighbours = DEFAULT_NEIGHBOURS if engine.prompts is not None else 0
-        rule = _names(neighbour_rule, NEIGHBOUR_RULES, "--neighbour-rule")[0] if neighbours else None
+        if neighbour_rule not in NEIGHBOUR_RULES:
+            raise ValueError(f"--neighbour-rule must be one of {', '.join(NEIGHBOUR_RULES)}, got {neighbour_rule!r}")
+        rule = neighbour_rule if neighbours else None
         uses = rule is not None and any(m in ("reuse", "blend") for m in mode_list)
         variants = runner.mode_variants(mode_list, ratio_list, checks[0], selection, checks[1:], rule if uses else None)
         config = runner.run_config(engine, data, variants, max_tokens=max_tokens, seed=seed, top_k=top_k,
