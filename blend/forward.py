@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,8 @@ class ModelParts:
     head_dim: int
     dtype: torch.dtype
     device: torch.device
+    # the chunks' re-rotation tables by layout (blend/prefill.py chunk_rotation), a few kept
+    rotations: dict = field(default_factory=dict, repr=False)
 
 
 def model_parts(model: torch.nn.Module) -> ModelParts:

@@ -24,7 +24,7 @@ from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_q
 # streams from LMDB.
 DEPTH = 4
 
-KeysAt = Callable[[int], torch.Tensor]  # layer → its keys [H_kv, S, D] over prefix + chunks, at their places
+KeysAt = Callable[[range], torch.Tensor]  # layers → their keys [n, H_kv, S, D] over prefix + chunks, at their places
 
 
 def probe_layers(n_layers: int, check_layer: int, depth: int = DEPTH) -> range:
@@ -55,11 +55,11 @@ def lookahead_attention(parts: ModelParts, hq: torch.Tensor, cos: torch.Tensor, 
     # softmax and one sum instead of a handful of launches per layer (the probe runs from the
     # host thread that queues the prefill, so launches are its cost).
     qs = [project_q(parts.layers[i], hq, cos, sin, parts.head_dim)[0] for i in layers]  # [Hq, Tq, D] each
-    ks = [keys_at(i) for i in layers]                                                   # [Hkv, S, D] each
-    (hq_, tq, d), hkv = qs[0].shape, ks[0].shape[0]
+    ks = keys_at(layers)                                                                # [n, Hkv, S, D]
+    (hq_, tq, d), hkv = qs[0].shape, ks.shape[1]
     # GQA without repeating K: the query heads of one KV head stack into one batch row.
     q = torch.stack(qs).reshape(len(qs) * hkv, (hq_ // hkv) * tq, d)
-    k = torch.stack(ks).reshape(len(ks) * hkv, -1, d)
+    k = ks.reshape(len(qs) * hkv, -1, d)
     scores = torch.bmm(q, k.transpose(1, 2))
     probs = torch.softmax(scores.mul_(parts.layers[layers[0]].self_attn.scaling), dim=-1, dtype=torch.float32)
     return probs[..., lo:hi].sum(dim=(0, 1))

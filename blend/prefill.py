@@ -59,7 +59,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     flow replay CUDA graphs instead; `ready` marks the cache of the layers after the check layer
     as filled (by a side stream, overlapping the first layers); or `feed(i)` is called before
     each layer i computes, to fill its cache as the KV arrives. Nothing here waits for the GPU.
-    `keys_at(l)` gives layer l's keys over the prefix and chunks (the lookahead selection's probe);
+    `keys_at(layers)` gives those layers' keys over the prefix and chunks (the lookahead probe's);
     `asked` the question pass's chunk-token scores (the question selection). With several check
     layers, each later one narrows the flowing chunk tokens to its count (select.gradual_counts).
     Returns the last active token's hidden state, the final active positions and what blend's
@@ -152,15 +152,36 @@ def new_cache(parts: ModelParts, n_tokens: int) -> torch.Tensor:
                        dtype=parts.dtype, device=parts.device)
 
 
+# Re-rotation tables kept per model (ModelParts.rotations): a layout's shifts recur (chunks of one
+# token budget in the same slots), and building the tables costs a few hundred µs of host time.
+ROTATIONS_KEPT = 8
+
+
 def chunk_rotation(parts: ModelParts, layout: Layout, chunk_kvs: list[ChunkKV]) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-token cos/sin that move the chunks' cached keys to their places in `layout` (None when
-    every chunk sits where it was cached)."""
-    shift: list[int] = []
-    for start, ckv in zip(layout.chunk_starts, chunk_kvs):
-        shift += [start - ckv.start] * ckv.n_tokens
-    if not any(shift):
+    every chunk sits where it was cached). Read-only: later requests of the same shifts share them."""
+    runs = tuple((start - ckv.start, ckv.n_tokens) for start, ckv in zip(layout.chunk_starts, chunk_kvs))
+    if not any(shift for shift, _ in runs):
         return None
-    return delta_cos_sin(parts.inv_freq, to_device(shift, parts.device))
+    kept = parts.rotations
+    rotation = kept.get(runs)
+    if rotation is None:
+        shift = [d for d, n in runs for _ in range(n)]
+        rotation = delta_cos_sin(parts.inv_freq, to_device(shift, parts.device))
+        if len(kept) >= ROTATIONS_KEPT:
+            kept.pop(next(iter(kept)))
+        kept[runs] = rotation
+    used_on(rotation, None)
+    return rotation
+
+
+def used_on(tensors: tuple[torch.Tensor, ...], stream: torch.cuda.Stream | None) -> None:
+    """Kept tables read by work on `stream` (None: the current one): their memory must not be
+    handed out again, once they are dropped, before that work is done."""
+    if tensors[0].device.type == "cuda":
+        stream = stream or torch.cuda.current_stream(tensors[0].device)
+        for t in tensors:
+            t.record_stream(stream)
 
 
 def fill_cache(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
@@ -206,6 +227,8 @@ class LayerFeed:
         block = arriving.block
         self.block = block if block is not None and block.shape[3] == S - P else None
         self.rotation = chunk_rotation(parts, layout, arriving.chunks)
+        if self.rotation is not None:
+            used_on(self.rotation, side)
         # The side stream waits for each layer's flag itself where it can: then this thread only
         # queues work, and the whole prefill is queued while the reads are still running.
         self.flag_base = None
@@ -265,16 +288,45 @@ class LayerFeed:
     def fill(self, i: int) -> None:
         self(i, rotate=False)
 
-    def probe_keys(self, i: int) -> torch.Tensor:
-        """Layer i's keys over prefix and chunks, at their places, filled early for the lookahead
-        probe: its cache is filled unrotated (the layer's graph rotates it later), so the probe
-        reads a rotated copy."""
-        self.arriving.start(i)
-        self.fill(i)
+    def fill_rows(self, layers: range) -> None:
+        """fill() for consecutive layers at once, where their rows move in one copy (packed or
+        block, with flags): the flag waits, then one copy and one decode for them all, and one
+        event. The lookahead probe's layers are filled so, from the check layer."""
+        todo = [i for i in layers if i in self.layers and i not in self.filled]
+        one_copy = (self.flag_base is not None and (self.packed is not None or self.block is not None)
+                    and len(todo) > 1 and todo == list(range(todo[0], todo[0] + len(todo))))
+        if not one_copy:
+            for i in todo:
+                self.fill(i)
+            return
+        lo, hi = todo[0], todo[-1] + 1
         P, S = self.layout.n_prefix, self.layout.suffix_start
-        keys = self.kv[i, 0, :, :S].clone()
+        with torch.cuda.stream(self.side), record_function("rb.fill_rows"):
+            for i in todo:
+                hostwait.wait_geq(self.side, self.flag_base + 4 * i, self.arriving.seq)
+            if self.arriving.landing is not None and self.arriving.land_rows is not None:
+                self.arriving.land_rows(lo, hi)
+                self.kv[lo:hi, :, :, P:S].copy_(self.arriving.landing[lo:hi])
+            elif self.packed is not None:
+                self.packed.decode_rows(lo, hi, self.kv[lo:hi, :, :, P:S])
+            else:
+                self.kv[lo:hi, :, :, P:S].copy_(self.block[lo:hi], non_blocking=True)
+            filled = torch.cuda.Event()
+            filled.record(self.side)
+        torch.cuda.current_stream().wait_event(filled)
+        self.filled.update(todo)
+        self.unrotated.update(todo)
+
+    def probe_keys(self, layers: range) -> torch.Tensor:
+        """[n, H, S, D]: the keys of `layers` over prefix and chunks, at their places, filled early
+        for the lookahead probe: their cache is filled unrotated (each layer's graph rotates it
+        later), so the probe reads a rotated copy."""
+        self.arriving.start(layers.start)
+        self.fill_rows(layers)
+        P, S = self.layout.n_prefix, self.layout.suffix_start
+        keys = self.kv[layers.start:layers.stop, 0, :, :S].clone()
         if self.rotation is not None:
-            rotate_keys_(keys[:, P:], *self.rotation)
+            rotate_keys_(keys[:, :, P:], *self.rotation)
         return keys
 
     def settle(self) -> None:
@@ -403,7 +455,7 @@ def _fill_later_layers(parts: ModelParts, layout: Layout, prefix_kv: torch.Tenso
     probed = probe_layers(parts.n_layers, c) if cfg.selection == "lookahead" else range(c + 1, c + 1)
     if side is None:
         fill_cache(parts, layout, prefix_kv, chunk_kvs, kv, slice(c + 1, None))
-        return None, lambda i: kv[i, 0, :, :S]
+        return None, lambda layers: kv[layers.start:layers.stop, 0, :, :S]
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side), record_function("rb.fill_cache_side"):
         rotation, rest = None, c + 1
@@ -417,11 +469,11 @@ def _fill_later_layers(parts: ModelParts, layout: Layout, prefix_kv: torch.Tenso
         ready.record(side)
     waited = []
 
-    def keys_at(i: int) -> torch.Tensor:
+    def keys_at(layers: range) -> torch.Tensor:
         if not waited:
             torch.cuda.current_stream().wait_event(probed_ready)
             waited.append(True)
-        return kv[i, 0, :, :S]
+        return kv[layers.start:layers.stop, 0, :, :S]
     return ready, keys_at
 
 

@@ -32,9 +32,11 @@ class PackedLayers:
     model's): per layer, every chunk's row packed side by side (store.quant) in pinned host
     memory. `decode_into(i, out)` queues, on the current stream of out's device, the copy of layer
     i's row there and its decoding into `out` [2, H, ΣT, D]; the caller orders it after the
-    layer's arrival (a flag wait on that stream)."""
+    layer's arrival (a flag wait on that stream). `decode_rows(lo, hi, out)` does so for layers
+    lo…hi-1 at once, into out [hi-lo, 2, H, ΣT, D]: one copy and one decode launch."""
     rows: torch.Tensor
     decode_into: Callable[[int, torch.Tensor], None]
+    decode_rows: Callable[[int, int, torch.Tensor], None]
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ArrivingKV:
     # on CUDA, where the layers land on the device in the model's dtype (see LayerStream.land)
     landing: torch.Tensor | None = None
     land: Callable[[int], None] | None = None
+    land_rows: Callable[[int, int], None] | None = None  # land() for layers lo…hi-1 at once
     loaded: Callable[[], tuple[int, float] | None] | None = None  # (bytes, seconds), once read
 
     def wait_all(self) -> list[ChunkKV]:

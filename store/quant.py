@@ -20,6 +20,7 @@ written back decodes to the very same tensor as before.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass
 
@@ -69,23 +70,13 @@ class KVFormat:
         return sum(self.layer_nbytes(H, T, D) for T in lengths)
 
     def packed_index(self, H: int, D: int, lengths: tuple[int, ...], device: torch.device | str) -> dict:
-        """Where decode_packed finds things in a packed row, built once per request: each chunk's
-        values (bytes, or elements of a float format) and scales (float32 units) as host ints, and
-        `chunk_of`, each token's chunk, on `device`."""
-        lengths = tuple(lengths)
-        bases = [0, *itertools.accumulate(self.layer_nbytes(H, t, D) for t in lengths)][:-1]
-        # (not torch.repeat_interleave: on the CPU it takes milliseconds for a few thousand ids)
-        chunk_of = torch.tensor([j for j, T in enumerate(lengths) for _ in range(T)], dtype=torch.int64)
-        pin = torch.device(device).type == "cuda"
-        out: dict = {"chunk_of": (chunk_of.pin_memory() if pin else chunk_of).to(device, non_blocking=pin)}
-        # host ints: slicing by them queues no copy back from the device
-        if not self.quantized:
-            out["q"] = [b // self.storage.itemsize for b in bases]
-            return out
-        out["q"] = [b + self._offsets(H, t, D)["q"] for b, t in zip(bases, lengths)]
-        for name in ("s",) if self.name == "fp8" else ("ks", "kz", "vs"):
-            out[name] = [(b + self._offsets(H, t, D)[name]) // 4 for b, t in zip(bases, lengths)]
-        return out
+        """Where decode_packed finds things in a packed row: each chunk's values (bytes, or
+        elements of a float format) and scales (float32 units) as host ints, and `chunk_of`, each
+        token's chunk, on `device`. Kept per layout (a corpus chunked to one token budget has few):
+        building it costs a streamed request ~0.5 ms of host time on the GPU machine, with a
+        host→device copy, and the Triton decode adds its tables to it once (store/quant_triton.py).
+        Read-only: every request with these chunk lengths shares it."""
+        return _packed_index(self, H, D, tuple(lengths), str(torch.device(device)))
 
     # -- encode / decode ----------------------------------------------------------------------
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
@@ -159,6 +150,25 @@ class KVFormat:
         vq = raw[:, o["q"] + m:o["q"] + 2 * m].view(torch.int8).view(n, H, T, D)
         out[:, 0].copy_(kq.float().mul_(ks[:, :, None]).add_(kz[:, :, None]))
         out[:, 1].copy_(vq.float().mul_(vs[..., None]))
+        return out
+
+    def decode_packed_rows(self, rows: torch.Tensor, H: int, D: int, lengths: tuple[int, ...],
+                           out: torch.Tensor, index: dict | None = None) -> torch.Tensor:
+        """Several layers' packed rows (uint8 [n, packed_nbytes]) → `out` [n, 2, H, ΣT, D]: as
+        decode_packed layer by layer, in one Triton launch on CUDA where it applies (a lookahead
+        probe's layers arrive together, and each launch is host time on the prefill's path)."""
+        lengths = tuple(lengths)
+        if rows.dim() != 2 or out.dim() != 5 or rows.shape[0] != out.shape[0]:
+            raise ValueError(f"rows [n, width] and out [n, 2, H, S, D] must match, got {tuple(rows.shape)} "
+                             f"and {tuple(out.shape)}")
+        if len(lengths) > 1 and rows.is_cuda and self.quantized \
+                and rows.shape[1] == self.packed_nbytes(H, D, lengths):
+            from store import quant_triton
+            ix = index if index is not None else self.packed_index(H, D, lengths, rows.device)
+            if quant_triton.decode(self, rows, H, D, lengths, out, ix):
+                return out
+        for i in range(rows.shape[0]):
+            self.decode_packed(rows[i], H, D, lengths, out[i], index)
         return out
 
     def decode_packed(self, row: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], out: torch.Tensor,
@@ -262,3 +272,20 @@ def bytes_per_token(fmt: str | KVFormat, n_layers: int, n_kv_heads: int, head_di
     """Stored payload bytes per token of a chunk of `n_tokens` (per-chunk scales amortized)."""
     f = kv_format(fmt)
     return n_layers * f.layer_nbytes(n_kv_heads, n_tokens, head_dim) / max(1, n_tokens)
+
+
+@functools.lru_cache(maxsize=64)
+def _packed_index(fmt: KVFormat, H: int, D: int, lengths: tuple[int, ...], device: str) -> dict:
+    bases = [0, *itertools.accumulate(fmt.layer_nbytes(H, t, D) for t in lengths)][:-1]
+    # (not torch.repeat_interleave: on the CPU it takes milliseconds for a few thousand ids)
+    chunk_of = torch.tensor([j for j, T in enumerate(lengths) for _ in range(T)], dtype=torch.int64)
+    pin = torch.device(device).type == "cuda"
+    out: dict = {"chunk_of": (chunk_of.pin_memory() if pin else chunk_of).to(device, non_blocking=pin)}
+    # host ints: slicing by them queues no copy back from the device
+    if not fmt.quantized:
+        out["q"] = [b // fmt.storage.itemsize for b in bases]
+        return out
+    out["q"] = [b + fmt._offsets(H, t, D)["q"] for b, t in zip(bases, lengths)]
+    for name in ("s",) if fmt.name == "fp8" else ("ks", "kz", "vs"):
+        out[name] = [(b + fmt._offsets(H, t, D)[name]) // 4 for b, t in zip(bases, lengths)]
+    return out

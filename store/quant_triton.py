@@ -27,9 +27,12 @@ _state: dict = {"ok": triton is not None, "checked": set()}
 if triton is not None:
     @triton.jit
     def _int8_layer(row, out, chunk_of, tok, q_off, t_of, ks_off, kz_off, vs_off,
-                    s_kv, s_h, s_s, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                    s_kv, s_h, s_s, s_row, s_l, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
         s = tl.program_id(0)
         h = tl.program_id(1)
+        layer = tl.program_id(2).to(tl.int64)  # of several rows decoded at once (0 for one)
+        row += layer * s_row
+        out += layer * s_l
         j = tl.load(chunk_of + s)
         t = tl.load(tok + s)
         T = tl.load(t_of + j)
@@ -51,9 +54,12 @@ if triton is not None:
 
     @triton.jit
     def _fp8_layer(row, out, chunk_of, tok, q_off, t_of, s_off,
-                   s_kv, s_h, s_s, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+                   s_kv, s_h, s_s, s_row, s_l, H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
         s = tl.program_id(0)
         ph = tl.program_id(1)  # k/v · head
+        layer = tl.program_id(2).to(tl.int64)
+        row += layer * s_row
+        out += layer * s_l
         j = tl.load(chunk_of + s)
         t = tl.load(tok + s)
         T = tl.load(t_of + j)
@@ -78,17 +84,21 @@ def tables(fmt_name: str, index: dict, lengths: tuple[int, ...], device: torch.d
 
 
 def _launch(fmt_name: str, row: torch.Tensor, H: int, D: int, out: torch.Tensor, index: dict, tab: dict) -> None:
-    S = out.shape[2]
-    s_kv, s_h, s_s, s_d = out.stride()
-    if s_d != 1:
-        raise ValueError("the decoded layer's last dimension must be contiguous")
+    """One launch: a packed row into `out` [2, H, S, D], or rows [n, width] into out [n, 2, H, S, D]."""
+    rows = row if row.dim() == 2 else row[None]
+    outs = out if out.dim() == 5 else out[None]
+    n, S = rows.shape[0], outs.shape[3]
+    s_l, s_kv, s_h, s_s, s_d = outs.stride()
+    if s_d != 1 or rows.stride(1) != 1:
+        raise ValueError("the decoded layer's last dimension and the rows must be contiguous")
     block = triton.next_power_of_2(D)
+    s_row = rows.stride(0)
     if fmt_name == "int8":
-        _int8_layer[(S, H)](row, out, index["chunk_of"], tab["tok"], tab["q"], tab["t_of"], tab["ks"], tab["kz"],
-                            tab["vs"], s_kv, s_h, s_s, H=H, D=D, BLOCK_D=block, enable_fp_fusion=False)
+        _int8_layer[(S, H, n)](rows, outs, index["chunk_of"], tab["tok"], tab["q"], tab["t_of"], tab["ks"], tab["kz"],
+                               tab["vs"], s_kv, s_h, s_s, s_row, s_l, H=H, D=D, BLOCK_D=block, enable_fp_fusion=False)
     else:
-        _fp8_layer[(S, 2 * H)](row, out, index["chunk_of"], tab["tok"], tab["q"], tab["t_of"], tab["s"],
-                               s_kv, s_h, s_s, H=H, D=D, BLOCK_D=block, enable_fp_fusion=False)
+        _fp8_layer[(S, 2 * H, n)](rows, outs, index["chunk_of"], tab["tok"], tab["q"], tab["t_of"], tab["s"],
+                                  s_kv, s_h, s_s, s_row, s_l, H=H, D=D, BLOCK_D=block, enable_fp_fusion=False)
 
 
 def _self_check(fmt, H: int, D: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -111,7 +121,8 @@ def _self_check(fmt, H: int, D: int, dtype: torch.dtype, device: torch.device) -
 def decode(fmt, row: torch.Tensor, H: int, D: int, lengths: tuple[int, ...], out: torch.Tensor,
            index: dict) -> bool:
     """Decode with the kernel when it can be used here (checked against the torch path the first
-    time per format, shape and dtype); False: the caller decodes with torch."""
+    time per format, shape and dtype); False: the caller decodes with torch. `row` may be several
+    layers' rows [n, width] (out [n, 2, H, S, D]): still one launch."""
     if not (_state["ok"] and row.is_cuda and fmt.name in ("int8", "fp8") and out.stride(-1) == 1):
         return False
     try:

@@ -5,6 +5,7 @@ chunks over layer by layer, so that the GPU computes layer i while layer i+1 is 
 from __future__ import annotations
 
 import heapq
+import itertools
 import logging
 import os
 import threading
@@ -94,10 +95,11 @@ class LayerStream:
     then raises the failure, and whatever was computed from the stream must be thrown away."""
 
     def __init__(self, block: torch.Tensor | None, tensors: list[torch.Tensor], jobs: list[LayerJob],
-                 copiers: Executor | None, verifiers: Executor | None, resources: ExitStack,
+                 copiers: Executor | None, resources: ExitStack,
                  flags: torch.Tensor | None = None, seq: int = 0,
                  decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None,
-                 landing: torch.Tensor | None = None):
+                 landing: torch.Tensor | None = None, crew: int = 1,
+                 gate: Callable[[LayerJob], None] | None = None):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
         # Entries stored in another format than the block's land as raw rows first; `decode(i)`
@@ -113,11 +115,15 @@ class LayerStream:
         self.flags, self.seq = flags, seq
         self._flag_slots = flags.numpy() if flags is not None else None
         self._jobs = jobs
-        self._copiers, self._verifiers = copiers, verifiers
-        self._copies: dict[int, Future] = {}
-        self._checks: dict[int, Future] = {}
+        # `crew` tasks on `copiers` take the layers in plan order, each copying, flagging and
+        # verifying one layer at a time (see _work); `gate(job)`, where given, returns once the
+        # job's sources are in place (entries still arriving, store/redis_stream.py).
+        self._copiers, self._crew_size, self._gate = copiers, max(1, crew), gate
+        self._crew: list[Future] = []
+        self._taken = itertools.count()
+        self._cv = threading.Condition()
+        self._done: dict[int, BaseException | None] = {}  # layer → its failure (None: copied and verified)
         self._resources = resources
-        self._lock = threading.Lock()
         self._failure: BaseException | None = None
         self._raised = False
         self._started = False
@@ -135,8 +141,8 @@ class LayerStream:
         self._planned = {job.layer for job in jobs}
 
     def start(self, through: int | None = None) -> None:
-        """Queue every layer's copy, in plan order (`through` is accepted for callers that name
-        the first layer they need: the reads start in order, so it is the first to land). A
+        """Begin the reads, every layer in plan order (`through` is accepted for callers that
+        name the first layer they need: the reads start in order, so it is the first to land). A
         caller whose GPU work waits on the flags must start the reads before anything that
         synchronizes with the device, or it would wait forever."""
         with self._start_lock:
@@ -144,37 +150,39 @@ class LayerStream:
                 return
             self._started = True
             self._t_first = time.perf_counter()
-            for job in self._jobs:
-                self._copies[job.layer] = self._copiers.submit(self._copy, job)
+            self._crew = [self._copiers.submit(self._work) for _ in range(min(self._crew_size, len(self._jobs)))]
 
-    def _copy(self, job: LayerJob) -> None:
-        try:
-            with self._lock:
-                failed = self._failure is not None
-            if not failed:  # after a failure, only raise the remaining flags
-                job.copy()
-        except BaseException as e:
-            with self._lock:
-                self._failure = self._failure or e
-            raise
-        finally:
-            t = time.perf_counter()
-            with self._lock:
+    def _work(self) -> None:
+        """One of the crew: take the next layer of the plan, copy it into staging, raise its flag,
+        verify what was copied; until none is left. A layer costs its thread two returns to the
+        GIL (after the copy and after the checksum, both of which run without it): the thread that
+        queues the prefill shares the GIL with the crew, and a task per copy and per checksum on
+        executors (as before) took it several times more often, each time for longer."""
+        jobs = self._jobs
+        while (j := next(self._taken)) < len(jobs):
+            job, err = jobs[j], None
+            try:
+                if self._failure is None:  # after a failure, only raise the remaining flags
+                    if self._gate is not None:
+                        self._gate(job)
+                    job.copy()
+            except BaseException as e:
+                err = e
+            finally:
+                t = time.perf_counter()
+                if self._flag_slots is not None:  # nothing may wait forever, failed or not
+                    self._flag_slots[job.layer] = self.seq
+            if err is None and self._failure is None:
+                try:
+                    job.verify()
+                except BaseException as e:
+                    err = e
+            with self._cv:
                 self._t_last = t if self._t_last is None else max(self._t_last, t)
-                self._checks[job.layer] = self._verifiers.submit(self._verify, job)
-            if self._flag_slots is not None:
-                self._flag_slots[job.layer] = self.seq
-
-    def _verify(self, job: LayerJob) -> None:
-        with self._lock:
-            if self._failure is not None:
-                return
-        try:
-            job.verify()
-        except BaseException as e:
-            with self._lock:
-                self._failure = self._failure or e
-            raise
+                if err is not None:
+                    self._failure = self._failure or err
+                self._done[job.layer] = err
+                self._cv.notify_all()
 
     def arrived(self, layer: int) -> None:
         """Return once layer `layer` is in staging and verified (raise its failure if not),
@@ -184,10 +192,12 @@ class LayerStream:
 
     def _result(self, layer: int) -> None:
         """Layer `layer` copied and verified, or its failure raised."""
-        self._copies[layer].result()
-        with self._lock:
-            check = self._checks[layer]
-        check.result()
+        with self._cv:
+            while layer not in self._done:
+                self._cv.wait()
+            err = self._done[layer]
+        if err is not None:
+            raise err
 
     def wait(self, layer: int) -> None:
         self.start(layer)
@@ -215,12 +225,12 @@ class LayerStream:
         if self._watchdog is not None:
             WATCHDOG.cancel(self._watchdog)
         t0 = time.perf_counter()
-        wait_all(list(self._copies.values()))
-        with self._lock:
-            checks = list(self._checks.values())
-        wait_all(checks)
+        wait_all(self._crew)
+        for task in self._crew:  # a crew task ends only by running out of layers: this is a bug
+            if task.exception() is not None:
+                self._failure = self._failure or task.exception()
         self.waited_s += time.perf_counter() - t0
-        self._closed = True  # every read is done (the futures stay: wait() after close returns at once)
+        self._closed = True  # every read is done (wait() after close returns at once)
         self._resources.close()
         if self._failure is not None and not self._raised:
             self._raised = True
@@ -234,6 +244,14 @@ class LayerStream:
         else:
             self.landing[i].copy_(self.block[i], non_blocking=True)
         self.landed.add(i)
+
+    def land_rows(self, lo: int, hi: int) -> None:
+        """land() for layers lo…hi-1 at once (one copy, one decode launch)."""
+        if self.packed is not None:
+            self.packed.decode_rows(lo, hi, self.landing[lo:hi])
+        else:
+            self.landing[lo:hi].copy_(self.block[lo:hi], non_blocking=True)
+        self.landed.update(range(lo, hi))
 
     def loaded(self) -> tuple[int, float] | None:
         """(bytes read, seconds from the first read to the last) once every read is done."""
@@ -292,9 +310,9 @@ def _verify_row(opened: list, layer: int, row: np.ndarray, spans: list[memoryvie
         raise CorruptEntry(f"checksum mismatch in layer {layer} of a packed row, not in the stored entries")
 
 
-# Threads copying a stream's layers into staging, each on one core (_join_into). A request's six
-# int8 entries of the mistral-7b shape are 25 MB: at a few GB/s a core, four copiers keep the
-# layers ahead of a GPU that computes one in ~0.6 ms.
+# Threads copying a stream's layers into staging and checking them, each on one core (_join_into).
+# A layer of a request's six int8 entries of the mistral-7b shape is 6.3 MB: at a few GB/s a core
+# for the copy and its CRC, four keep the layers ahead of a GPU that computes one in ~0.6 ms.
 COPIERS = 4
 
 
@@ -308,8 +326,11 @@ class StagedReader:
         # Leave two cores to the thread that drives the GPU: it is on the critical path.
         self.pool = ThreadPoolExecutor(max_workers=workers or max(1, min(16, (os.cpu_count() or 1) - 2)),
                                        thread_name_prefix="kv-read")
-        # A stream's layer copies, in plan order (its checksums run on `pool`).
-        self.copiers = ThreadPoolExecutor(max_workers=copiers, thread_name_prefix="kv-copy")
+        # A stream's crew: `copiers` tasks that copy and check its layers, in plan order.
+        self.copiers: Executor = ThreadPoolExecutor(max_workers=copiers, thread_name_prefix="kv-copy")
+        self.crew = copiers
+        # Called with each layer job before its copy, where sources may still be arriving.
+        self.gate: Callable[[LayerJob], None] | None = None
         self.pin = torch.cuda.is_available() if pin is None else pin
         self._buffers: list[torch.Tensor | None] = [None] * slots
         self._next = 0
@@ -409,7 +430,7 @@ class StagedReader:
                     raise CorruptEntry(f"entry {key}: {e}") from None
             if not opened:
                 resources.close()
-                return LayerStream(None, [], [], None, None, ExitStack())
+                return LayerStream(None, [], [], None, ExitStack())
             n_layers, _, heads, _, dim = opened[0][2].shape
             fmt = opened[0][2].fmt
             for key, _, head in opened:
@@ -441,8 +462,8 @@ class StagedReader:
         self.store.touch(keys)
         self._seq += 1
         flags = self.flags if n_layers <= self.flags.numel() else None
-        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.copiers, self.pool,
-                           resources, flags, self._seq, decode, packed, landing)
+        return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.copiers,
+                           resources, flags, self._seq, decode, packed, landing, self.crew, self.gate)
 
     @staticmethod
     def _direct_job(opened: list, i: int, row: torch.Tensor, heads: int, width: int) -> LayerJob:
@@ -497,6 +518,11 @@ class StagedReader:
             row = raw[i].to(out.device, non_blocking=True) if out.device.type == "cuda" else raw[i]
             fmt.decode_packed(row, heads, dim, lengths, out, index)
 
+        def decode_rows(lo: int, hi: int, out: torch.Tensor) -> None:
+            """Layers lo…hi-1's packed rows → `out` [hi-lo, 2, H, ΣT, D], queued likewise."""
+            rows = raw[lo:hi].to(out.device, non_blocking=True) if out.device.type == "cuda" else raw[lo:hi]
+            fmt.decode_packed_rows(rows, heads, dim, lengths, out, index)
+
         cuda = device.type == "cuda"
         side = torch.cuda.Stream(device) if cuda else None
         if cuda:  # the block's memory may have been freed by work still queued on the compute stream
@@ -514,7 +540,7 @@ class StagedReader:
             done.synchronize()  # the staging row is free again, and block[i] is whole
 
         return block, plan, decode, [(key, mv, head, lo, hi) for key, mv, head, _, lo, hi in spans], \
-            PackedLayers(raw, decode_into)
+            PackedLayers(raw, decode_into, decode_rows)
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)

@@ -12,9 +12,9 @@ failure rules), fed from entries that are still arriving instead of memory-mappe
   on the dev machine, most of a stream's planning time), every request;
 - a fetch thread then reads the layers in the order the prefill consumes them, one pipelined
   GETRANGE of a layer across every chunk per round trip, into those buffers;
-- the stream's layer copies (into pinned staging) run on a pool that holds a layer's job until
-  that layer of every entry has arrived (`GatedPool`), so a flag is raised only for a layer that
-  is in place; its checksums follow on the reader's pool, as for LMDB.
+- the stream's crew copies a layer (into pinned staging) once that layer of every entry has
+  arrived (`wait_for_sources`), so a flag is raised only for a layer that is in place; its
+  checksums follow, as for LMDB.
 A layer that cannot be read (the server gone, the value evicted or replaced since its header was
 read) stays zeros and fails its CRC: the prefill is void and the cache's refetch serves the
 request whole, recomputing what the tier no longer has (store/tiers.py).
@@ -30,9 +30,8 @@ import logging
 import threading
 
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor
 from contextlib import contextmanager
-from typing import Any
 
 import numpy as np
 import torch
@@ -115,31 +114,14 @@ class EntryBuffers:
                     self._idle += len(e)
 
 
-class GatedPool(Executor):
-    """The stream's copier pool, for entries still arriving: a LayerStream layer job (one layer of
-    every chunk, store/reader.py's LayerJob) runs once that layer of each of its entries has
-    arrived. Jobs are taken in submission order (the plan's), so a waiting thread never holds back
-    a layer that has arrived. Its checksums run after, on the reader's pool, as for LMDB: a layer
-    that never came stays zeros and fails them. Other work passes straight through."""
-
-    def __init__(self, pool: Executor):
-        self._pool = pool
-
-    def submit(self, fn, /, *args, **kwargs) -> Future:
-        job = args[0] if args and isinstance(args[0], LayerJob) else None
-        entries = [] if job is None else [s.obj for s in job.sources if isinstance(s.obj, ArrivingEntry)]
-        if not entries:
-            return self._pool.submit(fn, *args, **kwargs)
-
-        def gated():
-            for entry in entries:
-                entry.wait(job.layer)
-            return fn(*args, **kwargs)
-
-        return self._pool.submit(gated)
-
-    def shutdown(self, wait: bool = True, **kw: Any) -> None:
-        self._pool.shutdown(wait=wait, **kw)
+def wait_for_sources(job: LayerJob) -> None:
+    """The stream's gate for entries still arriving: a LayerStream layer job (one layer of every
+    chunk, store/reader.py's LayerJob) is copied once that layer of each of its entries has
+    arrived. The crew takes jobs in plan order, so a waiting thread never holds back a layer
+    that has arrived. A layer that never came stays zeros and fails its checksums."""
+    for span in job.sources:
+        if isinstance(span.obj, ArrivingEntry):
+            span.obj.wait(job.layer)
 
 
 class _Fetch:
@@ -249,7 +231,7 @@ class SharedStreamReader:
         self.shared, self.cache_into = shared, cache_into
         self._source = _ArrivingSource()
         self._reader = StagedReader(self._source, workers=workers, pin=pin)
-        self._reader.copiers = GatedPool(self._reader.copiers)
+        self._reader.gate = wait_for_sources
         self._lock = threading.Lock()  # one stream planned at a time (the source holds its fetch)
         self.buffers = EntryBuffers()
         self.streams = 0

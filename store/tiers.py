@@ -406,7 +406,7 @@ class ChunkKVCache:
 
         return ArrivingKV([ChunkKV(t, self.start_of(r)) for t, r in zip(s.tensors, chunks)], layers, s.wait, close, s.start,
                           s.block, s.flags, s.seq, packed=s.packed, nbytes=s.nbytes, loaded=s.loaded,
-                          landing=s.landing, land=s.land)
+                          landing=s.landing, land=s.land, land_rows=s.land_rows)
 
     def _promote(self, keys: list[str], s: LayerStream) -> None:
         """After a streamed request: its chunks, whole and in the model's dtype on the device, into

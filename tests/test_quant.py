@@ -408,3 +408,27 @@ def test_the_one_kernel_decode_equals_the_torch_decode_bit_for_bit(name, dtype):
     assert quant_triton.decode(fmt, row, H, D, lengths, out, index)
     assert torch.equal(out, want)
     assert cache[1, :, :, :40].isnan().all() and cache[1, :, :, -9:].isnan().all() and cache[0].isnan().all()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+@pytest.mark.parametrize("name", ["int8", "fp8"])
+def test_several_layers_rows_decode_like_each_layer_alone(name, device):
+    """decode_packed_rows (a lookahead probe's layers in one copy and, on CUDA, one launch) writes
+    exactly what decode_packed gives layer by layer, into a strided view, and nothing around it."""
+    from store import quant_triton
+
+    fmt, H, D, lengths = FORMATS[name], 4, 64, (37, 64, 5)
+    n_layers, S = 3, sum(lengths)
+    rows = torch.cat([fmt.encode(realistic_kv(L=n_layers, H=H, T=T, D=D, seed=T).to(device)) for T in lengths], dim=1)
+    index = fmt.packed_index(H, D, lengths, device)
+    want = torch.stack([fmt.decode_packed(rows[i], H, D, lengths, torch.empty(2, H, S, D, device=device), index,
+                                          kernel=False) for i in range(n_layers)])
+    cache = torch.full((n_layers + 2, 2, H, 7 + S + 3, D), float("nan"), device=device)
+    out = cache[1:1 + n_layers, :, :, 7:7 + S]
+    fmt.decode_packed_rows(rows, H, D, lengths, out, index)
+    assert torch.equal(out, want)
+    assert cache[0].isnan().all() and cache[-1].isnan().all()
+    assert cache[1:1 + n_layers, :, :, :7].isnan().all() and cache[1:1 + n_layers, :, :, -3:].isnan().all()
+    if device == "cuda" and quant_triton.triton is not None:
+        assert quant_triton._state["ok"], "the Triton decode turned itself off"
