@@ -62,7 +62,7 @@ def _add_rms_norm(h: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor,
     return h, _rms_norm(h, weight, eps)
 
 
-def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return x * cos + rotate_half(x) * sin
 
 
@@ -70,7 +70,7 @@ def _silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-_EAGER = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": _rope, "silu_mul": _silu_mul}
+_EAGER = {"rms_norm": _rms_norm, "add_rms_norm": _add_rms_norm, "rope": apply_rope, "silu_mul": _silu_mul}
 _COMPILED: dict[str, Callable] = {}
 # Read once, at import: op() runs several times per layer, and the knob is a per-process choice.
 COMPILE = os.environ.get("RAGBLEND_COMPILE", "1") != "0"
@@ -129,7 +129,7 @@ def project_q(layer: torch.nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: t
     if hasattr(attn, "q_norm"):
         qn = attn.q_norm
         q = _rms_norm(q, qn.weight, qn.variance_epsilon) if hasattr(qn, "variance_epsilon") else qn(q)
-    return _rope(q.transpose(1, 2), cos, sin)
+    return apply_rope(q.transpose(1, 2), cos, sin)
 
 
 def attend_and_mlp(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, keys: torch.Tensor,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from blend.forward import ModelParts, attend_and_mlp, causal_mask, project_q
+from blend.forward import ModelParts, apply_rope, attend_and_mlp, causal_mask, project_q
 
 # How many layers after the check layer are probed. Measured on SmolLM2 (12 pyref + 12 synthetic
 # examples, r = 0.15): 4 layers gave 0.29×/0.16× reuse's KL, 8 layers 0.27×/0.16×, every 4th
@@ -40,6 +40,24 @@ def question_states(layer: torch.nn.Module, h: torch.Tensor, q: torch.Tensor, k:
     return attend_and_mlp(layer, h[:, q_start:], q[:, :, q_start:], k, v, mask)
 
 
+def probe_queries(parts: ModelParts, layers: range, hq: torch.Tensor, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+    """[n, Hq, Tq, D]: each probed layer's rotated queries of the same hidden states `hq`, as
+    project_q gives them, bit for bit. The input RMSNorm's statistics are those of `hq` for every
+    layer, so they are taken once and only the layers' weights differ, and the rotation runs once
+    over all layers: a third of the launches (the probe is host-bound). A model with per-head
+    query norms (Qwen3) or norms of another kind projects layer by layer."""
+    mods = [parts.layers[i] for i in layers]
+    norms = [m.input_layernorm for m in mods]
+    eps = {getattr(nm, "variance_epsilon", None) for nm in norms}
+    if None in eps or len(eps) > 1 or any(hasattr(m.self_attn, "q_norm") for m in mods):
+        return torch.stack([project_q(m, hq, cos, sin, parts.head_dim)[0] for m in mods])
+    x32 = hq.float()
+    unit = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps.pop())).to(hq.dtype)  # [1, Tq, hidden]
+    q = torch.stack([m.self_attn.q_proj(nm.weight * unit)[0] for m, nm in zip(mods, norms)])  # [n, Tq, Hq·D]
+    return apply_rope(q.view(len(mods), q.shape[1], -1, parts.head_dim).transpose(1, 2), cos, sin)
+
+
 def lookahead_attention(parts: ModelParts, hq: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                         layers: range, keys_at: KeysAt, lo: int, hi: int) -> torch.Tensor:
     """[hi - lo] float32: attention mass the question's queries (hidden states `hq` rotated by
@@ -54,12 +72,12 @@ def lookahead_attention(parts: ModelParts, hq: torch.Tensor, cos: torch.Tensor, 
     # The probed layers' attention in one batch: their queries and keys stacked, one bmm, one
     # softmax and one sum instead of a handful of launches per layer (the probe runs from the
     # host thread that queues the prefill, so launches are its cost).
-    qs = [project_q(parts.layers[i], hq, cos, sin, parts.head_dim)[0] for i in layers]  # [Hq, Tq, D] each
-    ks = keys_at(layers)                                                                # [n, Hkv, S, D]
-    (hq_, tq, d), hkv = qs[0].shape, ks.shape[1]
+    qs = probe_queries(parts, layers, hq, cos, sin)  # [n, Hq, Tq, D]
+    ks = keys_at(layers)                             # [n, Hkv, S, D]
+    (n, hq_, tq, d), hkv = qs.shape, ks.shape[1]
     # GQA without repeating K: the query heads of one KV head stack into one batch row.
-    q = torch.stack(qs).reshape(len(qs) * hkv, (hq_ // hkv) * tq, d)
-    k = ks.reshape(len(qs) * hkv, -1, d)
+    q = qs.reshape(n * hkv, (hq_ // hkv) * tq, d)
+    k = ks.reshape(n * hkv, -1, d)
     scores = torch.bmm(q, k.transpose(1, 2))
     probs = torch.softmax(scores.mul_(parts.layers[layers[0]].self_attn.scaling), dim=-1, dtype=torch.float32)
     return probs[..., lo:hi].sum(dim=(0, 1))

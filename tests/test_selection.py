@@ -129,7 +129,7 @@ def test_lookahead_scores_equal_the_question_attention_over_the_next_layers_cach
         kvs = engine.load_chunks(layout, "reuse", engine.memory_cache(layout))
         cache = fill_cache(parts, layout, engine.prefix_kv(layout.prefix), kvs)
         layers = probe_layers(parts.n_layers, c)
-        got = lookahead_attention(parts, hq, cos[S:], sin[S:], layers, lambda i: cache[i, 0, :, :S], P, S)
+        got = lookahead_attention(parts, hq, cos[S:], sin[S:], layers, lambda r: cache[r.start:r.stop, 0, :, :S], P, S)
         expected = torch.zeros(S - P)
         for i in layers:
             lq, _, _ = project_qkv(parts.layers[i], expected_h, cos[S:], sin[S:], parts.head_dim)
@@ -139,6 +139,26 @@ def test_lookahead_scores_equal_the_question_attention_over_the_next_layers_cach
             expected += probs[:, :, P:S].sum(dim=(0, 1))
     assert len(layers) > 0
     assert torch.allclose(got, expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_probes_batched_queries_are_each_layers_own_bit_for_bit(arch, dtype):
+    """probe_queries (one RMS statistic and one rotation for every probed layer) gives exactly
+    what project_q gives layer by layer, so batching the probe changes no selection."""
+    from blend.forward import model_parts, project_q
+    from blend.lookahead import probe_layers, probe_queries
+
+    parts = model_parts(random_model(arch, seed=1, std=0.1, dtype=dtype))
+    g = torch.Generator().manual_seed(0)
+    hq = torch.randn(1, 7, parts.embed.weight.shape[1], generator=g).to(dtype)
+    cos, sin = rope_for(parts, torch.arange(40, 47))
+    layers = probe_layers(parts.n_layers, 0)
+    with torch.inference_mode():
+        got = probe_queries(parts, layers, hq, cos, sin)
+        want = torch.stack([project_q(parts.layers[i], hq, cos, sin, parts.head_dim)[0] for i in layers])
+    assert len(layers) > 1 and got.shape == want.shape
+    assert torch.equal(got, want)
 
 
 def question_attention_of_the_model(model, layout, stale: torch.Tensor, n_scored: int) -> torch.Tensor:
