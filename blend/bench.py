@@ -60,6 +60,8 @@ class Tiers:
                  whole: bool = False):
         self.stores: list[KVStore] = []
         self.caches: dict[str, ChunkKVCache] = {}
+        self.served: ChunkKVCache | None = None  # the headline row's cache (see below)
+        self.served_keys: list[str] = []
         for tier in tiers:
             if tier == "gpu":
                 self._add(tier, engine.kv_cache(layout.prefix, gpu_bytes=UNBOUNDED), layout)
@@ -74,9 +76,21 @@ class Tiers:
                     self.stores.append(store)
                     self._add(f"lmdb:{fmt}", engine.kv_cache(layout.prefix, store=store, gpu_bytes=0, cpu_bytes=0),
                               layout)
+                    if f"lmdb:{fmt}" == SERVED_TIER and whole:
+                        # as `serve` holds it: a device tier that keeps what a request streamed
+                        # (the stream then reads every layer, lands it and keeps it, on the
+                        # request's path), emptied after each request (cool) so every run is cold
+                        self.served = engine.kv_cache(layout.prefix, store=store, gpu_bytes=UNBOUNDED, cpu_bytes=0)
+                        self.served_keys = [self.served.key(ids) for ids in layout.chunks]
+                        self.cool()
                     if whole:
                         self._add(f"lmdb-whole:{fmt}", engine.kv_cache(layout.prefix, store=store, gpu_bytes=0,
                                                                        cpu_bytes=0, stream=False), layout)
+
+    def cool(self) -> None:
+        """The served cache's device tier forgets the layout's chunks (the store keeps them)."""
+        for key in self.served_keys:
+            self.served.gpu.pop(key)
 
     def _add(self, name: str, cache: ChunkKVCache, layout: Layout) -> None:
         for ids in layout.chunks:
@@ -84,7 +98,7 @@ class Tiers:
         self.caches[name] = cache
 
     def close(self) -> None:
-        for cache in self.caches.values():
+        for cache in [*self.caches.values(), *([self.served] if self.served is not None else [])]:
             cache.close()
         for store in self.stores:
             store.close()
@@ -174,6 +188,10 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
         used: dict[str, list[float]] = {}  # the ratio each blend cell's runs recomputed
 
+        sources: dict[str, ChunkKVCache] = dict(caches)
+        if store_tiers.served is not None:
+            sources["served"] = store_tiers.served
+
         def cell(row: dict, spec: QuerySpec, source: str, eager: bool = False) -> None:
             key = f"{len(cells)}"
 
@@ -182,9 +200,11 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 if eager:
                     engine.graphs = None
                 try:
-                    answer = ttft(engine, layout, spec, caches[source])
+                    answer = ttft(engine, layout, spec, sources[source])
                 finally:
                     engine.graphs = graphs
+                if source == "served":  # the next run is cold again
+                    store_tiers.cool()
                 if answer.ratio is not None:
                     used.setdefault(key, []).append(answer.ratio)
             cells[key] = (row, fn)
@@ -194,7 +214,8 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
         if SERVED_TIER in caches:
             spec = served_spec(cfg)
             cell({"mode": "blend", "ratio": spec.blend.ratio, "tier": SERVED_TIER, "selection": spec.blend.selection,
-                  "served_default": True}, spec, SERVED_TIER)
+                  "served_default": True, **({"kept": True} if "served" in sources else {})}, spec,
+                 "served" if "served" in sources else SERVED_TIER)
         plans = [QuerySpec(Mode.PREFIX), QuerySpec(Mode.REUSE)] + [cfg.blend(r) for r in cfg.ratios]
         for tier in (t for t in caches if not t.startswith("lmdb-whole")):
             for spec in plans:
@@ -224,7 +245,7 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
                 f"median {row['median_ms']:8.2f} ms  p90 {row['p90_ms']:8.2f}  {row['share_of_full']:.2f}x full")
         out["rows"] = rows
         if cfg.profile_dir is not None and dev.type == "cuda":
-            out["profile"] = profile(engine, layout, cfg, caches, list(caches), cfg.profile_dir, log)
+            out["profile"] = profile(engine, layout, cfg, sources, list(sources), cfg.profile_dir, log, store_tiers.cool)
         store_tiers.close()
     for n in cfg.sweep:
         n_ch = max(1, (n - cfg.question_tokens - 32) // cfg.chunk_tokens)
@@ -243,19 +264,24 @@ def run_bench(cfg: BenchConfig, log: Callable[[str], None] = print) -> dict:
 
 
 def profile(engine: Engine, layout: Layout, cfg: BenchConfig, caches: dict[str, ChunkKVCache],
-            tier_names: Sequence[str], out_dir: Path, log: Callable[[str], None]) -> dict:
-    """Where a request's time goes: stage wall times (synchronized) and the top CUDA kernels."""
+            tier_names: Sequence[str], out_dir: Path, log: Callable[[str], None],
+            cool: Callable[[], None] = lambda: None) -> dict:
+    """Where a request's time goes: stage wall times (synchronized) and the top CUDA kernels. The
+    `served` source is profiled as the headline row runs (served_spec, cooled after each run)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     out_dir.mkdir(parents=True, exist_ok=True)
     stages: dict = {}
     for tier in tier_names:
-        for spec in (QuerySpec(Mode.REUSE), cfg.blend()):
+        specs = (served_spec(cfg),) if tier == "served" else (QuerySpec(Mode.REUSE), cfg.blend())
+        for spec in specs:
             src = caches[tier]
             ttft(engine, layout, spec, src)
+            cool()
             with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 ttft(engine, layout, spec, src)
+            cool()
             ratio = spec.describe()["ratio"]
             name = f"{spec.mode.value}{'' if ratio is None else f'-{ratio}'}-{tier.replace(':', '-')}"
             ranges = {e.key: round(e.device_time_total / 1e3, 3) for e in prof.key_averages()
@@ -299,8 +325,9 @@ def gpu_busy(prof) -> dict:
 
 def _variant(row: dict) -> str:
     if row.get("served_default"):
+        kept = ", cold chunks streamed and kept in the device tier" if row.get("kept") else ""
         return (f" (DEFAULT SERVED: selection {row['selection']}, loading controller on: "
-                f"r = {row.get('ratio_used', row['ratio'])} used)")
+                f"r = {row.get('ratio_used', row['ratio'])} used{kept})")
     if row.get("selection"):
         checks = f", check layers {row['check_layers']}" if row.get("check_layers") else ""
         return f" (selection {row['selection']}{checks})"

@@ -83,3 +83,32 @@ def test_goodput_search_brackets_the_highest_rate_that_holds():
     assert len(found.runs) < 12  # it stopped once the bracket was narrow
     slow = search(lambda r: {"rate": r, "ttft_p99_ms": 10.0, "tpot_p99_ms": 80.0}, 10.0, Targets(), max_runs=3)
     assert slow.rate == 0.0 and slow.failed_at is not None  # nothing held: said so, not extrapolated
+
+
+def test_the_served_rows_cache_keeps_what_a_request_read_and_cooling_empties_only_its_device_tier(tmp_path):
+    """The headline row reads through a cache with a device tier, as `serve` has (so the stream
+    lands and keeps the chunks, on the request's path), and cool() makes the next run cold again
+    while the store keeps every entry."""
+    import torch
+
+    from blend.bench import SERVED_TIER, BenchConfig, Tiers, random_layout, served_spec, ttft
+    from blend.engine import Engine
+    from blend.loader import LoadedModel, fingerprint
+    from blend.shapes import random_model
+
+    model = random_model("tiny-llama", seed=0)
+    engine = Engine(LoadedModel(model, None, "tiny-llama", fingerprint(model)))
+    layout = random_layout(model.config.vocab_size, 3, 16, 4)
+    tiers = Tiers(engine, layout, ["lmdb"], [SERVED_TIER.split(":")[1]], tmp_path, whole=True)
+    try:
+        served = tiers.served
+        assert served is not None and all(served.gpu.get(k) is None for k in tiers.served_keys)
+        first = ttft(engine, layout, served_spec(BenchConfig(device="cpu")), served)
+        assert all(served.gpu.get(k) is not None for k in tiers.served_keys)
+        tiers.cool()
+        assert all(served.gpu.get(k) is None for k in tiers.served_keys)
+        assert all(served.contains(k) for k in tiers.served_keys)
+        again = ttft(engine, layout, served_spec(BenchConfig(device="cpu")), served)
+        assert again.token_ids == first.token_ids and torch.equal(again.first_logits, first.first_logits)
+    finally:
+        tiers.close()
