@@ -84,7 +84,7 @@ class ChunkRef:
 
     @classmethod
     def of(cls, chunk: "ChunkRef | Sequence[int]") -> "ChunkRef":
-        return chunk if isinstance(chunk, ChunkRef) else cls(tuple(int(t) for t in chunk))
+        return chunk if isinstance(chunk, ChunkRef) else cls(tuple(map(int, chunk)))
 
     @property
     def context_ids(self) -> list[int]:

@@ -99,9 +99,10 @@ class LayerStream:
                  flags: torch.Tensor | None = None, seq: int = 0,
                  decode: Callable[[int], None] | None = None, packed: PackedLayers | None = None,
                  landing: torch.Tensor | None = None, crew: int = 1,
-                 gate: Callable[[LayerJob], None] | None = None):
+                 gate: Callable[[LayerJob], None] | None = None, heads: Iterable[KVHeader] = ()):
         self.block = block      # [L, 2, H, ΣT, D]: the chunks side by side along the tokens
         self.tensors = tensors  # each chunk's [L, 2, H, T, D] view of it
+        self.heads = list(heads)  # the entries' verified headers, in request order
         # Entries stored in another format than the block's land as raw rows first; `decode(i)`
         # then turns layer i of every chunk into the block (on its device), once, in wait(i).
         self._decode, self._decoded = decode, set()
@@ -235,6 +236,16 @@ class LayerStream:
         if self._failure is not None and not self._raised:
             self._raised = True
             raise self._failure
+
+    def abandon(self) -> None:
+        """End a stream whose reads have not started, reading nothing (its plan is not wanted)."""
+        with self._start_lock:
+            if self._started:
+                raise RuntimeError("the stream's reads have started: close() it")
+            self._started = self._closed = True
+        if self._watchdog is not None:
+            WATCHDOG.cancel(self._watchdog)
+        self._resources.close()
 
     def land(self, i: int) -> None:
         """Queue, on the current stream, layer i's copy (and decode) into `landing`, from where it
@@ -463,7 +474,8 @@ class StagedReader:
         self._seq += 1
         flags = self.flags if n_layers <= self.flags.numel() else None
         return LayerStream(block, [block[:, :, :, lo:hi] for *_, lo, hi in spans], plan, self.copiers,
-                           resources, flags, self._seq, decode, packed, landing, self.crew, self.gate)
+                           resources, flags, self._seq, decode, packed, landing, self.crew, self.gate,
+                           [head for _, _, head in opened])
 
     @staticmethod
     def _direct_job(opened: list, i: int, row: torch.Tensor, heads: int, width: int) -> LayerJob:

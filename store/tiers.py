@@ -369,29 +369,45 @@ class ChunkKVCache:
         format) stream as stored, packed per layer, and are dequantized on the GPU. Both announce
         each layer on arrival flags, which the prefill's side stream waits on (see
         StagedReader.stream)."""
-        for key, ref in zip(keys, chunks):
-            try:
-                head = self.store.header(key)
-            except CorruptEntry as e:
-                self._recompute(key, ref, f"has a bad header ({e})")
-                continue
-            if head is None:
-                self._recompute(key, ref, "is missing")
-            elif head.fingerprint != self.shape.fingerprint:
-                self._recompute(key, ref, "was computed by another model")
-            elif not self.shape.fits(head.shape, len(ref.ids)):
-                self._recompute(key, ref, f"stored as {head.shape}, unlike the model")
         # With a device tier, the layers the prefill does not read are read too, last, so that the
         # whole chunks can stay on the device after the request (see _promote).
         promote = self.gpu.max_bytes > 0
         wanted = set(layers)
         plan = layers + [i for i in range(self.shape.n_layers) if i not in wanted] if promote else layers
+
+        def planned() -> LayerStream:
+            return self.reader.stream(keys, plan, self.shape.fingerprint, dtype=self.shape.dtype,
+                                      device=self.device, land=promote)
+
+        # Planning opens every entry and checks its header (present, intact, this model's), so a
+        # request whose entries are all sound reads each header once; any other is checked entry
+        # by entry, bad ones recomputed into the store, and planned again.
         try:
-            s = self.last_stream = self.reader.stream(keys, plan, self.shape.fingerprint, dtype=self.shape.dtype,
-                                                      device=self.device, land=promote)
-        except (KeyError, CorruptEntry, FingerprintMismatch, ValueError) as e:
-            log.warning("chunk KV changed while planning a streamed read (%s); reading it whole", e)
-            return None
+            s = planned()
+        except (KeyError, CorruptEntry, FingerprintMismatch, ValueError):
+            s = None
+        if s is not None and not all(self.shape.fits(h.shape, len(r.ids)) for h, r in zip(s.heads, chunks)):
+            s.abandon()
+            s = None
+        if s is None:
+            for key, ref in zip(keys, chunks):
+                try:
+                    head = self.store.header(key)
+                except CorruptEntry as e:
+                    self._recompute(key, ref, f"has a bad header ({e})")
+                    continue
+                if head is None:
+                    self._recompute(key, ref, "is missing")
+                elif head.fingerprint != self.shape.fingerprint:
+                    self._recompute(key, ref, "was computed by another model")
+                elif not self.shape.fits(head.shape, len(ref.ids)):
+                    self._recompute(key, ref, f"stored as {head.shape}, unlike the model")
+            try:
+                s = planned()
+            except (KeyError, CorruptEntry, FingerprintMismatch, ValueError) as e:
+                log.warning("chunk KV changed while planning a streamed read (%s); reading it whole", e)
+                return None
+        self.last_stream = s
         with self._count_lock:
             self.store_reads += len(keys)
         # The reads begin now, under the rest of the request's host work: a layer is one copy and

@@ -124,3 +124,43 @@ def test_a_small_device_tier_evicts_but_never_loses_an_answer(tmp_path):
         got = cache.fetch(CHUNKS)
         assert all(torch.equal(c.kv, kv_of(ids)) for c, ids in zip(got, CHUNKS))
     assert cache.stats()["gpu_bytes"] <= one and cache.recomputed == 0 and len(compute.calls) == 3
+
+
+def corrupt_header(store: KVStore, key: str) -> None:
+    raw = bytearray(store._env.begin(db=store._kv).get(key.encode()))
+    raw[9] ^= 0x10  # inside the header, which its own CRC covers
+    with store._env.begin(write=True, db=store._kv) as txn:
+        txn.put(key.encode(), bytes(raw))
+
+
+@pytest.mark.parametrize("damage", [None, "missing", "corrupt header", "other model", "wrong shape"])
+def test_a_streamed_fetch_reads_sound_headers_once_and_recomputes_unusable_entries(tmp_path, damage, monkeypatch):
+    """The streamed path (here forced on the CPU) plans from the entries it opens: sound ones are
+    not read a second time for their headers; an unusable one is recomputed into the store and
+    the request still streams exactly what was computed."""
+    from store.chunkkv import ArrivingKV
+
+    cache, compute, store = make(tmp_path)
+    cache.stream = True
+    for ids in CHUNKS:
+        cache.ensure(ids)
+    key = cache.key(CHUNKS[1])
+    if damage == "missing":
+        store.delete_many([key])
+    elif damage == "corrupt header":
+        corrupt_header(store, key)
+    elif damage == "other model":
+        store.put(key, kv_of(CHUNKS[1]), "another-fp", {})
+    elif damage == "wrong shape":
+        store.put(key, torch.zeros(SHAPE.n_layers, 2, SHAPE.n_kv_heads, 5, SHAPE.head_dim), "fp-test", {})
+    headers = []
+    read_header = store.header
+    monkeypatch.setattr(store, "header", lambda k: headers.append(k) or read_header(k))
+    got = cache.fetch(CHUNKS, layers=[1, 2])
+    assert isinstance(got, ArrivingKV)
+    chunks = got.wait_all()
+    got.close()
+    for c, ids in zip(chunks, CHUNKS):
+        assert torch.equal(c.kv[1:], kv_of(ids)[1:])
+    assert cache.recomputed == (damage is not None)
+    assert headers == ([] if damage is None else [cache.key(ids) for ids in CHUNKS])
