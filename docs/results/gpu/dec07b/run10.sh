@@ -22,7 +22,7 @@ grep "^profile" "$OUT/bench-mistral-7b.log"; (cd /tmp/bench-mistral-7b && tar cz
 echo "old rc $? at $(( $(date +%s) - t0 )) s"; grep -v "^|---" /tmp/bench-old/bench.md; cp /tmp/bench-old/bench.md "$OUT/bench-old.md" 2>/dev/null
 bench llama-3.1-8b 120 --shape llama-3.1-8b --tiers gpu,cpu,lmdb --kv-dtype int8,bfloat16
 bench qwen2.5-7b 120 --shape qwen2.5-7b --tiers gpu,cpu,lmdb --kv-dtype int8,bfloat16
-timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_loading.py tests/test_cuda.py \
+timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_quant.py tests/test_loading.py tests/test_cuda.py \
   tests/test_scheduler.py tests/test_tiers.py -k "streamed or streams or lookahead or kernel or several or rows or graph_path or every_selection or freed_once or spread" \
   > "$OUT/cuda-tests.log" 2>&1
 echo "tests rc $? at $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/cuda-tests.log"
