@@ -670,6 +670,8 @@ def bench_serve(
     max_batch: Annotated[Optional[int], typer.Option(min=1, help="cap on the batch (default: as many as the decode "
                                                                  "memory holds, as serve); each rate row is also run "
                                                                  "with 1")] = None,
+    one_at_a_time: Annotated[bool, typer.Option("--one-at-a-time/--batched-only",
+                                                help="also run each rate row with max batch 1")] = True,
     ratio: Annotated[float, typer.Option(min=0.0, max=1.0)] = 0.15,
     step_batches: Annotated[str, typer.Option(help="decode-step batch sizes to time ('' to skip)")] = "1,8,32",
     step_contexts: Annotated[str, typer.Option(help="decode-step context lengths to time")] = "1024,4096",
@@ -725,7 +727,7 @@ def bench_serve(
                            kv_memory_share=kv_memory_share, goodput_outputs=goodput_outputs,
                            goodput_requests=goodput_requests, goodput_runs=goodput_runs, burst=burst,
                            ttft_p99_ms=ttft_p99_ms, tpot_p99_ms=tpot_p99_ms, time_budget_s=time_budget,
-                           kv_tier=kv_tier)
+                           kv_tier=kv_tier, one_at_a_time=one_at_a_time)
     result = run_serve_bench(cfg, log=lambda m: typer.echo(m, err=True))
     typer.echo(write(result, out))
 

@@ -19,7 +19,7 @@ from blend.batch import DecodeBatch, KVSlots
 from blend.forward import model_parts
 from blend.graphs import LayerGraphs
 from blend.loader import LoadedModel
-from blend.prefill import PrefillResult, compute_kv, prefill_cached, prefill_full
+from blend.prefill import PrefillResult, Steps, compute_kv, drive, prefill_full, prefill_steps
 from blend.prompt import DEFAULT_SYSTEM, Layout, PromptBuilder
 from blend.rope import check_blendable
 from blend.scheduler import Scheduler, slot_size
@@ -188,10 +188,16 @@ class Engine:
     def prefill(self, layout: Layout, mode: Mode | str, chunk_kvs: list[ChunkKV] | ArrivingKV,
                 blend: BlendConfig | None = None) -> PrefillResult:
         """Raises CorruptEntry when a streamed layer failed its checksum (the result is void)."""
+        return drive(self.prefill_steps(layout, mode, chunk_kvs, blend))
+
+    def prefill_steps(self, layout: Layout, mode: Mode | str, chunk_kvs: list[ChunkKV] | ArrivingKV,
+                      blend: BlendConfig | None = None, spread: bool = False) -> Steps[PrefillResult]:
+        """prefill as a coroutine (blend.prefill.prefill_steps): a step per layer with `spread`.
+        Closed early (its client left), it closes the arriving KV too."""
         if not isinstance(chunk_kvs, ArrivingKV):
-            return self._prefill(layout, mode, chunk_kvs, blend)
+            return (yield from self._prefill(layout, mode, chunk_kvs, blend, spread))
         try:
-            result = self._prefill(layout, mode, chunk_kvs, blend)
+            result = yield from self._prefill(layout, mode, chunk_kvs, blend, spread)
         except BaseException:
             with contextlib.suppress(Exception):
                 chunk_kvs.close()
@@ -209,7 +215,7 @@ class Engine:
             check_blendable(self.model, layout.n_tokens)
 
     def _prefill(self, layout: Layout, mode: Mode | str, chunk_kvs: list[ChunkKV] | ArrivingKV,
-                 blend: BlendConfig | None) -> PrefillResult:
+                 blend: BlendConfig | None, spread: bool = False) -> Steps[PrefillResult]:
         mode = Mode.parse(mode)
         QuerySpec(mode, blend or BlendConfig()).check_model(self.parts.n_layers)
         if layout.n_tokens > self.max_context:
@@ -219,8 +225,8 @@ class Engine:
             return prefill_full(self.model, layout)
         check_blendable(self.model, layout.n_tokens)
         graphs = self.graphs if self.graphs is not None and layout.n_tokens <= self.graphs.max_keys else None
-        return prefill_cached(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode, blend,
-                              graphs, self.side)
+        return (yield from prefill_steps(self.parts, layout, self.prefix_kv(layout.prefix), chunk_kvs, mode,
+                                         blend, graphs, self.side, spread))
 
     def generate(self, layout: Layout, spec: QuerySpec = QuerySpec(), kv: ChunkKVSource | None = None) -> Generation:
         """The one query path: the layout's chunk KV from `kv` (a memory cache of the layout's
@@ -258,6 +264,12 @@ class Engine:
     def start(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> SeqState:
         """Load the layout's chunk KV from `kv` and prefill it as `spec` asks: the sequence is then
         ready to decode (`SeqState.first()` picks its first token). The caller has checked it."""
+        return drive(self.start_steps(layout, spec, kv))
+
+    def start_steps(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource,
+                    spread: bool = False) -> Steps[SeqState]:
+        """start as a coroutine: it yields after each layer it queued (with `spread`, one per
+        layer), so that the scheduler can spread a blend prefill over its steps."""
         mode, blend = spec.mode, spec.blend
         self.prefix_kv(layout.prefix)  # computed once per model, never part of a request's TTFT
         sync(self.device)
@@ -270,14 +282,14 @@ class Engine:
             blend = replace(blend, ratio=self.loading.ratio(blend.ratio, blend.max_ratio, layout.n_tokens,
                                                             layout.n_chunk_tokens, chunk_kvs.nbytes))
         try:
-            result = self.prefill(layout, mode, chunk_kvs, blend)
+            result = yield from self.prefill_steps(layout, mode, chunk_kvs, blend, spread)
         except CorruptEntry:
             if not isinstance(chunk_kvs, ArrivingKV):
                 raise
             # A streamed layer failed its checksum mid-prefill: the prefill is void; the source
             # serves the chunks again, verified whole (recomputing what is bad).
             wanted = len(chunk_kvs.chunks)
-            result = self.prefill(layout, mode, kv.refetch(layout.chunks[:wanted]), blend)
+            result = yield from self.prefill_steps(layout, mode, kv.refetch(layout.chunks[:wanted]), blend, spread)
         else:
             load = chunk_kvs.loaded() if streamed and chunk_kvs.loaded is not None else None
             if load is not None and self.loading is not None:

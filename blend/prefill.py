@@ -9,7 +9,9 @@ per-layer KV cache that decoding continues from.
 """
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 from torch.profiler import record_function
@@ -43,12 +45,38 @@ class PrefillResult:
     selected: Selected | None = field(default=None)  # blend only
 
 
+R = TypeVar("R")
+# What a prefill's coroutine yields after each layer it queued: the tokens that layer pushed (its
+# cost, in tokens through one layer); what it returns is its result.
+Steps = Generator[int, None, R]
+
+
+def drive(steps: Steps[R]) -> R:
+    """Run a prefill's coroutine to its end, in one go."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as stop:
+            return stop.value
+
+
 def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
                feed: LayerFeed | None = None, chunk_lengths: list[int] | None = None,
                keys_at: KeysAt | None = None, asked: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, Selected | None]:
+    """layer_steps in one go: every layer queued at once (the graph layers in one graph)."""
+    return drive(layer_steps(parts, ids, kv, start, blend, chunk_span, graphs, ready, feed, chunk_lengths,
+                             keys_at, asked))
+
+
+def layer_steps(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: int,
+                blend: BlendConfig | None = None, chunk_span: tuple[int, int] | None = None,
+                graphs: LayerGraphs | None = None, ready: torch.cuda.Event | None = None,
+                feed: LayerFeed | None = None, chunk_lengths: list[int] | None = None,
+                keys_at: KeysAt | None = None, asked: torch.Tensor | None = None, spread: bool = False,
+                ) -> Steps[tuple[torch.Tensor, torch.Tensor, Selected | None]]:
     """Push the tokens at positions `start…N-1` through every layer, writing their K/V into the
     fused cache `kv` [L, 2, H, N, D] (pre-filled with cached K/V before `start`, and wherever a
     token will not be recomputed) and attending over it.
@@ -64,6 +92,11 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
     layers, each later one narrows the flowing chunk tokens to its count (select.gradual_counts).
     Returns the last active token's hidden state, the final active positions and what blend's
     check layer selected.
+
+    A coroutine: it yields after each layer it queued, the tokens that layer pushed (the graph
+    layers count as one step, each layer's tokens summed), so that the scheduler can queue a
+    prefill a few layers per step between decode steps (blend/prefill_work.py). With `spread`,
+    the graph layers replay one graph per layer, each its own step.
     """
     n = kv.shape[3]
     active = torch.arange(start, n, device=parts.device)
@@ -81,11 +114,12 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
         if ready is not None and i == checks[0] + 1:
             torch.cuda.current_stream().wait_event(ready)
         if graphs is not None and i >= graph_from and graphs.covers(active.numel()):
-            with record_function("rb.graph_layers"):
-                if feed is None or feed.settled:
-                    h = graphs.run(i, h, active, n)
-                else:
-                    h = graphs.run(i, h, active, n, feed.fill, feed.graph_rotation())
+            fill, rotation = (None, None) if feed is None or feed.settled else (feed.fill, feed.graph_rotation())
+            spans = [(j, j + 1) for j in range(i, parts.n_layers)] if spread else [(i, parts.n_layers)]
+            for lo, hi in spans:
+                with record_function("rb.graph_layers"):
+                    h = graphs.run(lo, h, active, n, fill, rotation, last=hi)
+                yield active.numel() * (hi - lo)
             break
         if feed is not None:
             # Eager kernels may synchronize (cuDNN planning a new shape): the reads of this layer
@@ -126,6 +160,7 @@ def run_layers(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: in
             h, q, active = h[:, keep], q[:, :, keep], active[keep]
             cos, sin, mask = cos[keep], sin[keep], causal_mask(active, n)
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
+        yield active.numel()
     return h[:, -1], active, selected
 
 
@@ -360,7 +395,6 @@ def prefill_full(model: torch.nn.Module, layout: Layout) -> PrefillResult:
     return PrefillResult(out.logits[0, -1].float(), kv, layout.n_tokens, layout.n_chunk_tokens)
 
 
-@torch.inference_mode()
 def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                    chunk_kvs: list[ChunkKV] | ArrivingKV, mode: str, blend: BlendConfig | None = None,
                    graphs: LayerGraphs | None = None, side: torch.cuda.Stream | None = None) -> PrefillResult:
@@ -370,6 +404,17 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
     check layer there, while the first layers compute: those layers recompute every token and
     need nothing cached but the check layer's values. Chunk KVs still arriving (ArrivingKV) are
     fed in layer by layer as they land, with CUDA graphs and a side stream; otherwise awaited."""
+    return drive(prefill_steps(parts, layout, prefix_kv, chunk_kvs, mode, blend, graphs, side))
+
+
+@torch.inference_mode()
+def prefill_steps(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
+                  chunk_kvs: list[ChunkKV] | ArrivingKV, mode: str, blend: BlendConfig | None = None,
+                  graphs: LayerGraphs | None = None, side: torch.cuda.Stream | None = None,
+                  spread: bool = False) -> Steps[PrefillResult]:
+    """prefill_cached as a coroutine (layer_steps'): with `spread`, a step per layer. The question
+    selection's pass runs whole, as the first step. Between steps nothing else may use `graphs`
+    (the scheduler lets no prefill overtake one under way)."""
     arriving = chunk_kvs if isinstance(chunk_kvs, ArrivingKV) else None
     asking = mode == "blend" and (blend or BlendConfig()).selection in QUESTION_PASS
     if asking and arriving is not None and len(set(arriving.layers)) < parts.n_layers:
@@ -411,6 +456,7 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
                                   cfg.question_layers, graphs, feed)
         if feed is not None:
             feed.settle()
+        yield (N - S) * parts.n_layers
         start = 0
     elif mode == "blend":
         cfg = blend or BlendConfig()
@@ -424,8 +470,8 @@ def prefill_cached(parts: ModelParts, layout: Layout, prefix_kv: torch.Tensor,
         start = 0
     else:
         raise ValueError(f"prefill_cached serves prefix, reuse and blend, not {mode!r}")
-    h, final, selected = run_layers(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
-                                    [len(c) for c in layout.chunks], keys_at, asked)
+    h, final, selected = yield from layer_steps(parts, ids, kv, start, cfg, (P, S), graphs, ready, feed,
+                                                [len(c) for c in layout.chunks], keys_at, asked, spread)
     logits = logits_of(parts, h)
     if arriving is not None:  # everything is queued: the reads must be under way (a source that
         arriving.start()     # did not start them at fetch starts them now)

@@ -3,27 +3,31 @@ over one step or several.
 
 The scheduler gives each step a token budget for prefill work, after every running sequence has
 decoded its token. A prefill that fits the budget runs whole, through `Runner.start` (the engine's
-one prefill entry, every mode and fast path as `blend/prefill.py` has them). One that does not,
-in `full` or `prefix` mode, is spread over steps: `prefill.run_layers` pushes the prompt through
-every layer a piece at a time, each piece attending to the cache the earlier pieces wrote — the
-same layers and the same cache, cut along the prompt, so the result is the unchunked one up to
-float rounding. `reuse` and `blend` always run whole: their cost is a fraction of the prompt
-(the question; the check layers plus the selected tokens), and blend's selection needs every chunk
-token at the check layer at once. Chunked pieces never use the prefill graphs: their buffer is
-shared by every request, and a chunked prefill keeps its own cache across steps.
+one prefill entry, every mode and fast path as `blend/prefill.py` has them). One that does not is
+spread over steps:
+- `full` and `prefix` are cut along the prompt: `prefill.run_layers` pushes the prompt through
+  every layer a piece at a time, each piece attending to the cache the earlier pieces wrote — the
+  same layers and the same cache, so the result is the unchunked one up to float rounding. These
+  pieces never use the prefill graphs: a chunked prefill keeps its own cache across steps.
+- `blend` is cut along the layers (its selection needs every chunk token at the check layer at
+  once): `Runner.start_steps` is the whole prefill as a coroutine that yields after each layer it
+  queued, and a step queues layers until their tokens reach the budget. The same kernels in the
+  same order, so the result is the whole prefill's, bit for bit. It keeps the prefill graphs'
+  buffer across steps: the scheduler lets no prefill overtake one under way.
+`reuse` always runs whole: its cost is the question's, a fraction of any budget.
 """
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Protocol
 
 import torch
 
 from blend.batch import DecodeBatch
 from blend.forward import ModelParts, logits_of
-from blend.prefill import PrefillResult, new_cache, prefix_hit_cache, run_layers, to_device
+from blend.prefill import PrefillResult, Steps, new_cache, prefix_hit_cache, run_layers, to_device
 from blend.prompt import Layout
 from blend.sequence import SeqState
 from blend.spec import Mode, QuerySpec
@@ -42,6 +46,8 @@ class Runner(Protocol):
     def reserve_decode(self, slots: int, slot_tokens: int, grow_only: bool = False) -> DecodeBatch: ...
 
     def start(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource) -> SeqState: ...
+    def start_steps(self, layout: Layout, spec: QuerySpec, kv: ChunkKVSource,
+                    spread: bool = False) -> Steps[SeqState]: ...
     def prefix_kv(self, prefix_ids: list[int]) -> torch.Tensor: ...
     def load_chunks(self, layout: Layout, mode: Mode, kv: ChunkKVSource, blend=None): ...
     def check(self, layout: Layout, spec: QuerySpec) -> None: ...
@@ -81,7 +87,7 @@ class PrefillWork:
 
     @property
     def chunkable(self) -> bool:
-        return self.spec.mode in (Mode.FULL, Mode.PREFIX)
+        return self.spec.mode in (Mode.FULL, Mode.PREFIX, Mode.BLEND)
 
     @property
     def started(self) -> bool:
@@ -97,8 +103,8 @@ class PrefillWork:
             spent, self.spent = self.left, self.cost
             return spent
         if self._pieces is None:
-            self._pieces = self._chunked()
-            next(self._pieces)  # the cache is set up: nothing computed yet
+            self._pieces = self._layered() if self.spec.mode is Mode.BLEND else self._chunked()
+            next(self._pieces)  # nothing computed yet
         spent = self._pieces.send(max(1, budget))
         self.spent += spent
         if self.seq is not None:  # the last piece: its suspended frame still holds the prefill's
@@ -111,6 +117,28 @@ class PrefillWork:
         if self._pieces is not None:
             self._pieces.close()
             self._pieces = None
+
+    def _layered(self) -> Generator[int, int, None]:
+        """A coroutine: receives a budget, queues the prefill's next layers until the tokens they
+        pushed (over the layer count: the cost's unit) reach it, yields what they cost; the
+        last piece sets `seq`."""
+        L = self.runner.parts.n_layers
+        steps = self.runner.start_steps(self.layout, self.spec, self.kv, spread=True)
+        budget = yield 0
+        pushed = 0  # tokens through one layer, since the piece began
+        try:
+            while True:
+                try:
+                    pushed += next(steps)
+                except StopIteration as stop:
+                    self.seq = stop.value
+                    yield max(1, math.ceil(pushed / L))
+                    return
+                if pushed >= budget * L:
+                    budget = yield math.ceil(pushed / L)
+                    pushed = 0
+        finally:
+            steps.close()  # dropped early: the arriving KV is closed with it
 
     @torch.inference_mode()
     def _chunked(self) -> Iterator[int]:

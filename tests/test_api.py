@@ -320,13 +320,17 @@ def test_indexing_while_querying_shows_each_document_whole_or_not_at_all(server)
 
 def test_a_chunk_kv_missing_at_query_time_is_recomputed_not_a_deadlock(server):
     """The worker holds the model while the KV source recomputes a lost chunk KV (here deleted
-    behind the server's back, as a concurrent DELETE would after retrieval); that must not hang."""
+    behind the server's back, as a concurrent DELETE would after retrieval); that must not hang.
+    Every entry the query could read goes: the plain ones and their neighbour-aware variants."""
+    from api.neighbour_index import recorded
     from retrieval.registry import Registry
     from store import KVStore
 
     index(server.http, id="lost-kv", text=doc_text("lost", 1, "wombat"))
     data = server.data_dir
     keys = [c["kv_key"] for c in Registry(data / "corpus" / "registry.sqlite").chunks_of("lost-kv")]
+    table = recorded(data)
+    keys += [table[k]["key"] for k in keys if k in table]
     store = KVStore(data / "kv")
     assert store.delete_many(keys) == len(keys) >= 1
     store.close()

@@ -13,7 +13,7 @@ import torch
 
 from blend.batch import DecodeBatch, KVSlots
 from blend.prefill_work import prefill_cost
-from blend.scheduler import Job, SchedulerConfig, SchedulerFull, slot_size
+from blend.scheduler import Cancelled, Job, SchedulerConfig, SchedulerFull, slot_size
 from blend.shapes import TINY_ARCHS
 from blend.spec import BlendConfig, ContextOverflow, Mode, QuerySpec
 from tests.conftest import oracle_decode, serving
@@ -109,6 +109,63 @@ def test_a_prefill_spread_over_steps_answers_as_it_does_whole(tiny_engines, arch
     assert got.token_ids == whole.token_ids == oracle(engine, layout, spec)
     assert (got.first_logits - whole.first_logits).abs().max().item() < 1e-4
     assert got.recomputed_tokens == whole.recomputed_tokens
+
+
+@ARCHS
+@pytest.mark.parametrize("blend", [dict(selection="lookahead"), dict(selection="value", ratio=0.5),
+                                   dict(selection="question"), dict(selection="value", check_layer=0, later_checks=(2,))],
+                         ids=["lookahead", "value", "question", "gradual"])
+def test_a_blend_prefill_spread_over_its_layers_answers_as_it_does_whole(tiny_engines, arch, blend):
+    """Blend is cut along its layers (its selection needs every chunk token at the check layer):
+    the same kernels in the same order, so the first logits are the whole prefill's bit for bit,
+    while running sequences decode between the pieces."""
+    engine = tiny_engines[arch]
+    layout = make_layout(6, 3)
+    spec = QuerySpec(Mode.BLEND, BlendConfig(**{"ratio": 0.15, **blend}), max_tokens=10)
+    whole = alone(engine, layout, spec)
+    with serving(engine, prefill_tokens=4) as sched:  # 16 tokens through a layer of the 4: a layer a step
+        rec = Recorder()
+        sched.submit(rec.job(engine, "running", make_layout(2, 5), spec_of("reuse", None, 40)))
+        while "running" not in rec.started:
+            sched.step()
+        running = rec.started["running"]
+        sched.submit(rec.job(engine, "spread", layout, spec))
+        steps, before = 0, len(running.tokens)
+        while "spread" not in rec.started:
+            assert sched.step()
+            steps += 1
+        decoded = len(running.tokens) - before
+        while len(rec.answers) < 2:
+            sched.step()
+    got = rec.answers["spread"]
+    assert steps >= engine.parts.n_layers - 1  # really spread, the running sequence decoding in each
+    assert decoded == steps
+    assert torch.equal(got.first_logits, whole.first_logits)
+    assert got.token_ids == whole.token_ids == oracle(engine, layout, spec)
+    assert got.recomputed_tokens == whole.recomputed_tokens
+
+
+def test_a_cancelled_spread_blend_prefill_closes_its_streamed_kv(tiny_engines):
+    """A client that leaves while its blend prefill is spread over steps: the prefill's coroutine
+    is closed at the next step, and the request after it answers as it does alone."""
+    engine = tiny_engines["tiny-llama"]
+    layout = make_layout(6, 3)
+    spec = QuerySpec(Mode.BLEND, BlendConfig(ratio=0.15), max_tokens=6)
+    after_lay, after_spec = make_layout(4, 1), spec_of("blend", 0.5, 6)
+    solo = alone(engine, after_lay, after_spec)
+    with serving(engine, prefill_tokens=8) as sched:
+        rec = Recorder()
+        job = rec.job(engine, "left", layout, spec)
+        sched.submit(job)
+        sched.step()
+        assert job.work is not None and job.work.started and job.work.seq is None  # mid-prefill
+        job.cancelled.set()
+        sched.submit(rec.job(engine, "after", after_lay, after_spec))
+        while "after" not in rec.answers:
+            sched.step()
+        assert job.work._pieces is None  # closed
+    assert isinstance(rec.errors["left"], Cancelled)
+    assert rec.answers["after"].token_ids == solo.token_ids
 
 
 @pytest.mark.parametrize("budget", [8, 4096], ids=["spread", "whole"])
