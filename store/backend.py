@@ -89,7 +89,8 @@ def open_kv_store(kv_dir: str | Path, url: str | None = None, *, readonly: bool 
     Redis tier (`redis://[user:password@]host:port/db`, `rediss://` for TLS, `unix:///path.sock`)
     behind the data dir's LMDB as a local cache. Query options of the URL that ragblend reads:
     `local_cache=0` (no local copies; the LMDB then only records the settings), `prefix=NAME:`
-    (the key namespace, default `ragblend:`); every other one goes to the redis client
+    (the key namespace, default `ragblend:`), `fetchers=N` (connections a streamed read of a
+    request's chunks uses, default 1); every other one goes to the redis client
     (e.g. `socket_timeout=5`, `ssl_cert_reqs=required`). ValueError when the server is unreachable."""
     from store.lmdb_store import KVStore
 
@@ -100,7 +101,7 @@ def open_kv_store(kv_dir: str | Path, url: str | None = None, *, readonly: bool 
                          "or leave it out for the data dir's own LMDB store")
     from store.redis_store import RedisKVStore, TieredKVStore, split_url
 
-    clean, local_cache, prefix = split_url(url)
+    clean, local_cache, prefix, fetchers = split_url(url)
     shared = RedisKVStore(clean, prefix=prefix)
     local = KVStore(kv_dir, readonly=readonly)
     try:
@@ -109,7 +110,7 @@ def open_kv_store(kv_dir: str | Path, url: str | None = None, *, readonly: bool 
         shared.close()
         local.close()
         raise
-    return _with_default_format(TieredKVStore(local, shared, cache_locally=local_cache), readonly)
+    return _with_default_format(TieredKVStore(local, shared, cache_locally=local_cache, fetchers=fetchers), readonly)
 
 
 def _with_default_format(store: KVBackend, readonly: bool) -> KVBackend:

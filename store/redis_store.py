@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -50,11 +50,17 @@ DEFAULT_SOCKET_TIMEOUT_S = 1.0
 DEFAULT_CONNECT_TIMEOUT_S = 1.0
 
 
-def split_url(url: str) -> tuple[str, bool, str]:
-    """(the URL for the redis client, whether to keep a local LMDB cache, the key prefix):
-    ragblend's own query options taken out, the rest left for the client."""
+class UrlOptions(NamedTuple):
+    url: str                # for the redis client: ragblend's own options taken out
+    local_cache: bool       # keep a local LMDB cache in front
+    prefix: str             # the key namespace
+    fetchers: int | None    # connections a streamed read uses (None: redis_stream.DEFAULT_FETCHERS)
+
+
+def split_url(url: str) -> UrlOptions:
+    """ragblend's own query options of a shared-tier URL taken out, the rest left for the client."""
     parts = urlsplit(url)
-    query, local, prefix = [], True, "ragblend:"
+    query, local, prefix, fetchers = [], True, "ragblend:", None
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         if k == "local_cache":
             if v.lower() not in ("0", "1", "true", "false", "yes", "no"):
@@ -62,9 +68,13 @@ def split_url(url: str) -> tuple[str, bool, str]:
             local = v.lower() in ("1", "true", "yes")
         elif k == "prefix":
             prefix = v
+        elif k == "fetchers":
+            if not v.isdigit() or not 1 <= int(v) <= 64:
+                raise ValueError(f"--kv-store: fetchers takes a count from 1 to 64, not {v!r}")
+            fetchers = int(v)
         else:
             query.append((k, v))
-    return urlunsplit(parts._replace(query=urlencode(query))), local, prefix
+    return UrlOptions(urlunsplit(parts._replace(query=urlencode(query))), local, prefix, fetchers)
 
 
 def redact(url: str) -> str:
@@ -365,8 +375,10 @@ class TieredKVStore:
 
     zero_copy = False
 
-    def __init__(self, local: KVStore, shared: RedisKVStore, *, cache_locally: bool = True):
+    def __init__(self, local: KVStore, shared: RedisKVStore, *, cache_locally: bool = True,
+                 fetchers: int | None = None):
         self.local, self.shared, self.cache_locally = local, shared, cache_locally
+        self.fetchers = fetchers  # connections per streamed read (None: redis_stream.DEFAULT_FETCHERS)
         if local.kv_format:
             shared.use_format(local.kv_format)
 
@@ -484,7 +496,7 @@ class TieredKVStore:
         tier (store/redis_stream.py)."""
         from store.redis_stream import TieredStreamReader
 
-        return TieredStreamReader(self, workers=workers, pin=pin)
+        return TieredStreamReader(self, workers=workers, pin=pin, fetchers=self.fetchers)
 
     def stats(self) -> dict[str, Any]:
         return {"local_cache": self.local.stats() if self.cache_locally else None, "shared": self.shared.stats()}

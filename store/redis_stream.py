@@ -10,8 +10,14 @@ failure rules), fed from entries that are still arriving instead of memory-mappe
   buffers are kept for later streams (`EntryBuffers`): a request's entries are ~200 MB for a 7B
   model, and a fresh buffer pays its page faults on first touch (~90 ms per 34 MB entry measured
   on the dev machine, most of a stream's planning time), every request;
-- a fetch thread then reads the layers in the order the prefill consumes them, one pipelined
-  GETRANGE of a layer across every chunk per round trip, into those buffers;
+- fetch threads then read the layers in the order the prefill consumes them, one pipelined
+  GETRANGE of a layer across every chunk per round trip, into those buffers: `fetchers` of them,
+  each on its own connection, taking every `fetchers`-th layer (one connection moved ~1.3 GB/s
+  with hiredis in the first measurements, a 7B request being ~200 MB of int8 KV; a Redis with
+  `io-threads` writes several connections' replies at once). On a machine of few cores more
+  connections only contend: on the 2-core dev machine a 7B request took 198 ms over 1, 210 over 2
+  and 250 over 4 (`python -m api.bench_fleet stream --fetchers 1,2,4`), so the default is 1 until
+  a machine of many cores measures otherwise (the URL's `fetchers=N` sets it);
 - the stream's crew copies a layer (into pinned staging) once that layer of every entry has
   arrived (`wait_for_sources`), so a flag is raised only for a layer that is in place; its
   checksums follow, as for LMDB.
@@ -42,6 +48,7 @@ from store.serialize import CorruptEntry, KVHeader, layer_ok, layer_span, read_h
 log = logging.getLogger(__name__)
 
 DEFAULT_BUFFER_BYTES = 1 << 30  # idle arriving-entry buffers kept for the next streams (EntryBuffers)
+DEFAULT_FETCHERS = 1  # fetch threads (connections) per stream (module docstring)
 
 
 class ArrivingEntry(bytearray):
@@ -125,18 +132,20 @@ def wait_for_sources(job: LayerJob) -> None:
 
 
 class _Fetch:
-    """One stream's entries and the thread that reads their layers: the stream's, in its order;
+    """One stream's entries and the threads that read their layers: the stream's, in its order;
     then, when the entries are to be kept in a local cache, the layers the stream did not ask for,
     after which every entry whose layers all pass their CRC is copied there. That tail runs after
     the stream's own layers, off the request's path (the stream's close does not wait for it).
-    The entries' buffers go back to `buffers` once both the stream and the thread are done with
-    them (`release`, called by each)."""
+    With several `fetchers`, thread j reads every fetchers-th layer of that order from j, each on
+    a connection of its own (the client's pool hands each thread one); the last to end lets the
+    layers that never came go and keeps the entries. The entries' buffers go back to `buffers`
+    once both the stream and the fetch are done with them (`release`, called by each)."""
 
     def __init__(self, shared, keys: list[str], entries: list[ArrivingEntry], layers: list[int], cache_into=None,
-                 buffers: EntryBuffers | None = None):
+                 buffers: EntryBuffers | None = None, fetchers: int = 1):
         self.shared, self.keys, self.entries, self.layers = shared, keys, entries, layers
         self.cache_into, self.buffers = cache_into, buffers
-        self._holders = 2  # the stream (its snapshot) and the fetch thread
+        self._holders = 2  # the stream (its snapshot) and the fetch threads together
         self._holders_lock = threading.Lock()
         n = entries[0].head.shape[0] if entries else 0
         wanted = set(layers)
@@ -144,7 +153,23 @@ class _Fetch:
         self.by_key = dict(zip(keys, entries))
         self.stop = threading.Event()
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name="kv-fetch", daemon=True)
+        order = self.layers + self.rest
+        k = max(1, min(fetchers, len(order)))
+        self.threads = [threading.Thread(target=self._run, args=(order[j::k],), name=f"kv-fetch-{j}", daemon=True)
+                        for j in range(k)]
+        self._running = len(self.threads)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def join(self) -> None:
+        for t in self.threads:
+            if t.is_alive():
+                t.join()
 
     def release(self) -> None:
         with self._holders_lock:
@@ -153,29 +178,40 @@ class _Fetch:
         if last and self.buffers is not None:
             self.buffers.give(self.entries)
 
-    def _run(self) -> None:
+    def _run(self, layers: list[int]) -> None:
         try:
-            self._fetch()
+            self._fetch(layers)
         finally:
-            self.release()
+            with self._holders_lock:
+                self._running -= 1
+                last = self._running == 0
+            if last:
+                self._end()
 
-    def _fetch(self) -> None:
+    def _fetch(self, layers: list[int]) -> None:
         heads = [e.head for e in self.entries]
+        todo = list(layers)
         try:
-            for i in self.layers + self.rest:
-                if self.stop.is_set():
-                    return
+            while todo and not self.stop.is_set() and self.error is None:
+                i = todo[0]
                 for entry, span in zip(self.entries, self.shared.layer_spans(self.keys, heads, i)):
                     entry.arrive(i, span)
+                todo.pop(0)
         except BaseException as e:  # StoreUnavailable above all: the layers left fail their CRC
             self.error = e
             log.warning("streaming chunk KV from the shared tier stopped: %s", e)
-            return
-        finally:
+        for i in todo:  # this thread's layers that will not come: zeros (they fail their CRC), now
+            for entry in self.entries:
+                entry.arrive(i, None)
+
+    def _end(self) -> None:
+        try:
             for entry in self.entries:
                 entry.give_up()
-        if self.cache_into is not None:
-            self._keep()
+            if self.cache_into is not None and self.error is None and not self.stop.is_set():
+                self._keep()
+        finally:
+            self.release()
 
     def _keep(self) -> None:
         """Entries that arrived whole, every layer's CRC checked, into the local cache."""
@@ -205,7 +241,7 @@ class _ArrivingSource:
     def snapshot(self) -> Iterator[_Fetch]:
         fetch, self.pending = self.pending, None
         self.last = fetch
-        fetch.thread.start()
+        fetch.start()
         try:
             yield fetch
         except BaseException:  # planning failed: nothing will read the buffers
@@ -227,8 +263,12 @@ class SharedStreamReader:
     """Streams of entries on a RedisKVStore, through the LMDB stream's machinery (module
     docstring). `cache_into`: a KVStore the entries read whole and verified are copied into."""
 
-    def __init__(self, shared, *, workers: int | None = None, pin: bool | None = None, cache_into=None):
+    def __init__(self, shared, *, workers: int | None = None, pin: bool | None = None, cache_into=None,
+                 fetchers: int | None = None):
         self.shared, self.cache_into = shared, cache_into
+        self.fetchers = fetchers if fetchers is not None else DEFAULT_FETCHERS
+        if self.fetchers < 1:
+            raise ValueError(f"fetchers must be ≥ 1, got {self.fetchers}")
         self._source = _ArrivingSource()
         self._reader = StagedReader(self._source, workers=workers, pin=pin)
         self._reader.gate = wait_for_sources
@@ -265,7 +305,8 @@ class SharedStreamReader:
                 raise CorruptEntry(f"shared entry {key}: {e}") from None
             entries.append(self.buffers.take(total, head_bytes, head))
         with self._lock:
-            self._source.pending = _Fetch(self.shared, list(keys), entries, layers, self.cache_into, self.buffers)
+            self._source.pending = _Fetch(self.shared, list(keys), entries, layers, self.cache_into, self.buffers,
+                                          self.fetchers)
             try:
                 s = self._reader.stream(keys, layers, fingerprint, dtype=dtype, device=device, land=land)
             finally:
@@ -276,8 +317,8 @@ class SharedStreamReader:
     def settle(self) -> None:
         """Wait for the last stream's fetch to end (its copy into the local cache included)."""
         fetch = self._source.last
-        if fetch is not None and fetch.thread.is_alive():
-            fetch.thread.join()
+        if fetch is not None:
+            fetch.join()
 
     def close(self) -> None:
         self._reader.close()
@@ -287,10 +328,10 @@ class TieredStreamReader:
     """The stream reader of a TieredKVStore: from the local LMDB cache when it holds every
     chunk of the request (its zero-copy stream), else from the shared tier."""
 
-    def __init__(self, tiered, *, workers: int | None = None, pin: bool | None = None):
+    def __init__(self, tiered, *, workers: int | None = None, pin: bool | None = None, fetchers: int | None = None):
         self.tiered = tiered
         self.local = StagedReader(tiered.local, workers=workers, pin=pin) if tiered.cache_locally else None
-        self.remote = SharedStreamReader(tiered.shared, workers=workers, pin=pin,
+        self.remote = SharedStreamReader(tiered.shared, workers=workers, pin=pin, fetchers=fetchers,
                                          cache_into=tiered.local if tiered.cache_locally else None)
 
     @property

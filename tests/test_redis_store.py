@@ -128,8 +128,12 @@ def test_round_trip_is_bit_exact_and_readable_layer_by_layer(url, dtype):
 
 
 def test_url_options_auth_and_tls_pass_through(url):
-    clean, local, prefix = split_url("rediss://user:secret@h:6380/2?local_cache=0&prefix=fleet:&socket_timeout=5")
-    assert (local, prefix) == (False, "fleet:") and clean == "rediss://user:secret@h:6380/2?socket_timeout=5"
+    clean, local, prefix, fetchers = split_url("rediss://user:secret@h:6380/2?local_cache=0&prefix=fleet:&socket_timeout=5")
+    assert (local, prefix, fetchers) == (False, "fleet:", None) and clean == "rediss://user:secret@h:6380/2?socket_timeout=5"
+    assert split_url("redis://h/0?fetchers=3").fetchers == 3
+    for bad in ("0", "x", "65"):
+        with pytest.raises(ValueError, match="fetchers takes a count"):
+            split_url(f"redis://h/0?fetchers={bad}")
     assert redact(clean) == "rediss://user:***@h:6380/2?socket_timeout=5"
     with pytest.raises(ValueError, match="cannot reach"):
         open_kv_store("/nonexistent-never-created", "redis://127.0.0.1:1/0?socket_connect_timeout=0.5")

@@ -18,6 +18,7 @@ from store.backend import open_kv_store  # noqa: E402
 from store.chunkkv import ChunkKV  # noqa: E402
 from store.redis_store import RedisKVStore  # noqa: E402
 from store.redis_stream import SharedStreamReader, TieredStreamReader  # noqa: E402
+from store.redis_store import StoreUnavailable  # noqa: E402
 from store.serialize import CorruptEntry, to_kv  # noqa: E402
 from tests.test_blend import make_layout  # noqa: E402
 from tests.test_quant import FP, realistic_kv  # noqa: E402
@@ -25,16 +26,18 @@ from tests.test_quant import FP, realistic_kv  # noqa: E402
 from tests.test_redis_store import Server, server, url  # noqa: E402,F401
 
 
+@pytest.mark.parametrize("fetchers", [1, 3])
 @pytest.mark.parametrize("fmt", ["float32", "int8", "bfloat16"])
-def test_a_streamed_shared_read_hands_over_each_layer_bit_exact_like_a_whole_read(url, fmt):
+def test_a_streamed_shared_read_hands_over_each_layer_bit_exact_like_a_whole_read(url, fmt, fetchers):
     """Float entries wanted in their dtype land in the staging block; quantized ones (or another
     float format) as packed rows decoded per layer; either way every layer asked for is announced
-    on its flag once in place, and equals the whole read."""
+    on its flag once in place, and equals the whole read — with one fetch connection or several
+    taking the layers in turn."""
     shared = RedisKVStore(url, fmt=fmt)
     kvs = {f"k{i}": realistic_kv(L=4, H=2, T=5 + 3 * i, D=16, seed=i) for i in range(3)}
     for k, kv in kvs.items():
         shared.put(k, kv, FP)
-    reader = SharedStreamReader(shared, workers=2, pin=False)
+    reader = SharedStreamReader(shared, workers=2, pin=False, fetchers=fetchers)
     keys = ["k2", "k0", "k1"]
     wholes = [to_kv(*shared.get_raw(k, fingerprint=FP), torch.float32) for k in keys]
     with reader.stream(keys, [3, 1, 2], FP, dtype=torch.float32) as s:
@@ -50,13 +53,14 @@ def test_a_streamed_shared_read_hands_over_each_layer_bit_exact_like_a_whole_rea
     shared.close()
 
 
-def test_a_damaged_shared_layer_fails_at_its_wait_and_an_absent_entry_before_any_read(url, server):
+@pytest.mark.parametrize("fetchers", [1, 2])
+def test_a_damaged_shared_layer_fails_at_its_wait_and_an_absent_entry_before_any_read(url, server, fetchers):
     shared = RedisKVStore(url, fmt="float32")
     kv = realistic_kv(L=4, H=2, T=6, D=16)
     shared.put("good", kv, FP)
     shared.put("bad", kv, FP)
     server.client.setrange(shared._k("bad"), server.client.strlen(shared._k("bad")) - 3, b"\x00\x01\x02")
-    reader = SharedStreamReader(shared, workers=2, pin=False)
+    reader = SharedStreamReader(shared, workers=2, pin=False, fetchers=fetchers)
     with pytest.raises(KeyError):
         reader.stream(["good", "absent"], range(4), FP)
     with reader.stream(["good", "bad"], range(4), FP) as s:
@@ -153,12 +157,14 @@ def test_a_prefill_over_streamed_shared_kv_gives_the_logits_of_the_whole_read(tm
     store.close()
 
 
-def test_the_local_cache_keeps_its_own_stream_and_takes_what_streamed_whole_from_the_tier(tmp_path, url):
+@pytest.mark.parametrize("fetchers", ["", "?fetchers=2"], ids=["default", "two-connections"])
+def test_the_local_cache_keeps_its_own_stream_and_takes_what_streamed_whole_from_the_tier(tmp_path, url, fetchers):
     """A request whose chunks are all in the local LMDB streams from it (zero-copy, no round
     trip); any other streams from the tier, and entries that arrived whole and verified are
     copied into the local cache, so the next request streams locally."""
     kv = {f"k{i}": realistic_kv(L=3, H=2, T=4 + i, D=16, seed=i) for i in range(2)}
-    tiered = open_kv_store(tmp_path / "kv", url)
+    tiered = open_kv_store(tmp_path / "kv", url + fetchers)
+    assert tiered.fetchers == (2 if fetchers else None)
     tiered.configure(kv_format="float32")
     for k, v in kv.items():
         tiered.shared.put(k, v, FP)  # another replica's entries: on the tier, not in this local cache
@@ -176,3 +182,48 @@ def test_the_local_cache_keeps_its_own_stream_and_takes_what_streamed_whole_from
     assert reader.remote.streams == 1  # the second came from the local cache
     reader.close()
     tiered.close()
+
+
+class FailsAtLayer:
+    """The real tier, except that reading one layer fails as a lost connection does."""
+
+    def __init__(self, shared, layer: int):
+        self.shared, self.layer = shared, layer
+
+    def __getattr__(self, name):
+        return getattr(self.shared, name)
+
+    def layer_spans(self, keys, heads, layer):
+        if layer == self.layer:
+            raise StoreUnavailable("connection lost (injected)")
+        return self.shared.layer_spans(keys, heads, layer)
+
+
+@pytest.mark.parametrize("fetchers", [1, 2, 4])
+def test_a_fetch_connection_that_fails_voids_its_layers_and_no_wait_hangs(url, fetchers):
+    """One fetch thread's read fails mid-stream: every layer still gets its flag (the failed and
+    unread ones as zeros, which fail their CRC), the other threads stop, and nothing that failed
+    is copied into a local cache."""
+    shared = RedisKVStore(url, fmt="float32")
+    kvs = {f"k{i}": realistic_kv(L=6, H=2, T=5, D=16, seed=i) for i in range(2)}
+    for k, kv in kvs.items():
+        shared.put(k, kv, FP)
+    kept = []
+
+    class Local:
+        def put_encoded(self, key, value, meta):
+            kept.append(key)
+    reader = SharedStreamReader(FailsAtLayer(shared, 2), workers=2, pin=False, fetchers=fetchers, cache_into=Local())
+    s = reader.stream(list(kvs), range(6), FP, dtype=torch.float32)
+    with pytest.raises(CorruptEntry, match="checksum mismatch"):  # at 2, or sooner where another thread stopped
+        for i in range(6):
+            s.wait(i)
+    s.close()
+    s = reader.stream(list(kvs), range(6), FP, dtype=torch.float32)
+    with pytest.raises(CorruptEntry):  # nobody waited: the failure comes at close, every flag raised
+        s.close()
+    assert s.flags[:6].tolist() == [s.seq] * 6
+    reader.settle()
+    assert kept == []
+    reader.close()
+    shared.close()
