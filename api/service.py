@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from api.datadir import recorded_neighbours
-from api.neighbour_index import Lookup, extend, forget, lookup
+from api.neighbour_index import NEIGHBOURS_FILE, Lookup, extend, forget, lookup
 from blend.engine import Engine, Generation
 from blend.prompt import Layout
 from blend.loader import load_model
@@ -108,20 +108,39 @@ class RagService:
                                        cpu_bytes=sized[1] if pinned_bytes is None else pinned_bytes)
         self.write_lock = threading.Lock()
         self.neighbour_rule = check_rule(neighbour_rule)
-        self.source: ChunkKVSource = self.kv
+        self._source: ChunkKVSource = self.kv
         self.neighbours: Lookup | None = None
+        self._served_stamp: tuple[int, int, int] | None = None  # neighbours.json as last served
+        self._reload_lock = threading.Lock()
         self.load_neighbours()
         self.reranker: Reranker | None = None  # a cross-encoder (retrieval/rerank.py), when one is given
 
     def load_neighbours(self) -> bool:
         """Serve neighbour-aware chunk KV (api/neighbour_index.py) where the data dir records it, by
         this service's rule; plain entries otherwise. Returns whether it does."""
-        return self._serve_neighbours(lookup(self))
+        stamp = _stamp(self.data_dir)
+        served = self._serve_neighbours(lookup(self))
+        self._served_stamp = stamp  # what was read, even if the file changed while reading it
+        return served
+
+    @property
+    def source(self) -> ChunkKVSource:
+        """What a query reads its chunk KV from (a query reads it once: it is served by the old
+        table or the new one, whole). When neighbours.json changed on disk since it was served —
+        another process (`ragblend index`) rebuilt the table, as it may rebuild the corpus, which
+        Corpus reloads likewise — the table is reloaded first: a stat per query."""
+        if _stamp(self.data_dir) != self._served_stamp:
+            with self._reload_lock:
+                if _stamp(self.data_dir) != self._served_stamp:
+                    log.info("neighbours.json changed on disk: reloading the neighbour-aware KV table")
+                    self.load_neighbours()
+        return self._source
 
     def _serve_neighbours(self, table: Lookup | None) -> bool:
-        # a query reads `source` once: it is served by the old table or the new one, whole
+        stamp = _stamp(self.data_dir)  # before reading it: a change after this one is seen next time
         self.neighbours = table
-        self.source = self.kv if table is None else NeighbourKV(self.kv, table, self.neighbour_rule)
+        self._source = self.kv if table is None else NeighbourKV(self.kv, table, self.neighbour_rule)
+        self._served_stamp = stamp
         return table is not None
 
     def index_neighbours(self, report: IndexReport) -> None:
@@ -148,6 +167,7 @@ class RagService:
             return 0
         if self.neighbours is not None:
             self.neighbours.forget(removed)
+            self._served_stamp = _stamp(self.data_dir)  # our own write, served as it stands
         return self.kv.drop(list(removed.values()))
 
     def close(self) -> None:
@@ -254,3 +274,12 @@ class RagService:
         """The prompt of `question` over `hits` (best first), which it lists in reverse: the best
         chunk sits right before the question, where a small model attends to it most."""
         return self.engine.layout(question, [h.text for h in reversed(hits)])
+
+
+def _stamp(data_dir: Path) -> tuple[int, int, int] | None:
+    """neighbours.json's identity on disk (it is replaced whole, never edited): None when absent."""
+    try:
+        st = os.stat(Path(data_dir) / NEIGHBOURS_FILE)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size

@@ -209,6 +209,47 @@ ANIMALS = [("okapi", "forest"), ("heron", "river"), ("ibex", "mountains"), ("puf
 
 
 @pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
+def test_a_running_service_serves_the_table_another_process_writes(tmp_path):
+    """`ragblend index` run beside a server rewrites neighbours.json (replaced whole, as
+    neighbour_index._write does): the server's next query reads the new table, not the one it
+    started with — records added, records gone, the file removed — with no restart."""
+    import json
+    import os
+
+    from api.neighbour_index import NEIGHBOURS_FILE, build, recorded
+    from api.service import RagService
+    from blend.engine import Engine
+    from blend.loader import load_model
+    from retrieval.testing import HashEmbedder
+
+    svc = RagService(tmp_path / "data", engine=Engine(load_model("random:tiny-smol")), embedder=HashEmbedder(),
+                     chunk_tokens=32, neighbour_rule="always")
+    try:
+        svc.index_documents([animal_doc(f"d{i}", *a) for i, a in enumerate(ANIMALS[:3])])
+        assert svc.neighbours is None
+        table_path = svc.data_dir / NEIGHBOURS_FILE
+        build(svc, 2)  # writes the table and the entries; the service was not told
+        served = svc.neighbours
+        hits = svc.retrieve("Where does the heron live?", 3).hits
+        refs = svc.source.refs(svc.layout("Where does the heron live?", hits).chunks)
+        assert svc.neighbours is not served and svc.neighbours is not None
+        assert not refs[0].context and all(r.context for r in refs[1:])  # as in the test above
+        # another process un-records one chunk (an atomic replace, like every writer)
+        table = recorded(svc.data_dir)
+        gone = next(iter(table))
+        tmp = svc.data_dir / ".neighbours.other"
+        tmp.write_text(json.dumps({k: v for k, v in table.items() if k != gone}))
+        os.replace(tmp, table_path)
+        assert svc.source.neighbours is svc.neighbours and gone not in svc.neighbours.table
+        assert len(svc.neighbours.table) == len(table) - 1
+        same = svc.source
+        assert svc.source is same  # unchanged on disk: nothing reloaded
+        table_path.unlink()
+        assert svc.source is svc.kv and svc.neighbours is None
+    finally:
+        svc.close()
+
+
 def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_behind_a_gone_chunk(tmp_path):
     """RagService's upload step (index_neighbours, api/neighbour_index.extend) and forget, in process:
     the REST test below checks the same through a server."""
