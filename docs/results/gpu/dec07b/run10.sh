@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command for issue 20 (run8 and run9 folded together: device time is short, and machine
-# starts fail often). mistral-7b on every tier with the selections' cost and a profile; the tree
+# starts fail often). mistral-7b on every tier with every selection's cost (issue 21, Show 4) and a profile; the tree
 # before (commit cd04894, .old/tree) on the streamed int8 cells alone; llama-3.1-8b and
 # qwen2.5-7b on every tier; then the CUDA tests of the stream, the probe, the decode and the scheduler.
 set -u
@@ -15,7 +15,8 @@ bench() {  # name, timeout, then bench flags
   echo "$name rc $? at $(( $(date +%s) - t0 )) s"; grep -v "^|---" /tmp/bench-$name/bench.md
   cp /tmp/bench-$name/bench.md "$OUT/bench-$name.md" 2>/dev/null; cp /tmp/bench-$name/bench.json "$OUT/bench-$name.json" 2>/dev/null
 }
-bench mistral-7b 150 --shape mistral-7b --tiers gpu,cpu,lmdb --kv-dtype int8,bfloat16 --selections value,lookahead --profile
+bench mistral-7b 160 --shape mistral-7b --tiers gpu,cpu,lmdb --kv-dtype int8,bfloat16 --profile \
+  --selections value,lookahead,question,question-value,key,attention,first,hybrid
 grep "^profile" "$OUT/bench-mistral-7b.log"; (cd /tmp/bench-mistral-7b && tar czf "$OUT/profile.tgz" profile)
 (cd .old/tree && PYTHONPATH=/tmp/site:$PWD timeout 90 python3 -m api.cli bench --device cuda --sweep '' --ratios 0.15 \
   --runs 10 --warmup 3 --shape mistral-7b --tiers gpu,lmdb --kv-dtype int8 --out /tmp/bench-old > "$OUT/bench-old.log" 2>&1)
