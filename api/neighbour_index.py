@@ -124,17 +124,18 @@ def _record(service, n: int, keys: list[str], texts: list[str], emb, rows: Seque
 
     table: Table = {}
     computed = 0
-    for i, near in zip(rows, nearest(emb, n, keys=keys, rows=rows)):
-        if not near:
-            continue
-        front = list(reversed(near))  # the nearest right before the chunk
-        ref = ChunkRef(ids(i), tuple(ids(j) for j in front))
-        context = [keys[j] for j in front]
-        key, made = service.kv.ensure(ref, {"context_of": keys[i], "context": context})
-        computed += made
-        table[keys[i]] = {"context": context, "key": key}
-        if progress:
-            progress(1, ref.n_context + len(ref.ids))
+    with service.kv.pipelined_writes():  # every entry written before the table that names it
+        for i, near in zip(rows, nearest(emb, n, keys=keys, rows=rows)):
+            if not near:
+                continue
+            front = list(reversed(near))  # the nearest right before the chunk
+            ref = ChunkRef(ids(i), tuple(ids(j) for j in front))
+            context = [keys[j] for j in front]
+            key, made = service.kv.ensure(ref, {"context_of": keys[i], "context": context})
+            computed += made
+            table[keys[i]] = {"context": context, "key": key}
+            if progress:
+                progress(1, ref.n_context + len(ref.ids))
     return table, computed
 
 

@@ -206,17 +206,18 @@ class RagService:
                 return report
             chunks = chunk_text(doc.id, doc.text, self.engine.tokenizer, self.chunk_tokens)
             keys = []
-            for chunk in chunks:
-                ids = self.engine.prompts.chunk_ids(chunk.text)
-                meta = {"doc_id": doc.id, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end,
-                        "text": chunk.text}
-                key, computed = self.kv.ensure(ids, meta)  # a computed chunk is queued in the model's loop
-                keys.append(key)
-                report.kv_computed += computed
-                report.chunks += 1
-                report.tokens += len(ids)
-                if progress:
-                    progress(1, len(ids))
+            with self.kv.pipelined_writes():  # every entry written before the commit below
+                for chunk in chunks:
+                    ids = self.engine.prompts.chunk_ids(chunk.text)
+                    meta = {"doc_id": doc.id, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end,
+                            "text": chunk.text}
+                    key, computed = self.kv.ensure(ids, meta)  # a computed chunk is queued in the model's loop
+                    keys.append(key)
+                    report.kv_computed += computed
+                    report.chunks += 1
+                    report.tokens += len(ids)
+                    if progress:
+                        progress(1, len(ids))
             self.commit_document(doc, chunks, keys, self.corpus.embedder.encode([c.text for c in chunks]), report)
         return report
 

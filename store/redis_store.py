@@ -421,6 +421,10 @@ class TieredKVStore:
         won the race, the local cache is left to take that one on its next read, so that every
         replica serves the same bytes."""
         value = encode_kv(kv, fingerprint, fmt or self.shared.kv_format or self.local.kv_format, key)
+        return self.put_encoded(key, value, meta, if_absent=if_absent)
+
+    def put_encoded(self, key: str, value: bytes, meta: dict[str, Any], if_absent: bool = False) -> bool:
+        """put() of an entry already encoded (store.serialize.encode_kv)."""
         stored = self.shared.put_encoded(key, value, meta, if_absent=if_absent)
         if stored and self.cache_locally:
             self.local.put_encoded(key, value, meta)

@@ -108,6 +108,13 @@ def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = N
     bf16, fp16 or fp32), bound to `key` (the chunk hash it is stored under; stores always pass
     it). Quantization runs on kv's device; only the encoded rows come back. A bytearray (every
     store's writes take one; it is not copied again into bytes)."""
+    return seal_kv(stage_kv(kv, fingerprint, fmt, key))
+
+
+def stage_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None, key: str = "") -> bytearray:
+    """encode_kv's device part: the rows quantized on kv's device and copied into the entry's host
+    buffer, the header's fields written; the checksums are left to seal_kv (host work alone,
+    which a writer thread can do while the device computes the next chunk)."""
     if kv.dim() != 5 or kv.shape[1] != 2:
         raise ValueError(f"kv must have shape [L, 2, H, T, D], got {tuple(kv.shape)}")
     if not kv.dtype.is_floating_point or kv.dtype.itemsize < 2:
@@ -136,7 +143,15 @@ def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = N
     out[pos:pos + len(fp)] = fp
     pos += len(fp)
     out[pos:pos + len(kb)] = kb
-    pos += len(kb)
+    return out
+
+
+def seal_kv(out: bytearray) -> bytearray:
+    """A staged entry's checksums, in place: one CRC32 per layer's rows, then the header's."""
+    _, _, _, _, n_layers, _, _, _, n_fp, n_kb = _FIXED.unpack_from(out, 0)
+    head_len = _header_len(n_fp, n_layers, n_kb)
+    rows = np.frombuffer(out, dtype=np.uint8, offset=head_len).reshape(n_layers, -1) if n_layers else None
+    pos = _FIXED.size + n_fp + n_kb
     for i in range(n_layers):
         _U32.pack_into(out, pos + 4 * i, crc32(rows[i]))
     _U32.pack_into(out, head_len - 4, crc32(memoryview(out)[:head_len - 4]))

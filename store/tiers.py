@@ -27,7 +27,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,7 +41,8 @@ from store.backend import KVBackend, LayerStreaming
 from store.quant import KVFormat
 from store.quant import kv_format as parse_format
 from store.reader import LayerStream, StagedReader
-from store.serialize import CorruptEntry, FingerprintMismatch, KVHeader, to_kv
+from store.serialize import CorruptEntry, FingerprintMismatch, KVHeader, seal_kv, stage_kv, to_kv
+from store.writes import PipelinedWrites
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +146,7 @@ class ChunkKVCache:
             store.layer_reader(workers=read_workers, pin=cuda) if isinstance(store, LayerStreaming) and cuda else None
         self.stream = stream and cuda and self.reader is not None
         self._count_lock = threading.Lock()
+        self._writes: PipelinedWrites | None = None  # while pipelined_writes() is open
         self.recomputed = 0     # entries missing, corrupt, stale or misshapen when a request needed them
         self.store_reads = 0    # entries a request read from LMDB
         self.last_stream: LayerStream | None = None  # the last streamed read, for its wait statistics
@@ -193,11 +196,26 @@ class ChunkKVCache:
                 return key, False
             self._keep(key, self.format.roundtrip(self._compute(ref)))
             return key, True
-        if self.store.contains(key):
+        if (self._writes is not None and key in self._writes.keys) or self.store.contains(key):
             return key, False
         # if_absent: another replica that computed the chunk meanwhile keeps its value (one value)
         self._write(key, ref, self._compute(ref), meta or {}, if_absent=True)
         return key, True
+
+    @contextmanager
+    def pipelined_writes(self) -> Iterator[None]:
+        """Within it, ensure()'s store writes run behind the next chunk's compute
+        (store/writes.py); on a clean exit every one is done, or the first failure is raised."""
+        if self.store is None or self._writes is not None:
+            yield
+            return
+        self._writes = PipelinedWrites()
+        try:
+            yield
+            self._writes.drain()
+        finally:
+            writes, self._writes = self._writes, None
+            writes.close()
 
     def contains(self, key: str) -> bool:
         if key in self.gpu or (self.cpu is not None and key in self.cpu):
@@ -224,9 +242,14 @@ class ChunkKVCache:
     def _write(self, key: str, ref: ChunkRef, kv: torch.Tensor, meta: dict, if_absent: bool = False) -> None:
         """Into the store in this cache's format (quantized on kv's device; the rows then move).
         `if_absent`: keep a value already there (a shared store's SET NX)."""
-        if self.store is not None:
-            self.store.put(key, kv, self.shape.fingerprint, self.entry_meta(ref, meta), fmt=self.format.name,
-                           if_absent=if_absent)
+        if self.store is None:
+            return
+        meta = self.entry_meta(ref, meta)
+        if self._writes is None:
+            self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name, if_absent=if_absent)
+            return
+        staged = stage_kv(kv, self.shape.fingerprint, self.format.name, key)  # the device part, here
+        self._writes.submit(key, lambda: self.store.put_encoded(key, seal_kv(staged), meta, if_absent=if_absent))
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier

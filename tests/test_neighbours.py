@@ -250,6 +250,7 @@ def test_a_running_service_serves_the_table_another_process_writes(tmp_path):
         svc.close()
 
 
+@pytest.mark.real  # random:tiny-smol speaks the bundled tokenizer
 def test_an_upload_records_only_its_chunks_and_a_delete_unrecords_every_entry_behind_a_gone_chunk(tmp_path):
     """RagService's upload step (index_neighbours, api/neighbour_index.extend) and forget, in process:
     the REST test below checks the same through a server."""
