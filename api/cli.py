@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -216,14 +217,16 @@ def index(
         if n_neighbours or neighbours == 0:  # 0 asked: the recorded entries are dropped
             from api.neighbour_index import build
 
+            t_nb = time.perf_counter()
             nb_report = build(service, n_neighbours)
+            report.neighbour_seconds = time.perf_counter() - t_nb
             record_index(service.data_dir, neighbours=n_neighbours)
             report.neighbour_chunks += nb_report["neighbour_chunks"]
             report.neighbour_kv_computed += nb_report["neighbour_kv_computed"]
             report.neighbour_kv_deleted += nb_report["neighbour_kv_deleted"]
             typer.echo(f"neighbour-aware KV (--neighbours {n_neighbours}): {nb_report['neighbour_entries']} entries, "
-                       f"{nb_report['neighbour_kv_computed']} computed, {nb_report['neighbour_kv_deleted']} dropped",
-                       err=True)
+                       f"{nb_report['neighbour_kv_computed']} computed, {nb_report['neighbour_kv_deleted']} dropped "
+                       f"in {report.neighbour_seconds:.1f} s", err=True)
     except KeyboardInterrupt:
         interrupted = True
     except Exception as e:
@@ -265,7 +268,10 @@ def index(
     else:
         typer.echo(f"{summary['documents']} documents ({summary['unchanged']} unchanged), {summary['chunks']} chunks, "
                    f"{summary['kv_computed']} KVs computed in {summary['seconds']:.1f} s "
-                   f"({summary['tokens_per_s'] or 0:.0f} tokens/s) → {service.data_dir}"
+                   f"({summary['tokens_per_s'] or 0:.0f} tokens/s)"
+                   + (f", {summary['neighbour_kv_computed']} neighbour-aware KVs in {summary['neighbour_seconds']:.1f} s"
+                      if summary["neighbour_kv_computed"] else "")
+                   + f" → {service.data_dir}"
                    + (f"; {len(removed)} removed (files gone)" if removed else "")
                    + (f"; {len(collisions)} refused (id taken)" if collisions else ""))
         _echo_skipped(skipped)

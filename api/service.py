@@ -58,6 +58,7 @@ class IndexReport:
     neighbour_chunks: int = 0
     neighbour_kv_computed: int = 0
     neighbour_kv_deleted: int = 0
+    neighbour_seconds: float = 0.0  # the CLI's neighbour step (after the documents' `seconds`)
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     committed: int = 0  # documents stored or found unchanged: what an interrupted run keeps
@@ -66,7 +67,7 @@ class IndexReport:
         return {"documents": self.documents, "unchanged": self.unchanged, "chunks": self.chunks,
                 "tokens": self.tokens, "kv_computed": self.kv_computed, "kv_deleted": self.kv_deleted,
                 "neighbour_chunks": self.neighbour_chunks, "neighbour_kv_computed": self.neighbour_kv_computed,
-                "neighbour_kv_deleted": self.neighbour_kv_deleted,
+                "neighbour_kv_deleted": self.neighbour_kv_deleted, "neighbour_seconds": round(self.neighbour_seconds, 3),
                 "skipped": self.skipped, "seconds": round(self.seconds, 3),
                 "chunks_per_s": round(self.chunks / self.seconds, 3) if self.seconds else None,
                 "tokens_per_s": round(self.tokens / self.seconds, 1) if self.seconds else None}
