@@ -178,22 +178,24 @@ class ChunkWorker:
         chunks = chunk_text(doc.id, doc.text, self.engine.tokenizer, self.spec.chunk_tokens)
         keys, entries, computed, tokens = [], [], 0, 0
         skip = set(present)
-        for chunk in chunks:
-            ids = self.engine.prompts.chunk_ids(chunk.text)
-            meta = {"doc_id": doc.id, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end,
-                    "text": chunk.text}
-            if store_url:
-                key, made = cache.ensure(ids, meta)  # SET NX on the shared tier
-            else:
-                key, made = cache.key(ids), False
-                if key not in skip:
-                    kv = cache.compute(ids)
-                    entries.append((key, encode_kv(kv, cache.shape.fingerprint, kv_format, key), cache.entry_meta(ids, meta)))
-                    skip.add(key)
-                    made = True
-            keys.append(key)
-            computed += made
-            tokens += len(ids)
+        with cache.pipelined_writes():  # on the shared tier before the driver commits (store/writes.py)
+            for chunk in chunks:
+                ids = self.engine.prompts.chunk_ids(chunk.text)
+                meta = {"doc_id": doc.id, "chunk_index": chunk.index, "start": chunk.start, "end": chunk.end,
+                        "text": chunk.text}
+                if store_url:
+                    key, made = cache.ensure(ids, meta)  # SET NX on the shared tier
+                else:
+                    key, made = cache.key(ids), False
+                    if key not in skip:
+                        kv = cache.compute(ids)
+                        entries.append((key, encode_kv(kv, cache.shape.fingerprint, kv_format, key),
+                                        cache.entry_meta(ids, meta)))
+                        skip.add(key)
+                        made = True
+                keys.append(key)
+                computed += made
+                tokens += len(ids)
         embeddings = self.embedder.encode([c.text for c in chunks])
         return DocResult(doc.id, chunks, keys, tokens, computed, embeddings, entries)
 

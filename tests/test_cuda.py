@@ -299,8 +299,11 @@ def test_decode_slots_sized_from_free_memory_fit_beside_the_prefill():
         engine.scheduler.configure(INLINE)
 
 
-@pytest.mark.parametrize("mode", ["full", "prefix"])
+@pytest.mark.parametrize("mode", ["full", "prefix", "blend"])
 def test_a_prefill_spread_over_steps_on_cuda_answers_as_it_does_whole(mode):
+    """full and prefix cut along the prompt (eager pieces); blend along its layers, its graph
+    layers replayed one graph per layer on the shared prefill buffer: the same kernels, so the
+    whole prefill's logits bit for bit."""
     from blend.scheduler import INLINE, Job
     from blend.spec import Mode, QuerySpec
 
@@ -311,7 +314,8 @@ def test_a_prefill_spread_over_steps_on_cuda_answers_as_it_does_whole(mode):
     sched = _served(engine, prefill_tokens=8)
     try:
         box = {}
-        sched.submit(Job(lay, spec, kv, on_done=lambda a: box.setdefault("a", a)))
+        sched.submit(Job(lay, spec, kv, on_done=lambda a: box.setdefault("a", a),
+                         on_start=lambda seq: box.setdefault("prefilled_in", steps + 1)))
         steps = 0
         while "a" not in box:
             sched.step()
@@ -319,9 +323,13 @@ def test_a_prefill_spread_over_steps_on_cuda_answers_as_it_does_whole(mode):
     finally:
         sched.stop()
         sched.configure(INLINE)
-    assert steps > lay.n_tokens // 8  # spread
     assert box["a"].token_ids == whole.token_ids
-    assert (box["a"].first_logits - whole.first_logits).abs().max().item() < 1e-3
+    if mode == "blend":
+        assert box["prefilled_in"] >= engine.parts.n_layers - 1  # a layer (or two) a step
+        assert torch.equal(box["a"].first_logits, whole.first_logits)
+    else:
+        assert steps > lay.n_tokens // 8  # spread
+        assert (box["a"].first_logits - whole.first_logits).abs().max().item() < 1e-3
 
 
 def test_a_request_answers_the_same_beside_indexing_on_cuda():
