@@ -119,6 +119,8 @@ def layer_steps(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: i
             for lo, hi in spans:
                 with record_function("rb.graph_layers"):
                     h = graphs.run(lo, h, active, n, fill, rotation, last=hi)
+                if spread and feed is not None:
+                    feed.arriving.start()
                 yield active.numel() * (hi - lo)
             break
         if feed is not None:
@@ -160,6 +162,8 @@ def layer_steps(parts: ModelParts, ids: torch.Tensor, kv: torch.Tensor, start: i
             h, q, active = h[:, keep], q[:, :, keep], active[keep]
             cos, sin, mask = cos[keep], sin[keep], causal_mask(active, n)
         h = attend_and_mlp(layer, h, q, kv[i, 0][None], kv[i, 1][None], mask)
+        if spread and feed is not None:  # the steps between pieces synchronize with the device,
+            feed.arriving.start()       # which may wait on flags of layers queued so far
         yield active.numel()
     return h[:, -1], active, selected
 

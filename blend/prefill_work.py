@@ -90,6 +90,15 @@ class PrefillWork:
         return self.spec.mode in (Mode.FULL, Mode.PREFIX, Mode.BLEND)
 
     @property
+    def min_piece(self) -> int:
+        """The least a prefill's first piece costs: blend's first layer pushes every prompt token
+        (a layer's worth of the cost); a chunked full or prefix piece, or a later one, can be one
+        token."""
+        if self.spec.mode is Mode.BLEND and not self.started:
+            return min(self.left, math.ceil(self.layout.n_tokens / self.runner.parts.n_layers))
+        return 1
+
+    @property
     def started(self) -> bool:
         return self._pieces is not None
 

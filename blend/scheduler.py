@@ -294,7 +294,9 @@ class Scheduler:
                     self._ensure_slot_fits(item)
                     item.work = PrefillWork(self.engine, item.layout, item.spec, item.kv)
                 w = item.work
-                if not first and not w.chunkable and w.left > budget:
+                # after the first: what does not fit waits, unless it can be spread, and then not
+                # for less than one piece of it (a blend layer over the whole prompt)
+                if not first and w.left > budget and (not w.chunkable or budget < w.min_piece):
                     break
                 budget -= self._advance(item, budget)
                 first, worked = False, True

@@ -145,6 +145,28 @@ def test_a_blend_prefill_spread_over_its_layers_answers_as_it_does_whole(tiny_en
     assert got.recomputed_tokens == whole.recomputed_tokens
 
 
+def test_a_blend_prefill_starts_beside_another_only_with_a_layers_worth_of_budget_left(tiny_engines):
+    """After the step's first prefill, a blend prefill that does not fit starts spread only when
+    the budget left covers its first layer (every prompt token through it), else next step."""
+    engine = tiny_engines["tiny-llama"]
+    lay = make_layout(6, 3)
+    spec = QuerySpec(Mode.BLEND, BlendConfig(ratio=0.15), max_tokens=4)
+    cost = prefill_cost(engine.parts.n_layers, lay, spec)
+    layer = math.ceil(lay.n_tokens / engine.parts.n_layers)
+    for spare, starts in ((layer - 1, False), (layer, True)):
+        with serving(engine, prefill_tokens=cost + spare) as sched:
+            rec = Recorder()
+            jobs = [rec.job(engine, name, lay, spec) for name in ("a", "b")]
+            for job in jobs:
+                sched.submit(job)
+            sched.step()
+            assert "a" in rec.started and "b" not in rec.started
+            assert jobs[1].work.started is starts, spare
+            while len(rec.answers) < 2:
+                sched.step()
+        assert rec.answers["a"].token_ids == rec.answers["b"].token_ids
+
+
 def test_a_cancelled_spread_blend_prefill_closes_its_streamed_kv(tiny_engines):
     """A client that leaves while its blend prefill is spread over steps: the prefill's coroutine
     is closed at the next step, and the request after it answers as it does alone."""
