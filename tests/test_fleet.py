@@ -107,7 +107,7 @@ def cluster(request, tmp_path_factory):
 
 def shares_entries(tmp_path: Path, url: str) -> tuple:
     """Two replicas' tiers on `url`: the first computes and stores, the second computes nothing
-    and gets the same bytes, whole and streamed layer by layer."""
+    and gets the same bytes, whole and streamed layer by layer (over two connections)."""
     a = open_kv_store(tmp_path / "a" / "kv", url + "&local_cache=0" if "?" in url else url + "?local_cache=0")
     b = open_kv_store(tmp_path / "b" / "kv", url + "&local_cache=0" if "?" in url else url + "?local_cache=0")
     for s in (a, b):
@@ -119,7 +119,7 @@ def shares_entries(tmp_path: Path, url: str) -> tuple:
     got = cb.fetch(CHUNKS)
     assert len(computed_a.calls) == len(CHUNKS) and not computed_b.calls
     assert all(torch.equal(x.kv, kv_of(ids)) for x, ids in zip(got, CHUNKS))
-    reader = SharedStreamReader(b.shared, workers=2, pin=False)
+    reader = SharedStreamReader(b.shared, workers=2, pin=False, fetchers=2)  # two connections, each its layers
     keys = [cb.key(ids) for ids in CHUNKS]
     with reader.stream(keys, range(kv_of(CHUNKS[0]).shape[0]), cb.shape.fingerprint) as s:
         s.wait(0)
