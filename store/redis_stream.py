@@ -163,9 +163,6 @@ class _Fetch:
         for t in self.threads:
             t.start()
 
-    def alive(self) -> bool:
-        return any(t.is_alive() for t in self.threads)
-
     def join(self) -> None:
         for t in self.threads:
             if t.is_alive():
