@@ -111,10 +111,12 @@ def encode_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = N
     return seal_kv(stage_kv(kv, fingerprint, fmt, key))
 
 
-def stage_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None, key: str = "") -> bytearray:
+def stage_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = None, key: str = "",
+             alloc: Callable[[int], bytearray] | None = None) -> bytearray:
     """encode_kv's device part: the rows quantized on kv's device and copied into the entry's host
     buffer, the header's fields written; the checksums are left to seal_kv (host work alone,
-    which a writer thread can do while the device computes the next chunk)."""
+    which a writer thread can do while the device computes the next chunk). `alloc(n)` gives the
+    buffer (one kept from an earlier entry: every byte of it is written here or by seal_kv)."""
     if kv.dim() != 5 or kv.shape[1] != 2:
         raise ValueError(f"kv must have shape [L, 2, H, T, D], got {tuple(kv.shape)}")
     if not kv.dtype.is_floating_point or kv.dtype.itemsize < 2:
@@ -133,7 +135,10 @@ def stage_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = No
     # One host buffer, written once: the encoded rows are copied straight into it from the device
     # (no intermediate host tensor, no final bytes() copy). Fresh host memory costs its page
     # faults, so each avoided copy of a 7B model's 34 MB entry is ~10 ms of the precompute.
-    out = bytearray(head_len + payload.numel())
+    total = head_len + payload.numel()
+    out = alloc(total) if alloc is not None else bytearray(total)
+    if len(out) != total:
+        raise ValueError(f"a buffer of {len(out)} bytes for an entry of {total}")
     rows = np.frombuffer(out, dtype=np.uint8, offset=head_len).reshape(n_layers, -1)
     if payload.numel():
         torch.from_numpy(rows).copy_(payload)
@@ -143,6 +148,8 @@ def stage_kv(kv: torch.Tensor, fingerprint: str, fmt: str | KVFormat | None = No
     out[pos:pos + len(fp)] = fp
     pos += len(fp)
     out[pos:pos + len(kb)] = kb
+    pos += len(kb) + 4 * n_layers
+    out[pos:head_len - 4] = bytes(head_len - 4 - pos)  # the padding, zeros (a kept buffer holds old bytes)
     return out
 
 

@@ -248,8 +248,9 @@ class ChunkKVCache:
         if self._writes is None:
             self.store.put(key, kv, self.shape.fingerprint, meta, fmt=self.format.name, if_absent=if_absent)
             return
-        staged = stage_kv(kv, self.shape.fingerprint, self.format.name, key)  # the device part, here
-        self._writes.submit(key, lambda: self.store.put_encoded(key, seal_kv(staged), meta, if_absent=if_absent))
+        writes = self._writes
+        staged = stage_kv(kv, self.shape.fingerprint, self.format.name, key, alloc=writes.buffer)  # the device part
+        writes.submit(key, lambda: self.store.put_encoded(key, seal_kv(staged), meta, if_absent=if_absent), staged)
 
     def _keep(self, key: str, kv: torch.Tensor) -> torch.Tensor:
         """Into the tiers (pinned CPU, then device); the tensor to use now. One the device tier

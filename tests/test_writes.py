@@ -107,3 +107,32 @@ def test_writes_drain_in_order_and_a_failure_is_raised_by_drain_or_the_next_subm
     with pytest.raises(ValueError, match="bad write"):
         w.drain()
     w.close()
+
+
+@pytest.mark.parametrize("fmt", ["bfloat16", "int8"])
+def test_an_entry_staged_into_a_kept_buffer_is_the_fresh_entry_byte_for_byte(fmt):
+    """A kept buffer still holds the last entry's bytes (here 0xAB everywhere): every byte of the
+    new entry, the header's padding included, is written over them."""
+    import torch
+
+    from store.serialize import encode_kv, seal_kv, stage_kv
+
+    kv = torch.randn(3, 2, 2, 7, 16).to(torch.bfloat16)
+    fresh = encode_kv(kv, "fp", fmt, "k" * 64)
+    dirty = bytearray(b"\xab" * len(fresh))
+    given = []
+    staged = stage_kv(kv, "fp", fmt, "k" * 64, alloc=lambda n: given.append(n) or dirty)
+    assert staged is dirty and given == [len(fresh)]
+    assert bytes(seal_kv(staged)) == bytes(fresh)
+    with pytest.raises(ValueError, match="a buffer of"):
+        stage_kv(kv, "fp", fmt, "k" * 64, alloc=lambda n: bytearray(n + 1))
+
+
+def test_finished_writes_give_their_buffers_to_the_next_entries_of_their_length():
+    w = PipelinedWrites(depth=2)
+    a = w.buffer(100)
+    w.submit("a", lambda: None, a)
+    w.drain()
+    assert w.buffer(100) is a and w.reused == 1
+    assert len(w.buffer(50)) == 50 and w.reused == 1  # none of that length: a new one
+    w.close()
