@@ -197,6 +197,15 @@ def start_redis(workdir: Path, io_threads: int = 1):
     raise SystemExit("error: redis-server did not start")
 
 
+def redis_args(p: argparse.ArgumentParser, fetchers: str) -> None:
+    """The shared-tier options of `ttft` and `stream`: the server, connections per streamed read,
+    and the io-threads of a server started here."""
+    p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
+    p.add_argument("--fetchers", default=fetchers, help="connections per streamed read to time, comma-separated "
+                                                        "(e.g. 1,4; empty: the URL's default, 1, alone)")
+    p.add_argument("--io-threads", type=int, default=1, help="the started server's io-threads")
+
+
 @contextmanager
 def redis_at(url: str, workdir: Path, io_threads: int = 1) -> Iterator[str]:
     """The server at `url`, or with "auto" one started here on loopback (start_redis) and killed
@@ -234,10 +243,7 @@ def ttft_main(argv: list[str]) -> None:
     p.add_argument("--kv-dtype", default=DEFAULT_FORMAT)
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
-    p.add_argument("--fetchers", default="", help="connections per streamed read to time, comma-separated "
-                                                  "(default: the machine's default alone)")
-    p.add_argument("--io-threads", type=int, default=1, help="the started server's io-threads")
+    redis_args(p, fetchers="")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     fetchers = [int(x) for x in args.fetchers.split(",") if x.strip()]
@@ -308,9 +314,7 @@ def stream_main(argv: list[str]) -> None:
     p.add_argument("--kv-dtype", default=DEFAULT_FORMAT)
     p.add_argument("--runs", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--redis", default="auto", help="a server URL, or auto: start one here on loopback")
-    p.add_argument("--fetchers", default="1", help="connections per stream to time, comma-separated (e.g. 1,4)")
-    p.add_argument("--io-threads", type=int, default=1, help="the started server's io-threads")
+    redis_args(p, fetchers="1")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     fetchers = [int(x) for x in args.fetchers.split(",") if x.strip()]

@@ -157,8 +157,10 @@ class ChunkWorker:
         or over no store (the entries go back to the driver). A new one for each run: a rerun
         after the tier failed must not meet the last run's open circuit breaker."""
         if self._run != (run, store_url, kv_format):
-            if self._kv is not None and self._kv.store is not None:
-                self._kv.store.close()
+            if self._kv is not None:
+                self._kv.close()  # its reader and its writer thread
+                if self._kv.store is not None:
+                    self._kv.store.close()
             store = None
             if store_url:
                 from store.redis_store import RedisKVStore, split_url

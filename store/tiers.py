@@ -147,6 +147,7 @@ class ChunkKVCache:
         self.stream = stream and cuda and self.reader is not None
         self._count_lock = threading.Lock()
         self._writes: PipelinedWrites | None = None  # while pipelined_writes() is open
+        self._writer: PipelinedWrites | None = None  # its thread and buffers, kept between documents
         self.recomputed = 0     # entries missing, corrupt, stale or misshapen when a request needed them
         self.store_reads = 0    # entries a request read from LMDB
         self.last_stream: LayerStream | None = None  # the last streamed read, for its wait statistics
@@ -166,6 +167,9 @@ class ChunkKVCache:
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
 
     # -- keys and writes -------------------------------------------------------------------------
     def key(self, chunk: Chunk) -> str:
@@ -209,13 +213,18 @@ class ChunkKVCache:
         if self.store is None or self._writes is not None:
             yield
             return
-        self._writes = PipelinedWrites()
+        if self._writer is None:
+            self._writer = PipelinedWrites()
+        self._writes = self._writer
         try:
             yield
+        except BaseException:
+            self._writes.drain(raise_error=False)  # what is queued lands; the failure is the caller's
+            raise
+        else:
             self._writes.drain()
         finally:
-            writes, self._writes = self._writes, None
-            writes.close()
+            self._writes = None
 
     def contains(self, key: str) -> bool:
         if key in self.gpu or (self.cpu is not None and key in self.cpu):

@@ -71,20 +71,20 @@ class PipelinedWrites:
             if f.done() and f.exception() is not None:
                 raise f.exception()
 
-    def drain(self) -> None:
-        """Wait for every queued write; raise the first failure."""
+    def drain(self, raise_error: bool = True) -> None:
+        """Wait for every queued write; raise the first failure (unless `raise_error` is False:
+        the caller is already failing). The thread and the kept buffers stay for the next batch
+        of writes (the next document); `keys` starts over, those written being in the store."""
         futures, self._futures = self._futures, []
+        self.keys = set()
         error = None
         for f in futures:
             e = f.exception()
             error = error or e
-        if error is not None:
+        if error is not None and raise_error:
             raise error
 
     def close(self) -> None:
-        """Wait for what is queued (a failure is not raised: the caller is already failing) and
-        stop the thread."""
-        for f in self._futures:
-            f.exception()
-        self._futures = []
+        """Wait for what is queued (a failure is not raised) and stop the thread."""
+        self.drain(raise_error=False)
         self._pool.shutdown(wait=True)

@@ -47,6 +47,8 @@ def test_pipelined_entries_are_the_bytes_of_in_line_writes_and_written_before_th
         report = piped.index_documents(DOCS)
         assert report.chunks > len(DOCS) and report.kv_computed == len(set(entries(piped)))
         assert seen_at_commit == [True] * len(DOCS)
+        writer = piped.kv._writer  # one thread and one set of kept buffers for the whole run
+        assert writer is not None and writer.reused > 0 and not writer.keys
         for doc in DOCS:  # one chunk at a time, each written in line
             for c in piped.corpus.registry.chunks_of(doc.id):
                 inline.kv.ensure(inline.engine.prompts.chunk_ids(c["text"]), {"doc_id": doc.id})
@@ -98,8 +100,9 @@ def test_writes_drain_in_order_and_a_failure_is_raised_by_drain_or_the_next_subm
     w = PipelinedWrites(depth=2)
     for i in range(5):
         w.submit(f"k{i}", lambda i=i: done.append(i))
+    assert w.keys == {f"k{i}" for i in range(5)}
     w.drain()
-    assert done == [0, 1, 2, 3, 4] and w.keys == {f"k{i}" for i in range(5)}
+    assert done == [0, 1, 2, 3, 4] and w.keys == set()  # written: the store has them now
 
     def fail():
         raise ValueError("bad write")
